@@ -1,0 +1,579 @@
+"""tables.toml → frozen, validated specs.
+
+Every mistake is reported as one :class:`ConfigError` naming the file, the table, the key and what
+is allowed, before any memory is allocated. Unknown keys are mistakes too: a misspelt
+``max_times_sampeld`` silently ignored would be worse than a refusal.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError
+
+SELECTOR_KINDS = ("uniform", "prioritized", "fifo", "lifo", "min_heap", "max_heap")
+RATE_LIMITER_KINDS = ("min_size", "sample_to_insert_ratio", "queue", "stack", "custom")
+# Fixed-size numeric dtypes only: a row is a fixed number of bytes in shared memory.
+DTYPES = (
+    "bool",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float16",
+    "float32",
+    "float64",
+    "complex64",
+    "complex128",
+)
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+MAX_TABLE_NAME = 64
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One field of a table's signature: a numpy dtype name and a fixed shape (``()`` = scalar)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.np_dtype.itemsize
+
+
+@dataclass(frozen=True)
+class SelectorSpec:
+    """A sampler or remover: ``kind`` ∈ SELECTOR_KINDS; ``priority_exponent`` for prioritized."""
+
+    kind: str
+    priority_exponent: float = 1.0
+
+    @classmethod
+    def uniform(cls) -> SelectorSpec:
+        return cls("uniform")
+
+    @classmethod
+    def prioritized(cls, priority_exponent: float) -> SelectorSpec:
+        return cls("prioritized", float(priority_exponent))
+
+    @classmethod
+    def fifo(cls) -> SelectorSpec:
+        return cls("fifo")
+
+    @classmethod
+    def lifo(cls) -> SelectorSpec:
+        return cls("lifo")
+
+    @classmethod
+    def min_heap(cls) -> SelectorSpec:
+        return cls("min_heap")
+
+    @classmethod
+    def max_heap(cls) -> SelectorSpec:
+        return cls("max_heap")
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"kind": self.kind}
+        if self.kind == "prioritized":
+            d["priority_exponent"] = self.priority_exponent
+        return d
+
+
+@dataclass(frozen=True)
+class RateLimiterSpec:
+    """Reverb's rate limiter in its general form; build it with one of the presets."""
+
+    kind: str
+    samples_per_insert: float
+    min_size_to_sample: int
+    min_diff: float
+    max_diff: float
+
+    @classmethod
+    def min_size(cls, min_size: int) -> RateLimiterSpec:
+        """Sampling waits until the table holds ``min_size`` items; inserts never block."""
+        _check_min_size("min_size", min_size)
+        return cls("min_size", 1.0, int(min_size), -math.inf, math.inf)
+
+    @classmethod
+    def sample_to_insert_ratio(
+        cls,
+        samples_per_insert: float,
+        min_size_to_sample: int,
+        error_buffer: float | tuple[float, float],
+    ) -> RateLimiterSpec:
+        """Keep samples ≈ ``samples_per_insert`` × inserts, within ``error_buffer``."""
+        spi = float(samples_per_insert)
+        if not spi > 0 or not math.isfinite(spi):
+            raise ConfigError(
+                f"samples_per_insert must be a positive number, got {samples_per_insert!r}"
+            )
+        _check_min_size("min_size_to_sample", min_size_to_sample)
+        target = spi * min_size_to_sample
+        if isinstance(error_buffer, (tuple, list)):
+            if len(error_buffer) != 2:
+                raise ConfigError(
+                    f"error_buffer must be a number or [min_diff, max_diff], got {error_buffer!r}"
+                )
+            lo, hi = float(error_buffer[0]), float(error_buffer[1])
+        else:
+            e = float(error_buffer)
+            if not e >= 0:
+                raise ConfigError(f"error_buffer must be ≥ 0, got {error_buffer!r}")
+            lo, hi = target - e, target + e
+        if hi - lo < 2 * max(1.0, spi):
+            raise ConfigError(
+                f"error_buffer too small: max_diff − min_diff = {hi - lo:g} must be at least "
+                f"2·max(1, samples_per_insert) = {2 * max(1.0, spi):g}, or the limiter can deadlock"
+            )
+        if lo > target:
+            raise ConfigError(
+                f"min_diff {lo:g} exceeds samples_per_insert·min_size_to_sample = {target:g}: "
+                "sampling could never start"
+            )
+        if hi < target:
+            warnings.warn(
+                f"max_diff {hi:g} is below samples_per_insert·min_size_to_sample = {target:g}: "
+                "inserts may block before sampling can start",
+                stacklevel=2,
+            )
+        return cls("sample_to_insert_ratio", spi, int(min_size_to_sample), lo, hi)
+
+    @classmethod
+    def queue(cls, size: int) -> RateLimiterSpec:
+        """Every item is sampled once; at most ``size`` items wait (with a Fifo sampler)."""
+        _check_min_size("size", size)
+        return cls("queue", 1.0, 1, 0.0, float(size))
+
+    @classmethod
+    def stack(cls, size: int) -> RateLimiterSpec:
+        """The Queue limiter's numbers, meant for a Lifo sampler."""
+        _check_min_size("size", size)
+        return cls("stack", 1.0, 1, 0.0, float(size))
+
+    @classmethod
+    def custom(
+        cls, samples_per_insert: float, min_size_to_sample: int, min_diff: float, max_diff: float
+    ) -> RateLimiterSpec:
+        """The general form, with no further checks than Reverb's constructor makes."""
+        spi = float(samples_per_insert)
+        if not spi > 0:
+            raise ConfigError(f"samples_per_insert must be positive, got {samples_per_insert!r}")
+        _check_min_size("min_size_to_sample", min_size_to_sample)
+        if float(min_diff) > float(max_diff):
+            raise ConfigError(f"min_diff {min_diff!r} must not exceed max_diff {max_diff!r}")
+        return cls("custom", spi, int(min_size_to_sample), float(min_diff), float(max_diff))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "samples_per_insert": self.samples_per_insert,
+            "min_size_to_sample": self.min_size_to_sample,
+            "min_diff": self.min_diff,
+            "max_diff": self.max_diff,
+        }
+
+
+def _check_min_size(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"{key} must be an integer ≥ 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """A table: its signature sizes the shared memory; ``max_size`` items are kept at most.
+
+    ``headroom`` extra slots are allocated for items being written (leased to writers) or still
+    being copied by a sampler after deletion, so that a full table keeps accepting writes.
+    """
+
+    name: str
+    max_size: int
+    signature: tuple[FieldSpec, ...]
+    sampler: SelectorSpec = field(default_factory=SelectorSpec.uniform)
+    remover: SelectorSpec = field(default_factory=SelectorSpec.fifo)
+    rate_limiter: RateLimiterSpec = field(default_factory=lambda: RateLimiterSpec.min_size(1))
+    max_times_sampled: int = 0
+    headroom: int = 0
+
+    def __post_init__(self) -> None:
+        if self.headroom <= 0:
+            object.__setattr__(self, "headroom", max(64, min(self.max_size, 8192)))
+
+    @property
+    def num_slots(self) -> int:
+        return self.max_size + self.headroom
+
+    @property
+    def row_bytes(self) -> int:
+        return sum(f.nbytes for f in self.signature)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "max_size": self.max_size,
+            "signature": [[f.name, list(f.shape), f.dtype] for f in self.signature],
+            "sampler": self.sampler.to_dict(),
+            "remover": self.remover.to_dict(),
+            "rate_limiter": self.rate_limiter.to_dict(),
+            "max_times_sampled": self.max_times_sampled,
+            "headroom": self.headroom,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TableSpec:
+        return cls(
+            name=d["name"],
+            max_size=int(d["max_size"]),
+            signature=tuple(
+                FieldSpec(n, tuple(int(x) for x in s), t) for n, s, t in d["signature"]
+            ),
+            sampler=SelectorSpec(**d["sampler"]),
+            remover=SelectorSpec(**d["remover"]),
+            rate_limiter=RateLimiterSpec(**d["rate_limiter"]),
+            max_times_sampled=int(d["max_times_sampled"]),
+            headroom=int(d["headroom"]),
+        )
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """The ``[server]`` section: instance name and service-wide settings."""
+
+    name: str = "default"
+    checkpoint_dir: str | None = None
+    checkpoint_interval_s: float | None = None
+    checkpoint_keep: int = 3
+    group: str | None = None
+    metrics_port: int | None = None
+    max_clients: int = 64
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerSpec
+    tables: tuple[TableSpec, ...]
+
+    def table(self, name: str) -> TableSpec:
+        for t in self.tables:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+
+# -- parsing ---------------------------------------------------------------------------------------
+
+
+class _Where:
+    """Builds error messages that say where in which file the mistake is."""
+
+    def __init__(self, source: str, table: str | None = None) -> None:
+        self.source, self.table = source, table
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        where = f"table {self.table!r}, " if self.table else ""
+        return ConfigError(f"{self.source}: {where}key {key!r}: {problem}")
+
+
+def _check_keys(where: _Where, section: str, d: dict, allowed: tuple[str, ...]) -> None:
+    for k in d:
+        if k not in allowed:
+            raise where.error(f"{section}{k}", f"unknown key; allowed: {', '.join(allowed)}")
+
+
+def _int(where: _Where, key: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise where.error(key, f"must be an integer ≥ {minimum}, got {value!r}")
+    return value
+
+
+def _number(where: _Where, key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise where.error(key, f"must be a number, got {value!r}")
+    return float(value)
+
+
+def _name(where: _Where, key: str, value: Any) -> str:
+    if (
+        not isinstance(value, str)
+        or not value
+        or not set(value) <= _NAME_CHARS
+        or len(value) > MAX_TABLE_NAME
+    ):
+        raise where.error(
+            key,
+            f"must be 1–{MAX_TABLE_NAME} characters of letters, digits, '_' or '-', got {value!r}",
+        )
+    return value
+
+
+def _selector(where: _Where, key: str, value: Any) -> SelectorSpec:
+    if not isinstance(value, dict) or "kind" not in value:
+        raise where.error(
+            key, f'must be a table like {{ kind = "fifo" }}; kinds: {", ".join(SELECTOR_KINDS)}'
+        )
+    kind = value["kind"]
+    if kind not in SELECTOR_KINDS:
+        raise where.error(
+            f"{key}.kind", f"unknown selector {kind!r}; allowed: {', '.join(SELECTOR_KINDS)}"
+        )
+    if kind == "prioritized":
+        _check_keys(where, f"{key}.", value, ("kind", "priority_exponent"))
+        if "priority_exponent" not in value:
+            raise where.error(
+                f"{key}.priority_exponent", "required for a prioritized selector, e.g. 0.6"
+            )
+        alpha = _number(where, f"{key}.priority_exponent", value["priority_exponent"])
+        if alpha < 0 or not math.isfinite(alpha):
+            raise where.error(
+                f"{key}.priority_exponent", f"must be a finite number ≥ 0, got {alpha!r}"
+            )
+        return SelectorSpec.prioritized(alpha)
+    _check_keys(where, f"{key}.", value, ("kind",))
+    return SelectorSpec(kind)
+
+
+_LIMITER_KEYS = {
+    "min_size": ("min_size",),
+    "sample_to_insert_ratio": ("samples_per_insert", "min_size_to_sample", "error_buffer"),
+    "queue": ("size",),
+    "stack": ("size",),
+    "custom": ("samples_per_insert", "min_size_to_sample", "min_diff", "max_diff"),
+}
+
+
+def _rate_limiter(where: _Where, value: Any) -> RateLimiterSpec:
+    key = "rate_limiter"
+    if not isinstance(value, dict) or "kind" not in value:
+        raise where.error(
+            key, f"must be a table with a kind; kinds: {', '.join(RATE_LIMITER_KINDS)}"
+        )
+    kind = value["kind"]
+    if kind not in RATE_LIMITER_KINDS:
+        raise where.error(
+            f"{key}.kind",
+            f"unknown rate limiter {kind!r}; allowed: {', '.join(RATE_LIMITER_KINDS)}",
+        )
+    needed = _LIMITER_KEYS[kind]
+    _check_keys(where, f"{key}.", value, ("kind", *needed))
+    for k in needed:
+        if k not in value:
+            raise where.error(
+                f"{key}.{k}", f"required for a {kind} rate limiter (needs {', '.join(needed)})"
+            )
+    args = {}
+    for k in needed:
+        v = value[k]
+        if k in ("min_size", "size", "min_size_to_sample"):
+            args[k] = _int(where, f"{key}.{k}", v, 1)
+        elif k == "error_buffer" and isinstance(v, list):
+            if len(v) != 2:
+                raise where.error(
+                    f"{key}.{k}", f"must be a number or [min_diff, max_diff], got {v!r}"
+                )
+            args[k] = tuple(_number(where, f"{key}.{k}", x) for x in v)
+        else:
+            args[k] = _number(where, f"{key}.{k}", v)
+    try:
+        return getattr(RateLimiterSpec, kind)(**args)
+    except ConfigError as e:
+        raise where.error(key, str(e)) from None
+
+
+def _signature(where: _Where, value: Any) -> tuple[FieldSpec, ...]:
+    if not isinstance(value, dict) or not value:
+        raise where.error(
+            "signature",
+            'required: at least one field, e.g. [table.signature] '
+            'obs = { shape = [8], dtype = "float32" }',
+        )
+    fields = []
+    for fname, fdef in value.items():
+        key = f"signature.{fname}"
+        if not fname.isidentifier():
+            raise where.error(key, "field names must be Python identifiers")
+        if not isinstance(fdef, dict):
+            raise where.error(key, 'must be a table like { shape = [8], dtype = "float32" }')
+        _check_keys(where, f"{key}.", fdef, ("shape", "dtype"))
+        dtype = fdef.get("dtype")
+        if dtype not in DTYPES:
+            raise where.error(f"{key}.dtype", f"got {dtype!r}; allowed: {', '.join(DTYPES)}")
+        shape = fdef.get("shape", [])
+        if not isinstance(shape, list) or any(
+            isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape
+        ):
+            raise where.error(
+                f"{key}.shape", f"must be a list of integers ≥ 1 ([] for a scalar), got {shape!r}"
+            )
+        fields.append(FieldSpec(fname, tuple(shape), dtype))
+    return tuple(fields)
+
+
+_TABLE_KEYS = (
+    "name",
+    "kind",
+    "max_size",
+    "signature",
+    "sampler",
+    "remover",
+    "rate_limiter",
+    "max_times_sampled",
+    "headroom",
+)
+
+
+def _table(source: str, index: int, d: Any) -> TableSpec:
+    where = _Where(
+        source, d.get("name") if isinstance(d, dict) and isinstance(d.get("name"), str) else None
+    )
+    if not isinstance(d, dict):
+        raise where.error(f"table[{index}]", "must be a [[table]] section")
+    if "name" not in d:
+        raise ConfigError(f"{source}: table #{index + 1}: key 'name' is required")
+    _check_keys(where, "", d, _TABLE_KEYS)
+    name = _name(where, "name", d["name"])
+    if "max_size" not in d:
+        raise where.error("max_size", "required: the most items the table holds, e.g. 1_000_000")
+    max_size = _int(where, "max_size", d["max_size"], 1)
+    headroom = _int(where, "headroom", d.get("headroom", 0), 0)
+    signature = _signature(where, d.get("signature"))
+    kind = d.get("kind", "table")
+    if kind in ("queue", "stack"):
+        for k in ("sampler", "remover", "rate_limiter", "max_times_sampled"):
+            if k in d:
+                raise where.error(
+                    k, f"a {kind} table sets it itself; remove the key or drop kind = {kind!r}"
+                )
+        order = "fifo" if kind == "queue" else "lifo"
+        return TableSpec(
+            name,
+            max_size,
+            signature,
+            SelectorSpec(order),
+            SelectorSpec(order),
+            getattr(RateLimiterSpec, kind)(max_size),
+            1,
+            headroom,
+        )
+    if kind != "table":
+        raise where.error("kind", f"got {kind!r}; allowed: 'queue', 'stack' (or leave it out)")
+    sampler = _selector(where, "sampler", d.get("sampler", {"kind": "uniform"}))
+    remover = _selector(where, "remover", d.get("remover", {"kind": "fifo"}))
+    limiter = _rate_limiter(where, d.get("rate_limiter", {"kind": "min_size", "min_size": 1}))
+    mts = d.get("max_times_sampled", 0)
+    if isinstance(mts, bool) or not isinstance(mts, int):
+        raise where.error(
+            "max_times_sampled", f"must be an integer (0 or less = unlimited), got {mts!r}"
+        )
+    return TableSpec(name, max_size, signature, sampler, remover, limiter, max(0, mts), headroom)
+
+
+_SERVER_KEYS = (
+    "name",
+    "checkpoint_dir",
+    "checkpoint_interval_s",
+    "checkpoint_keep",
+    "group",
+    "metrics_port",
+    "max_clients",
+)
+
+
+def _server(source: str, d: Any) -> ServerSpec:
+    where = _Where(source)
+    if not isinstance(d, dict):
+        raise where.error("server", "must be a [server] section")
+    _check_keys(where, "server.", d, _SERVER_KEYS)
+    kw: dict[str, Any] = {}
+    if "name" in d:
+        kw["name"] = _name(where, "server.name", d["name"])
+    if "checkpoint_dir" in d:
+        if not isinstance(d["checkpoint_dir"], str) or not d["checkpoint_dir"]:
+            raise where.error("server.checkpoint_dir", "must be a directory path")
+        kw["checkpoint_dir"] = d["checkpoint_dir"]
+    if "checkpoint_interval_s" in d:
+        v = _number(where, "server.checkpoint_interval_s", d["checkpoint_interval_s"])
+        if v <= 0:
+            raise where.error("server.checkpoint_interval_s", f"must be > 0 seconds, got {v!r}")
+        kw["checkpoint_interval_s"] = v
+    if "checkpoint_keep" in d:
+        kw["checkpoint_keep"] = _int(where, "server.checkpoint_keep", d["checkpoint_keep"], 1)
+    if "group" in d:
+        if not isinstance(d["group"], str) or not d["group"]:
+            raise where.error("server.group", "must be a Unix group name")
+        kw["group"] = d["group"]
+    if "metrics_port" in d:
+        port = _int(where, "server.metrics_port", d["metrics_port"], 1)
+        if port > 65535:
+            raise where.error("server.metrics_port", f"must be a TCP port 1–65535, got {port}")
+        kw["metrics_port"] = port
+    if "max_clients" in d:
+        n = _int(where, "server.max_clients", d["max_clients"], 1)
+        if n > 4096:
+            raise where.error("server.max_clients", f"must be at most 4096, got {n}")
+        kw["max_clients"] = n
+    return ServerSpec(**kw)
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
+    """Validate parsed TOML (a dict) into a :class:`Config`; raise :class:`ConfigError`."""
+    for k in data:
+        if k not in ("server", "table"):
+            raise ConfigError(f"{source}: unknown section {k!r}; allowed: [server], [[table]]")
+    server = _server(source, data.get("server", {}))
+    raw_tables = data.get("table")
+    if not isinstance(raw_tables, list) or not raw_tables:
+        raise ConfigError(f"{source}: no tables: add at least one [[table]] section")
+    tables = tuple(_table(source, i, t) for i, t in enumerate(raw_tables))
+    seen: set[str] = set()
+    for t in tables:
+        if t.name in seen:
+            raise ConfigError(
+                f"{source}: table {t.name!r} is defined twice; table names must be unique"
+            )
+        seen.add(t.name)
+    _check_implemented(source, tables)
+    return Config(server, tables)
+
+
+def _check_implemented(source: str, tables: tuple[TableSpec, ...]) -> None:
+    from .selectors import selector_class  # selectors import this module
+
+    for t in tables:
+        for role, sel in (("sampler", t.sampler), ("remover", t.remover)):
+            try:
+                selector_class(sel.kind)
+            except ConfigError as e:
+                raise _Where(source, t.name).error(f"{role}.kind", str(e)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a tables.toml file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no such file; pass the tables.toml that defines your tables"
+        ) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return parse_config(data, str(path))

@@ -1,0 +1,106 @@
+"""The exception tree of shmreplay.
+
+Every error raised on purpose by this package derives from :class:`ShmReplayError`, and, where a
+built-in exception means the same thing, from that built-in too, so ``except KeyError`` keeps
+working for code that does not know about shmreplay::
+
+    ShmReplayError
+    ├── ConfigError              (ValueError)       tables.toml or a spec is invalid
+    ├── SignatureError           (ValueError)       data does not match a table's signature
+    ├── InvalidArgumentError     (ValueError)       a bad argument: NaN priority, batch size 0, ...
+    ├── TableNotFoundError       (KeyError)         no table of that name in this instance
+    ├── RateLimiterTimeout       (TimeoutError)     a blocked insert or sample ran out of time
+    ├── LockTimeout              (TimeoutError)     a table lock stayed held past its timeout
+    ├── DaemonNotRunning         (ConnectionError)  no daemon serves the instance, or it went away
+    ├── DaemonAlreadyRunning     (RuntimeError)     ``serve`` found a live daemon with that name
+    ├── ClientClosedError        (RuntimeError)     a handle was used after ``close()``
+    ├── SegmentError             (RuntimeError)     corrupt header or other format
+    │   └── FormatVersionError                      ... written by another format version
+    └── InsufficientSharedMemory (MemoryError)      the tables do not fit in /dev/shm
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ShmReplayError",
+    "ConfigError",
+    "SignatureError",
+    "InvalidArgumentError",
+    "TableNotFoundError",
+    "RateLimiterTimeout",
+    "LockTimeout",
+    "DaemonNotRunning",
+    "DaemonAlreadyRunning",
+    "ClientClosedError",
+    "SegmentError",
+    "FormatVersionError",
+    "InsufficientSharedMemory",
+]
+
+
+class ShmReplayError(Exception):
+    """Root of every error shmreplay raises on purpose."""
+
+
+class ConfigError(ShmReplayError, ValueError):
+    """A ``tables.toml`` file or a table spec is invalid.
+
+    The message names the table, the key and what is allowed. Raised before any memory is
+    allocated.
+    """
+
+
+class SignatureError(ShmReplayError, ValueError):
+    """Data given to ``insert``/``reserve`` does not match the table's signature.
+
+    The message names the field, what the table expects and what was given.
+    """
+
+
+class InvalidArgumentError(ShmReplayError, ValueError):
+    """An argument is out of its domain: a NaN or negative priority, a batch size ≤ 0, ..."""
+
+
+class TableNotFoundError(ShmReplayError, KeyError):
+    """The instance has no table of that name; the message lists the tables it has."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; we want the sentence as is.
+        return str(self.args[0]) if self.args else ""
+
+
+class RateLimiterTimeout(ShmReplayError, TimeoutError):
+    """A blocked insert or sample did not become possible before its timeout.
+
+    The message names the table and the side (insert or sample) that was blocked.
+    """
+
+
+class LockTimeout(ShmReplayError, TimeoutError):
+    """A table's lock stayed held by another live process for longer than allowed.
+
+    The message names the pid that holds it (a stopped process, a debugger, ...).
+    """
+
+
+class DaemonNotRunning(ShmReplayError, ConnectionError):
+    """No daemon serves the instance, or the daemon shut down while the call waited."""
+
+
+class DaemonAlreadyRunning(ShmReplayError, RuntimeError):
+    """``shmreplay serve`` found a live daemon already serving the instance name."""
+
+
+class ClientClosedError(ShmReplayError, RuntimeError):
+    """A client or table handle was used after ``close()``."""
+
+
+class SegmentError(ShmReplayError, RuntimeError):
+    """A shared-memory segment is not a valid shmreplay table (bad magic, crc or layout)."""
+
+
+class FormatVersionError(SegmentError):
+    """A segment was written by a different shmreplay format version than this client's."""
+
+
+class InsufficientSharedMemory(ShmReplayError, MemoryError):
+    """The tables need more bytes than /dev/shm has free; the message gives both sizes."""

@@ -1,0 +1,248 @@
+"""The byte layout of a table's shared-memory segment, computed from its spec by one function.
+
+A segment is self-describing. It starts with a header::
+
+    offset  size  field
+    0       8     magic  b"SHMRPLY\\0"
+    8       4     format version (FORMAT_VERSION)
+    12      4     header size (bytes before the first array, a multiple of 4096)
+    16      8     total segment size
+    24      4     payload length (msgpack: the table spec and the layout parameters)
+    28      4     crc32 of the payload
+    32      32    layout digest (sha256 of every array's name, dtype, shape and offset)
+    64      4     crc32 of bytes 0..63
+    128     ...   payload
+
+followed by 64-byte aligned arrays: control lines, the table mutex, per-slot metadata (the source
+of truth), the free-slot ring, the writers' channels (lease and publish rings), the sampler's and
+the remover's structures, and one data array of shape ``[num_slots, *field_shape]`` per signature
+field. :func:`compute_layout` derives all of it from the spec; an attaching process reads the spec
+from the header, derives the layout again and checks that the digests agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import struct
+import zlib
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+
+from .config import TableSpec
+from .errors import FormatVersionError, SegmentError
+from .mutex import MUTEX_NBYTES
+from .selectors import selector_class
+
+MAGIC = b"SHMRPLY\0"
+# Bump when anything in this file, the control-line indices or a selector's arrays change.
+FORMAT_VERSION = 1
+ALIGN = 64  # a cache line: counters on their own line never tear and never false-share
+PAGE = 4096
+PAYLOAD_OFFSET = 128
+_PREFIX = struct.Struct("<8sIIQII32s")
+_PREFIX_CRC = struct.Struct("<I")
+
+# Channel rings. A writer holds at most LEASE_CAPACITY leased slots; the publish ring is larger
+# than the lease ring so a writer never waits for room to publish what it was leased.
+LEASE_CAPACITY = 2048
+PUBLISH_CAPACITY = 4096
+LINE = 8  # int64 words per 64-byte line
+
+
+class Ctrl:
+    """Indices of the table's control lines (one int64 per 64-byte line)."""
+
+    INSERTS = 0  # rate limiter: committed inserts since the last reset
+    SAMPLES = 1  # rate limiter: samples since the last reset
+    DELETES = 2  # rate limiter: deletions (evictions, max_times_sampled, delete()) since reset
+    SIZE = 3  # items in the table (state READY)
+    SEQ = 4  # next insertion sequence number
+    FREE_HEAD = 5  # free-slot ring: next slot to lease
+    FREE_TAIL = 6  # free-slot ring: where the next freed slot goes
+    SHUTDOWN = 7  # 1 once the daemon shuts down: waiters raise instead of sleeping again
+    DAEMON_PID = 8
+    DAEMON_SLEEPING = 9  # 1 while the daemon sleeps on its semaphore: writers post to wake it
+    TOTAL_INSERTED = 10  # never reset: for rates
+    TOTAL_SAMPLED = 11
+    REPAIRS = 12  # times a dead lock holder's damage was repaired
+    RESETS = 13
+    UNIQUE_SAMPLED = 14  # items (still in the table) sampled at least once
+    COMMITS = 15
+    READY = 16  # 1 once the daemon finished initialising the segment
+    TOTAL_EVICTED = 17
+    COUNT = 24
+
+
+class Param:
+    """Indices of the float64 parameter lines (the rate limiter's, changeable at run time)."""
+
+    SAMPLES_PER_INSERT = 0
+    MIN_SIZE_TO_SAMPLE = 1
+    MIN_DIFF = 2
+    MAX_DIFF = 3
+    COUNT = 8
+
+
+class Chan:
+    """Indices of a writer channel's control lines."""
+
+    PID = 0  # owner process, 0 when the channel is free
+    LEASE_HEAD = 1  # consumer (writer) index into the lease ring
+    LEASE_TAIL = 2  # producer (daemon) index into the lease ring
+    PUB_HEAD = 3  # consumer (daemon) index into the publish ring: committed up to here
+    PUB_TAIL = 4  # producer (writer) index into the publish ring
+    WANT_LEASE = 5  # the writer inserts: the daemon keeps its lease ring filled
+    WAIT_SAMPLE = 6  # the channel's process sleeps on the sample event
+    WAIT_INSERT = 7  # the channel's process sleeps on the insert event
+    COUNT = 8
+
+
+class SlotState:
+    FREE = 0
+    LEASED = 1  # handed to a writer's channel, being written or published
+    READY = 2  # committed: in the selectors, sampleable
+    RELEASING = 3  # deleted by its own sample; freed once that sampler copied it
+
+
+@dataclass(frozen=True)
+class ArrayLayout:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every array of a table's segment lives. Built only by :func:`compute_layout`."""
+
+    spec: TableSpec
+    max_clients: int
+    header_size: int
+    total_size: int
+    arrays: tuple[ArrayLayout, ...]
+    digest: bytes
+
+    def array(self, name: str) -> ArrayLayout:
+        for a in self.arrays:
+            if a.name == name:
+                return a
+        raise KeyError(name)
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays if a.name.startswith("data."))
+
+    def payload(self) -> bytes:
+        return msgpack.packb({"spec": self.spec.to_dict(), "max_clients": self.max_clients})
+
+
+def _align(n: int, to: int = ALIGN) -> int:
+    return (n + to - 1) // to * to
+
+
+def compute_layout(spec: TableSpec, max_clients: int) -> Layout:
+    """Compute the full segment layout of ``spec``: the one place that decides it."""
+    slots = spec.num_slots
+    if slots >= 2**32:
+        # Keys carry the slot index in their low 32 bits.
+        raise SegmentError(f"table {spec.name!r}: max_size + headroom must be below 2**32")
+    entries: list[tuple[str, np.dtype | str, tuple[int, ...]]] = [
+        ("ctrl", "int64", (Ctrl.COUNT, LINE)),
+        ("params", "float64", (Param.COUNT, LINE)),
+        ("mutex", "uint8", (MUTEX_NBYTES,)),
+        ("meta.key", "uint64", (slots,)),
+        ("meta.state", "uint8", (slots,)),
+        ("meta.priority", "float64", (slots,)),
+        ("meta.times_sampled", "int32", (slots,)),
+        ("meta.seq", "int64", (slots,)),
+        ("meta.gen", "int64", (slots,)),
+        ("meta.owner", "int32", (slots,)),
+        ("free", "int64", (slots,)),
+        ("chan.ctrl", "int64", (max_clients, Chan.COUNT, LINE)),
+        ("chan.lease", "int64", (max_clients, LEASE_CAPACITY)),
+        ("chan.publish", "int64", (max_clients, PUBLISH_CAPACITY)),
+    ]
+    for role, selector in (("sampler", spec.sampler), ("remover", spec.remover)):
+        for name, dtype, shape in selector_class(selector.kind).array_specs(slots):
+            entries.append((f"{role}.{name}", dtype, shape))
+    for field in spec.signature:
+        entries.append((f"data.{field.name}", field.dtype, (slots, *field.shape)))
+
+    payload = msgpack.packb({"spec": spec.to_dict(), "max_clients": max_clients})
+    header_size = _align(PAYLOAD_OFFSET + len(payload), PAGE)
+    offset = header_size
+    arrays = []
+    for name, dtype, shape in entries:
+        a = ArrayLayout(name, np.dtype(dtype).name, tuple(int(d) for d in shape), offset)
+        arrays.append(a)
+        offset = _align(offset + a.nbytes)
+    total = _align(offset, PAGE)
+    h = hashlib.sha256(f"shmreplay-layout-v{FORMAT_VERSION}".encode())
+    for a in arrays:
+        h.update(f"{a.name}|{np.dtype(a.dtype).str}|{a.shape}|{a.offset};".encode())
+    return Layout(spec, max_clients, header_size, total, tuple(arrays), h.digest())
+
+
+def encode_header(layout: Layout) -> bytes:
+    """The header bytes to write at offset 0 of a new segment."""
+    payload = layout.payload()
+    prefix = _PREFIX.pack(
+        MAGIC,
+        FORMAT_VERSION,
+        layout.header_size,
+        layout.total_size,
+        len(payload),
+        zlib.crc32(payload),
+        layout.digest,
+    )
+    prefix = prefix.ljust(64, b"\0")
+    head = prefix + _PREFIX_CRC.pack(zlib.crc32(prefix))
+    return head.ljust(PAYLOAD_OFFSET, b"\0") + payload
+
+
+def decode_header(buf: mmap.mmap | bytes, segment_size: int, where: str) -> Layout:
+    """Verify the header of a segment and return the layout it describes.
+
+    Raises :class:`SegmentError` for anything that is not an intact shmreplay segment and
+    :class:`FormatVersionError` for a segment of another format version.
+    """
+    if segment_size < PAYLOAD_OFFSET:
+        raise SegmentError(f"{where}: segment of {segment_size} bytes is too small to be a table")
+    head = bytes(buf[:PAYLOAD_OFFSET])
+    magic, version, header_size, total, plen, pcrc, digest = _PREFIX.unpack_from(head)
+    if magic != MAGIC:
+        raise SegmentError(f"{where}: not a shmreplay table segment (bad magic {magic!r})")
+    if version != FORMAT_VERSION:
+        raise FormatVersionError(
+            f"{where}: segment has format version {version}, this shmreplay speaks "
+            f"{FORMAT_VERSION}; use the same shmreplay version in the daemon and its clients"
+        )
+    (crc,) = _PREFIX_CRC.unpack_from(head, 64)
+    if crc != zlib.crc32(head[:64]):
+        raise SegmentError(f"{where}: header checksum mismatch (corrupted segment)")
+    if total != segment_size or not (PAYLOAD_OFFSET + plen <= header_size <= total):
+        raise SegmentError(
+            f"{where}: header says {total} bytes, header {header_size}, payload {plen}; "
+            f"the segment has {segment_size} bytes (corrupted or truncated segment)"
+        )
+    payload = bytes(buf[PAYLOAD_OFFSET : PAYLOAD_OFFSET + plen])
+    if zlib.crc32(payload) != pcrc:
+        raise SegmentError(f"{where}: spec checksum mismatch (corrupted segment)")
+    try:
+        meta = msgpack.unpackb(payload)
+        spec = TableSpec.from_dict(meta["spec"])
+        max_clients = int(meta["max_clients"])
+    except Exception as exc:  # any decoding problem means a damaged header
+        raise SegmentError(f"{where}: cannot decode the table spec in the header: {exc}") from exc
+    layout = compute_layout(spec, max_clients)
+    if layout.digest != digest or layout.total_size != total:
+        raise SegmentError(f"{where}: layout digest mismatch (segment written by another build)")
+    return layout

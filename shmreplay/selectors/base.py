@@ -1,0 +1,141 @@
+"""The selector interface: how a table picks items to sample (sampler) or to evict (remover).
+
+A selector's state lives in shared memory, in arrays the layout allocates from
+:meth:`Selector.array_specs`, so every process that holds the table mutex sees one selector.
+All methods are called with the table mutex held and take numpy arrays of slot indices: they are
+vectorised over the batch (no per-item Python loop).
+
+The per-slot metadata of the table is the source of truth; a selector's arrays are derived from it
+and :meth:`Selector.rebuild` recreates them from scratch (the path taken after a process died
+holding the mutex, and on restore).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import ClassVar
+
+import numpy as np
+
+from ..config import SelectorSpec
+
+ArraySpecs = list[tuple[str, str, tuple[int, ...]]]
+# Given slots, how many more times each may be sampled (None: no max_times_sampled).
+TimesLeft = Callable[[np.ndarray], np.ndarray] | None
+
+
+class Selector(ABC):
+    kind: ClassVar[str]
+
+    def __init__(self, arrays: dict[str, np.ndarray], spec: SelectorSpec, num_slots: int) -> None:
+        self.arrays = arrays
+        self.spec = spec
+        self.num_slots = num_slots
+
+    @classmethod
+    @abstractmethod
+    def array_specs(cls, num_slots: int) -> ArraySpecs:
+        """Names, dtypes and shapes of the shared arrays this selector needs."""
+
+    @abstractmethod
+    def insert(self, slots: np.ndarray, priorities: np.ndarray) -> None:
+        """Add new items, given in insertion order."""
+
+    @abstractmethod
+    def update(self, slots: np.ndarray, priorities: np.ndarray) -> None:
+        """Change the priorities of items present (duplicates: the last one wins)."""
+
+    @abstractmethod
+    def remove(self, slots: np.ndarray) -> None:
+        """Forget items present (distinct slots)."""
+
+    @abstractmethod
+    def sample(
+        self, n: int, rng: np.random.Generator, times_left: TimesLeft
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Pick up to ``n`` items to sample; returns (slots, probabilities).
+
+        Random selectors draw independently (the same item may come twice). Deterministic ones
+        return the item they would return on each of ``n`` successive samples, given
+        ``times_left``; they may return fewer when the table runs out.
+        """
+
+    @abstractmethod
+    def victims(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Pick ``n`` distinct items to evict (``n`` ≤ the number of items)."""
+
+    @abstractmethod
+    def clear(self) -> None:
+        """Forget every item."""
+
+    @abstractmethod
+    def rebuild(self, slots: np.ndarray, priorities: np.ndarray) -> None:
+        """Recreate the state from the items present, given in insertion order."""
+
+    def options(self) -> dict[str, object]:
+        """The selector's options, for table info."""
+        return {"kind": self.kind}
+
+
+class DenseSet:
+    """The set of items as a dense array, for O(1) uniform draws and O(k) batched removal.
+
+    ``live[:count]`` holds the slots in no particular order, ``pos[slot]`` a slot's index there.
+    """
+
+    def __init__(self, live: np.ndarray, pos: np.ndarray, count: np.ndarray) -> None:
+        self.live = live
+        self.pos = pos
+        self._count = count  # a 1-element view of an int64 on its own cache line
+
+    @staticmethod
+    def array_specs(num_slots: int, prefix: str = "") -> ArraySpecs:
+        return [
+            (prefix + "live", "int64", (num_slots,)),
+            (prefix + "pos", "int64", (num_slots,)),
+            (prefix + "count", "int64", (8,)),
+        ]
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str = "") -> DenseSet:
+        return cls(arrays[prefix + "live"], arrays[prefix + "pos"], arrays[prefix + "count"][:1])
+
+    @property
+    def count(self) -> int:
+        return int(self._count[0])
+
+    def insert(self, slots: np.ndarray) -> None:
+        n, k = self.count, len(slots)
+        self.live[n : n + k] = slots
+        self.pos[slots] = np.arange(n, n + k)
+        self._count[0] = n + k
+
+    def remove(self, slots: np.ndarray) -> None:
+        # Fill the holes that lie below the new end with the survivors from the tail.
+        n, k = self.count, len(slots)
+        if k == 0:
+            return
+        end = n - k
+        p = self.pos[slots]
+        in_tail = p >= end
+        holes = p[~in_tail]
+        keep = np.ones(k, dtype=bool)
+        keep[p[in_tail] - end] = False
+        movers = self.live[end:n][keep]
+        self.live[holes] = movers
+        self.pos[movers] = holes
+        self._count[0] = end
+
+    def draw(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        return self.live[rng.integers(0, self.count, size=n)]
+
+    def draw_distinct(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        return self.live[rng.choice(self.count, size=n, replace=False)]
+
+    def clear(self) -> None:
+        self._count[0] = 0
+
+    def rebuild(self, slots: np.ndarray) -> None:
+        self.clear()
+        self.insert(slots)

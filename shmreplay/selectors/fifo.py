@@ -1,0 +1,100 @@
+"""Fifo: the oldest inserted item; reported probability 1.
+
+Items sit in a ring in insertion order (``order``), each remembering its ring position (``pos``).
+Removal punches a hole (-1) that the ring skips and later compacts, so removing from the middle
+(delete, max_times_sampled) is O(1) per item and the common case (evict or sample the oldest)
+touches only the head.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import ArraySpecs, Selector, TimesLeft
+
+HOLE = -1
+_HEAD, _TAIL = 0, 1
+
+
+class Fifo(Selector):
+    kind = "fifo"
+
+    def __init__(self, arrays, spec, num_slots) -> None:
+        super().__init__(arrays, spec, num_slots)
+        self.order = arrays["order"]
+        self.pos = arrays["pos"]
+        self.ends = arrays["ends"][:, 0]  # absolute head and tail counters, one line each
+
+    @classmethod
+    def array_specs(cls, num_slots: int) -> ArraySpecs:
+        return [
+            ("order", "int64", (num_slots,)),
+            ("pos", "int64", (num_slots,)),
+            ("ends", "int64", (2, 8)),
+        ]
+
+    def _ring(self, start: int, stop: int) -> np.ndarray:
+        return np.arange(start, stop) % self.num_slots
+
+    def insert(self, slots: np.ndarray, priorities: np.ndarray) -> None:
+        k = len(slots)
+        head, tail = int(self.ends[_HEAD]), int(self.ends[_TAIL])
+        if tail - head + k > self.num_slots:
+            head, tail = self._compact(head, tail)
+        positions = np.arange(tail, tail + k)
+        self.order[positions % self.num_slots] = slots
+        self.pos[slots] = positions
+        self.ends[_TAIL] = tail + k
+
+    def _compact(self, head: int, tail: int) -> tuple[int, int]:
+        entries = self.order[self._ring(head, tail)]
+        live = entries[entries != HOLE]
+        self.order[: len(live)] = live
+        self.pos[live] = np.arange(len(live))
+        self.ends[_HEAD], self.ends[_TAIL] = 0, len(live)
+        return 0, len(live)
+
+    def update(self, slots: np.ndarray, priorities: np.ndarray) -> None:
+        pass  # order does not depend on priority
+
+    def remove(self, slots: np.ndarray) -> None:
+        self.order[self.pos[slots] % self.num_slots] = HOLE
+
+    def _oldest(self, n: int) -> np.ndarray:
+        """The ``n`` oldest items (fewer if the table has fewer), skipping holes."""
+        head, tail = int(self.ends[_HEAD]), int(self.ends[_TAIL])
+        found: list[np.ndarray] = []
+        got, start, window = 0, head, max(2 * n, 64)
+        while got < n and start < tail:
+            stop = min(tail, start + window)
+            entries = self.order[self._ring(start, stop)]
+            live = entries[entries != HOLE]
+            if start == head:  # drop the leading holes for good
+                first = int(np.argmax(entries != HOLE)) if len(live) else stop - start
+                head = start + first
+                self.ends[_HEAD] = head
+            found.append(live[: n - got])
+            got += min(len(live), n - got)
+            start, window = stop, window * 2
+        return np.concatenate(found) if found else np.empty(0, np.int64)
+
+    def sample(
+        self, n: int, rng: np.random.Generator, times_left: TimesLeft
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if times_left is None:  # the oldest item, every time
+            oldest = self._oldest(1)
+            slots = np.repeat(oldest, n)
+        else:  # each item as many times as it may still be sampled, then the next one
+            candidates = self._oldest(n)
+            slots = np.repeat(candidates, times_left(candidates))[:n]
+        return slots, np.ones(len(slots))
+
+    def victims(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        return self._oldest(n)
+
+    def clear(self) -> None:
+        self.ends[_HEAD], self.ends[_TAIL] = 0, 0
+
+    def rebuild(self, slots: np.ndarray, priorities: np.ndarray) -> None:
+        self.clear()
+        self.insert(slots, priorities)

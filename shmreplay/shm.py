@@ -1,0 +1,134 @@
+"""POSIX shared-memory segments: create, attach, view as numpy arrays, close, unlink.
+
+Lifecycle, as in CPython's ``multiprocessing.shared_memory``: :meth:`Segment.close` releases this
+process's mapping (numpy views must be dropped first); :meth:`Segment.unlink` destroys the name,
+once, from any process (mappings stay valid until closed). A failed create unlinks what it made.
+
+We never use ``multiprocessing.shared_memory`` to attach: before Python 3.13 its resource tracker
+unlinks the daemon's segment when a client exits.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import shutil
+
+import numpy as np
+import posix_ipc
+
+from .errors import DaemonNotRunning, InsufficientSharedMemory, SegmentError
+from .layout import Layout, decode_header, encode_header
+
+SHM_DIR = "/dev/shm"
+
+
+def shm_free_bytes() -> int:
+    """Bytes still free in /dev/shm."""
+    return shutil.disk_usage(SHM_DIR).free
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"  # unreachable
+
+
+class Segment:
+    """One mapped table segment and numpy views over its arrays."""
+
+    name: str = ""
+    layout: Layout | None = None
+    _mmap: mmap.mmap | None = None
+
+    def __init__(self, name: str, mm: mmap.mmap, layout: Layout) -> None:
+        self.name = name
+        self._mmap = mm
+        self.layout = layout
+        self.arrays: dict[str, np.ndarray] = {}
+        for a in layout.arrays:
+            count = int(np.prod(a.shape, dtype=np.int64))
+            view = np.frombuffer(mm, dtype=a.dtype, count=count, offset=a.offset)
+            self.arrays[a.name] = view.reshape(a.shape)
+
+    @classmethod
+    def create(
+        cls, name: str, layout: Layout, mode: int = 0o600, gid: int | None = None
+    ) -> Segment:
+        """Create, size and initialise a new segment (fails if the name exists).
+
+        The bytes are reserved with ``posix_fallocate`` so a full /dev/shm fails here, at once,
+        instead of with SIGBUS on first touch.
+        """
+        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=mode, size=0)
+        try:
+            os.fchmod(shm.fd, mode)  # the umask strips bits from mode= at creation
+            if gid is not None:
+                os.fchown(shm.fd, -1, gid)
+            try:
+                os.posix_fallocate(shm.fd, 0, layout.total_size)
+            except OSError as exc:
+                raise InsufficientSharedMemory(
+                    f"table {layout.spec.name!r} needs {format_bytes(layout.total_size)} of "
+                    f"shared memory but {SHM_DIR} has {format_bytes(shm_free_bytes())} free "
+                    f"({exc.strerror}); lower max_size or enlarge {SHM_DIR}"
+                ) from exc
+            mm = mmap.mmap(shm.fd, layout.total_size)
+        except BaseException:
+            shm.close_fd()
+            posix_ipc.unlink_shared_memory(name)
+            raise
+        shm.close_fd()
+        mm[: layout.header_size] = encode_header(layout).ljust(layout.header_size, b"\0")
+        return cls(name, mm, layout)
+
+    @classmethod
+    def attach(cls, name: str) -> Segment:
+        """Map an existing segment and verify its header."""
+        try:
+            shm = posix_ipc.SharedMemory(name)
+        except posix_ipc.ExistentialError as exc:
+            raise DaemonNotRunning(
+                f"shared-memory segment {name} does not exist: the daemon is gone"
+            ) from exc
+        except posix_ipc.PermissionsError as exc:
+            raise SegmentError(
+                f"no permission to open {SHM_DIR}{name}: it belongs to another user"
+            ) from exc
+        try:
+            size = os.fstat(shm.fd).st_size
+            if size == 0:
+                raise SegmentError(f"{name}: empty segment (the daemon is still creating it)")
+            mm = mmap.mmap(shm.fd, size)
+        finally:
+            shm.close_fd()
+        try:
+            layout = decode_header(mm, size, name)
+        except BaseException:
+            mm.close()
+            raise
+        return cls(name, mm, layout)
+
+    def close(self) -> None:
+        """Release this process's mapping. Idempotent.
+
+        If a caller still holds a numpy view of the mapping, the mapping is left for the garbage
+        collector instead of being closed under the live view.
+        """
+        self.arrays = {}
+        mm, self._mmap = self._mmap, None
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:
+                pass  # someone still holds a view: the mapping dies with the last view
+
+    @staticmethod
+    def unlink(name: str) -> None:
+        """Remove a segment's name; a missing segment is fine."""
+        try:
+            posix_ipc.unlink_shared_memory(name)
+        except posix_ipc.ExistentialError:
+            pass
