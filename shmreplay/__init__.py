@@ -1,0 +1,71 @@
+"""shmreplay: experience replay for reinforcement learning on one host, over POSIX shared memory.
+
+Start a daemon with ``shmreplay serve --tables tables.toml``, then in any local process::
+
+    import shmreplay
+    client = shmreplay.attach("default")
+    table = client.table("replay")
+    key = table.insert({"obs": obs, "action": 3, "reward": 1.0}, priority=1.0)
+    batch = table.sample(256)          # batch.data["obs"].shape == (256, *obs.shape)
+    table.update_priorities(batch.info.key, new_priorities)
+"""
+
+from .client import Client, ReservedSlot, Table, attach
+from .config import (
+    Config,
+    FieldSpec,
+    RateLimiterSpec,
+    SelectorSpec,
+    ServerSpec,
+    TableSpec,
+    load_config,
+)
+from .errors import (
+    ClientClosedError,
+    ConfigError,
+    DaemonAlreadyRunning,
+    DaemonNotRunning,
+    FormatVersionError,
+    InsufficientSharedMemory,
+    InvalidArgumentError,
+    LockTimeout,
+    RateLimiterTimeout,
+    SegmentError,
+    ShmReplayError,
+    SignatureError,
+    TableNotFoundError,
+)
+from .table import Sample, SampleInfo, TableInfo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attach",
+    "Client",
+    "Table",
+    "ReservedSlot",
+    "Sample",
+    "SampleInfo",
+    "TableInfo",
+    "Config",
+    "ServerSpec",
+    "TableSpec",
+    "FieldSpec",
+    "SelectorSpec",
+    "RateLimiterSpec",
+    "load_config",
+    "ShmReplayError",
+    "ConfigError",
+    "SignatureError",
+    "InvalidArgumentError",
+    "TableNotFoundError",
+    "RateLimiterTimeout",
+    "LockTimeout",
+    "DaemonNotRunning",
+    "DaemonAlreadyRunning",
+    "ClientClosedError",
+    "SegmentError",
+    "FormatVersionError",
+    "InsufficientSharedMemory",
+    "__version__",
+]

@@ -1,0 +1,199 @@
+"""The ``shmreplay`` command line: serve, info, stop, validate, gc, demo."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import replace
+
+import click
+
+from .config import load_config
+from .errors import ShmReplayError
+
+LOG_FORMAT = "%(asctime)s shmreplay[%(process)d] %(levelname)s %(message)s"
+
+
+class _Group(click.Group):
+    """Turns our errors into one clean line and exit status 1 instead of a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ShmReplayError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="shmreplay")
+def main() -> None:
+    """Experience replay for reinforcement learning over POSIX shared memory.
+
+    Start a daemon with `shmreplay serve --tables tables.toml`, then call
+    `shmreplay.attach(NAME)` from your actors and learners. `shmreplay demo` shows it all.
+    """
+
+
+@main.command()
+@click.option(
+    "--tables",
+    "tables_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The tables.toml file describing the instance and its tables.",
+)
+@click.option("--name", default=None, help="Instance name (overrides [server] name).")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages too.")
+def serve(tables_path: str, name: str | None, verbose: bool) -> None:
+    """Run the daemon in the foreground until SIGTERM or SIGINT.
+
+    Creates every table in /dev/shm, writes the instance record that attach() finds, and serves
+    the control socket. On SIGTERM/SIGINT it wakes every waiting client with an error and
+    removes all its shared memory. Logs go to stderr.
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT)
+    from .daemon import serve as run_daemon
+
+    config = load_config(tables_path)
+    if name is not None:
+        config = replace(config, server=replace(config.server, name=name))
+    sys.exit(run_daemon(config))
+
+
+@main.command()
+@click.option("--name", default="default", show_default=True, help="Instance name.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full record as JSON.")
+def info(name: str, as_json: bool) -> None:
+    """Show the instance's tables: size, counters, rate limiter, memory, clients."""
+    from .control import ControlClient
+    from .errors import DaemonNotRunning
+    from .instance import InstanceRecord
+
+    rec = InstanceRecord.read(name)
+    if rec is None or not rec.alive():
+        raise DaemonNotRunning(f"no shmreplay daemon named {name!r} is running")
+    ctl = ControlClient(rec.socket)
+    try:
+        data = ctl.request("info")
+    finally:
+        ctl.close()
+    data.pop("ok", None)
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+        return
+    from .shm import format_bytes
+
+    click.echo(f"instance {data['name']!r}  pid {data['pid']}  clients {len(data['clients'])}")
+    for tname, t in data["tables"].items():
+        lim = t["rate_limiter"]
+        blocked = [s for s in ("insert", "sample") if lim[f"{s}_blocked"]]
+        click.echo(
+            f"  {tname}: {t['current_size']}/{t['max_size']} items, "
+            f"sampler {t['sampler']['kind']}, remover {t['remover']['kind']}, "
+            f"inserted {t['total_inserted']}, sampled {t['total_sampled']}, "
+            f"evicted {t['total_evicted']}, limiter {lim['kind']} "
+            f"(inserts {lim['inserts']}, samples {lim['samples']}, deletes {lim['deletes']}"
+            f"{', blocked: ' + '/'.join(blocked) if blocked else ''}), "
+            f"memory {format_bytes(t['segment_bytes'])}"
+        )
+
+
+@main.command()
+@click.option("--name", default="default", show_default=True, help="Instance name.")
+@click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for exit.")
+def stop(name: str, timeout: float) -> None:
+    """Ask the daemon of an instance to shut down, and wait until it has."""
+    import time
+
+    from .control import ControlClient
+    from .errors import DaemonNotRunning
+    from .instance import InstanceRecord, process_alive
+
+    rec = InstanceRecord.read(name)
+    if rec is None or not rec.alive():
+        raise DaemonNotRunning(f"no shmreplay daemon named {name!r} is running")
+    ctl = ControlClient(rec.socket)
+    try:
+        ctl.request("shutdown")
+    finally:
+        ctl.close()
+    deadline = time.monotonic() + timeout
+    while process_alive(rec.pid, rec.start_time):
+        if time.monotonic() > deadline:
+            raise ShmReplayError(f"daemon pid {rec.pid} did not exit within {timeout} s")
+        time.sleep(0.05)
+    click.echo(f"instance {name!r} stopped")
+
+
+@main.command()
+@click.argument("tables_path", type=click.Path(dir_okay=False))
+def validate(tables_path: str) -> None:
+    """Check a tables.toml and print the shared memory each table needs."""
+    from .daemon import check_fits
+    from .layout import compute_layout
+    from .shm import format_bytes, shm_free_bytes
+
+    config = load_config(tables_path)
+    total = 0
+    for t in config.tables:
+        size = compute_layout(t, config.server.max_clients).total_size
+        total += size
+        click.echo(
+            f"table {t.name!r}: {t.num_slots} slots × {t.row_bytes} B/row = {format_bytes(size)}"
+        )
+    free = shm_free_bytes()
+    click.echo(f"total {format_bytes(total)}; /dev/shm has {format_bytes(free)} free")
+    check_fits(config)
+    click.echo(f"{tables_path}: OK")
+
+
+@main.command()
+@click.option("--name", default=None, help="Only this instance (default: every dead one).")
+def gc(name: str | None) -> None:
+    """Remove shared memory left in /dev/shm by daemons that are no longer running.
+
+    Never touches an instance whose daemon is alive.
+    """
+    import fcntl
+    import os
+
+    from .instance import PREFIX, lock_path, remove_shm_objects, shm_objects
+
+    names = (
+        {name}
+        if name
+        else {e.removeprefix("sem.")[len(PREFIX) :].split(".")[0] for e in shm_objects()}
+    )
+    removed = 0
+    for inst in sorted(names):
+        fd = os.open(lock_path(inst), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                click.echo(f"instance {inst!r} is running: left alone")
+                continue
+            gone = remove_shm_objects(inst)
+            removed += len(gone)
+            for entry in gone:
+                click.echo(f"removed /dev/shm/{entry}")
+        finally:
+            os.close(fd)
+    click.echo(f"{removed} object(s) removed")
+
+
+@main.command()
+@click.option("--duration", default=10.0, show_default=True, help="Seconds to run.")
+@click.option("--actors", default=2, show_default=True, help="Actor processes.")
+@click.option("--batch-size", default=256, show_default=True, help="Learner batch size.")
+def demo(duration: float, actors: int, batch_size: int) -> None:
+    """Run a daemon, actor processes and a prioritized learner; print live rates; clean up."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(duration=duration, actors=actors, batch_size=batch_size))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,608 @@
+"""The client: ``attach()``, :class:`Client` and :class:`Table` handles, inserts, reservations.
+
+A client process maps the tables' segments and moves item data itself. Writing takes no lock:
+the daemon leases each client a block of free slots through the client's channel; the client
+fills a slot (generation odd → data and priority → generation even) and publishes the slot index
+on its single-producer ring; the daemon commits published slots in batches. Sampling takes the
+table mutex for the selection only and copies rows after releasing it.
+
+Data rules: a field given as a numpy array must have exactly the field's shape and a dtype that
+casts to the field's dtype without loss (``np.can_cast(..., "safe")``: int32 into int64 is fine,
+float64 into float32 is refused). Python numbers and nested lists are accepted when the field's
+kind holds them without loss: bools anywhere, ints into integer fields within range and into float
+fields, floats into float fields.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from .config import FieldSpec
+from .control import PROTOCOL_VERSION, ControlClient
+from .errors import (
+    ClientClosedError,
+    DaemonNotRunning,
+    InvalidArgumentError,
+    RateLimiterTimeout,
+    ShmReplayError,
+    SignatureError,
+    TableNotFoundError,
+)
+from .events import Event
+from .instance import InstanceRecord, record_path
+from .layout import LEASE_CAPACITY, PUBLISH_CAPACITY, Chan, Ctrl
+from .shm import Segment
+from .table import Sample, SampleInfo, TableCore, TableEvents, TableInfo
+
+__all__ = ["attach", "Client", "Table", "ReservedSlot", "Sample", "SampleInfo", "TableInfo"]
+
+
+def attach(name: str = "default", timeout: float = 5.0, *, seed: int | None = None) -> Client:
+    """Attach to the running daemon of instance ``name``.
+
+    Waits up to ``timeout`` seconds for the daemon to come up (so a script may start it and
+    attach right away). Raises :class:`DaemonNotRunning` if none serves ``name`` by then. A client
+    belongs to the process that attached it: attach again in each process (after ``fork`` too).
+    ``seed`` seeds this client's sampling random generator (for reproducible runs).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        rec = InstanceRecord.read(name)
+        if rec is not None and rec.alive():
+            try:
+                return Client(rec, seed=seed)
+            except (FileNotFoundError, ConnectionRefusedError, DaemonNotRunning):
+                pass  # starting up or going away: try again until the deadline
+        if time.monotonic() >= deadline:
+            where = record_path(name)
+            raise DaemonNotRunning(
+                f"no shmreplay daemon named {name!r} is running (no live record at {where}); "
+                f"start one with: shmreplay serve --tables tables.toml --name {name}"
+            )
+        time.sleep(0.05)
+
+
+class Client:
+    """A process's connection to one shmreplay instance. Use :func:`attach` to make one."""
+
+    _closed = True
+    _control: ControlClient | None = None
+
+    def __init__(self, record: InstanceRecord, seed: int | None = None) -> None:
+        self.instance = record.name
+        self._pid = os.getpid()
+        self._control = ControlClient(record.socket)
+        self._tables: dict[str, Table] = {}
+        self._segments: list[Segment] = []
+        self._events: list[Event] = []
+        try:
+            hello = self._control.request("hello", pid=self._pid, protocol=PROTOCOL_VERSION)
+            self.channel = int(hello["channel"])
+            self.daemon_pid = int(hello["pid"])
+            wake = Event.open(hello["wake"])
+            self._events.append(wake)
+            for tname, seg_name in hello["tables"].items():
+                seg = Segment.attach(seg_name)
+                self._segments.append(seg)
+                evs = {k: Event.open(v) for k, v in hello["events"][tname].items()}
+                self._events.extend(evs.values())
+                core = TableCore(seg, TableEvents(daemon=wake, **evs))
+                core.rng = np.random.default_rng(
+                    None if seed is None else [seed, len(self._tables)]
+                )
+                self._tables[tname] = Table(self, core)
+        except BaseException:
+            self._release()
+            raise
+        self._closed = False
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ClientClosedError(
+                f"this client of instance {self.instance!r} is closed; call shmreplay.attach()"
+            )
+        if os.getpid() != self._pid:
+            raise ShmReplayError(
+                f"this client was attached by process {self._pid}, not by this one "
+                f"({os.getpid()}); call shmreplay.attach() in each process"
+            )
+
+    @property
+    def tables(self) -> list[str]:
+        """Names of the instance's tables."""
+        return list(self._tables)
+
+    def table(self, name: str) -> Table:
+        """The handle of table ``name``; :class:`TableNotFoundError` lists the tables there are."""
+        self._check()
+        try:
+            return self._tables[name]
+        except KeyError:
+            raise TableNotFoundError(
+                f"instance {self.instance!r} has no table {name!r}; its tables are: "
+                + ", ".join(repr(t) for t in self._tables)
+            ) from None
+
+    def insert(
+        self,
+        step: Mapping[str, object],
+        priorities: Mapping[str, float],
+        timeout: float | None = None,
+    ) -> dict[str, int]:
+        """Insert one step into several tables, each taking the fields of its signature.
+
+        ``priorities`` maps table name to priority. Returns the new key in each table. Every
+        table's data is validated before anything is written.
+        """
+        self._check()
+        if not priorities:
+            raise InvalidArgumentError("priorities must name at least one table")
+        tables = [self.table(t) for t in priorities]
+        used = set()
+        prepared = []
+        for table in tables:
+            fields = {f.name: step[f.name] for f in table.spec.signature if f.name in step}
+            used.update(fields)
+            prepared.append(
+                (table, table._validate_row(fields), _check_priority(priorities[table.name]))
+            )
+        unknown = set(step) - used
+        if unknown:
+            raise SignatureError(
+                f"field(s) {sorted(unknown)} belong to none of the tables {list(priorities)}"
+            )
+        return {t.name: t._write_row(row, p, timeout) for t, row, p in prepared}
+
+    def server_info(self) -> dict:
+        """The daemon's view of the instance: tables, their statistics, attached clients."""
+        self._check()
+        return self._control.request("info")
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Flush what this client published, detach and unmap. Idempotent."""
+        if self._closed:
+            return
+        try:
+            if os.getpid() == self._pid:
+                for t in self._tables.values():
+                    try:
+                        t.flush(timeout=timeout)
+                    except (DaemonNotRunning, RateLimiterTimeout):
+                        pass  # nothing to wait for any more, or the caller's deadline passed
+                try:
+                    self._control.request("bye")
+                except DaemonNotRunning:
+                    pass
+        finally:
+            self._closed = True
+            self._release()
+
+    def _release(self) -> None:
+        for t in self._tables.values():
+            t._closed = True
+            t.core = None
+        self._tables = {}
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        for ev in self._events:
+            ev.close()
+        for seg in self._segments:
+            seg.close()
+        self._events, self._segments = [], []
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not self._closed and os.getpid() == getattr(self, "_pid", None):
+            try:
+                self.close(timeout=1.0)
+            except Exception:
+                pass
+
+
+def _check_priority(p) -> float:
+    try:
+        value = float(p)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"priority must be a number, got {p!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise InvalidArgumentError(f"priority must be finite and >= 0, got {value}")
+    return value
+
+
+def _check_priorities(p, n: int) -> np.ndarray:
+    arr = np.asarray(p, dtype=np.float64)
+    if arr.ndim == 0:
+        arr = np.full(n, float(arr))
+    if arr.shape != (n,):
+        raise InvalidArgumentError(f"priorities must have shape ({n},), got {arr.shape}")
+    if not np.isfinite(arr).all() or (arr < 0).any():
+        bad = arr[~np.isfinite(arr) | (arr < 0)][0]
+        raise InvalidArgumentError(f"priorities must be finite and >= 0, got {bad}")
+    return arr
+
+
+def _python_kind_ok(value: np.ndarray, dtype: np.dtype) -> bool:
+    """Whether values that came from Python numbers fit ``dtype`` without loss."""
+    k = value.dtype.kind
+    if k == "b":
+        return True
+    if k in "iu":
+        if dtype.kind in "fc":
+            return True
+        if dtype.kind in "iu" and value.size:
+            info = np.iinfo(dtype)
+            return bool(info.min <= value.min() and value.max() <= info.max)
+        return dtype.kind in "iu"
+    if k == "f":
+        return dtype.kind in "fc"
+    return False
+
+
+def _coerce(field: FieldSpec, value, batch: int | None) -> np.ndarray:
+    """Check ``value`` against ``field`` (with a leading batch axis if ``batch``); no copy if ok."""
+    shape = field.shape if batch is None else (batch, *field.shape)
+    dtype = field.np_dtype
+    if isinstance(value, (np.ndarray, np.generic)):
+        arr = np.asarray(value)
+        if arr.dtype != dtype and not np.can_cast(arr.dtype, dtype, "safe"):
+            raise SignatureError(
+                f"field {field.name!r}: expected dtype {field.dtype} (or one that casts to it "
+                f"without loss), got {arr.dtype}"
+            )
+    else:
+        try:
+            arr = np.asarray(value)
+        except (ValueError, TypeError) as exc:
+            raise SignatureError(f"field {field.name!r}: cannot read {value!r}: {exc}") from None
+        if arr.dtype.kind not in "biuf" or not _python_kind_ok(arr, dtype):
+            raise SignatureError(
+                f"field {field.name!r}: expected {field.dtype} values, got {value!r} "
+                f"({arr.dtype}) which does not fit without loss"
+            )
+    if arr.shape != shape:
+        what = "batch shape" if batch is not None else "shape"
+        raise SignatureError(f"field {field.name!r}: expected {what} {shape}, got {arr.shape}")
+    return arr
+
+
+class ReservedSlot:
+    """Writable views of one reserved slot: ``slot["obs"][...] = frame``; 0-d for scalars."""
+
+    def __init__(self, views: dict[str, np.ndarray], key: int) -> None:
+        self._views = views
+        self.key = key  # the item's key once committed
+
+    def __getitem__(self, field: str) -> np.ndarray:
+        try:
+            return self._views[field]
+        except KeyError:
+            raise SignatureError(
+                f"no field {field!r} in this table; fields: {', '.join(self._views)}"
+            ) from None
+
+    def keys(self) -> Iterable[str]:
+        return self._views.keys()
+
+
+class _Reservation:
+    def __init__(self, table: Table, priority: float, timeout: float | None) -> None:
+        self.table, self.priority, self.timeout = table, priority, timeout
+        self.slot = -1
+
+    def __enter__(self) -> ReservedSlot:
+        t = self.table
+        self.slot = slot = t._take_slots(1, self.timeout)[0]
+        core = t.core
+        core.gen[slot] += 1  # odd: being written
+        views = {name: arr[slot, ...] for name, arr in core.data.items()}
+        return ReservedSlot(views, int(core.key[slot]))
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        t, slot = self.table, self.slot
+        core = t.core
+        if core is None:
+            return
+        if exc_type is not None:
+            core.gen[slot] += 1
+            t._spare.append(slot)  # discarded: reused by the next insert, never published
+            return
+        core.priority[slot] = self.priority
+        core.gen[slot] += 1  # even: complete
+        t._publish_one(slot)
+
+
+class Table:
+    """A handle on one table of an attached instance. Get it with ``client.table(name)``."""
+
+    _closed = False
+
+    def __init__(self, client: Client, core: TableCore) -> None:
+        self.client = client
+        self.core = core
+        self.name = core.name
+        self.spec = core.spec
+        self._fields = self.spec.signature
+        self._field_names = {f.name for f in self._fields}
+        c = client.channel
+        self._chan = core.chan[c]
+        self._lease = core.lease_ring[c]
+        self._publish = core.publish_ring[c]
+        self._lease_head = int(self._chan[Chan.LEASE_HEAD])
+        self._lease_tail = int(self._chan[Chan.LEASE_TAIL])
+        self._pub_tail = int(self._chan[Chan.PUB_TAIL])
+        self._pub_head = int(self._chan[Chan.PUB_HEAD])
+        self._spare: list[int] = []
+        self._writing = False
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ClientClosedError(f"table {self.name!r}: its client is closed")
+        self.client._check()
+        if self.core.ctrl[Ctrl.SHUTDOWN]:
+            self.core.check_open()
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def insert(
+        self, data: Mapping[str, object], priority: float = 1.0, timeout: float | None = None
+    ) -> int:
+        """Insert one item; returns its key once published (sampleable once committed).
+
+        Copies ``data`` into a leased slot. Blocks only if no slot is leased to this client
+        (the daemon is behind, or the rate limiter holds inserts back), for at most ``timeout``
+        seconds, then raises :class:`RateLimiterTimeout`.
+        """
+        self._check()
+        row = self._validate_row(data)
+        return self._write_row(row, _check_priority(priority), timeout)
+
+    def _validate_row(self, data: Mapping[str, object]) -> list[np.ndarray]:
+        if not isinstance(data, Mapping):
+            raise SignatureError(f"table {self.name!r}: data must be a mapping of field to value")
+        if len(data) != len(self._fields) or not all(k in self._field_names for k in data):
+            self._field_mismatch(data)
+        row = []
+        for f in self._fields:
+            v = data[f.name]
+            if type(v) is np.ndarray and v.dtype == f.np_dtype and v.shape == f.shape:
+                row.append(v)
+            else:
+                row.append(_coerce(f, v, None))
+        return row
+
+    def _field_mismatch(self, data: Mapping[str, object]):
+        missing = sorted(self._field_names - set(data))
+        extra = sorted(set(data) - self._field_names)
+        raise SignatureError(
+            f"table {self.name!r}: fields do not match the signature "
+            f"(missing {missing}, unknown {extra}); expected "
+            + ", ".join(f"{f.name}: {f.dtype}{list(f.shape)}" for f in self._fields)
+        )
+
+    def _write_row(self, row: list[np.ndarray], priority: float, timeout: float | None) -> int:
+        core = self.core
+        slot = self._take_slots(1, timeout)[0]
+        gen = core.gen
+        gen[slot] += 1  # odd: being written
+        for arr, value in zip(core.data.values(), row, strict=True):
+            arr[slot] = value
+        core.priority[slot] = priority
+        gen[slot] += 1  # even: complete
+        key = int(core.key[slot])
+        self._publish_one(slot)
+        return key
+
+    def insert_batch(
+        self, data: Mapping[str, object], priorities=1.0, timeout: float | None = None
+    ) -> np.ndarray:
+        """Insert a batch (leading axis = items); returns the keys as a uint64 array.
+
+        ``priorities`` is one number or one per item. All of the batch is validated before any
+        of it is written; it is copied into leased slots chunk by chunk.
+        """
+        self._check()
+        if not isinstance(data, Mapping):
+            raise SignatureError(f"table {self.name!r}: data must be a mapping of field to array")
+        if len(data) != len(self._fields) or not all(k in self._field_names for k in data):
+            self._field_mismatch(data)
+        first = data[self._fields[0].name]
+        n = len(first) if hasattr(first, "__len__") else -1
+        if n < 0:
+            raise SignatureError(
+                f"field {self._fields[0].name!r}: expected a batch with a leading axis"
+            )
+        cols = [_coerce(f, data[f.name], n) for f in self._fields]
+        prios = _check_priorities(priorities, n)
+        keys = np.empty(n, np.uint64)
+        core = self.core
+        done = 0
+        while done < n:
+            slots = self._take_slots(n - done, timeout)
+            k = len(slots)
+            core.gen[slots] += 1
+            for arr, col in zip(core.data.values(), cols, strict=True):
+                arr[slots] = col[done : done + k]
+            core.priority[slots] = prios[done : done + k]
+            core.gen[slots] += 1
+            keys[done : done + k] = core.key[slots]
+            self._publish_many(slots)
+            done += k
+        return keys
+
+    def reserve(self, priority: float = 1.0, timeout: float | None = None) -> _Reservation:
+        """Reserve a slot and write into it in place (zero-copy)::
+
+            with table.reserve(priority=1.0) as slot:
+                slot["obs"][...] = frame      # a view into shared memory
+            key = slot.key
+
+        Published on a clean exit; discarded (never visible) if the block raises.
+        """
+        self._check()
+        return _Reservation(self, _check_priority(priority), timeout)
+
+    def _take_slots(self, n: int, timeout: float | None) -> np.ndarray:
+        if self._spare:
+            k = min(n, len(self._spare))
+            taken, self._spare = self._spare[:k], self._spare[k:]
+            return np.asarray(taken, dtype=np.int64)
+        head = self._lease_head
+        if head == self._lease_tail:
+            self._lease_tail = int(self._chan[Chan.LEASE_TAIL])
+            if head == self._lease_tail:
+                self._wait_for_lease(timeout)
+        k = min(n, self._lease_tail - head)
+        if k == 1:
+            slots = self._lease[head % LEASE_CAPACITY : head % LEASE_CAPACITY + 1].copy()
+        else:
+            slots = self._lease[(head + np.arange(k)) % LEASE_CAPACITY]
+        self._lease_head = head + k
+        self._chan[Chan.LEASE_HEAD] = head + k
+        return slots
+
+    def _wait_for_lease(self, timeout: float | None) -> None:
+        core = self.core
+        chan = self._chan
+        if not chan[Chan.WANT_LEASE]:
+            chan[Chan.WANT_LEASE] = 1  # from now on the daemon keeps our lease ring filled
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                chan[Chan.WAIT_INSERT] = 1
+                self._wake_daemon(force=True)
+                self._lease_tail = int(chan[Chan.LEASE_TAIL])
+                if self._lease_tail > self._lease_head:
+                    return
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    lim = core.limiter.info()
+                    raise RateLimiterTimeout(
+                        f"table {self.name!r}: insert blocked for {timeout} s "
+                        f"(size {int(core.ctrl[Ctrl.SIZE])}/{self.spec.max_size}, "
+                        f"{core.free_count} free slots, rate limiter "
+                        f"inserts {lim.inserts} samples {lim.samples}); pass a longer timeout"
+                    )
+                core.events.insert.wait(0.5 if remaining is None else remaining)
+                core.check_open()
+        finally:
+            chan[Chan.WAIT_INSERT] = 0
+
+    def _publish_one(self, slot) -> None:
+        tail = self._pub_tail
+        if tail - self._pub_head >= PUBLISH_CAPACITY:
+            self._wait_for_room(1)
+        self._publish[tail % PUBLISH_CAPACITY] = slot
+        self._pub_tail = tail + 1
+        self._chan[Chan.PUB_TAIL] = tail + 1
+        self._wake_daemon()
+
+    def _publish_many(self, slots: np.ndarray) -> None:
+        for start in range(0, len(slots), PUBLISH_CAPACITY // 2):
+            part = slots[start : start + PUBLISH_CAPACITY // 2]
+            k = len(part)
+            tail = self._pub_tail
+            if tail + k - self._pub_head > PUBLISH_CAPACITY:
+                self._wait_for_room(k)
+            self._publish[(tail + np.arange(k)) % PUBLISH_CAPACITY] = part
+            self._pub_tail = tail + k
+            self._chan[Chan.PUB_TAIL] = tail + k
+            self._wake_daemon()
+
+    def _wait_for_room(self, k: int) -> None:
+        while True:
+            self._pub_head = int(self._chan[Chan.PUB_HEAD])
+            if self._pub_tail + k - self._pub_head <= PUBLISH_CAPACITY:
+                return
+            self._wait_committed(self._pub_tail + k - PUBLISH_CAPACITY, None)
+
+    def _wake_daemon(self, force: bool = False) -> None:
+        ctrl = self.core.ctrl
+        if force or ctrl[Ctrl.DAEMON_SLEEPING]:
+            ctrl[Ctrl.DAEMON_SLEEPING] = 0
+            self.core.events.daemon.post(1)
+
+    def _wait_committed(self, upto: int, timeout: float | None) -> None:
+        core, chan = self.core, self._chan
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                chan[Chan.WAIT_INSERT] = 1
+                self._pub_head = int(chan[Chan.PUB_HEAD])
+                if self._pub_head >= upto:
+                    return
+                self._wake_daemon(force=True)
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise RateLimiterTimeout(
+                        f"table {self.name!r}: flush timed out after {timeout} s with "
+                        f"{upto - self._pub_head} item(s) not yet committed by the daemon"
+                    )
+                core.events.insert.wait(0.5 if remaining is None else remaining)
+                core.check_open()
+        finally:
+            chan[Chan.WAIT_INSERT] = 0
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until everything this client published to the table is committed."""
+        self._check()
+        self._wait_committed(self._pub_tail, timeout)
+
+    # -- sampling and mutation ------------------------------------------------------------------
+
+    def sample(
+        self,
+        batch_size: int,
+        timeout: float | None = None,
+        *,
+        partial: bool = False,
+        out: dict[str, np.ndarray] | None = None,
+    ) -> Sample:
+        """Sample ``batch_size`` items; ``.data[field]`` is ``[B, *shape]``, ``.info`` per item.
+
+        Blocks while the rate limiter (or an empty table) forbids sampling, for at most
+        ``timeout`` seconds (None: forever), then raises :class:`RateLimiterTimeout`, or with
+        ``partial=True`` returns the items it has if any. Rows are copied into new arrays, or
+        into ``out`` (C-contiguous arrays of shape ``[B, *shape]``) when given.
+        """
+        self._check()
+        return self.core.sample(
+            batch_size, channel=self.client.channel, timeout=timeout, partial=partial, out=out
+        )
+
+    def update_priorities(self, keys, priorities) -> int:
+        """Set the priorities of items by key; keys no longer present are ignored and counted.
+
+        Returns the number of missing keys. Duplicate keys: the last priority wins.
+        """
+        self._check()
+        k = np.asarray(keys, dtype=np.uint64).reshape(-1)
+        return self.core.update_priorities(k, _check_priorities(priorities, len(k)))
+
+    def delete(self, keys) -> int:
+        """Delete items by key; returns how many keys were not present."""
+        self._check()
+        return self.core.delete(np.asarray(keys, dtype=np.uint64).reshape(-1))
+
+    def reset(self) -> None:
+        """Remove every item and zero the rate limiter's counters."""
+        self._check()
+        self.core.reset()
+
+    def info(self) -> TableInfo:
+        """A frozen statistics record, read without locking (cheap, never blocks)."""
+        self._check()
+        return self.core.info()
+
+    def __repr__(self) -> str:
+        return f"<shmreplay.Table {self.name!r} of instance {self.client.instance!r}>"

@@ -1,0 +1,564 @@
+"""The daemon: owns the tables' shared memory, commits what writers publish, leases free slots.
+
+One process per instance. The main thread runs the commit loop: drain every writer's publish
+ring, commit the slots under the table mutex in one vectorised batch, refill the writers' lease
+rings, wake the processes waiting on it, then sleep on the instance's semaphore until a writer
+posts it. A second thread serves the control socket (``hello``/``bye``/``info``/``shutdown``) and
+notices a client's death by its connection closing; the main thread then reclaims what that
+client held. SIGTERM and SIGINT shut down cleanly: waiters are woken with an error, segments and
+semaphores are unlinked, the socket and the instance record removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import queue
+import selectors
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import psutil
+
+from .config import Config, TableSpec
+from .control import MAX_FRAME, PROTOCOL_VERSION, encode
+from .errors import (
+    DaemonAlreadyRunning,
+    InsufficientSharedMemory,
+    ShmReplayError,
+)
+from .events import Event
+from .instance import (
+    InstanceRecord,
+    event_name,
+    lock_path,
+    process_alive,
+    record_path,
+    remove_shm_objects,
+    segment_name,
+    shm_objects,
+    socket_path,
+)
+from .layout import FORMAT_VERSION, LEASE_CAPACITY, PUBLISH_CAPACITY, Chan, Ctrl, compute_layout
+from .shm import Segment, format_bytes, shm_free_bytes
+from .table import TableCore, TableEvents
+
+log = logging.getLogger("shmreplay")
+
+# With writers active the daemon never sleeps longer than this: it bounds the delay of a wake-up
+# lost to store/load reordering between a writer's publish and the daemon's sleeping flag.
+ACTIVE_SLEEP_S = 0.005
+IDLE_SLEEP_S = 0.1
+LIVENESS_CHECK_S = 0.1  # how often client pids are checked (connection EOF is the fast path)
+EVENT_KINDS = ("sample", "insert")
+
+
+def check_fits(config: Config) -> int:
+    """Total bytes the tables need; raises InsufficientSharedMemory if /dev/shm lacks them."""
+    sizes = {t.name: compute_layout(t, config.server.max_clients).total_size for t in config.tables}
+    need, free = sum(sizes.values()), shm_free_bytes()
+    if need > free:
+        detail = ", ".join(f"{n}: {format_bytes(s)}" for n, s in sizes.items())
+        raise InsufficientSharedMemory(
+            f"the tables need {format_bytes(need)} of shared memory ({detail}) but /dev/shm has "
+            f"{format_bytes(free)} free; lower max_size or enlarge /dev/shm "
+            "(mount -o remount,size=... /dev/shm)"
+        )
+    return need
+
+
+@dataclass
+class _Client:
+    channel: int
+    pid: int
+    start_time: float | None
+    conn: socket.socket | None = None
+
+
+@dataclass
+class _TableState:
+    core: TableCore
+    outstanding: np.ndarray  # per channel: slots leased and not yet committed
+    committed_since_post: int = 0
+    stats: dict = field(default_factory=dict)
+
+
+class Daemon:
+    """One shmreplay instance: ``Daemon(config).run()`` serves until SIGTERM/SIGINT/shutdown."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.name = config.server.name
+        self.max_clients = config.server.max_clients
+        self.tables: dict[str, _TableState] = {}
+        self.segments: list[Segment] = []
+        self.events: list[Event] = []
+        self.wake: Event | None = None
+        self._stop = threading.Event()
+        self._lock_fd: int | None = None
+        self._listener: socket.socket | None = None
+        self._clients: dict[int, _Client] = {}
+        self._clients_lock = threading.Lock()
+        self._dead: queue.Queue[int] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._owns_files = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def run(self, ready: callable | None = None) -> int:
+        """Create everything, serve until asked to stop, clean up. Returns an exit status."""
+        try:
+            self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+        if ready is not None:
+            ready()
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.serve_forever()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            self.cleanup()
+        return 0
+
+    def start(self) -> None:
+        self._take_instance_lock()
+        self._clean_leftovers()
+        need = check_fits(self.config)
+        gid = _group_id(self.config.server.group)
+        mode = 0o660 if gid is not None else 0o600
+        self.wake = Event.create(event_name(self.name, None, "daemon"), mode, gid)
+        self.events.append(self.wake)
+        for spec in self.config.tables:
+            self._create_table(spec, mode, gid)
+        self._listen(mode, gid)
+        InstanceRecord(
+            name=self.name,
+            pid=os.getpid(),
+            start_time=psutil.Process().create_time(),
+            socket=str(socket_path(self.name)),
+            tables=[t.name for t in self.config.tables],
+            format_version=FORMAT_VERSION,
+        ).write()
+        self._owns_files = True
+        self._thread = threading.Thread(target=self._serve_control, name="control", daemon=True)
+        self._thread.start()
+        log.info(
+            "instance %r serving %d table(s) in %s of shared memory: %s",
+            self.name,
+            len(self.tables),
+            format_bytes(need),
+            ", ".join(
+                f"{n} (max_size {t.core.spec.max_size}, "
+                f"{format_bytes(t.core.segment.layout.total_size)})"
+                for n, t in self.tables.items()
+            ),
+        )
+
+    def _take_instance_lock(self) -> None:
+        path = lock_path(self.name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            rec = InstanceRecord.read(self.name)
+            who = f" (pid {rec.pid})" if rec else ""
+            raise DaemonAlreadyRunning(
+                f"a shmreplay daemon already serves instance {self.name!r}{who}; stop it "
+                f"(shmreplay stop --name {self.name}) or choose another --name"
+            ) from None
+        self._lock_fd = fd
+
+    def _clean_leftovers(self) -> None:
+        """Remove what a dead daemon of this instance left behind (we hold the lock)."""
+        leftovers = shm_objects(self.name)
+        if leftovers:
+            remove_shm_objects(self.name)
+            log.warning(
+                "removed %d object(s) left in /dev/shm by a dead daemon of instance %r: %s",
+                len(leftovers),
+                self.name,
+                " ".join(leftovers),
+            )
+        for path in (socket_path(self.name), record_path(self.name)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def _create_table(self, spec: TableSpec, mode: int, gid: int | None) -> None:
+        layout = compute_layout(spec, self.max_clients)
+        seg = Segment.create(segment_name(self.name, spec.name), layout, mode, gid)
+        self.segments.append(seg)
+        evs = {}
+        for kind in EVENT_KINDS:
+            ev = Event.create(event_name(self.name, spec.name, kind), mode, gid)
+            self.events.append(ev)
+            evs[kind] = ev
+        core = TableCore(seg, TableEvents(daemon=self.wake, **evs))
+        core.initialize(os.getpid())
+        self.tables[spec.name] = _TableState(core, np.zeros(self.max_clients, np.int64))
+
+    def _listen(self, mode: int, gid: int | None) -> None:
+        path = str(socket_path(self.name))
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177 if gid is None else 0o117)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        if gid is not None:
+            os.chown(path, -1, gid)
+        sock.listen(64)
+        sock.setblocking(False)
+        self._listener = sock
+
+    def _on_signal(self, signum, frame) -> None:
+        log.info("received %s: shutting down", signal.Signals(signum).name)
+        self.request_stop()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        if self.wake is not None and self.wake.sem is not None:
+            self.wake.sem.release()
+
+    def cleanup(self) -> None:
+        """Wake every waiter with an error, unlink every object, remove our files. Idempotent."""
+        for t in self.tables.values():
+            t.core.ctrl[Ctrl.SHUTDOWN] = 1
+        for ev in self.events:
+            if ev.sem is not None:
+                ev.post(self.max_clients + 1)
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+            self._thread = None
+        for t in self.tables.values():
+            if t.core.events is not None:
+                t.core.events = None
+        self.tables.clear()
+        for seg in self.segments:
+            Segment.unlink(seg.name)
+            seg.close()
+        for ev in self.events:
+            Event.unlink(ev.name)
+            ev.close()
+        self.segments, self.events = [], []
+        if self._owns_files:
+            for path in (socket_path(self.name), record_path(self.name)):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            self._owns_files = False
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock: another daemon may start now
+            self._lock_fd = None
+            log.info("instance %r stopped; shared memory released", self.name)
+
+    # -- the commit loop -------------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        next_liveness = time.monotonic() + LIVENESS_CHECK_S
+        while not self._stop.is_set():
+            worked = False
+            for t in self.tables.values():
+                worked |= self._service(t)
+            while not self._dead.empty():
+                self._reclaim(self._dead.get())
+            now = time.monotonic()
+            if now >= next_liveness:
+                self._check_clients()
+                next_liveness = now + LIVENESS_CHECK_S
+            if not worked:
+                self._sleep()
+
+    def _sleep(self) -> None:
+        writers = False
+        for t in self.tables.values():
+            t.core.ctrl[Ctrl.DAEMON_SLEEPING] = 1
+            writers |= bool(t.core.chan[:, Chan.WANT_LEASE].any())
+        # Re-check after raising the flag: a writer that published before seeing it did not post.
+        if not any(self._has_work(t) for t in self.tables.values()):
+            self.wake.wait(ACTIVE_SLEEP_S if writers else IDLE_SLEEP_S)
+        for t in self.tables.values():
+            t.core.ctrl[Ctrl.DAEMON_SLEEPING] = 0
+
+    @staticmethod
+    def _has_work(t: _TableState) -> bool:
+        chan = t.core.chan
+        return bool((chan[:, Chan.PUB_TAIL] != chan[:, Chan.PUB_HEAD]).any())
+
+    def _service(self, t: _TableState) -> bool:
+        """Commit what was published, refill leases, wake waiters. True if anything happened."""
+        core = t.core
+        chan = core.chan
+        tails = chan[:, Chan.PUB_TAIL].copy()
+        heads = chan[:, Chan.PUB_HEAD]
+        pending = np.flatnonzero(tails != heads)
+        committed = 0
+        if len(pending):
+            parts = []
+            for c in pending:
+                idx = np.arange(heads[c], tails[c]) % PUBLISH_CAPACITY
+                parts.append(core.publish_ring[c, idx])
+            slots = np.concatenate(parts)
+            with core.mutex:
+                committed = core.commit(slots)
+            for c in pending:
+                t.outstanding[c] -= tails[c] - heads[c]
+                chan[c, Chan.PUB_HEAD] = tails[c]
+        leased = self._refill(t)
+        if committed:
+            waiting = int(np.count_nonzero(chan[:, Chan.WAIT_SAMPLE]))
+            core.events.sample.post(waiting)
+        if committed or leased or len(pending):
+            core.events.insert.post(int(np.count_nonzero(chan[:, Chan.WAIT_INSERT])))
+        return bool(len(pending) or leased)
+
+    def _refill(self, t: _TableState) -> int:
+        core = t.core
+        chan = core.chan
+        wanting = np.flatnonzero(chan[:, Chan.WANT_LEASE] & (chan[:, Chan.PID] != 0))
+        if len(wanting) == 0:
+            return 0
+        target = int(np.clip(core.spec.headroom // (2 * len(wanting)), 1, LEASE_CAPACITY))
+        have = chan[wanting, Chan.LEASE_TAIL] - chan[wanting, Chan.LEASE_HEAD]
+        need = np.where(have <= target // 2, target - have, 0)
+        if not need.any():
+            return 0
+        total = 0
+        with core.mutex:
+            budget = core.limiter.insert_allowance(int(need.sum()), int(t.outstanding.sum()))
+            for c, n in zip(wanting, need, strict=True):
+                n = min(int(n), budget)
+                if n <= 0:
+                    continue
+                slots = core.lease(int(c), n)
+                k = len(slots)
+                if k == 0:
+                    break
+                tail = int(chan[c, Chan.LEASE_TAIL])
+                core.lease_ring[c, (tail + np.arange(k)) % LEASE_CAPACITY] = slots
+                chan[c, Chan.LEASE_TAIL] = tail + k
+                t.outstanding[c] += k
+                budget -= k
+                total += k
+        return total
+
+    # -- clients ---------------------------------------------------------------------------------
+
+    def _register(self, pid: int, conn: socket.socket) -> int:
+        with self._clients_lock:
+            used = set(self._clients)
+            free = [c for c in range(self.max_clients) if c not in used]
+            if not free:
+                raise ShmReplayError(
+                    f"instance {self.name!r} already has {self.max_clients} clients attached; "
+                    "raise max_clients in [server] or close unused clients"
+                )
+            c = free[0]
+            try:
+                start = psutil.Process(pid).create_time()
+            except psutil.Error:
+                start = None
+            self._clients[c] = _Client(c, pid, start, conn)
+        for t in self.tables.values():
+            t.core.chan[c, :] = 0
+            t.outstanding[c] = 0
+            t.core.chan[c, Chan.PID] = pid
+        log.info("client pid %d attached (channel %d)", pid, c)
+        return c
+
+    def _check_clients(self) -> None:
+        with self._clients_lock:
+            clients = list(self._clients.values())
+        for cl in clients:
+            if not process_alive(cl.pid, cl.start_time):
+                self._reclaim(cl.channel, reason="died")
+
+    def _reclaim(self, channel: int, reason: str = "disconnected") -> None:
+        with self._clients_lock:
+            client = self._clients.pop(channel, None)
+        if client is None:
+            return
+        freed = 0
+        for t in self.tables.values():
+            self._service(t)  # commit what it published before it went away: nothing is lost
+            t.core.chan[channel, Chan.WANT_LEASE] = 0
+            with t.core.mutex:
+                freed += t.core.reclaim_channel(channel)
+            t.outstanding[channel] = 0
+        if reason == "died" or freed:
+            log.info(
+                "client pid %d (channel %d) %s; reclaimed %d leased slot(s)",
+                client.pid,
+                channel,
+                reason,
+                freed,
+            )
+        else:
+            log.info("client pid %d (channel %d) detached", client.pid, channel)
+
+    # -- control socket (its own thread) ------------------------------------------------------
+
+    def _serve_control(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self._listener, selectors.EVENT_READ, None)
+        buffers: dict[socket.socket, bytearray] = {}
+        channels: dict[socket.socket, int] = {}
+        try:
+            while not self._stop.is_set():
+                for key, _ in sel.select(timeout=0.2):
+                    if key.data is None:
+                        try:
+                            conn, _ = self._listener.accept()
+                        except (BlockingIOError, OSError):
+                            continue
+                        conn.setblocking(False)
+                        buffers[conn] = bytearray()
+                        sel.register(conn, selectors.EVENT_READ, "conn")
+                        continue
+                    conn = key.fileobj
+                    if not self._read_conn(conn, buffers, channels):
+                        sel.unregister(conn)
+                        buffers.pop(conn, None)
+                        c = channels.pop(conn, None)
+                        if c is not None:
+                            self._dead.put(c)
+                            self.wake.sem.release()
+                        conn.close()
+        except (OSError, ValueError):
+            if not self._stop.is_set():
+                log.exception("control socket failed")
+        finally:
+            for conn in list(buffers):
+                conn.close()
+            sel.close()
+
+    def _read_conn(self, conn, buffers, channels) -> bool:
+        try:
+            chunk = conn.recv(65536)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if not chunk:
+            return False
+        buf = buffers[conn]
+        buf += chunk
+        while len(buf) >= 4:
+            n = int.from_bytes(buf[:4], "big")
+            if n > MAX_FRAME:
+                log.warning("closing a control connection that sent a %d-byte frame", n)
+                return False
+            if len(buf) < 4 + n:
+                break
+            body = bytes(buf[4 : 4 + n])
+            del buf[: 4 + n]
+            reply = self._handle(body, conn, channels)
+            try:
+                conn.setblocking(True)
+                conn.sendall(encode(reply))
+                conn.setblocking(False)
+            except OSError:
+                return False
+        return True
+
+    def _handle(self, body: bytes, conn, channels) -> dict:
+        import msgpack
+
+        try:
+            req = msgpack.unpackb(body)
+            if not isinstance(req, dict):
+                raise ValueError("a request must be a map")
+            op = req.get("op")
+            if op == "hello":
+                if req.get("protocol") != PROTOCOL_VERSION:
+                    return _error(
+                        "FormatVersionError",
+                        f"client speaks control protocol {req.get('protocol')}, the daemon "
+                        f"{PROTOCOL_VERSION}; use the same shmreplay version on both sides",
+                    )
+                if conn in channels:
+                    return {"ok": True, "channel": channels[conn], "tables": list(self.tables)}
+                c = self._register(int(req["pid"]), conn)
+                channels[conn] = c
+                return {
+                    "ok": True,
+                    "channel": c,
+                    "tables": {n: segment_name(self.name, n) for n in self.tables},
+                    "events": {
+                        n: {k: event_name(self.name, n, k) for k in EVENT_KINDS}
+                        for n in self.tables
+                    },
+                    "wake": event_name(self.name, None, "daemon"),
+                    "pid": os.getpid(),
+                    "format_version": FORMAT_VERSION,
+                }
+            if op == "bye":
+                c = channels.pop(conn, None)
+                if c is not None:
+                    self._dead.put(c)
+                    self.wake.sem.release()
+                return {"ok": True}
+            if op == "info":
+                return {"ok": True, **self.info()}
+            if op == "shutdown":
+                log.info("shutdown requested over the control socket")
+                self.request_stop()
+                return {"ok": True}
+            return _error("InvalidArgumentError", f"unknown request op {op!r}")
+        except ShmReplayError as exc:
+            return _error(type(exc).__name__, str(exc))
+        except Exception as exc:  # a malformed request must never take the daemon down
+            return _error("InvalidArgumentError", f"malformed request: {exc}")
+
+    def info(self) -> dict:
+        with self._clients_lock:
+            clients = [{"pid": c.pid, "channel": c.channel} for c in self._clients.values()]
+        return {
+            "name": self.name,
+            "pid": os.getpid(),
+            "format_version": FORMAT_VERSION,
+            "clients": clients,
+            "tables": {n: _plain(t.core.info().to_dict()) for n, t in list(self.tables.items())},
+        }
+
+
+def _error(kind: str, message: str) -> dict:
+    return {"ok": False, "type": kind, "error": message}
+
+
+def _plain(obj):
+    """Make a value msgpack-able (tuples to lists, numpy scalars to Python numbers)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _group_id(group: str | None) -> int | None:
+    if group is None:
+        return None
+    import grp
+
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ShmReplayError(f"[server] group = {group!r}: no such group on this machine") from None
+
+
+def serve(config: Config) -> int:
+    """Run a daemon for ``config`` in the foreground until SIGTERM/SIGINT."""
+    return Daemon(config).run()

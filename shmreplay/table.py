@@ -1,0 +1,566 @@
+"""Table operations shared by every process: commit, lease, sample, mutate, reset, repair, info.
+
+:class:`TableCore` wraps the numpy views of one table segment. The daemon uses it to commit what
+writers published and to lease free slots; learners use it to sample and mutate. Operations that
+touch index structures (selectors, counters, free ring) run under the table's robust mutex, which
+is held for microseconds: data rows are never copied under it.
+
+Slot lifecycle::
+
+    FREE --lease (daemon)--> LEASED --publish (writer) + commit (daemon)--> READY
+      ^                        |  writer died: reclaimed by the daemon          |
+      +------------------------+---------------------------- evict / delete ---+
+      +-- release (sampler, after its copy) <-- RELEASING <-- max_times_sampled --+
+
+Keys carry their slot: ``key = tag << 32 | slot``; the tag grows each time the slot is leased, so
+a stale key never matches a reused slot and finding a key's item costs one array lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import FieldSpec, TableSpec
+from .errors import DaemonNotRunning, InvalidArgumentError, RateLimiterTimeout
+from .events import Event
+from .layout import Chan, Ctrl, SlotState
+from .mutex import RobustMutex
+from .ratelimit import RateLimiter, RateLimiterInfo
+from .selectors import selector_class
+from .shm import Segment
+
+SLOT_MASK = np.uint64(0xFFFFFFFF)
+TAG_SHIFT = np.uint64(32)
+# A sampled row whose slot was recycled while we copied it is drawn again; after this many
+# rounds something is badly wrong (a table far smaller than its writers' churn).
+MAX_REDRAW_ROUNDS = 100
+
+
+@dataclass(frozen=True)
+class TableEvents:
+    """The semaphores a table's processes sleep on."""
+
+    daemon: Event  # the daemon: something was published, or a lease is wanted
+    sample: Event  # samplers blocked by the rate limiter or an empty table
+    insert: Event  # writers waiting for a lease or for their items to be committed
+
+    def close(self) -> None:
+        for e in (self.daemon, self.sample, self.insert):
+            e.close()
+
+
+@dataclass(frozen=True)
+class SampleInfo:
+    """Per-item information snapshotted at sample time; one entry per sampled item."""
+
+    key: np.ndarray  # uint64
+    probability: np.ndarray  # float64
+    priority: np.ndarray  # float64
+    times_sampled: np.ndarray  # int32, including this sample
+    table_size: np.ndarray  # int64, before a max_times_sampled deletion
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A sampled batch: ``data[field]`` has shape ``[B, *field_shape]``; ``info`` per item."""
+
+    data: dict[str, np.ndarray]
+    info: SampleInfo
+
+    def __len__(self) -> int:
+        return len(self.info.key)
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """A cheap, lock-free snapshot of a table's state (may be a few microseconds stale)."""
+
+    name: str
+    max_size: int
+    current_size: int
+    max_times_sampled: int
+    sampler: dict
+    remover: dict
+    rate_limiter: RateLimiterInfo
+    signature: tuple[FieldSpec, ...]
+    num_unique_samples: int
+    total_inserted: int
+    total_sampled: int
+    total_evicted: int
+    resets: int
+    repairs: int
+    clients: int
+    segment_bytes: int
+    data_bytes: int
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["rate_limiter"] = self.rate_limiter.__dict__.copy()
+        d["signature"] = {
+            f.name: {"shape": list(f.shape), "dtype": f.dtype} for f in self.signature
+        }
+        return d
+
+
+@dataclass
+class _Selection:
+    slots: np.ndarray
+    probability: np.ndarray
+    key: np.ndarray
+    priority: np.ndarray
+    times_sampled: np.ndarray
+    gen: np.ndarray
+    table_size: int
+    releasing: np.ndarray  # slots deleted by this sample, to release after the copy
+
+
+class TableCore:
+    """Numpy views of one table segment and the operations on them."""
+
+    def __init__(self, segment: Segment, events: TableEvents | None = None) -> None:
+        layout = segment.layout
+        a = segment.arrays
+        self.segment = segment
+        self.spec: TableSpec = layout.spec
+        self.name = self.spec.name
+        self.num_slots = self.spec.num_slots
+        self.max_clients = layout.max_clients
+        self.events = events
+        self.ctrl = a["ctrl"][:, 0]
+        self.params = a["params"][:, 0]
+        self.key = a["meta.key"]
+        self.state = a["meta.state"]
+        self.priority = a["meta.priority"]
+        self.times_sampled = a["meta.times_sampled"]
+        self.seq = a["meta.seq"]
+        self.gen = a["meta.gen"]
+        self.owner = a["meta.owner"]
+        self.free = a["free"]
+        self.chan = a["chan.ctrl"][:, :, 0]
+        self.lease_ring = a["chan.lease"]
+        self.publish_ring = a["chan.publish"]
+        self.data = {f.name: a[f"data.{f.name}"] for f in self.spec.signature}
+        self.sampler = self._selector("sampler", self.spec.sampler)
+        self.remover = self._selector("remover", self.spec.remover)
+        self.limiter = RateLimiter(self.spec.rate_limiter, self.params, self.ctrl)
+        self.mutex = RobustMutex(a["mutex"], on_owner_died=self.repair)
+        self.rng = np.random.default_rng()
+        mts = self.spec.max_times_sampled
+        self._times_left = (lambda s: mts - self.times_sampled[s]) if mts > 0 else None
+
+    def _selector(self, role: str, spec):
+        prefix = role + "."
+        arrays = {
+            k[len(prefix) :]: v for k, v in self.segment.arrays.items() if k.startswith(prefix)
+        }
+        return selector_class(spec.kind)(arrays, spec, self.num_slots)
+
+    # -- creation (daemon) ---------------------------------------------------------------------
+
+    def initialize(self, daemon_pid: int) -> None:
+        """Put a freshly created segment in its empty state (every slot free)."""
+        RobustMutex.initialize(self.segment.arrays["mutex"])
+        RateLimiter.initialize(self.spec.rate_limiter, self.params)
+        self.key[:] = np.arange(self.num_slots, dtype=np.uint64)
+        self.owner[:] = -1
+        self.free[:] = np.arange(self.num_slots)
+        self.ctrl[Ctrl.FREE_HEAD], self.ctrl[Ctrl.FREE_TAIL] = 0, self.num_slots
+        self.sampler.clear()
+        self.remover.clear()
+        self.ctrl[Ctrl.DAEMON_PID] = daemon_pid
+        self.ctrl[Ctrl.READY] = 1
+
+    # -- liveness ------------------------------------------------------------------------------
+
+    def check_open(self) -> None:
+        """Raise DaemonNotRunning if the daemon shut down or died."""
+        if self.ctrl[Ctrl.SHUTDOWN]:
+            raise DaemonNotRunning(
+                f"table {self.name!r}: the shmreplay daemon has shut down; "
+                "start it again and re-attach"
+            )
+        try:
+            os.kill(int(self.ctrl[Ctrl.DAEMON_PID]), 0)
+        except ProcessLookupError:
+            raise DaemonNotRunning(
+                f"table {self.name!r}: the shmreplay daemon (pid {int(self.ctrl[Ctrl.DAEMON_PID])})"
+                " died; start it again and re-attach"
+            ) from None
+        except PermissionError:
+            pass  # alive, owned by another user
+
+    # -- free ring (mutex held) ------------------------------------------------------------------
+
+    def _free_push(self, slots: np.ndarray) -> None:
+        tail = int(self.ctrl[Ctrl.FREE_TAIL])
+        self.free[(tail + np.arange(len(slots))) % self.num_slots] = slots
+        self.ctrl[Ctrl.FREE_TAIL] = tail + len(slots)
+
+    def _free_pop(self, n: int) -> np.ndarray:
+        head, tail = int(self.ctrl[Ctrl.FREE_HEAD]), int(self.ctrl[Ctrl.FREE_TAIL])
+        k = min(n, tail - head)
+        slots = self.free[(head + np.arange(k)) % self.num_slots]
+        self.ctrl[Ctrl.FREE_HEAD] = head + k
+        return slots
+
+    @property
+    def free_count(self) -> int:
+        return int(self.ctrl[Ctrl.FREE_TAIL] - self.ctrl[Ctrl.FREE_HEAD])
+
+    # -- daemon side (mutex held) -------------------------------------------------------------
+
+    def lease(self, channel: int, n: int) -> np.ndarray:
+        """Take up to ``n`` free slots for ``channel``, give them fresh keys; mutex held."""
+        slots = self._free_pop(n)
+        if len(slots):
+            tags = (self.key[slots] >> TAG_SHIFT) + np.uint64(1)
+            self.key[slots] = (tags << TAG_SHIFT) | slots.astype(np.uint64)
+            self.owner[slots] = channel
+            self.state[slots] = SlotState.LEASED
+        return slots
+
+    def commit(self, slots: np.ndarray) -> int:
+        """Make published slots sampleable, then evict what exceeds max_size; mutex held.
+
+        Returns how many items were committed. Insert-then-evict: the remover chooses among all
+        items including the new ones.
+        """
+        slots = slots[(self.state[slots] == SlotState.LEASED) & (self.gen[slots] % 2 == 0)]
+        k = len(slots)
+        if k == 0:
+            return 0
+        seq0 = int(self.ctrl[Ctrl.SEQ])
+        self.seq[slots] = np.arange(seq0, seq0 + k)
+        self.ctrl[Ctrl.SEQ] = seq0 + k
+        self.times_sampled[slots] = 0
+        self.owner[slots] = -1
+        self.state[slots] = SlotState.READY
+        priorities = self.priority[slots]
+        self.sampler.insert(slots, priorities)
+        self.remover.insert(slots, priorities)
+        self.ctrl[Ctrl.INSERTS] += k
+        self.ctrl[Ctrl.TOTAL_INSERTED] += k
+        self.ctrl[Ctrl.SIZE] += k
+        self.ctrl[Ctrl.COMMITS] += 1
+        excess = int(self.ctrl[Ctrl.SIZE]) - self.spec.max_size
+        if excess > 0:
+            victims = self.remover.victims(excess, self.rng)
+            self._remove(victims)
+            self.ctrl[Ctrl.TOTAL_EVICTED] += len(victims)
+        return k
+
+    def reclaim_channel(self, channel: int) -> int:
+        """Free what a dead client's channel held (leased and releasing slots); mutex held.
+
+        Returns the number of slots freed. Published items must be committed before this.
+        """
+        held = np.flatnonzero(
+            (self.owner == channel)
+            & ((self.state == SlotState.LEASED) | (self.state == SlotState.RELEASING))
+        )
+        self.state[held] = SlotState.FREE
+        self.owner[held] = -1
+        self._free_push(held)
+        self.chan[channel, :] = 0
+        return len(held)
+
+    def _remove(self, slots: np.ndarray, releasing_owner: int | None = None) -> None:
+        """Delete distinct READY items; their slots go back to the free ring, or, when a sampler
+        still copies them, to RELEASING until it releases them."""
+        if len(slots) == 0:
+            return
+        self.sampler.remove(slots)
+        self.remover.remove(slots)
+        self.ctrl[Ctrl.UNIQUE_SAMPLED] -= int(np.count_nonzero(self.times_sampled[slots]))
+        self.ctrl[Ctrl.SIZE] -= len(slots)
+        self.ctrl[Ctrl.DELETES] += len(slots)
+        if releasing_owner is None:
+            self.state[slots] = SlotState.FREE
+            self._free_push(slots)
+        else:
+            self.owner[slots] = releasing_owner
+            self.state[slots] = SlotState.RELEASING
+
+    def repair(self) -> None:
+        """Rebuild every derived structure from the per-slot metadata; mutex held.
+
+        Called when a process died holding the mutex: whatever it was changing in the selectors,
+        the free ring or the size is recomputed from the slots' states, keys and priorities.
+        """
+        ready = np.flatnonzero(self.state == SlotState.READY)
+        ready = ready[np.argsort(self.seq[ready], kind="stable")]
+        priorities = self.priority[ready]
+        self.sampler.rebuild(ready, priorities)
+        self.remover.rebuild(ready, priorities)
+        free = np.flatnonzero(self.state == SlotState.FREE)
+        self.free[: len(free)] = free
+        self.ctrl[Ctrl.FREE_HEAD], self.ctrl[Ctrl.FREE_TAIL] = 0, len(free)
+        self.ctrl[Ctrl.SIZE] = len(ready)
+        self.ctrl[Ctrl.UNIQUE_SAMPLED] = int(np.count_nonzero(self.times_sampled[ready]))
+        self.ctrl[Ctrl.REPAIRS] += 1
+
+    # -- sampling ------------------------------------------------------------------------------
+
+    def _select(self, n: int, channel: int, count_samples: bool) -> _Selection | None:
+        """Choose up to ``n`` items and do their bookkeeping; mutex held. None if blocked."""
+        size = int(self.ctrl[Ctrl.SIZE])
+        if count_samples:
+            n = self.limiter.sample_allowance(n)
+        if n <= 0 or size <= 0:
+            return None
+        slots, probability = self.sampler.sample(n, self.rng, self._times_left)
+        k = len(slots)
+        if k == 0:
+            return None
+        # Rank of each draw among the draws of the same item, as if sampled one at a time.
+        order = np.argsort(slots, kind="stable")
+        s_sorted = slots[order]
+        first = np.empty(k, dtype=bool)
+        first[0] = True
+        np.not_equal(s_sorted[1:], s_sorted[:-1], out=first[1:])
+        starts = np.flatnonzero(first)
+        group = np.cumsum(first) - 1
+        before = self.times_sampled[s_sorted].astype(np.int64)
+        times_sorted = before + (np.arange(k) - starts[group]) + 1
+        mts = self.spec.max_times_sampled
+        exhausted = np.empty(0, np.int64)
+        if mts > 0:
+            keep_sorted = times_sorted <= mts
+            keep = np.empty(k, dtype=bool)
+            keep[order] = keep_sorted
+            if not keep_sorted.all():
+                kept_counts = np.add.reduceat(keep_sorted.astype(np.int64), starts)
+            else:
+                kept_counts = np.diff(np.append(starts, k))
+            new_times = before[starts] + kept_counts
+            uniq = s_sorted[starts]
+            exhausted = uniq[new_times >= mts]
+        else:
+            keep = None
+            uniq = s_sorted[starts]
+            new_times = before[starts] + np.diff(np.append(starts, k))
+        times = np.empty(k, dtype=np.int32)
+        times[order] = times_sorted
+        self.ctrl[Ctrl.UNIQUE_SAMPLED] += int(np.count_nonzero(before[starts] == 0))
+        self.times_sampled[uniq] = new_times
+        if keep is not None:
+            slots, probability, times = slots[keep], probability[keep], times[keep]
+        taken = len(slots)
+        if count_samples:
+            self.ctrl[Ctrl.SAMPLES] += taken
+        self.ctrl[Ctrl.TOTAL_SAMPLED] += taken
+        selection = _Selection(
+            slots=slots,
+            probability=probability,
+            key=self.key[slots],
+            priority=self.priority[slots],
+            times_sampled=times,
+            gen=self.gen[slots],
+            table_size=size,
+            releasing=exhausted,
+        )
+        self._remove(exhausted, releasing_owner=channel)
+        return selection
+
+    def _release(self, slots: np.ndarray, channel: int) -> None:
+        if len(slots) == 0:
+            return
+        with self.mutex:
+            mine = slots[
+                (self.state[slots] == SlotState.RELEASING) & (self.owner[slots] == channel)
+            ]
+            self.state[mine] = SlotState.FREE
+            self.owner[mine] = -1
+            self._free_push(mine)
+        if self.events is not None and len(mine):
+            self.events.daemon.post(1)  # free slots may unblock a writer waiting for a lease
+
+    def sample(
+        self,
+        batch_size: int,
+        *,
+        channel: int,
+        timeout: float | None = None,
+        partial: bool = False,
+        out: dict[str, np.ndarray] | None = None,
+    ) -> Sample:
+        """Sample ``batch_size`` items, blocking while the rate limiter or an empty table says so.
+
+        Rows are gathered after the mutex is released; a row whose slot was recycled meanwhile
+        (its generation changed) is drawn again, so no torn or foreign row is ever returned.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+            raise InvalidArgumentError(f"batch_size must be an int, got {batch_size!r}")
+        if batch_size <= 0:
+            raise InvalidArgumentError(f"batch_size must be at least 1, got {batch_size}")
+        n = int(batch_size)
+        out = self._output_buffers(n, out)
+        info = SampleInfo(
+            key=np.empty(n, np.uint64),
+            probability=np.empty(n, np.float64),
+            priority=np.empty(n, np.float64),
+            times_sampled=np.empty(n, np.int32),
+            table_size=np.empty(n, np.int64),
+        )
+        deadline = None if timeout is None else time.monotonic() + timeout
+        filled = 0
+        while filled < n:
+            with self.mutex:
+                self.chan[channel, Chan.WAIT_SAMPLE] = 0
+                sel = self._select(n - filled, channel, count_samples=True)
+                if sel is None:
+                    self.chan[channel, Chan.WAIT_SAMPLE] = 1  # registered before we unlock
+            if sel is None:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    self.chan[channel, Chan.WAIT_SAMPLE] = 0
+                    if partial and filled > 0:
+                        break
+                    raise RateLimiterTimeout(self._blocked_message("sample", n, filled, timeout))
+                self.events.sample.wait(0.5 if remaining is None else remaining)
+                self.check_open()
+                continue
+            self._deliver(sel, out, info, filled, channel)
+            filled += len(sel.slots)
+        if filled < n:
+            out = {k: v[:filled] for k, v in out.items()}
+            info = SampleInfo(**{k: getattr(info, k)[:filled] for k in info.__dataclass_fields__})
+        return Sample(out, info)
+
+    def _deliver(self, sel: _Selection, out, info: SampleInfo, start: int, channel: int) -> None:
+        """Copy the selected rows, re-drawing those whose slot was recycled during the copy."""
+        todo = np.arange(start, start + len(sel.slots))
+        for _ in range(MAX_REDRAW_ROUNDS):
+            positions, todo = todo[: len(sel.slots)], todo[len(sel.slots) :]
+            self._gather(sel.slots, out, positions)
+            intact = self.gen[sel.slots] == sel.gen
+            self._release(sel.releasing, channel)
+            done = positions[intact]
+            info.key[done] = sel.key[intact]
+            info.probability[done] = sel.probability[intact]
+            info.priority[done] = sel.priority[intact]
+            info.times_sampled[done] = sel.times_sampled[intact]
+            info.table_size[done] = sel.table_size
+            todo = np.concatenate([positions[~intact], todo])
+            if len(todo) == 0:
+                return
+            sel = self._reselect(len(todo), channel)
+        raise RuntimeError(
+            f"table {self.name!r}: rows kept changing during {MAX_REDRAW_ROUNDS} copies"
+        )
+
+    def _reselect(self, n: int, channel: int) -> _Selection:
+        """Draw replacements for recycled rows (already counted by the rate limiter)."""
+        while True:
+            with self.mutex:
+                sel = self._select(n, channel, count_samples=False)
+            if sel is not None:
+                return sel
+            self.events.sample.wait(0.05)  # the table emptied meanwhile
+            self.check_open()
+
+    def _gather(self, slots: np.ndarray, out: dict[str, np.ndarray], positions: np.ndarray) -> None:
+        contiguous = positions[-1] - positions[0] == len(positions) - 1
+        for name, array in self.data.items():
+            if contiguous:
+                first = int(positions[0])
+                np.take(array, slots, axis=0, out=out[name][first : first + len(slots)])
+            else:
+                out[name][positions] = array[slots]
+
+    def _output_buffers(self, n: int, out: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        if out is None:
+            return {f.name: np.empty((n, *f.shape), dtype=f.np_dtype) for f in self.spec.signature}
+        for f in self.spec.signature:
+            buf = out.get(f.name)
+            if buf is None or buf.shape != (n, *f.shape) or buf.dtype != f.np_dtype:
+                raise InvalidArgumentError(
+                    f"out[{f.name!r}] must be a {f.dtype} array of shape {(n, *f.shape)}, "
+                    f"got {None if buf is None else (buf.dtype, buf.shape)}"
+                )
+            if not buf.flags.c_contiguous or not buf.flags.writeable:
+                raise InvalidArgumentError(f"out[{f.name!r}] must be C-contiguous and writable")
+        return out
+
+    def _blocked_message(self, side: str, n: int, filled: int, timeout: float | None) -> str:
+        lim = self.limiter.info()
+        return (
+            f"table {self.name!r}: {side} blocked by the rate limiter for {timeout} s "
+            f"({filled} of {n} items obtained; size {int(self.ctrl[Ctrl.SIZE])}, "
+            f"min_size_to_sample {lim.min_size_to_sample}, inserts {lim.inserts}, "
+            f"samples {lim.samples}, deletes {lim.deletes}); pass a longer timeout, "
+            f"or partial=True to accept a short batch"
+        )
+
+    # -- mutations -----------------------------------------------------------------------------
+
+    def _slots_of(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(slots, mask of keys whose item is in the table); mutex held."""
+        slots = (keys & SLOT_MASK).astype(np.int64)
+        inrange = slots < self.num_slots
+        safe = np.where(inrange, slots, 0)
+        present = inrange & (self.key[safe] == keys) & (self.state[safe] == SlotState.READY)
+        return safe, present
+
+    def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> int:
+        """Set priorities of present items (duplicates: last wins); return how many were missing."""
+        with self.mutex:
+            slots, present = self._slots_of(keys)
+            s, p = slots[present], priorities[present]
+            self.priority[s] = p
+            self.sampler.update(s, p)
+            self.remover.update(s, p)
+        return int(len(keys) - np.count_nonzero(present))
+
+    def delete(self, keys: np.ndarray) -> int:
+        """Delete present items. Returns how many keys were missing."""
+        with self.mutex:
+            slots, present = self._slots_of(keys)
+            victims = np.unique(slots[present])
+            self._remove(victims)
+        if self.events is not None and len(victims):
+            self.events.daemon.post(1)
+        return int(len(keys) - len(victims))
+
+    def reset(self) -> None:
+        """Remove every item and zero the rate-limiter counters (writers' leases stay)."""
+        with self.mutex:
+            ready = np.flatnonzero(self.state == SlotState.READY)
+            self.state[ready] = SlotState.FREE
+            self._free_push(ready)
+            self.sampler.clear()
+            self.remover.clear()
+            for c in (Ctrl.INSERTS, Ctrl.SAMPLES, Ctrl.DELETES, Ctrl.SIZE, Ctrl.UNIQUE_SAMPLED):
+                self.ctrl[c] = 0
+            self.ctrl[Ctrl.RESETS] += 1
+        if self.events is not None:
+            self.events.daemon.post(1)
+
+    # -- statistics ----------------------------------------------------------------------------
+
+    def info(self) -> TableInfo:
+        c = self.ctrl
+        layout = self.segment.layout
+        return TableInfo(
+            name=self.name,
+            max_size=self.spec.max_size,
+            current_size=int(c[Ctrl.SIZE]),
+            max_times_sampled=self.spec.max_times_sampled,
+            sampler=self.sampler.options(),
+            remover=self.remover.options(),
+            rate_limiter=self.limiter.info(),
+            signature=self.spec.signature,
+            num_unique_samples=int(c[Ctrl.UNIQUE_SAMPLED]),
+            total_inserted=int(c[Ctrl.TOTAL_INSERTED]),
+            total_sampled=int(c[Ctrl.TOTAL_SAMPLED]),
+            total_evicted=int(c[Ctrl.TOTAL_EVICTED]),
+            resets=int(c[Ctrl.RESETS]),
+            repairs=int(c[Ctrl.REPAIRS]),
+            clients=int(np.count_nonzero(self.chan[:, Chan.PID])),
+            segment_bytes=layout.total_size,
+            data_bytes=layout.data_bytes,
+        )

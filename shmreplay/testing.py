@@ -1,0 +1,265 @@
+"""Helpers for tests and benchmarks: start a daemon in a subprocess, stamp and verify rows.
+
+:class:`DaemonProcess` runs ``python -m shmreplay serve`` on a tables.toml text and stops it
+with SIGTERM (then SIGKILL), removing whatever the instance left in /dev/shm, so a failing test
+still leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+
+import numpy as np
+
+from .instance import InstanceRecord, remove_shm_objects, shm_objects
+
+_counter = itertools.count()
+
+W1_SIGNATURE = """
+[table.signature]
+obs = { shape = [8], dtype = "float32" }
+action = { dtype = "int64" }
+reward = { dtype = "float32" }
+done = { dtype = "bool" }
+"""
+
+
+def unique_name(prefix: str = "t") -> str:
+    return f"{prefix}{os.getpid()}-{next(_counter)}"
+
+
+class DaemonProcess:
+    """A ``shmreplay serve`` subprocess for one instance."""
+
+    def __init__(self, tables_toml: str, name: str | None = None, wait: bool = True) -> None:
+        self.name = name or unique_name()
+        self._tmp = tempfile.TemporaryDirectory(prefix="shmreplay-test-")
+        self.path = os.path.join(self._tmp.name, "tables.toml")
+        with open(self.path, "w") as f:
+            f.write(tables_toml)
+        self.log_path = os.path.join(self._tmp.name, "daemon.log")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in close())
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "shmreplay",
+                "serve",
+                "--tables",
+                self.path,
+                "--name",
+                self.name,
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rec = InstanceRecord.read(self.name)
+            if rec is not None and rec.pid == self.proc.pid and os.path.exists(rec.socket):
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.02)
+        raise TimeoutError(f"daemon did not become ready in {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, wait, SIGKILL if needed; remove leftovers. Returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def close(self) -> None:
+        self.stop()
+        remove_shm_objects(self.name)
+        self._log.close()
+        with contextlib.suppress(OSError):
+            self._tmp.cleanup()
+
+    def leftovers(self) -> list[str]:
+        return shm_objects(self.name)
+
+    def __enter__(self) -> DaemonProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def table_toml(
+    name: str = "replay",
+    max_size: int = 1000,
+    sampler: str = '{ kind = "uniform" }',
+    remover: str = '{ kind = "fifo" }',
+    rate_limiter: str = '{ kind = "min_size", min_size = 1 }',
+    signature: str = W1_SIGNATURE,
+    extra: str = "",
+) -> str:
+    """One ``[[table]]`` block of a tables.toml (W1's signature by default)."""
+    return (
+        f'[[table]]\nname = "{name}"\nmax_size = {max_size}\nsampler = {sampler}\n'
+        f"remover = {remover}\nrate_limiter = {rate_limiter}\n{extra}\n{signature}\n"
+    )
+
+
+# -- stamped rows: data derived from a uid, with a checksum, so a reader can verify a row ------
+
+STAMPED_SIGNATURE = """
+[table.signature]
+uid = { dtype = "int64" }
+obs = { shape = [16], dtype = "float32" }
+check = { dtype = "uint32" }
+"""
+
+
+def stamped_row(uid: int) -> dict[str, np.ndarray]:
+    obs = (np.arange(16, dtype=np.float32) + np.float32(uid % 100_003)) * np.float32(0.5)
+    return {"uid": np.int64(uid), "obs": obs, "check": np.uint32(zlib.crc32(obs.tobytes()) ^ uid)}
+
+
+def stamped_batch(uids: np.ndarray) -> dict[str, np.ndarray]:
+    uids = np.asarray(uids, dtype=np.int64)
+    obs = np.arange(16, dtype=np.float32)[None, :] + (uids % 100_003).astype(np.float32)[:, None]
+    obs = obs * np.float32(0.5)
+    check = np.array(
+        [zlib.crc32(row.tobytes()) ^ int(u) for row, u in zip(obs, uids, strict=True)],
+        dtype=np.uint64,
+    ).astype(np.uint32)
+    return {"uid": uids, "obs": obs, "check": check}
+
+
+def verify_stamped(data: dict[str, np.ndarray]) -> np.ndarray:
+    """Mask of rows whose fields agree with their uid (a torn or foreign row fails)."""
+    expected = stamped_batch(data["uid"])
+    return (data["obs"] == expected["obs"]).all(axis=1) & (data["check"] == expected["check"])
+
+
+# -- worker processes for multi-process tests (module level, so ``spawn`` can import them) ------
+
+
+def stamped_actor(instance: str, table: str, actor_id: int, count: int, results) -> None:
+    """Insert ``count`` stamped rows, cycling through insert, insert_batch and reserve.
+
+    Puts ``(actor_id, keys, uids)`` on ``results`` when done.
+    """
+    import shmreplay
+
+    client = shmreplay.attach(instance, timeout=10)
+    t = client.table(table)
+    base = actor_id * 1_000_000_000
+    keys, uids = [], []
+    i = 0
+    while i < count:
+        mode = (i // 32) % 3
+        if mode == 0:
+            uid = base + i
+            keys.append(t.insert(stamped_row(uid), priority=1.0, timeout=30))
+            uids.append(uid)
+            i += 1
+        elif mode == 1:
+            n = min(32, count - i)
+            batch_uids = np.arange(base + i, base + i + n)
+            keys.extend(t.insert_batch(stamped_batch(batch_uids), timeout=30).tolist())
+            uids.extend(batch_uids.tolist())
+            i += n
+        else:
+            uid = base + i
+            row = stamped_row(uid)
+            with t.reserve(priority=1.0, timeout=30) as slot:
+                for name, value in row.items():
+                    slot[name][...] = value
+            keys.append(slot.key)
+            uids.append(uid)
+            i += 1
+    client.close()
+    results.put((actor_id, keys, uids))
+
+
+def stamped_learner(instance: str, table: str, batch_size: int, stop, results) -> None:
+    """Sample until ``stop`` is set, verifying every row; puts (batches, bad rows, key→uid)."""
+    import shmreplay
+
+    client = shmreplay.attach(instance, timeout=10)
+    t = client.table(table)
+    seen: dict[int, int] = {}
+    batches = bad = 0
+    while not stop.is_set():
+        try:
+            s = t.sample(batch_size, timeout=0.5)
+        except shmreplay.RateLimiterTimeout:
+            continue
+        ok = verify_stamped(s.data)
+        bad += int((~ok).sum())
+        seen.update(zip(s.info.key.tolist(), s.data["uid"].tolist(), strict=True))
+        batches += 1
+    client.close()
+    results.put((batches, bad, seen))
+
+
+def blocked_sampler(instance: str, table: str, batch_size: int, timeout, started, results) -> None:
+    """Sample once (expected to block); put ('ok', uids, seconds) or ('error', class, message)."""
+    import time
+
+    import shmreplay
+
+    client = shmreplay.attach(instance, timeout=10)
+    t = client.table(table)
+    started.set()
+    t0 = time.monotonic()
+    try:
+        s = t.sample(batch_size, timeout=timeout)
+        results.put(("ok", s.data["uid"].tolist(), time.monotonic()))
+    except shmreplay.ShmReplayError as exc:
+        results.put(("error", type(exc).__name__, str(exc), time.monotonic() - t0))
+    finally:
+        client.close(timeout=1)
+
+
+def lock_holder(instance: str, table: str, ready) -> None:
+    """Take the table mutex and sleep holding it (to be killed with SIGKILL)."""
+    import time
+
+    import shmreplay
+
+    client = shmreplay.attach(instance, timeout=10)
+    client.table(table).core.mutex.acquire()
+    ready.set()
+    time.sleep(600)
+
+
+def half_writer(instance: str, table: str, uid: int, ready) -> None:
+    """Reserve a slot, write half of a stamped row into it and sleep (to be killed)."""
+    import time
+
+    import shmreplay
+
+    client = shmreplay.attach(instance, timeout=10)
+    t = client.table(table)
+    row = stamped_row(uid)
+    with t.reserve() as slot:
+        slot["uid"][...] = row["uid"]
+        slot["obs"][:8] = row["obs"][:8]
+        ready.set()
+        time.sleep(600)
