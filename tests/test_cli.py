@@ -1,0 +1,70 @@
+"""The command line, run as a user would run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from shmreplay.instance import shm_objects
+from shmreplay.testing import table_toml
+
+
+def shmreplay_cli(*args, timeout=60):
+    return subprocess.run(
+        [sys.executable, "-m", "shmreplay", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_help_lists_the_commands():
+    r = shmreplay_cli("--help")
+    assert r.returncode == 0
+    for cmd in ("serve", "info", "stop", "validate", "gc", "demo"):
+        assert cmd in r.stdout
+    r = shmreplay_cli("serve", "--help")
+    assert "--tables" in r.stdout and "SIGTERM" in r.stdout
+
+
+def test_validate_prints_memory_and_rejects_mistakes(tmp_path):
+    good = tmp_path / "good.toml"
+    good.write_text(table_toml(max_size=1000))
+    r = shmreplay_cli("validate", str(good))
+    assert r.returncode == 0, r.stderr
+    assert "table 'replay'" in r.stdout and "OK" in r.stdout and "free" in r.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text(table_toml(sampler='{ kind = "prioritised" }'))
+    r = shmreplay_cli("validate", str(bad))
+    assert r.returncode == 1
+    assert "prioritised" in r.stderr and "prioritized" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_info_and_stop(daemon_factory):
+    d = daemon_factory(table_toml())
+    r = shmreplay_cli("info", "--name", d.name, "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["tables"]["replay"]["max_size"] == 1000 and data["pid"] == d.proc.pid
+    r = shmreplay_cli("info", "--name", d.name)
+    assert "replay: 0/1000 items" in r.stdout
+    r = shmreplay_cli("stop", "--name", d.name)
+    assert r.returncode == 0 and "stopped" in r.stdout
+    assert d.proc.wait(10) == 0
+    assert shm_objects(d.name) == []
+    r = shmreplay_cli("info", "--name", d.name)
+    assert r.returncode == 1 and "no shmreplay daemon" in r.stderr
+
+
+def test_gc_removes_a_dead_instance_and_spares_a_live_one(daemon_factory):
+    dead = daemon_factory(table_toml())
+    live = daemon_factory(table_toml())
+    os.kill(dead.proc.pid, signal.SIGKILL)
+    dead.proc.wait()
+    assert shm_objects(dead.name)
+    r = shmreplay_cli("gc", "--name", dead.name)
+    assert r.returncode == 0 and "removed" in r.stdout
+    assert shm_objects(dead.name) == []
+    r = shmreplay_cli("gc", "--name", live.name)
+    assert "is running: left alone" in r.stdout
+    assert len(shm_objects(live.name)) == 4
