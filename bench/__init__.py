@@ -1,0 +1,1 @@
+"""shmreplay benchmarks: ``python -m bench`` prints one JSON line per workload."""
