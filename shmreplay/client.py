@@ -35,11 +35,14 @@ from .errors import (
 )
 from .events import Event
 from .instance import InstanceRecord, record_path
-from .layout import LEASE_CAPACITY, PUBLISH_CAPACITY, Chan, Ctrl
+from .layout import LEASE_CAPACITY, PUBLISH_CAPACITY, Chan, Ctrl, Sleep
 from .shm import Segment
 from .table import Sample, SampleInfo, TableCore, TableEvents, TableInfo
 
 __all__ = ["attach", "Client", "Table", "ReservedSlot", "Sample", "SampleInfo", "TableInfo"]
+
+# A writer with this few leased slots left wakes a napping daemon to refill them.
+LEASE_LOW_WATER = 32
 
 
 def attach(name: str = "default", timeout: float = 5.0, *, seed: int | None = None) -> Client:
@@ -221,6 +224,8 @@ def _check_priority(p) -> float:
 
 
 def _check_priorities(p, n: int) -> np.ndarray:
+    if isinstance(p, (float, int)):
+        return np.full(n, _check_priority(p))
     arr = np.asarray(p, dtype=np.float64)
     if arr.ndim == 0:
         arr = np.full(n, float(arr))
@@ -334,6 +339,11 @@ class Table:
         self.spec = core.spec
         self._fields = self.spec.signature
         self._field_names = {f.name for f in self._fields}
+        # (field, its dtype, the numpy scalar type a 0-d field takes as is, its data array)
+        self._columns = [
+            (f, f.np_dtype, f.np_dtype.type if f.shape == () else None, core.data[f.name])
+            for f in self._fields
+        ]
         c = client.channel
         self._chan = core.chan[c]
         self._lease = core.lease_ring[c]
@@ -373,9 +383,10 @@ class Table:
         if len(data) != len(self._fields) or not all(k in self._field_names for k in data):
             self._field_mismatch(data)
         row = []
-        for f in self._fields:
+        for f, dtype, scalar_type, _ in self._columns:
             v = data[f.name]
-            if type(v) is np.ndarray and v.dtype == f.np_dtype and v.shape == f.shape:
+            t = type(v)
+            if t is scalar_type or (t is np.ndarray and v.dtype == dtype and v.shape == f.shape):
                 row.append(v)
             else:
                 row.append(_coerce(f, v, None))
@@ -392,13 +403,14 @@ class Table:
 
     def _write_row(self, row: list[np.ndarray], priority: float, timeout: float | None) -> int:
         core = self.core
-        slot = self._take_slots(1, timeout)[0]
+        slot = int(self._take_slots(1, timeout)[0])
         gen = core.gen
-        gen[slot] += 1  # odd: being written
-        for arr, value in zip(core.data.values(), row, strict=True):
-            arr[slot] = value
+        g = int(gen[slot])
+        gen[slot] = g + 1  # odd: being written
+        for column, value in zip(self._columns, row, strict=True):
+            column[3][slot] = value
         core.priority[slot] = priority
-        gen[slot] += 1  # even: complete
+        gen[slot] = g + 2  # even: complete
         key = int(core.key[slot])
         self._publish_one(slot)
         return key
@@ -463,8 +475,9 @@ class Table:
             if head == self._lease_tail:
                 self._wait_for_lease(timeout)
         k = min(n, self._lease_tail - head)
-        if k == 1:
-            slots = self._lease[head % LEASE_CAPACITY : head % LEASE_CAPACITY + 1].copy()
+        start = head % LEASE_CAPACITY
+        if start + k <= LEASE_CAPACITY:
+            slots = self._lease[start : start + k].copy()
         else:
             slots = self._lease[(head + np.arange(k)) % LEASE_CAPACITY]
         self._lease_head = head + k
@@ -527,9 +540,15 @@ class Table:
             self._wait_committed(self._pub_tail + k - PUBLISH_CAPACITY, None)
 
     def _wake_daemon(self, force: bool = False) -> None:
+        """Post the daemon if it sleeps for long, or naps while we are about to need leases."""
         ctrl = self.core.ctrl
-        if force or ctrl[Ctrl.DAEMON_SLEEPING]:
-            ctrl[Ctrl.DAEMON_SLEEPING] = 0
+        sleeping = ctrl[Ctrl.DAEMON_SLEEPING]
+        if (
+            force
+            or sleeping == Sleep.IDLE
+            or (sleeping and self._lease_tail - self._lease_head <= LEASE_LOW_WATER)
+        ):
+            ctrl[Ctrl.DAEMON_SLEEPING] = Sleep.AWAKE
             self.core.events.daemon.post(1)
 
     def _wait_committed(self, upto: int, timeout: float | None) -> None:
@@ -600,7 +619,7 @@ class Table:
         self.core.reset()
 
     def info(self) -> TableInfo:
-        """A frozen statistics record, read without locking (cheap, never blocks)."""
+        """A frozen statistics record, a consistent snapshot taken under the table lock."""
         self._check()
         return self.core.info()
 

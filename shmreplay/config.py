@@ -138,7 +138,7 @@ class RateLimiterSpec:
             if not e >= 0:
                 raise ConfigError(f"error_buffer must be ≥ 0, got {error_buffer!r}")
             lo, hi = target - e, target + e
-        if hi - lo < 2 * max(1.0, spi):
+        if not hi - lo >= 2 * max(1.0, spi):  # also refuses NaN bounds and [-inf, -inf]
             raise ConfigError(
                 f"error_buffer too small: max_diff − min_diff = {hi - lo:g} must be at least "
                 f"2·max(1, samples_per_insert) = {2 * max(1.0, spi):g}, or the limiter can deadlock"
@@ -174,11 +174,15 @@ class RateLimiterSpec:
     ) -> RateLimiterSpec:
         """The general form, with no further checks than Reverb's constructor makes."""
         spi = float(samples_per_insert)
-        if not spi > 0:
+        if not spi > 0 or not math.isfinite(spi):
             raise ConfigError(f"samples_per_insert must be positive, got {samples_per_insert!r}")
         _check_min_size("min_size_to_sample", min_size_to_sample)
-        if float(min_diff) > float(max_diff):
-            raise ConfigError(f"min_diff {min_diff!r} must not exceed max_diff {max_diff!r}")
+        lo, hi = float(min_diff), float(max_diff)
+        if not lo <= hi or lo == math.inf or hi == -math.inf:  # NaN fails the first test
+            raise ConfigError(
+                f"need min_diff ≤ max_diff, min_diff < +inf and max_diff > -inf; "
+                f"got min_diff {min_diff!r}, max_diff {max_diff!r}"
+            )
         return cls("custom", spi, int(min_size_to_sample), float(min_diff), float(max_diff))
 
     def to_dict(self) -> dict[str, Any]:
@@ -401,7 +405,7 @@ def _signature(where: _Where, value: Any) -> tuple[FieldSpec, ...]:
     if not isinstance(value, dict) or not value:
         raise where.error(
             "signature",
-            'required: at least one field, e.g. [table.signature] '
+            "required: at least one field, e.g. [table.signature] "
             'obs = { shape = [8], dtype = "float32" }',
         )
     fields = []

@@ -45,7 +45,15 @@ from .instance import (
     shm_objects,
     socket_path,
 )
-from .layout import FORMAT_VERSION, LEASE_CAPACITY, PUBLISH_CAPACITY, Chan, Ctrl, compute_layout
+from .layout import (
+    FORMAT_VERSION,
+    LEASE_CAPACITY,
+    PUBLISH_CAPACITY,
+    Chan,
+    Ctrl,
+    Sleep,
+    compute_layout,
+)
 from .shm import Segment, format_bytes, shm_free_bytes
 from .table import TableCore, TableEvents
 
@@ -53,7 +61,7 @@ log = logging.getLogger("shmreplay")
 
 # With writers active the daemon never sleeps longer than this: it bounds the delay of a wake-up
 # lost to store/load reordering between a writer's publish and the daemon's sleeping flag.
-ACTIVE_SLEEP_S = 0.005
+ACTIVE_SLEEP_S = 0.002  # a nap: bounds the delay from publish to sampleable
 IDLE_SLEEP_S = 0.1
 LIVENESS_CHECK_S = 0.1  # how often client pids are checked (connection EOF is the fast path)
 EVENT_KINDS = ("sample", "insert")
@@ -105,7 +113,7 @@ class Daemon:
         self._listener: socket.socket | None = None
         self._clients: dict[int, _Client] = {}
         self._clients_lock = threading.Lock()
-        self._dead: queue.Queue[int] = queue.Queue()
+        self._dead: queue.Queue[tuple[int, str]] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._owns_files = False
 
@@ -272,7 +280,7 @@ class Daemon:
             for t in self.tables.values():
                 worked |= self._service(t)
             while not self._dead.empty():
-                self._reclaim(self._dead.get())
+                self._reclaim(*self._dead.get())
             now = time.monotonic()
             if now >= next_liveness:
                 self._check_clients()
@@ -281,15 +289,14 @@ class Daemon:
                 self._sleep()
 
     def _sleep(self) -> None:
-        writers = False
+        writers = any(bool(t.core.chan[:, Chan.WANT_LEASE].any()) for t in self.tables.values())
         for t in self.tables.values():
-            t.core.ctrl[Ctrl.DAEMON_SLEEPING] = 1
-            writers |= bool(t.core.chan[:, Chan.WANT_LEASE].any())
+            t.core.ctrl[Ctrl.DAEMON_SLEEPING] = Sleep.NAP if writers else Sleep.IDLE
         # Re-check after raising the flag: a writer that published before seeing it did not post.
         if not any(self._has_work(t) for t in self.tables.values()):
             self.wake.wait(ACTIVE_SLEEP_S if writers else IDLE_SLEEP_S)
         for t in self.tables.values():
-            t.core.ctrl[Ctrl.DAEMON_SLEEPING] = 0
+            t.core.ctrl[Ctrl.DAEMON_SLEEPING] = Sleep.AWAKE
 
     @staticmethod
     def _has_work(t: _TableState) -> bool:
@@ -396,16 +403,13 @@ class Daemon:
             with t.core.mutex:
                 freed += t.core.reclaim_channel(channel)
             t.outstanding[channel] = 0
-        if reason == "died" or freed:
-            log.info(
-                "client pid %d (channel %d) %s; reclaimed %d leased slot(s)",
-                client.pid,
-                channel,
-                reason,
-                freed,
-            )
-        else:
-            log.info("client pid %d (channel %d) detached", client.pid, channel)
+        log.info(
+            "client pid %d (channel %d) %s; %d unused leased slot(s) returned",
+            client.pid,
+            channel,
+            reason,
+            freed,
+        )
 
     # -- control socket (its own thread) ------------------------------------------------------
 
@@ -432,7 +436,7 @@ class Daemon:
                         buffers.pop(conn, None)
                         c = channels.pop(conn, None)
                         if c is not None:
-                            self._dead.put(c)
+                            self._dead.put((c, "disconnected without saying bye"))
                             self.wake.sem.release()
                         conn.close()
         except (OSError, ValueError):
@@ -506,7 +510,7 @@ class Daemon:
             if op == "bye":
                 c = channels.pop(conn, None)
                 if c is not None:
-                    self._dead.put(c)
+                    self._dead.put((c, "detached"))
                     self.wake.sem.release()
                 return {"ok": True}
             if op == "info":

@@ -44,11 +44,14 @@ class Event:
         return cls(posix_ipc.Semaphore(name))
 
     def wait(self, timeout: float) -> bool:
-        """Sleep until posted or ``timeout`` seconds pass (capped at WAIT_SLICE_S)."""
+        """Sleep until posted or ``timeout`` seconds pass (capped at WAIT_SLICE_S).
+
+        False on timeout or when a signal interrupted the wait (its Python handler has run by
+        then; callers re-check their condition either way)."""
         try:
             self.sem.acquire(min(max(timeout, 0.0), WAIT_SLICE_S))
             return True
-        except posix_ipc.BusyError:
+        except (posix_ipc.BusyError, posix_ipc.SignalError):
             return False
 
     def post(self, waiters: int) -> None:

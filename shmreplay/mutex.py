@@ -95,7 +95,9 @@ class RobustMutex:
 
     @property
     def owner_pid(self) -> int:
-        """Thread id of the holder (its pid for a single-threaded holder), 0 if free."""
+        """Thread id of the holder (its pid for a single-threaded holder), 0 if free.
+
+        While a dead owner's mutex is being repaired glibc shows 0x7fffffff here."""
         return int(self._owner[0])
 
     def acquire(self, timeout: float | None = None) -> None:

@@ -20,6 +20,18 @@ def sumtree_nbytes(num_leaves: int) -> int:
     return 2 * sumtree_capacity(num_leaves) * 8
 
 
+def last_wins(index: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop all but the last of repeated indices (numpy does not promise which of repeated
+    indices an assignment keeps)."""
+    if index.size < 2:
+        return index, values
+    ordered = np.sort(index)
+    if not (ordered[1:] == ordered[:-1]).any():
+        return index, values
+    unique, first_from_end = np.unique(index[::-1], return_index=True)
+    return unique, values[::-1][first_from_end]
+
+
 class SumTree:
     """Weights of ``num_leaves`` leaves; ``tree`` is a float64 array of 2·capacity entries."""
 
@@ -42,21 +54,34 @@ class SumTree:
 
     def set(self, leaves: np.ndarray, values: np.ndarray) -> None:
         """Set leaf weights (the last value wins for a repeated leaf), then their ancestors."""
-        leaves = np.asarray(leaves, dtype=np.int64)
-        values = np.broadcast_to(np.asarray(values, dtype=np.float64), leaves.shape)
+        leaves = np.atleast_1d(np.asarray(leaves, dtype=np.int64))
+        values = np.asarray(values, dtype=np.float64)
+        if values.shape != leaves.shape:
+            values = np.broadcast_to(values, leaves.shape)
         if leaves.size == 0:
             return
-        if leaves.size > 1:
-            # numpy does not promise an order for repeated indices in an assignment
-            rev_unique, rev_first = np.unique(leaves[::-1], return_index=True)
-            if rev_unique.size != leaves.size:
-                leaves, values = rev_unique, values[::-1][rev_first]
+        leaves, values = last_wins(leaves, values)
         tree = self.tree
         node = leaves + self.capacity
         tree[node] = values
-        for _ in range(self.depth):
+        width = self.capacity  # nodes on the current level
+        left = np.empty_like(node)
+        while width > 1:
             node >>= 1  # repeated parents just compute the same exact sum twice
-            tree[node] = tree[2 * node] + tree[2 * node + 1]
+            width >>= 1
+            if width <= 2 * len(node):
+                self._recompute_levels(width)  # near the root a whole level costs no more
+                return
+            np.add(node, node, out=left)
+            tree[node] = tree.take(left) + tree.take(left + 1)
+
+    def _recompute_levels(self, width: int) -> None:
+        """Recompute every node on the level of ``width`` nodes and all levels above it."""
+        tree = self.tree
+        lo = width
+        while lo >= 1:
+            np.add(tree[2 * lo : 4 * lo : 2], tree[2 * lo + 1 : 4 * lo : 2], out=tree[lo : 2 * lo])
+            lo >>= 1
 
     def clear(self) -> None:
         self.tree[:] = 0.0
@@ -66,10 +91,10 @@ class SumTree:
         cap, tree = self.capacity, self.tree
         tree[:] = 0.0
         tree[cap : cap + self.num_leaves] = leaf_values
-        lo = cap
-        while lo > 1:
-            hi, lo = lo, lo // 2
-            tree[lo:hi] = tree[2 * lo : 2 * hi : 2] + tree[2 * lo + 1 : 2 * hi : 2]
+        if cap > 1:
+            self._recompute_levels(cap // 2)
+        else:
+            tree[1] = tree[cap]
 
     def sample(self, u: np.ndarray) -> np.ndarray:
         """Leaves for uniform draws ``u`` in [0, 1), each with probability weight/total.
@@ -80,13 +105,37 @@ class SumTree:
         total = self.tree[1]
         if not total > 0.0:
             raise ValueError("cannot sample from a sum-tree whose total weight is 0")
-        tree = self.tree
         mass = np.asarray(u, dtype=np.float64) * total
+        node = self._descend(mass, np.ones(mass.shape, dtype=np.int64))
+        leaves = node - self.capacity
+        # Rounding at a boundary (mass ≈ a node's sum) can step into a zero-weight right
+        # subtree; it is rare, so those few draws are redone with a guarded descent.
+        bad = self.tree[node] <= 0.0
+        if bad.any():
+            again = np.asarray(u, dtype=np.float64)[bad] * total
+            leaves[bad] = self._descend_guarded(again) - self.capacity
+        return leaves
+
+    def _descend(self, mass: np.ndarray, node: np.ndarray) -> np.ndarray:
+        # numpy calls dominate at batch sizes of a few hundred: keep them to five per level
+        tree = self.tree
+        lw = np.empty_like(mass)
+        right = np.empty(mass.shape, dtype=bool)
+        for _ in range(self.depth):
+            node += node
+            tree.take(node, out=lw)
+            np.greater_equal(mass, lw, out=right)
+            mass -= lw * right
+            node += right
+        return node
+
+    def _descend_guarded(self, mass: np.ndarray) -> np.ndarray:
+        tree = self.tree
         node = np.ones(mass.shape, dtype=np.int64)
         for _ in range(self.depth):
             left = 2 * node
             lw = tree[left]
             go_right = ((mass >= lw) & (tree[left + 1] > 0.0)) | (lw <= 0.0)
-            mass -= np.where(go_right, lw, 0.0)
+            mass = np.where(go_right, mass - lw, np.minimum(mass, lw))
             node = left + go_right
-        return node - self.capacity
+        return node

@@ -32,6 +32,7 @@ from .mutex import RobustMutex
 from .ratelimit import RateLimiter, RateLimiterInfo
 from .selectors import selector_class
 from .shm import Segment
+from .sumtree import last_wins
 
 SLOT_MASK = np.uint64(0xFFFFFFFF)
 TAG_SHIFT = np.uint64(32)
@@ -316,6 +317,9 @@ class TableCore:
         k = len(slots)
         if k == 0:
             return None
+        fast = self._select_distinct(slots, probability, size, channel, count_samples)
+        if fast is not None:
+            return fast
         # Rank of each draw among the draws of the same item, as if sampled one at a time.
         order = np.argsort(slots, kind="stable")
         s_sorted = slots[order]
@@ -366,6 +370,44 @@ class TableCore:
         self._remove(exhausted, releasing_owner=channel)
         return selection
 
+    def _select_distinct(
+        self,
+        slots: np.ndarray,
+        probability: np.ndarray,
+        size: int,
+        channel: int,
+        count_samples: bool,
+    ) -> _Selection | None:
+        """The common case of a draw without repeated items: no ranks to compute. None if the
+        draw repeats an item (the general path handles it)."""
+        k = len(slots)
+        if k > 1:
+            ordered = np.sort(slots)
+            if (ordered[1:] == ordered[:-1]).any():
+                return None
+        before = self.times_sampled[slots]
+        times = before + np.int32(1)
+        self.times_sampled[slots] = times
+        self.ctrl[Ctrl.UNIQUE_SAMPLED] += int(np.count_nonzero(before == 0))
+        if count_samples:
+            self.ctrl[Ctrl.SAMPLES] += k
+        self.ctrl[Ctrl.TOTAL_SAMPLED] += k
+        mts = self.spec.max_times_sampled
+        exhausted = slots[times >= mts] if mts > 0 else slots[:0]
+        selection = _Selection(
+            slots=slots,
+            probability=probability,
+            key=self.key[slots],
+            priority=self.priority[slots],
+            times_sampled=times,
+            gen=self.gen[slots],
+            table_size=size,
+            releasing=exhausted,
+        )
+        if len(exhausted):
+            self._remove(exhausted, releasing_owner=channel)
+        return selection
+
     def _release(self, slots: np.ndarray, channel: int) -> None:
         if len(slots) == 0:
             return
@@ -399,6 +441,39 @@ class TableCore:
             raise InvalidArgumentError(f"batch_size must be at least 1, got {batch_size}")
         n = int(batch_size)
         out = self._output_buffers(n, out)
+        with self.mutex:
+            self.chan[channel, Chan.WAIT_SAMPLE] = 0
+            sel = self._select(n, channel, count_samples=True)
+        if sel is not None and len(sel.slots) == n:
+            # The common case: one draw, copied intact. Its arrays become the sample info.
+            self._gather(sel.slots, out, None)
+            intact = self.gen[sel.slots] == sel.gen
+            self._release(sel.releasing, channel)
+            if intact.all():
+                info = SampleInfo(
+                    sel.key,
+                    sel.probability,
+                    sel.priority,
+                    sel.times_sampled,
+                    np.full(n, sel.table_size, dtype=np.int64),
+                )
+                return Sample(out, info)
+        else:
+            intact = None
+        return self._sample_slowly(n, sel, intact, out, channel, timeout, partial)
+
+    def _sample_slowly(
+        self,
+        n: int,
+        first: _Selection | None,
+        first_intact: np.ndarray | None,
+        out: dict[str, np.ndarray],
+        channel: int,
+        timeout: float | None,
+        partial: bool,
+    ) -> Sample:
+        """Blocking, short draws and recycled rows. ``first`` is the draw already made (None if
+        blocked); ``first_intact`` says which of its rows were copied intact, if it was."""
         info = SampleInfo(
             key=np.empty(n, np.uint64),
             probability=np.empty(n, np.float64),
@@ -408,6 +483,9 @@ class TableCore:
         )
         deadline = None if timeout is None else time.monotonic() + timeout
         filled = 0
+        if first is not None:
+            self._deliver(first, out, info, 0, channel, first_intact)
+            filled = len(first.slots)
         while filled < n:
             with self.mutex:
                 self.chan[channel, Chan.WAIT_SAMPLE] = 0
@@ -431,14 +509,24 @@ class TableCore:
             info = SampleInfo(**{k: getattr(info, k)[:filled] for k in info.__dataclass_fields__})
         return Sample(out, info)
 
-    def _deliver(self, sel: _Selection, out, info: SampleInfo, start: int, channel: int) -> None:
-        """Copy the selected rows, re-drawing those whose slot was recycled during the copy."""
+    def _deliver(
+        self,
+        sel: _Selection,
+        out: dict[str, np.ndarray],
+        info: SampleInfo,
+        start: int,
+        channel: int,
+        intact: np.ndarray | None = None,
+    ) -> None:
+        """Copy the selected rows (unless ``intact`` says they were copied already), re-drawing
+        those whose slot was recycled during the copy."""
         todo = np.arange(start, start + len(sel.slots))
         for _ in range(MAX_REDRAW_ROUNDS):
             positions, todo = todo[: len(sel.slots)], todo[len(sel.slots) :]
-            self._gather(sel.slots, out, positions)
-            intact = self.gen[sel.slots] == sel.gen
-            self._release(sel.releasing, channel)
+            if intact is None:
+                self._gather(sel.slots, out, positions)
+                intact = self.gen[sel.slots] == sel.gen
+                self._release(sel.releasing, channel)
             done = positions[intact]
             info.key[done] = sel.key[intact]
             info.probability[done] = sel.probability[intact]
@@ -449,6 +537,7 @@ class TableCore:
             if len(todo) == 0:
                 return
             sel = self._reselect(len(todo), channel)
+            intact = None
         raise RuntimeError(
             f"table {self.name!r}: rows kept changing during {MAX_REDRAW_ROUNDS} copies"
         )
@@ -463,11 +552,14 @@ class TableCore:
             self.events.sample.wait(0.05)  # the table emptied meanwhile
             self.check_open()
 
-    def _gather(self, slots: np.ndarray, out: dict[str, np.ndarray], positions: np.ndarray) -> None:
-        contiguous = positions[-1] - positions[0] == len(positions) - 1
+    def _gather(
+        self, slots: np.ndarray, out: dict[str, np.ndarray], positions: np.ndarray | None
+    ) -> None:
+        """Copy rows ``slots`` to ``out[...][positions]`` (None: to the first len(slots) rows)."""
+        contiguous = positions is None or positions[-1] - positions[0] == len(positions) - 1
         for name, array in self.data.items():
             if contiguous:
-                first = int(positions[0])
+                first = 0 if positions is None else int(positions[0])
                 np.take(array, slots, axis=0, out=out[name][first : first + len(slots)])
             else:
                 out[name][positions] = array[slots]
@@ -508,6 +600,7 @@ class TableCore:
 
     def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> int:
         """Set priorities of present items (duplicates: last wins); return how many were missing."""
+        keys, priorities = last_wins(keys, priorities)  # outside the lock: it only sorts
         with self.mutex:
             slots, present = self._slots_of(keys)
             s, p = slots[present], priorities[present]
@@ -543,7 +636,9 @@ class TableCore:
     # -- statistics ----------------------------------------------------------------------------
 
     def info(self) -> TableInfo:
-        c = self.ctrl
+        with self.mutex:  # a consistent snapshot: a commit briefly holds max_size + k items
+            c = self.ctrl.copy()
+            limiter = self.limiter.info()
         layout = self.segment.layout
         return TableInfo(
             name=self.name,
@@ -552,7 +647,7 @@ class TableCore:
             max_times_sampled=self.spec.max_times_sampled,
             sampler=self.sampler.options(),
             remover=self.remover.options(),
-            rate_limiter=self.limiter.info(),
+            rate_limiter=limiter,
             signature=self.spec.signature,
             num_unique_samples=int(c[Ctrl.UNIQUE_SAMPLED]),
             total_inserted=int(c[Ctrl.TOTAL_INSERTED]),
