@@ -45,20 +45,29 @@ __all__ = ["attach", "Client", "Table", "ReservedSlot", "Sample", "SampleInfo", 
 LEASE_LOW_WATER = 32
 
 
-def attach(name: str = "default", timeout: float = 5.0, *, seed: int | None = None) -> Client:
+def attach(
+    name: str = "default",
+    timeout: float = 5.0,
+    *,
+    seed: int | None = None,
+    prefault: bool = True,
+) -> Client:
     """Attach to the running daemon of instance ``name``.
 
     Waits up to ``timeout`` seconds for the daemon to come up (so a script may start it and
     attach right away). Raises :class:`DaemonNotRunning` if none serves ``name`` by then. A client
     belongs to the process that attached it: attach again in each process (after ``fork`` too).
     ``seed`` seeds this client's sampling random generator (for reproducible runs).
+    ``prefault`` maps every page of the tables in a background thread right away, which is
+    several times cheaper than faulting them in one by one while writing or sampling; turn it
+    off for a short-lived process that touches little of a large table.
     """
     deadline = time.monotonic() + timeout
     while True:
         rec = InstanceRecord.read(name)
         if rec is not None and rec.alive():
             try:
-                return Client(rec, seed=seed)
+                return Client(rec, seed=seed, prefault=prefault)
             except (FileNotFoundError, ConnectionRefusedError, DaemonNotRunning):
                 pass  # starting up or going away: try again until the deadline
         if time.monotonic() >= deadline:
@@ -76,7 +85,9 @@ class Client:
     _closed = True
     _control: ControlClient | None = None
 
-    def __init__(self, record: InstanceRecord, seed: int | None = None) -> None:
+    def __init__(
+        self, record: InstanceRecord, seed: int | None = None, prefault: bool = True
+    ) -> None:
         self.instance = record.name
         self._pid = os.getpid()
         self._control = ControlClient(record.socket)
@@ -92,6 +103,8 @@ class Client:
             for tname, seg_name in hello["tables"].items():
                 seg = Segment.attach(seg_name)
                 self._segments.append(seg)
+                if prefault:
+                    seg.prefault()
                 evs = {k: Event.open(v) for k, v in hello["events"][tname].items()}
                 self._events.extend(evs.values())
                 core = TableCore(seg, TableEvents(daemon=wake, **evs))

@@ -10,9 +10,13 @@ unlinks the daemon's segment when a client exits.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import mmap
 import os
 import shutil
+import threading
 
 import numpy as np
 import posix_ipc
@@ -21,6 +25,13 @@ from .errors import DaemonNotRunning, InsufficientSharedMemory, SegmentError
 from .layout import Layout, decode_header, encode_header
 
 SHM_DIR = "/dev/shm"
+# Linux ≥ 5.14: fault every page of a range in now (one call instead of one fault per page).
+MADV_POPULATE_WRITE = 23
+PREFAULT_CHUNK = 64 << 20
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.madvise.restype = ctypes.c_int
 
 
 def shm_free_bytes() -> int:
@@ -47,6 +58,8 @@ class Segment:
         self.name = name
         self._mmap = mm
         self.layout = layout
+        self._prefaulter: threading.Thread | None = None
+        self._prefault_stop = threading.Event()
         self.arrays: dict[str, np.ndarray] = {}
         for a in layout.arrays:
             count = int(np.prod(a.shape, dtype=np.int64))
@@ -111,12 +124,47 @@ class Segment:
             raise
         return cls(name, mm, layout)
 
+    def prefault(self) -> None:
+        """Map every page of the segment now, in a background thread.
+
+        A page fault on a shared-memory page was measured at ~2.5 µs on a virtual machine
+        (7 per Atari frame); faulting the whole segment in with MADV_POPULATE_WRITE costs about
+        0.3 s per GiB, off the caller's path (ctypes releases the GIL). Kernels without it just
+        fault lazily.
+        """
+        if self._mmap is None or self._prefaulter is not None:
+            return
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self._mmap))
+        size = len(self._mmap)
+        self._prefault_stop = threading.Event()
+        stop = self._prefault_stop
+
+        def run() -> None:
+            for start in range(0, size, PREFAULT_CHUNK):
+                if stop.is_set():
+                    return
+                if (
+                    _libc.madvise(
+                        base + start, min(PREFAULT_CHUNK, size - start), MADV_POPULATE_WRITE
+                    )
+                    != 0
+                ):
+                    if ctypes.get_errno() != errno.EINTR:
+                        return  # EINVAL: an older kernel; faults will happen lazily
+
+        self._prefaulter = threading.Thread(target=run, name="shmreplay-prefault", daemon=True)
+        self._prefaulter.start()
+
     def close(self) -> None:
         """Release this process's mapping. Idempotent.
 
         If a caller still holds a numpy view of the mapping, the mapping is left for the garbage
         collector instead of being closed under the live view.
         """
+        if self._prefaulter is not None:
+            self._prefault_stop.set()
+            self._prefaulter.join()  # it works on our mapping: let it finish its chunk
+            self._prefaulter = None
         self.arrays = {}
         mm, self._mmap = self._mmap, None
         if mm is not None:

@@ -11,6 +11,14 @@ from __future__ import annotations
 import numpy as np
 
 
+# Sampling starts with a cumsum over the level of this many nodes instead of descending the
+# levels above it one numpy call at a time.
+SHORTCUT_WIDTH = 4096
+# Levels up to this many times wider than the batch are recomputed whole: slices beat fancy
+# indexing until then.
+WHOLE_LEVEL_FACTOR = 16
+
+
 def sumtree_capacity(num_leaves: int) -> int:
     """Leaves in the tree: the next power of two ≥ ``num_leaves`` (at least 1)."""
     return 1 << max(0, int(num_leaves) - 1).bit_length()
@@ -69,7 +77,7 @@ class SumTree:
         while width > 1:
             node >>= 1  # repeated parents just compute the same exact sum twice
             width >>= 1
-            if width <= 2 * len(node):
+            if width <= WHOLE_LEVEL_FACTOR * len(node):
                 self._recompute_levels(width)  # near the root a whole level costs no more
                 return
             np.add(node, node, out=left)
@@ -99,29 +107,35 @@ class SumTree:
     def sample(self, u: np.ndarray) -> np.ndarray:
         """Leaves for uniform draws ``u`` in [0, 1), each with probability weight/total.
 
-        The descent never enters a subtree of zero weight, so rounding at a boundary cannot
-        return a leaf of weight 0 (or a padding leaf beyond num_leaves).
+        Never returns a leaf of weight 0 (or a padding leaf beyond num_leaves), whatever the
+        rounding at boundaries.
         """
-        total = self.tree[1]
-        if not total > 0.0:
+        tree = self.tree
+        if not tree[1] > 0.0:
             raise ValueError("cannot sample from a sum-tree whose total weight is 0")
-        mass = np.asarray(u, dtype=np.float64) * total
-        node = self._descend(mass, np.ones(mass.shape, dtype=np.int64))
-        leaves = node - self.capacity
+        u = np.asarray(u, dtype=np.float64)
+        # The top of the tree is skipped: one cumsum over a level of ≤ SHORTCUT_WIDTH nodes and
+        # a searchsorted pick the node on that level, then the descent continues from there.
+        width = min(self.capacity, SHORTCUT_WIDTH)
+        cum = np.cumsum(tree[width : 2 * width])
+        mass = u * cum[-1]
+        j = np.searchsorted(cum, mass, side="right")  # cum[j-1] <= mass < cum[j]
+        np.minimum(j, width - 1, out=j)
+        mass -= np.where(j > 0, cum.take(j - 1), 0.0)
+        node = self._descend(mass, j + width, (self.capacity // width).bit_length() - 1)
         # Rounding at a boundary (mass ≈ a node's sum) can step into a zero-weight right
         # subtree; it is rare, so those few draws are redone with a guarded descent.
-        bad = self.tree[node] <= 0.0
+        bad = tree.take(node) <= 0.0
         if bad.any():
-            again = np.asarray(u, dtype=np.float64)[bad] * total
-            leaves[bad] = self._descend_guarded(again) - self.capacity
-        return leaves
+            node[bad] = self._descend_guarded(u[bad] * tree[1])
+        return node - self.capacity
 
-    def _descend(self, mass: np.ndarray, node: np.ndarray) -> np.ndarray:
+    def _descend(self, mass: np.ndarray, node: np.ndarray, levels: int) -> np.ndarray:
         # numpy calls dominate at batch sizes of a few hundred: keep them to five per level
         tree = self.tree
         lw = np.empty_like(mass)
         right = np.empty(mass.shape, dtype=bool)
-        for _ in range(self.depth):
+        for _ in range(levels):
             node += node
             tree.take(node, out=lw)
             np.greater_equal(mass, lw, out=right)

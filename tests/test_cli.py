@@ -68,3 +68,14 @@ def test_gc_removes_a_dead_instance_and_spares_a_live_one(daemon_factory):
     r = shmreplay_cli("gc", "--name", live.name)
     assert "is running: left alone" in r.stdout
     assert len(shm_objects(live.name)) == 4
+
+
+def test_demo_runs_actors_and_a_learner_and_leaves_nothing_behind():
+    r = shmreplay_cli("demo", "--duration", "2", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rates = [line for line in r.stdout.splitlines() if "inserts/s" in line]
+    assert len(rates) >= 1
+    inserts = [float(line.split("inserts/s")[1].split()[0].replace(",", "")) for line in rates]
+    assert max(inserts) > 0  # actors did insert
+    assert "objects left in /dev/shm: 0" in r.stdout + r.stderr
+    assert not [e for e in shm_objects() if ".demo-" in e]

@@ -131,3 +131,22 @@ def test_daemon_process_helper_cleans_up_even_when_the_daemon_is_killed():
     os.kill(d.proc.pid, signal.SIGKILL)
     d.close()
     assert d.leftovers() == []
+
+
+def test_sigint_stops_the_daemon_cleanly_too(daemon_factory):
+    d = daemon_factory(table_toml())
+    with shmreplay.attach(d.name) as client:
+        client.table("replay").insert({"obs": [0.0] * 8, "action": 1, "reward": 0.5, "done": False})
+    d.proc.send_signal(signal.SIGINT)
+    assert d.proc.wait(timeout=15) == 0
+    assert d.leftovers() == []
+    assert "received SIGINT" in d.log()
+
+
+def test_segments_and_semaphores_are_private_to_the_owner(daemon_factory):
+    d = daemon_factory(table_toml())
+    objects = d.leftovers()
+    assert objects, "the daemon should have created its segment and semaphores"
+    for name in objects:
+        mode = os.stat(os.path.join("/dev/shm", name)).st_mode & 0o777
+        assert mode == 0o600, f"{name} has mode {oct(mode)}"
