@@ -143,14 +143,10 @@ class Segment:
             for start in range(0, size, PREFAULT_CHUNK):
                 if stop.is_set():
                     return
-                if (
-                    _libc.madvise(
-                        base + start, min(PREFAULT_CHUNK, size - start), MADV_POPULATE_WRITE
-                    )
-                    != 0
-                ):
-                    if ctypes.get_errno() != errno.EINTR:
-                        return  # EINVAL: an older kernel; faults will happen lazily
+                length = min(PREFAULT_CHUNK, size - start)
+                failed = _libc.madvise(base + start, length, MADV_POPULATE_WRITE) != 0
+                if failed and ctypes.get_errno() != errno.EINTR:
+                    return  # EINVAL: an older kernel; pages will be faulted in lazily
 
         self._prefaulter = threading.Thread(target=run, name="shmreplay-prefault", daemon=True)
         self._prefaulter.start()

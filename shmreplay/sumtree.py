@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 
-
 # Sampling starts with a cumsum over the level of this many nodes instead of descending the
 # levels above it one numpy call at a time.
 SHORTCUT_WIDTH = 4096
