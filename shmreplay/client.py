@@ -35,7 +35,8 @@ from .errors import (
 )
 from .events import Event
 from .instance import InstanceRecord, record_path
-from .layout import LEASE_CAPACITY, PUBLISH_CAPACITY, Chan, Ctrl, Sleep
+from .layout import PUBLISH_CAPACITY, Chan, Ctrl, Sleep
+from .rings import ring_get, ring_put
 from .shm import Segment
 from .table import Sample, SampleInfo, TableCore, TableEvents, TableInfo
 
@@ -488,11 +489,7 @@ class Table:
             if head == self._lease_tail:
                 self._wait_for_lease(timeout)
         k = min(n, self._lease_tail - head)
-        start = head % LEASE_CAPACITY
-        if start + k <= LEASE_CAPACITY:
-            slots = self._lease[start : start + k].copy()
-        else:
-            slots = self._lease[(head + np.arange(k)) % LEASE_CAPACITY]
+        slots = ring_get(self._lease, head, k)
         self._lease_head = head + k
         self._chan[Chan.LEASE_HEAD] = head + k
         return slots
@@ -540,7 +537,7 @@ class Table:
             tail = self._pub_tail
             if tail + k - self._pub_head > PUBLISH_CAPACITY:
                 self._wait_for_room(k)
-            self._publish[(tail + np.arange(k)) % PUBLISH_CAPACITY] = part
+            ring_put(self._publish, tail, part)
             self._pub_tail = tail + k
             self._chan[Chan.PUB_TAIL] = tail + k
             self._wake_daemon()

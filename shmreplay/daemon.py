@@ -48,12 +48,12 @@ from .instance import (
 from .layout import (
     FORMAT_VERSION,
     LEASE_CAPACITY,
-    PUBLISH_CAPACITY,
     Chan,
     Ctrl,
     Sleep,
     compute_layout,
 )
+from .rings import ring_get, ring_put
 from .shm import Segment, format_bytes, shm_free_bytes
 from .table import TableCore, TableEvents
 
@@ -312,11 +312,11 @@ class Daemon:
         pending = np.flatnonzero(tails != heads)
         committed = 0
         if len(pending):
-            parts = []
-            for c in pending:
-                idx = np.arange(heads[c], tails[c]) % PUBLISH_CAPACITY
-                parts.append(core.publish_ring[c, idx])
-            slots = np.concatenate(parts)
+            parts = [
+                ring_get(core.publish_ring[c], int(heads[c]), int(tails[c] - heads[c]))
+                for c in pending
+            ]
+            slots = parts[0] if len(parts) == 1 else np.concatenate(parts)
             with core.mutex:
                 committed = core.commit(slots)
             for c in pending:
@@ -353,7 +353,7 @@ class Daemon:
                 if k == 0:
                     break
                 tail = int(chan[c, Chan.LEASE_TAIL])
-                core.lease_ring[c, (tail + np.arange(k)) % LEASE_CAPACITY] = slots
+                ring_put(core.lease_ring[c], tail, slots)
                 chan[c, Chan.LEASE_TAIL] = tail + k
                 t.outstanding[c] += k
                 budget -= k

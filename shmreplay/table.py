@@ -30,6 +30,7 @@ from .events import Event
 from .layout import Chan, Ctrl, SlotState
 from .mutex import RobustMutex
 from .ratelimit import RateLimiter, RateLimiterInfo
+from .rings import ring_get, ring_put
 from .selectors import selector_class
 from .shm import Segment
 from .sumtree import last_wins
@@ -198,13 +199,13 @@ class TableCore:
 
     def _free_push(self, slots: np.ndarray) -> None:
         tail = int(self.ctrl[Ctrl.FREE_TAIL])
-        self.free[(tail + np.arange(len(slots))) % self.num_slots] = slots
+        ring_put(self.free, tail, slots)
         self.ctrl[Ctrl.FREE_TAIL] = tail + len(slots)
 
     def _free_pop(self, n: int) -> np.ndarray:
         head, tail = int(self.ctrl[Ctrl.FREE_HEAD]), int(self.ctrl[Ctrl.FREE_TAIL])
         k = min(n, tail - head)
-        slots = self.free[(head + np.arange(k)) % self.num_slots]
+        slots = ring_get(self.free, head, k)
         self.ctrl[Ctrl.FREE_HEAD] = head + k
         return slots
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..rings import ring_get, ring_put
 from .base import ArraySpecs, Selector, TimesLeft
 
 HOLE = -1
@@ -33,21 +34,17 @@ class Fifo(Selector):
             ("ends", "int64", (2, 8)),
         ]
 
-    def _ring(self, start: int, stop: int) -> np.ndarray:
-        return np.arange(start, stop) % self.num_slots
-
     def insert(self, slots: np.ndarray, priorities: np.ndarray) -> None:
         k = len(slots)
         head, tail = int(self.ends[_HEAD]), int(self.ends[_TAIL])
         if tail - head + k > self.num_slots:
             head, tail = self._compact(head, tail)
-        positions = np.arange(tail, tail + k)
-        self.order[positions % self.num_slots] = slots
-        self.pos[slots] = positions
+        ring_put(self.order, tail, slots)
+        self.pos[slots] = np.arange(tail, tail + k)
         self.ends[_TAIL] = tail + k
 
     def _compact(self, head: int, tail: int) -> tuple[int, int]:
-        entries = self.order[self._ring(head, tail)]
+        entries = ring_get(self.order, head, tail - head)
         live = entries[entries != HOLE]
         self.order[: len(live)] = live
         self.pos[live] = np.arange(len(live))
@@ -67,7 +64,7 @@ class Fifo(Selector):
         got, start, window = 0, head, max(2 * n, 64)
         while got < n and start < tail:
             stop = min(tail, start + window)
-            entries = self.order[self._ring(start, stop)]
+            entries = ring_get(self.order, start, stop - start)
             live = entries[entries != HOLE]
             if start == head:  # drop the leading holes for good
                 first = int(np.argmax(entries != HOLE)) if len(live) else stop - start
