@@ -21,17 +21,11 @@ import time
 import numpy as np
 
 import shmreplay
-from shmreplay.testing import DaemonProcess, table_toml
+from shmreplay.testing import W1_SIGNATURE, DaemonProcess, table_toml
 
 CTX = mp.get_context("spawn")
 
-W1_SIG = """
-[table.signature]
-obs = { shape = [8], dtype = "float32" }
-action = { dtype = "int64" }
-reward = { dtype = "float32" }
-done = { dtype = "bool" }
-"""
+W1_SIG = W1_SIGNATURE  # the issue's W1 transition: obs float32[8], action, reward, done
 W2_SIG = """
 [table.signature]
 obs = { shape = [84, 84, 4], dtype = "uint8" }

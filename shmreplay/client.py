@@ -321,10 +321,11 @@ class _Reservation:
 
     def __enter__(self) -> ReservedSlot:
         t = self.table
-        self.slot = slot = t._take_slots(1, self.timeout)[0]
+        self.slot = slot = int(t._take_slots(1, self.timeout)[0])
         core = t.core
-        core.gen[slot] += 1  # odd: being written
-        views = {name: arr[slot, ...] for name, arr in core.data.items()}
+        self.gen = int(core.gen[slot]) + 1
+        core.gen[slot] = self.gen  # odd: being written
+        views = {f.name: column[slot, ...] for f, _, _, column in t._columns}
         return ReservedSlot(views, int(core.key[slot]))
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -332,12 +333,11 @@ class _Reservation:
         core = t.core
         if core is None:
             return
+        core.gen[slot] = self.gen + 1  # even: complete (or abandoned)
         if exc_type is not None:
-            core.gen[slot] += 1
             t._spare.append(slot)  # discarded: reused by the next insert, never published
             return
         core.priority[slot] = self.priority
-        core.gen[slot] += 1  # even: complete
         t._publish_one(slot)
 
 

@@ -354,6 +354,19 @@ class TableCore:
         self.times_sampled[uniq] = new_times
         if keep is not None:
             slots, probability, times = slots[keep], probability[keep], times[keep]
+        return self._selected(slots, probability, times, size, exhausted, channel, count_samples)
+
+    def _selected(
+        self,
+        slots: np.ndarray,
+        probability: np.ndarray,
+        times: np.ndarray,
+        size: int,
+        exhausted: np.ndarray,
+        channel: int,
+        count_samples: bool,
+    ) -> _Selection:
+        """Count the draw, snapshot its info and delete the items it exhausted; mutex held."""
         taken = len(slots)
         if count_samples:
             self.ctrl[Ctrl.SAMPLES] += taken
@@ -368,7 +381,8 @@ class TableCore:
             table_size=size,
             releasing=exhausted,
         )
-        self._remove(exhausted, releasing_owner=channel)
+        if len(exhausted):
+            self._remove(exhausted, releasing_owner=channel)
         return selection
 
     def _select_distinct(
@@ -390,24 +404,9 @@ class TableCore:
         times = before + np.int32(1)
         self.times_sampled[slots] = times
         self.ctrl[Ctrl.UNIQUE_SAMPLED] += int(np.count_nonzero(before == 0))
-        if count_samples:
-            self.ctrl[Ctrl.SAMPLES] += k
-        self.ctrl[Ctrl.TOTAL_SAMPLED] += k
         mts = self.spec.max_times_sampled
         exhausted = slots[times >= mts] if mts > 0 else slots[:0]
-        selection = _Selection(
-            slots=slots,
-            probability=probability,
-            key=self.key[slots],
-            priority=self.priority[slots],
-            times_sampled=times,
-            gen=self.gen[slots],
-            table_size=size,
-            releasing=exhausted,
-        )
-        if len(exhausted):
-            self._remove(exhausted, releasing_owner=channel)
-        return selection
+        return self._selected(slots, probability, times, size, exhausted, channel, count_samples)
 
     def _release(self, slots: np.ndarray, channel: int) -> None:
         if len(slots) == 0:
