@@ -35,7 +35,7 @@ from .errors import (
 )
 from .events import Event
 from .instance import InstanceRecord, record_path
-from .layout import PUBLISH_CAPACITY, Chan, Ctrl, Sleep
+from .layout import LEASE_CAPACITY, PUBLISH_CAPACITY, Chan, Ctrl, Sleep
 from .rings import ring_get, ring_put
 from .shm import Segment
 from .table import Sample, SampleInfo, TableCore, TableEvents, TableInfo
@@ -321,7 +321,7 @@ class _Reservation:
 
     def __enter__(self) -> ReservedSlot:
         t = self.table
-        self.slot = slot = int(t._take_slots(1, self.timeout)[0])
+        self.slot = slot = t._take_one(self.timeout)
         core = t.core
         self.gen = int(core.gen[slot]) + 1
         core.gen[slot] = self.gen  # odd: being written
@@ -394,11 +394,14 @@ class Table:
     def _validate_row(self, data: Mapping[str, object]) -> list[np.ndarray]:
         if not isinstance(data, Mapping):
             raise SignatureError(f"table {self.name!r}: data must be a mapping of field to value")
-        if len(data) != len(self._fields) or not all(k in self._field_names for k in data):
+        if len(data) != len(self._columns):
             self._field_mismatch(data)
         row = []
         for f, dtype, scalar_type, _ in self._columns:
-            v = data[f.name]
+            try:
+                v = data[f.name]  # with the length equal, every field found = same names
+            except KeyError:
+                self._field_mismatch(data)
             t = type(v)
             if t is scalar_type or (t is np.ndarray and v.dtype == dtype and v.shape == f.shape):
                 row.append(v)
@@ -417,7 +420,7 @@ class Table:
 
     def _write_row(self, row: list[np.ndarray], priority: float, timeout: float | None) -> int:
         core = self.core
-        slot = int(self._take_slots(1, timeout)[0])
+        slot = self._take_one(timeout)
         gen = core.gen
         g = int(gen[slot])
         gen[slot] = g + 1  # odd: being written
@@ -477,6 +480,16 @@ class Table:
         """
         self._check()
         return _Reservation(self, _check_priority(priority), timeout)
+
+    def _take_one(self, timeout: float | None) -> int:
+        """One leased slot (the single-item path of _take_slots, without arrays)."""
+        head = self._lease_head
+        if self._spare or head == self._lease_tail:
+            return int(self._take_slots(1, timeout)[0])
+        slot = int(self._lease[head % LEASE_CAPACITY])
+        self._lease_head = head + 1
+        self._chan[Chan.LEASE_HEAD] = head + 1
+        return slot
 
     def _take_slots(self, n: int, timeout: float | None) -> np.ndarray:
         if self._spare:
