@@ -40,6 +40,31 @@ def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
+WINDOWS = 5  # a figure is the median of this many windows: this machine is noisy
+
+
+def windowed_rate(step, seconds: float, settle=None) -> dict:
+    """Run ``step()`` (returns how many units it did) for ``seconds``; the median rate over
+    WINDOWS equal windows, with the lowest and highest. ``settle()`` ends each window (e.g. a
+    flush, so that what is counted was committed)."""
+    rates = []
+    for _ in range(WINDOWS):
+        n = 0
+        t0 = time.perf_counter()
+        end = t0 + seconds / WINDOWS
+        while time.perf_counter() < end:
+            n += step()
+        if settle is not None:
+            settle()
+        rates.append(n / (time.perf_counter() - t0))
+    rates.sort()
+    return {"median": rates[len(rates) // 2], "low": rates[0], "high": rates[-1]}
+
+
+def spread(r: dict) -> list[int]:
+    return [round(r["low"]), round(r["high"])]
+
+
 def memcpy_gbps(nbytes: int = 256 << 20, repeats: int = 5) -> float:
     src = np.ones(nbytes, np.uint8)
     dst = np.empty_like(src)
@@ -81,39 +106,37 @@ def bench_w1(seconds: float) -> None:
         for r in rows[:1000]:  # warm up: first lease, caches
             t.insert(r)
         t.flush()
-        n = 0
-        t0 = time.perf_counter()
-        end = t0 + seconds
-        while time.perf_counter() < end:
+
+        def single() -> int:
             for r in rows:
                 t.insert(r)
-            n += len(rows)
-        t.flush()
-        dt = time.perf_counter() - t0
+            return len(rows)
+
+        r = windowed_rate(single, seconds, t.flush)
         emit(
             {
                 "workload": "W1",
                 "mode": "insert",
-                "items_per_s": round(n / dt),
-                "us_per_item": round(dt / n * 1e6, 2),
+                "items_per_s": round(r["median"]),
+                "us_per_item": round(1e6 / r["median"], 2),
+                "low_high": spread(r),
                 "target_items_per_s": 100_000,
             }
         )
         batch = w1_batch(256, rng)
-        n = 0
-        t0 = time.perf_counter()
-        end = t0 + seconds
-        while time.perf_counter() < end:
+
+        def batched() -> int:
             for _ in range(64):
                 t.insert_batch(batch)
-            n += 64 * 256
-        t.flush()
-        dt = time.perf_counter() - t0
+            return 64 * 256
+
+        r = windowed_rate(batched, seconds, t.flush)
         emit(
             {
                 "workload": "W1",
                 "mode": "insert_batch(256)",
-                "items_per_s": round(n / dt),
+                "items_per_s": round(r["median"]),
+                "low_high": spread(r),
                 "target_items_per_s": 5_000_000,
             }
         )
@@ -138,32 +161,32 @@ def bench_w2(seconds: float, memcpy: float) -> None:
         for _ in range(t.spec.num_slots):
             t.insert(row)
         t.flush()
-        for mode in ("insert", "reserve"):
-            n = 0
-            t0 = time.perf_counter()
-            end = t0 + seconds
-            while time.perf_counter() < end:
-                for f in frames:
-                    if mode == "insert":
-                        row["obs"] = f
-                        t.insert(row)
-                    else:
-                        with t.reserve() as slot:
-                            slot["obs"][...] = f
-                            slot["action"][...] = 1
-                            slot["reward"][...] = 0.5
-                            slot["done"][...] = False
-                n += len(frames)
-            t.flush()
-            dt = time.perf_counter() - t0
-            gbps = n * W2_ROW_BYTES / dt / 1e9
+
+        def inserts() -> int:
+            for f in frames:
+                row["obs"] = f
+                t.insert(row)
+            return len(frames)
+
+        def reserves() -> int:
+            for f in frames:
+                with t.reserve() as slot:
+                    slot["obs"][...] = f
+                    slot["action"][...] = 1
+                    slot["reward"][...] = 0.5
+                    slot["done"][...] = False
+            return len(frames)
+
+        for mode, step in (("insert", inserts), ("reserve", reserves)):
+            r = windowed_rate(step, seconds, t.flush)
             emit(
                 {
                     "workload": "W2",
                     "mode": mode,
-                    "items_per_s": round(n / dt),
-                    "GB_per_s": round(gbps, 2),
+                    "items_per_s": round(r["median"]),
+                    "GB_per_s": round(r["median"] * W2_ROW_BYTES / 1e9, 2),
                     "memcpy_GB_per_s": round(memcpy, 2),
+                    "low_high": spread(r),
                     "target_items_per_s": 80_000,
                 }
             )
@@ -197,24 +220,29 @@ def bench_w3(seconds: float) -> None:
             assert t.info().current_size == 100_000
             rng = np.random.default_rng(2)
             out = {f.name: np.empty((256, *f.shape), f.np_dtype) for f in t.spec.signature}
-            for update in (False, True):
-                n = 0
-                t0 = time.perf_counter()
-                end = t0 + seconds
-                while time.perf_counter() < end:
-                    for _ in range(50):
-                        s = t.sample(256, out=out)
-                        if update:
-                            t.update_priorities(s.info.key, rng.random(256) + 0.01)
-                    n += 50
-                dt = time.perf_counter() - t0
+
+            def sample_only() -> int:
+                t.sample(256, out=out)
+                return 1
+
+            def sample_and_update() -> int:
+                s = t.sample(256, out=out)
+                t.update_priorities(s.info.key, rng.random(256) + 0.01)
+                return 1
+
+            for mode, step in (
+                ("sample(256)", sample_only),
+                ("sample(256)+update", sample_and_update),
+            ):
+                r = windowed_rate(step, seconds)
                 emit(
                     {
                         "workload": "W3",
-                        "mode": "sample(256)+update" if update else "sample(256)",
-                        "batches_per_s": round(n / dt),
-                        "us_per_batch": round(dt / n * 1e6, 1),
-                        "target_batches_per_s": 5_000 if update else None,
+                        "mode": mode,
+                        "batches_per_s": round(r["median"]),
+                        "us_per_batch": round(1e6 / r["median"], 1),
+                        "low_high": spread(r),
+                        "target_batches_per_s": 5_000 if "update" in mode else None,
                     }
                 )
 
