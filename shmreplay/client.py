@@ -500,18 +500,24 @@ class Table:
         if head == self._lease_tail:
             self._lease_tail = int(self._chan[Chan.LEASE_TAIL])
             if head == self._lease_tail:
-                self._wait_for_lease(timeout)
+                self._wait_for_lease(timeout, n)
         k = min(n, self._lease_tail - head)
         slots = ring_get(self._lease, head, k)
         self._lease_head = head + k
         self._chan[Chan.LEASE_HEAD] = head + k
         return slots
 
-    def _wait_for_lease(self, timeout: float | None) -> None:
+    def _wait_for_lease(self, timeout: float | None, n: int = 1) -> None:
+        """Wait until the daemon leases us a slot. Under a limiter that can block inserts we ask
+        for exactly the ``n`` we need now (slots leased ahead would be counted as inserted and
+        could starve other writers); otherwise the daemon keeps our lease ring filled."""
         core = self.core
         chan = self._chan
-        if not chan[Chan.WANT_LEASE]:
-            chan[Chan.WANT_LEASE] = 1  # from now on the daemon keeps our lease ring filled
+        on_demand = core.limiter.blocks_inserts
+        if on_demand:
+            chan[Chan.WANT_LEASE] = n
+        elif not chan[Chan.WANT_LEASE]:
+            chan[Chan.WANT_LEASE] = 1
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:
@@ -519,15 +525,20 @@ class Table:
                 self._wake_daemon(force=True)
                 self._lease_tail = int(chan[Chan.LEASE_TAIL])
                 if self._lease_tail > self._lease_head:
+                    if on_demand:
+                        chan[Chan.WANT_LEASE] = 0
                     return
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
+                    if on_demand:
+                        chan[Chan.WANT_LEASE] = 0
                     lim = core.limiter.info()
                     raise RateLimiterTimeout(
                         f"table {self.name!r}: insert blocked for {timeout} s "
                         f"(size {int(core.ctrl[Ctrl.SIZE])}/{self.spec.max_size}, "
-                        f"{core.free_count} free slots, rate limiter "
-                        f"inserts {lim.inserts} samples {lim.samples}); pass a longer timeout"
+                        f"{core.free_count} free slots, rate limiter {lim.kind}: "
+                        f"inserts {lim.inserts}, samples {lim.samples}, deletes {lim.deletes}, "
+                        f"max_diff {lim.max_diff:g}); pass a longer timeout"
                     )
                 core.events.insert.wait(0.5 if remaining is None else remaining)
                 core.check_open()
@@ -614,13 +625,20 @@ class Table:
 
         Blocks while the rate limiter (or an empty table) forbids sampling, for at most
         ``timeout`` seconds (None: forever), then raises :class:`RateLimiterTimeout`, or with
-        ``partial=True`` returns the items it has if any. Rows are copied into new arrays, or
+        ``partial=True`` returns the items it has if any. Items are taken one by one as the
+        limiter allows, as in Reverb; those a timed-out call had taken are not lost: the next
+        ``sample`` call on this handle returns them first. Rows are copied into new arrays, or
         into ``out`` (C-contiguous arrays of shape ``[B, *shape]``) when given.
         """
         self._check()
         return self.core.sample(
             batch_size, channel=self.client.channel, timeout=timeout, partial=partial, out=out
         )
+
+    def sample_nowait(self, batch_size: int, *, out: dict[str, np.ndarray] | None = None) -> Sample:
+        """Sample ``batch_size`` items if the rate limiter allows it now; otherwise raise
+        :class:`RateLimiterTimeout` at once."""
+        return self.sample(batch_size, timeout=0.0, out=out)
 
     def update_priorities(self, keys, priorities) -> int:
         """Set the priorities of items by key; keys no longer present are ignored and counted.

@@ -21,7 +21,7 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import psutil
@@ -93,8 +93,7 @@ class _Client:
 class _TableState:
     core: TableCore
     outstanding: np.ndarray  # per channel: slots leased and not yet committed
-    committed_since_post: int = 0
-    stats: dict = field(default_factory=dict)
+    rotation: int = 0  # which wanting writer is served first next time
 
 
 class Daemon:
@@ -333,12 +332,18 @@ class Daemon:
     def _refill(self, t: _TableState) -> int:
         core = t.core
         chan = core.chan
-        wanting = np.flatnonzero(chan[:, Chan.WANT_LEASE] & (chan[:, Chan.PID] != 0))
+        wanting = np.flatnonzero((chan[:, Chan.WANT_LEASE] > 0) & (chan[:, Chan.PID] != 0))
         if len(wanting) == 0:
             return 0
-        target = int(np.clip(core.spec.headroom // (2 * len(wanting)), 1, LEASE_CAPACITY))
+        # Writers served first get the limiter's budget first: rotate who that is.
+        t.rotation += 1
+        wanting = np.roll(wanting, -(t.rotation % len(wanting)))
         have = chan[wanting, Chan.LEASE_TAIL] - chan[wanting, Chan.LEASE_HEAD]
-        need = np.where(have <= target // 2, target - have, 0)
+        if core.limiter.blocks_inserts:  # exactly what each writer asked for, see Table
+            need = np.maximum(np.minimum(chan[wanting, Chan.WANT_LEASE], LEASE_CAPACITY) - have, 0)
+        else:  # keep every writer's lease ring filled, refilling at half
+            target = int(np.clip(core.spec.headroom // (2 * len(wanting)), 1, LEASE_CAPACITY))
+            need = np.where(have <= target // 2, target - have, 0)
         if not need.any():
             return 0
         total = 0

@@ -50,6 +50,11 @@ class RateLimiter:
         params[Param.MIN_DIFF] = spec.min_diff
         params[Param.MAX_DIFF] = spec.max_diff
 
+    @property
+    def blocks_inserts(self) -> bool:
+        """Whether inserts can be held back at all (MinSize's never are)."""
+        return bool(self.params[Param.MAX_DIFF] != math.inf)
+
     def insert_allowance(self, n: int, pending: int = 0) -> int:
         """How many of ``n`` inserts may go ahead, counting ``pending`` ones as already in."""
         p = self.params

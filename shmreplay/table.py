@@ -108,6 +108,9 @@ class TableInfo:
         return d
 
 
+_INFO_FIELDS = ("key", "probability", "priority", "times_sampled", "table_size")
+
+
 @dataclass
 class _Selection:
     slots: np.ndarray
@@ -151,6 +154,8 @@ class TableCore:
         self.limiter = RateLimiter(self.spec.rate_limiter, self.params, self.ctrl)
         self.mutex = RobustMutex(a["mutex"], on_owner_died=self.repair)
         self.rng = np.random.default_rng()
+        # Items a timed-out sample() had already taken (and counted): the next call gets them.
+        self._carry: list[tuple[dict[str, np.ndarray], SampleInfo]] = []
         mts = self.spec.max_times_sampled
         self._times_left = (lambda s: mts - self.times_sampled[s]) if mts > 0 else None
 
@@ -441,9 +446,13 @@ class TableCore:
             raise InvalidArgumentError(f"batch_size must be at least 1, got {batch_size}")
         n = int(batch_size)
         out = self._output_buffers(n, out)
+        if self._carry:
+            return self._sample_slowly(n, None, None, out, channel, timeout, partial)
         with self.mutex:
             self.chan[channel, Chan.WAIT_SAMPLE] = 0
             sel = self._select(n, channel, count_samples=True)
+        if sel is not None:
+            self._wake_blocked_writers()
         if sel is not None and len(sel.slots) == n:
             # The common case: one draw, copied intact. Its arrays become the sample info.
             self._gather(sel.slots, out, None)
@@ -482,7 +491,7 @@ class TableCore:
             table_size=np.empty(n, np.int64),
         )
         deadline = None if timeout is None else time.monotonic() + timeout
-        filled = 0
+        filled = self._take_carry(out, info, n)
         if first is not None:
             self._deliver(first, out, info, 0, channel, first_intact)
             filled = len(first.slots)
@@ -498,16 +507,50 @@ class TableCore:
                     self.chan[channel, Chan.WAIT_SAMPLE] = 0
                     if partial and filled > 0:
                         break
-                    raise RateLimiterTimeout(self._blocked_message("sample", n, filled, timeout))
+                    message = self._blocked_message("sample", n, filled, timeout)
+                    if filled:  # already counted as sampled: the next call delivers them
+                        self._carry.append(
+                            (
+                                {k: v[:filled].copy() for k, v in out.items()},
+                                SampleInfo(*(getattr(info, f)[:filled] for f in _INFO_FIELDS)),
+                            )
+                        )
+                    raise RateLimiterTimeout(message)
                 self.events.sample.wait(0.5 if remaining is None else remaining)
                 self.check_open()
                 continue
+            self._wake_blocked_writers()
             self._deliver(sel, out, info, filled, channel)
             filled += len(sel.slots)
         if filled < n:
             out = {k: v[:filled] for k, v in out.items()}
-            info = SampleInfo(**{k: getattr(info, k)[:filled] for k in info.__dataclass_fields__})
+            info = SampleInfo(*(getattr(info, f)[:filled] for f in _INFO_FIELDS))
         return Sample(out, info)
+
+    def _take_carry(self, out: dict[str, np.ndarray], info: SampleInfo, n: int) -> int:
+        """Put up to ``n`` items left over by a timed-out call first in the batch."""
+        filled = 0
+        while self._carry and filled < n:
+            data, carried = self._carry[0]
+            k = min(n - filled, len(carried.key))
+            for name, column in data.items():
+                out[name][filled : filled + k] = column[:k]
+            for f in _INFO_FIELDS:
+                getattr(info, f)[filled : filled + k] = getattr(carried, f)[:k]
+            if k == len(carried.key):
+                self._carry.pop(0)
+            else:
+                self._carry[0] = (
+                    {name: column[k:] for name, column in data.items()},
+                    SampleInfo(*(getattr(carried, f)[k:] for f in _INFO_FIELDS)),
+                )
+            filled += k
+        return filled
+
+    def _wake_blocked_writers(self) -> None:
+        """Samples make room under a ratio limiter: have the daemon lease to blocked writers."""
+        if self.limiter.blocks_inserts and self.chan[:, Chan.WAIT_INSERT].any():
+            self.events.daemon.post(1)
 
     def _deliver(
         self,

@@ -263,3 +263,44 @@ def half_writer(instance: str, table: str, uid: int, ready) -> None:
         slot["obs"][:8] = row["obs"][:8]
         ready.set()
         time.sleep(600)
+
+
+# -- rate-limited tables: free-running producers and consumers ---------------------------------
+
+
+def limited_producer(instance: str, table: str, producer: int, count: int, stop, results) -> None:
+    """Insert stamped rows uid = producer·10⁹ + i one at a time (blocking as the limiter says),
+    until ``count`` are in or ``stop`` is set; puts (producer, inserted)."""
+    import shmreplay
+
+    client = shmreplay.attach(instance, timeout=10)
+    t = client.table(table)
+    base = producer * 1_000_000_000
+    i = 0
+    while i < count and not stop.is_set():
+        try:
+            t.insert(stamped_row(base + i), timeout=0.2)
+        except shmreplay.RateLimiterTimeout:
+            continue
+        i += 1
+    client.close()
+    results.put((producer, i))
+
+
+def limited_consumer(instance: str, table: str, batch_size: int, stop, results) -> None:
+    """Sample until ``stop`` is set, verifying rows; puts (uids in the order received, bad)."""
+    import shmreplay
+
+    client = shmreplay.attach(instance, timeout=10)
+    t = client.table(table)
+    uids: list[int] = []
+    bad = 0
+    while not stop.is_set():
+        try:
+            s = t.sample(batch_size, timeout=0.1)
+        except shmreplay.RateLimiterTimeout:
+            continue
+        bad += int((~verify_stamped(s.data)).sum())
+        uids.extend(s.data["uid"].tolist())
+    client.close()
+    results.put((uids, bad))

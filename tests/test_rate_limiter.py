@@ -9,7 +9,14 @@ import time
 import pytest
 
 import shmreplay
-from shmreplay.testing import STAMPED_SIGNATURE, blocked_sampler, stamped_row, table_toml
+from shmreplay.testing import (
+    STAMPED_SIGNATURE,
+    blocked_sampler,
+    limited_consumer,
+    limited_producer,
+    stamped_row,
+    table_toml,
+)
 
 CTX = mp.get_context("spawn")
 
@@ -71,3 +78,97 @@ def test_sample_partial_returns_what_it_has(min10):
         t.flush()
         s = t.sample(5, timeout=1, partial=True)
         assert len(s) == 5  # min_size reached: nothing is missing
+
+
+def _run(procs):
+    for p in procs:
+        p.start()
+
+
+def _finish(procs):
+    for p in procs:
+        p.join(15)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def test_sample_to_insert_ratio_holds_with_free_running_writers_and_samplers(daemon_factory):
+    """spi 2, min_size_to_sample 10, error_buffer 20 → min_diff 0, max_diff 40: at every moment
+    checked, 0 ≤ 2·inserts − samples ≤ 40; both sides keep moving (no deadlock)."""
+    d = daemon_factory(
+        table_toml(
+            max_size=100_000,
+            signature=STAMPED_SIGNATURE,
+            rate_limiter='{ kind = "sample_to_insert_ratio", samples_per_insert = 2.0, '
+            "min_size_to_sample = 10, error_buffer = 20.0 }",
+        )
+    )
+    stop, produced, consumed = CTX.Event(), CTX.Queue(), CTX.Queue()
+    producers = [
+        CTX.Process(target=limited_producer, args=(d.name, "replay", p, 10**9, stop, produced))
+        for p in range(2)
+    ]
+    consumers = [
+        CTX.Process(target=limited_consumer, args=(d.name, "replay", b, stop, consumed))
+        for b in (1, 3)
+    ]
+    cursors = []
+    with shmreplay.attach(d.name) as client:
+        t = client.table("replay")
+        _run(producers + consumers)
+        try:
+            end = time.monotonic() + 4.0
+            while time.monotonic() < end:
+                lim = t.info().rate_limiter
+                cursors.append((lim.inserts, lim.samples, 2 * lim.inserts - lim.samples))
+                time.sleep(0.02)
+        finally:
+            stop.set()
+            inserted = sum(produced.get(timeout=30)[1] for _ in producers)
+            got = [consumed.get(timeout=30) for _ in consumers]
+            _finish(producers + consumers)
+    assert all(0 <= c <= 40 for _, _, c in cursors), [c for c in cursors if not 0 <= c[2] <= 40]
+    assert cursors[-1][0] > 200 and cursors[-1][1] > 400  # both sides kept moving
+    assert sum(bad for _, bad in got) == 0
+    assert inserted >= cursors[-1][0]
+
+
+def test_queue_table_delivers_every_item_once_in_per_producer_order(daemon_factory):
+    """3 producers, 2 consumers on a queue of 10: each item is sampled exactly once, and what
+    each consumer sees of a producer comes in that producer's order."""
+    d = daemon_factory(f'[[table]]\nname = "q"\nkind = "queue"\nmax_size = 10\n{STAMPED_SIGNATURE}')
+    per_producer = 150
+    stop, produced, consumed = CTX.Event(), CTX.Queue(), CTX.Queue()
+    done_producing = CTX.Event()
+    producers = [
+        CTX.Process(
+            target=limited_producer, args=(d.name, "q", p, per_producer, done_producing, produced)
+        )
+        for p in range(3)
+    ]
+    consumers = [
+        CTX.Process(target=limited_consumer, args=(d.name, "q", 1, stop, consumed))
+        for _ in range(2)
+    ]
+    with shmreplay.attach(d.name) as client:
+        t = client.table("q")
+        _run(producers + consumers)
+        try:
+            counts = [produced.get(timeout=120)[1] for _ in producers]
+            deadline = time.monotonic() + 30
+            while t.info().current_size > 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            got = [consumed.get(timeout=30) for _ in consumers]
+            _finish(producers + consumers)
+    assert counts == [per_producer] * 3
+    everything = sorted(u for uids, _ in got for u in uids)
+    expected = sorted(p * 1_000_000_000 + i for p in range(3) for i in range(per_producer))
+    assert everything == expected  # once each: nothing lost, nothing twice
+    for uids, bad in got:
+        assert bad == 0
+        for p in range(3):
+            mine = [u for u in uids if u // 1_000_000_000 == p]
+            assert mine == sorted(mine)
