@@ -67,18 +67,7 @@ def serve(tables_path: str, name: str | None, verbose: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the full record as JSON.")
 def info(name: str, as_json: bool) -> None:
     """Show the instance's tables: size, counters, rate limiter, memory, clients."""
-    from .control import ControlClient
-    from .errors import DaemonNotRunning
-    from .instance import InstanceRecord
-
-    rec = InstanceRecord.read(name)
-    if rec is None or not rec.alive():
-        raise DaemonNotRunning(f"no shmreplay daemon named {name!r} is running")
-    ctl = ControlClient(rec.socket)
-    try:
-        data = ctl.request("info")
-    finally:
-        ctl.close()
+    data = _request(name, "info")
     data.pop("ok", None)
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
@@ -100,6 +89,69 @@ def info(name: str, as_json: bool) -> None:
         )
 
 
+def _request(name: str, op: str, **args) -> dict:
+    """One request to the daemon of instance ``name`` over its control socket."""
+    from .control import ControlClient
+    from .errors import DaemonNotRunning
+    from .instance import InstanceRecord
+
+    rec = InstanceRecord.read(name)
+    if rec is None or not rec.alive():
+        raise DaemonNotRunning(
+            f"no shmreplay daemon named {name!r} is running; "
+            f"start one with: shmreplay serve --tables tables.toml --name {name}"
+        )
+    ctl = ControlClient(rec.socket)
+    try:
+        return ctl.request(op, **args)
+    finally:
+        ctl.close()
+
+
+@main.command()
+@click.argument("table")
+@click.option("--name", default="default", show_default=True, help="Instance name.")
+@click.option(
+    "--kind",
+    required=True,
+    type=click.Choice(["min_size", "sample_to_insert_ratio", "queue", "stack", "custom"]),
+    help="The limiter, with its options as in tables.toml.",
+)
+@click.option("--min-size", type=int, help="min_size: items before sampling may start.")
+@click.option("--samples-per-insert", type=float, help="sample_to_insert_ratio, custom.")
+@click.option("--min-size-to-sample", type=int, help="sample_to_insert_ratio, custom.")
+@click.option(
+    "--error-buffer",
+    help="sample_to_insert_ratio: a number, or MIN_DIFF,MAX_DIFF.",
+)
+@click.option("--size", type=int, help="queue, stack: items that may wait.")
+@click.option("--min-diff", type=float, help="custom (-inf allowed).")
+@click.option("--max-diff", type=float, help="custom (inf allowed).")
+def limiter(table: str, name: str, kind: str, error_buffer: str | None, **options) -> None:
+    """Change TABLE's rate limiter while the daemon runs (counters are kept).
+
+    Takes effect at once for every process, blocked callers included. For example, to pre-fill
+    a table from offline data without the ratio limiter blocking the writer, then restore it:
+
+    \b
+      shmreplay limiter replay --kind min_size --min-size 1
+      shmreplay limiter replay --kind sample_to_insert_ratio --samples-per-insert 8 \\
+          --min-size-to-sample 1000 --error-buffer 200
+    """
+    spec: dict = {"kind": kind}
+    spec.update({k: v for k, v in options.items() if v is not None})
+    if error_buffer is not None:
+        parts = [float(x) for x in error_buffer.split(",")]
+        spec["error_buffer"] = parts[0] if len(parts) == 1 else parts
+    state = _request(name, "set_rate_limiter", table=table, rate_limiter=spec)["rate_limiter"]
+    click.echo(
+        f"table {table!r}: rate limiter {state['kind']} (samples_per_insert "
+        f"{state['samples_per_insert']:g}, min_size_to_sample {state['min_size_to_sample']}, "
+        f"min_diff {state['min_diff']:g}, max_diff {state['max_diff']:g}); "
+        f"inserts {state['inserts']}, samples {state['samples']}, deletes {state['deletes']}"
+    )
+
+
 @main.command()
 @click.option("--name", default="default", show_default=True, help="Instance name.")
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for exit.")
@@ -107,18 +159,10 @@ def stop(name: str, timeout: float) -> None:
     """Ask the daemon of an instance to shut down, and wait until it has."""
     import time
 
-    from .control import ControlClient
-    from .errors import DaemonNotRunning
     from .instance import InstanceRecord, process_alive
 
     rec = InstanceRecord.read(name)
-    if rec is None or not rec.alive():
-        raise DaemonNotRunning(f"no shmreplay daemon named {name!r} is running")
-    ctl = ControlClient(rec.socket)
-    try:
-        ctl.request("shutdown")
-    finally:
-        ctl.close()
+    _request(name, "shutdown")
     deadline = time.monotonic() + timeout
     while process_alive(rec.pid, rec.start_time):
         if time.monotonic() > deadline:

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from .config import FieldSpec
+from .config import FieldSpec, RateLimiterSpec
 from .control import PROTOCOL_VERSION, ControlClient
 from .errors import (
     ClientClosedError,
@@ -174,6 +174,22 @@ class Client:
                 f"field(s) {sorted(unknown)} belong to none of the tables {list(priorities)}"
             )
         return {t.name: t._write_row(row, p, timeout) for t, row, p in prepared}
+
+    def set_rate_limiter(self, table: str, rate_limiter: RateLimiterSpec | dict) -> dict:
+        """Change a table's rate limiter now, for every process (counters are kept; blocked
+        callers re-check at once). ``rate_limiter`` is a :class:`RateLimiterSpec` (e.g.
+        ``RateLimiterSpec.min_size(1)`` to pre-fill a table) or a dict written as in tables.toml.
+        Returns the limiter's new state."""
+        self._check()
+        if isinstance(rate_limiter, RateLimiterSpec):
+            reply = self._control.request(
+                "set_rate_limiter", table=table, spec=rate_limiter.to_dict()
+            )
+        else:
+            reply = self._control.request(
+                "set_rate_limiter", table=table, rate_limiter=dict(rate_limiter)
+            )
+        return reply["rate_limiter"]
 
     def server_info(self) -> dict:
         """The daemon's view of the instance: tables, their statistics, attached clients."""

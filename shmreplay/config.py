@@ -401,6 +401,13 @@ def _rate_limiter(where: _Where, value: Any) -> RateLimiterSpec:
         raise where.error(key, str(e)) from None
 
 
+def parse_rate_limiter(
+    value: dict[str, Any], source: str = "rate limiter", table: str | None = None
+) -> RateLimiterSpec:
+    """A ``rate_limiter = {...}`` value as in tables.toml (kind and its keys) → a spec."""
+    return _rate_limiter(_Where(source, table), value)
+
+
 def _signature(where: _Where, value: Any) -> tuple[FieldSpec, ...]:
     if not isinstance(value, dict) or not value:
         raise where.error(

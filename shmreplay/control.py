@@ -1,8 +1,9 @@
 """The control socket protocol: length-prefixed msgpack requests and responses over a unix socket.
 
 A frame is a 4-byte big-endian length followed by that many bytes of msgpack. A request is a map
-with an ``op`` key (``hello``, ``info``, ``shutdown``, ``bye``); a response is a map with ``ok``
-and, when ``ok`` is false, ``error`` (the message) and ``type`` (the exception class name).
+with an ``op`` key (``hello``, ``info``, ``set_rate_limiter``, ``shutdown``, ``bye``); a response
+is a map with ``ok`` and, when ``ok`` is false, ``error`` (the message) and ``type`` (the
+exception class name).
 """
 
 from __future__ import annotations

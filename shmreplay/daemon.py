@@ -21,17 +21,25 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import psutil
 
-from .config import Config, TableSpec
+from .config import (
+    RATE_LIMITER_KINDS,
+    Config,
+    RateLimiterSpec,
+    TableSpec,
+    parse_rate_limiter,
+)
 from .control import MAX_FRAME, PROTOCOL_VERSION, encode
 from .errors import (
+    ConfigError,
     DaemonAlreadyRunning,
     InsufficientSharedMemory,
     ShmReplayError,
+    TableNotFoundError,
 )
 from .events import Event
 from .instance import (
@@ -520,6 +528,8 @@ class Daemon:
                 return {"ok": True}
             if op == "info":
                 return {"ok": True, **self.info()}
+            if op == "set_rate_limiter":
+                return {"ok": True, "rate_limiter": self.set_rate_limiter(req)}
             if op == "shutdown":
                 log.info("shutdown requested over the control socket")
                 self.request_stop()
@@ -529,6 +539,29 @@ class Daemon:
             return _error(type(exc).__name__, str(exc))
         except Exception as exc:  # a malformed request must never take the daemon down
             return _error("InvalidArgumentError", f"malformed request: {exc}")
+
+    def set_rate_limiter(self, req: dict) -> dict:
+        """Reconfigure a table's limiter: ``rate_limiter`` as in tables.toml, or ``spec`` as
+        RateLimiterSpec.to_dict() gives it. Validated as tables.toml is."""
+        name = req.get("table")
+        if name not in self.tables:
+            raise TableNotFoundError(
+                f"no table {name!r} in instance {self.name!r}; tables: {', '.join(self.tables)}"
+            )
+        if "spec" in req:
+            d = req["spec"]
+            checked = RateLimiterSpec.custom(
+                d["samples_per_insert"], d["min_size_to_sample"], d["min_diff"], d["max_diff"]
+            )
+            if d["kind"] not in RATE_LIMITER_KINDS:
+                raise ConfigError(f"unknown rate limiter kind {d['kind']!r}")
+            spec = replace(checked, kind=d["kind"])
+        else:
+            spec = parse_rate_limiter(req.get("rate_limiter"), "set_rate_limiter", name)
+        core = self.tables[name].core
+        core.set_rate_limiter(spec)
+        log.info("table %r: rate limiter set to %s", name, spec)
+        return _plain(core.limiter.info().__dict__)
 
     def info(self) -> dict:
         with self._clients_lock:

@@ -97,6 +97,7 @@ class Param:
     MIN_SIZE_TO_SAMPLE = 1
     MIN_DIFF = 2
     MAX_DIFF = 3
+    KIND = 4  # index in config.RATE_LIMITER_KINDS (a reconfiguration may change it)
     COUNT = 8
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import RateLimiterSpec
+from .config import RATE_LIMITER_KINDS, RateLimiterSpec
 from .layout import Ctrl, Param
 
 
@@ -38,13 +38,18 @@ class RateLimiterInfo:
 class RateLimiter:
     """Predicates over the shared counters. Call with the table mutex held for exact answers."""
 
-    def __init__(self, spec: RateLimiterSpec, params: np.ndarray, ctrl: np.ndarray) -> None:
-        self.kind = spec.kind
+    def __init__(self, params: np.ndarray, ctrl: np.ndarray) -> None:
         self.params = params
         self.ctrl = ctrl
 
+    @property
+    def kind(self) -> str:
+        return RATE_LIMITER_KINDS[int(self.params[Param.KIND])]
+
     @staticmethod
     def initialize(spec: RateLimiterSpec, params: np.ndarray) -> None:
+        """Write ``spec``'s parameters (at creation, or to reconfigure with the mutex held)."""
+        params[Param.KIND] = RATE_LIMITER_KINDS.index(spec.kind)
         params[Param.SAMPLES_PER_INSERT] = spec.samples_per_insert
         params[Param.MIN_SIZE_TO_SAMPLE] = spec.min_size_to_sample
         params[Param.MIN_DIFF] = spec.min_diff

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import FieldSpec, TableSpec
+from .config import FieldSpec, RateLimiterSpec, TableSpec
 from .errors import DaemonNotRunning, InvalidArgumentError, RateLimiterTimeout
 from .events import Event
 from .layout import Chan, Ctrl, SlotState
@@ -151,7 +151,7 @@ class TableCore:
         self.data = {f.name: a[f"data.{f.name}"] for f in self.spec.signature}
         self.sampler = self._selector("sampler", self.spec.sampler)
         self.remover = self._selector("remover", self.spec.remover)
-        self.limiter = RateLimiter(self.spec.rate_limiter, self.params, self.ctrl)
+        self.limiter = RateLimiter(self.params, self.ctrl)
         self.mutex = RobustMutex(a["mutex"], on_owner_died=self.repair)
         self.rng = np.random.default_rng()
         # Items a timed-out sample() had already taken (and counted): the next call gets them.
@@ -661,6 +661,17 @@ class TableCore:
         if self.events is not None and len(victims):
             self.events.daemon.post(1)
         return int(len(keys) - len(victims))
+
+    def set_rate_limiter(self, spec: RateLimiterSpec) -> None:
+        """Replace the limiter's parameters (counters stay); every waiter re-checks at once."""
+        with self.mutex:
+            RateLimiter.initialize(spec, self.params)
+        if self.events is not None:
+            waiting = self.chan[:, Chan.WAIT_SAMPLE] | self.chan[:, Chan.WAIT_INSERT]
+            self.events.sample.post(int(np.count_nonzero(self.chan[:, Chan.WAIT_SAMPLE])))
+            self.events.insert.post(int(np.count_nonzero(self.chan[:, Chan.WAIT_INSERT])))
+            if waiting.any():
+                self.events.daemon.post(1)
 
     def reset(self) -> None:
         """Remove every item and zero the rate-limiter counters (writers' leases stay)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
+import subprocess
+import sys
 import time
 
 import pytest
@@ -172,3 +174,89 @@ def test_queue_table_delivers_every_item_once_in_per_producer_order(daemon_facto
         for p in range(3):
             mine = [u for u in uids if u // 1_000_000_000 == p]
             assert mine == sorted(mine)
+
+
+def test_reconfiguring_the_limiter_releases_a_blocked_sampler_at_once(min10):
+    """min_size 10 with 3 items: a sampler blocks; lowering min_size to 1 from another process
+    (the CLI) frees it without any insert."""
+    with shmreplay.attach(min10.name) as client:
+        t = client.table("replay")
+        for u in range(3):
+            t.insert(stamped_row(u))
+        t.flush()
+        started, results = CTX.Event(), CTX.Queue()
+        p = CTX.Process(
+            target=blocked_sampler, args=(min10.name, "replay", 1, 30, started, results)
+        )
+        p.start()
+        try:
+            assert started.wait(30)
+            time.sleep(0.3)
+            with pytest.raises(queue.Empty):
+                results.get(timeout=0.2)  # still blocked
+            r = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "shmreplay",
+                    "limiter",
+                    "replay",
+                    "--name",
+                    min10.name,
+                    "--kind",
+                    "min_size",
+                    "--min-size",
+                    "1",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert r.returncode == 0, r.stderr
+            assert "rate limiter min_size" in r.stdout and "min_size_to_sample 1" in r.stdout
+            kind, uids, _ = results.get(timeout=5)
+        finally:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        assert kind == "ok" and uids[0] in (0, 1, 2)
+        assert t.info().rate_limiter.min_size_to_sample == 1
+        assert "rate limiter set to" in min10.log()
+
+
+def test_reconfiguring_checks_like_tables_toml(min10):
+    with shmreplay.attach(min10.name) as client:
+        with pytest.raises(shmreplay.ConfigError, match="samples_per_insert"):
+            client.set_rate_limiter(
+                "replay",
+                {"kind": "sample_to_insert_ratio", "min_size_to_sample": 1, "error_buffer": 5.0},
+            )
+        with pytest.raises(shmreplay.TableNotFoundError, match="replay"):
+            client.set_rate_limiter("nope", shmreplay.RateLimiterSpec.min_size(1))
+        state = client.set_rate_limiter("replay", shmreplay.RateLimiterSpec.queue(5))
+        assert (state["kind"], state["min_diff"], state["max_diff"]) == ("queue", 0.0, 5.0)
+        assert client.table("replay").info().rate_limiter.kind == "queue"
+
+
+def test_sample_nowait_raises_at_once_and_a_timed_out_batch_loses_nothing(daemon_factory):
+    """Queue(3) with mts 1: sample(5) takes the 3 items there, times out; the next call returns
+    those 3 first. sample_nowait on an empty queue raises immediately."""
+    d = daemon_factory(f'[[table]]\nname = "q"\nkind = "queue"\nmax_size = 3\n{STAMPED_SIGNATURE}')
+    with shmreplay.attach(d.name) as client:
+        t = client.table("q")
+        t0 = time.monotonic()
+        with pytest.raises(shmreplay.RateLimiterTimeout, match="table 'q': sample blocked"):
+            t.sample_nowait(1)
+        assert time.monotonic() - t0 < 0.5
+        for u in range(3):
+            t.insert(stamped_row(u), timeout=5)
+        t.flush()
+        with pytest.raises(shmreplay.RateLimiterTimeout):
+            t.sample(5, timeout=0.3)
+        assert t.info().current_size == 0  # the 3 were taken (and deleted: mts 1)
+        t.insert(stamped_row(3), timeout=5)
+        t.flush()
+        s = t.sample(4, timeout=5)
+        assert s.data["uid"].tolist() == [0, 1, 2, 3]
+        assert (s.info.times_sampled == 1).all()
