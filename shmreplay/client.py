@@ -656,14 +656,16 @@ class Table:
         :class:`RateLimiterTimeout` at once."""
         return self.sample(batch_size, timeout=0.0, out=out)
 
-    def update_priorities(self, keys, priorities) -> int:
+    def update_priorities(self, keys, priorities, *, deletes=None) -> int:
         """Set the priorities of items by key; keys no longer present are ignored and counted.
 
-        Returns the number of missing keys. Duplicate keys: the last priority wins.
+        Returns the number of missing keys. Duplicate keys: the last priority wins. ``deletes``
+        (keys) are deleted first, atomically with the update, as Reverb's mutation does.
         """
         self._check()
         k = np.asarray(keys, dtype=np.uint64).reshape(-1)
-        return self.core.update_priorities(k, _check_priorities(priorities, len(k)))
+        d = None if deletes is None else np.asarray(deletes, dtype=np.uint64).reshape(-1)
+        return self.core.update_priorities(k, _check_priorities(priorities, len(k)), d)
 
     def delete(self, keys) -> int:
         """Delete items by key; returns how many keys were not present."""

@@ -79,7 +79,8 @@ class Sample:
 
 @dataclass(frozen=True)
 class TableInfo:
-    """A cheap, lock-free snapshot of a table's state (may be a few microseconds stale)."""
+    """A snapshot of a table's state: counters taken together under the table lock; the
+    priority extremes scanned right after it (O(size), for monitoring, not for a hot loop)."""
 
     name: str
     max_size: int
@@ -98,6 +99,8 @@ class TableInfo:
     clients: int
     segment_bytes: int
     data_bytes: int
+    max_priority: float | None  # None when the table is empty
+    min_priority: float | None
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -641,26 +644,40 @@ class TableCore:
         present = inrange & (self.key[safe] == keys) & (self.state[safe] == SlotState.READY)
         return safe, present
 
-    def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> int:
-        """Set priorities of present items (duplicates: last wins); return how many were missing."""
+    def update_priorities(
+        self, keys: np.ndarray, priorities: np.ndarray, deletes: np.ndarray | None = None
+    ) -> int:
+        """Set priorities of present items (duplicates: last wins); return how many were missing.
+
+        ``deletes`` are deleted first, in the same critical section (Reverb's order)."""
         keys, priorities = last_wins(keys, priorities)  # outside the lock: it only sorts
+        deleted = 0
         with self.mutex:
+            if deletes is not None and len(deletes):
+                deleted = self._delete_present(deletes)
             slots, present = self._slots_of(keys)
             s, p = slots[present], priorities[present]
             self.priority[s] = p
             self.sampler.update(s, p)
             self.remover.update(s, p)
+        if deleted and self.events is not None:
+            self.events.daemon.post(1)  # deletions may let blocked inserts in
         return int(len(keys) - np.count_nonzero(present))
 
     def delete(self, keys: np.ndarray) -> int:
         """Delete present items. Returns how many keys were missing."""
         with self.mutex:
-            slots, present = self._slots_of(keys)
-            victims = np.unique(slots[present])
-            self._remove(victims)
-        if self.events is not None and len(victims):
+            deleted = self._delete_present(keys)
+        if self.events is not None and deleted:
             self.events.daemon.post(1)
-        return int(len(keys) - len(victims))
+        return int(len(keys) - deleted)
+
+    def _delete_present(self, keys: np.ndarray) -> int:
+        """Delete the items of ``keys`` still present; how many there were. Mutex held."""
+        slots, present = self._slots_of(keys)
+        victims = np.unique(slots[present])
+        self._remove(victims)
+        return len(victims)
 
     def set_rate_limiter(self, spec: RateLimiterSpec) -> None:
         """Replace the limiter's parameters (counters stay); every waiter re-checks at once."""
@@ -694,6 +711,7 @@ class TableCore:
             c = self.ctrl.copy()
             limiter = self.limiter.info()
         layout = self.segment.layout
+        present = self.priority[self.state == SlotState.READY]
         return TableInfo(
             name=self.name,
             max_size=self.spec.max_size,
@@ -710,6 +728,8 @@ class TableCore:
             resets=int(c[Ctrl.RESETS]),
             repairs=int(c[Ctrl.REPAIRS]),
             clients=int(np.count_nonzero(self.chan[:, Chan.PID])),
+            max_priority=float(present.max()) if len(present) else None,
+            min_priority=float(present.min()) if len(present) else None,
             segment_bytes=layout.total_size,
             data_bytes=layout.data_bytes,
         )

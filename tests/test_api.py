@@ -109,6 +109,17 @@ def test_update_priorities_and_delete_ignore_and_count_missing_keys(daemon_facto
         assert t.info().current_size == 3
         # An update of a deleted key is ignored and counted.
         assert t.update_priorities([keys[2]], [5.0]) == 1
+        # Deletes come before updates in one call: the deleted key's update is missing.
+        assert t.update_priorities([keys[3], keys[0]], [2.0, 4.0], deletes=[keys[3]]) == 1
+        info = t.info()
+        assert info.current_size == 2
+        assert (info.max_priority, info.min_priority) == (4.0, 0.0)
+
+
+def test_info_of_an_empty_table_has_no_priority_extremes(replay):
+    info = replay.info()
+    assert info.current_size == 0
+    assert info.max_priority is None and info.min_priority is None
 
 
 def test_all_zero_priorities_fall_back_to_uniform(daemon_factory):
