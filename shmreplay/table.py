@@ -122,7 +122,7 @@ class _Selection:
     priority: np.ndarray
     times_sampled: np.ndarray
     gen: np.ndarray
-    table_size: int
+    table_size: np.ndarray  # per draw: a max_times_sampled deletion shrinks it for later ones
     releasing: np.ndarray  # slots deleted by this sample, to release after the copy
 
 
@@ -386,12 +386,21 @@ class TableCore:
             priority=self.priority[slots],
             times_sampled=times,
             gen=self.gen[slots],
-            table_size=size,
+            table_size=self._table_sizes(times, size),
             releasing=exhausted,
         )
         if len(exhausted):
             self._remove(exhausted, releasing_owner=channel)
         return selection
+
+    def _table_sizes(self, times: np.ndarray, size: int) -> np.ndarray:
+        """The table size each draw saw, as if drawn one at a time: a draw that reaches
+        max_times_sampled deletes its item for the draws after it."""
+        mts = self.spec.max_times_sampled
+        if mts <= 0:
+            return np.full(len(times), size, dtype=np.int64)
+        ends = (times == mts).astype(np.int64)
+        return size - (np.cumsum(ends) - ends)
 
     def _select_distinct(
         self,
@@ -467,7 +476,7 @@ class TableCore:
                     sel.probability,
                     sel.priority,
                     sel.times_sampled,
-                    np.full(n, sel.table_size, dtype=np.int64),
+                    sel.table_size,
                 )
                 return Sample(out, info)
         else:
@@ -578,7 +587,7 @@ class TableCore:
             info.probability[done] = sel.probability[intact]
             info.priority[done] = sel.priority[intact]
             info.times_sampled[done] = sel.times_sampled[intact]
-            info.table_size[done] = sel.table_size
+            info.table_size[done] = sel.table_size[intact]
             todo = np.concatenate([positions[~intact], todo])
             if len(todo) == 0:
                 return
