@@ -63,3 +63,26 @@ def test_priority_update_changes_the_distribution(daemon_factory):
         assert abs(share - 0.9) < 0.01
         np.testing.assert_allclose(s.info.probability[s.data["action"] == 0], 0.9)
         np.testing.assert_allclose(s.info.priority[s.data["action"] == 0], 9.0)
+
+
+def test_uniform_frequencies_are_flat_whatever_the_priorities(daemon_factory):
+    """The same chi-square, for Uniform: 8 items of very different priorities are drawn equally
+    often (fixed seed), after deletions and re-inserts have reshuffled its dense array."""
+    d = daemon_factory(table_toml(sampler='{ kind = "uniform" }'))
+    with shmreplay.attach(d.name, seed=99) as client:
+        t = client.table("replay")
+        row = {"obs": np.zeros(8, np.float32), "reward": 0.0, "done": False}
+        keys = [t.insert({**row, "action": i}, priority=float(2**i)) for i in range(12)]
+        t.flush()
+        t.delete(keys[8:])  # 8 left, in a reshuffled dense array
+        counts = np.zeros(8)
+        for _ in range(50):
+            s = t.sample(1000, timeout=5)
+            counts += np.bincount(s.data["action"], minlength=8)[:8]
+            np.testing.assert_allclose(s.info.probability, 1 / 8)
+    flat = np.full(8, 1 / 8)
+    stat = chi_square(counts, flat)
+    assert stat < CHI2_7DOF_Q999, f"chi-square {stat:.1f} with counts {counts}"
+    # A sampler following the priorities would fail this test by far.
+    w = 2.0 ** np.arange(8)
+    assert chi_square(w / w.sum() * counts.sum(), flat) > 100 * CHI2_7DOF_Q999
