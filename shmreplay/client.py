@@ -590,13 +590,20 @@ class Table:
             self._wait_committed(self._pub_tail + k - PUBLISH_CAPACITY, None)
 
     def _wake_daemon(self, force: bool = False) -> None:
-        """Post the daemon if it sleeps for long, or naps while we are about to need leases."""
+        """Post the daemon if it sleeps for long, or naps while we are about to need leases or
+        a sampler waits for items."""
         ctrl = self.core.ctrl
         sleeping = ctrl[Ctrl.DAEMON_SLEEPING]
         if (
             force
             or sleeping == Sleep.IDLE
-            or (sleeping and self._lease_tail - self._lease_head <= LEASE_LOW_WATER)
+            or (
+                sleeping
+                and (
+                    self._lease_tail - self._lease_head <= LEASE_LOW_WATER
+                    or ctrl[Ctrl.SAMPLER_WAITING]  # it waits for what we just published
+                )
+            )
         ):
             ctrl[Ctrl.DAEMON_SLEEPING] = Sleep.AWAKE
             self.core.events.daemon.post(1)

@@ -70,6 +70,7 @@ log = logging.getLogger("shmreplay")
 # With writers active the daemon never sleeps longer than this: it bounds the delay of a wake-up
 # lost to store/load reordering between a writer's publish and the daemon's sleeping flag.
 ACTIVE_SLEEP_S = 0.002  # a nap: bounds the delay from publish to sampleable
+ACTIVE_WINDOW_S = 0.05  # writers quiet for this long: sleep until woken instead of napping
 IDLE_SLEEP_S = 0.1
 LIVENESS_CHECK_S = 0.1  # how often client pids are checked (connection EOF is the fast path)
 EVENT_KINDS = ("sample", "insert")
@@ -282,6 +283,7 @@ class Daemon:
 
     def serve_forever(self) -> None:
         next_liveness = time.monotonic() + LIVENESS_CHECK_S
+        last_work = 0.0
         while not self._stop.is_set():
             worked = False
             for t in self.tables.values():
@@ -292,11 +294,17 @@ class Daemon:
             if now >= next_liveness:
                 self._check_clients()
                 next_liveness = now + LIVENESS_CHECK_S
-            if not worked:
-                self._sleep()
+            if worked:
+                last_work = now
+            else:
+                self._sleep(active=now - last_work < ACTIVE_WINDOW_S)
 
-    def _sleep(self) -> None:
-        writers = any(bool(t.core.chan[:, Chan.WANT_LEASE].any()) for t in self.tables.values())
+    def _sleep(self, active: bool) -> None:
+        """Nap while writers are busy (they need not wake us per item); sleep long once they
+        have been quiet for ACTIVE_WINDOW_S (the next publish wakes us)."""
+        writers = active and any(
+            bool(t.core.chan[:, Chan.WANT_LEASE].any()) for t in self.tables.values()
+        )
         for t in self.tables.values():
             t.core.ctrl[Ctrl.DAEMON_SLEEPING] = Sleep.NAP if writers else Sleep.IDLE
         # Re-check after raising the flag: a writer that published before seeing it did not post.
@@ -329,10 +337,15 @@ class Daemon:
             for c in pending:
                 t.outstanding[c] -= tails[c] - heads[c]
                 chan[c, Chan.PUB_HEAD] = tails[c]
-        leased = self._refill(t)
-        if committed:
+        if committed:  # before refilling leases: a waiting sampler is on the critical path
             waiting = int(np.count_nonzero(chan[:, Chan.WAIT_SAMPLE]))
             core.events.sample.post(waiting)
+        leased = self._refill(t)
+        if core.ctrl[Ctrl.SAMPLER_WAITING]:
+            # Clear the hint, then re-check: a sampler sets its flag before the hint.
+            core.ctrl[Ctrl.SAMPLER_WAITING] = 0
+            if chan[:, Chan.WAIT_SAMPLE].any():
+                core.ctrl[Ctrl.SAMPLER_WAITING] = 1
         if committed or leased or len(pending):
             core.events.insert.post(int(np.count_nonzero(chan[:, Chan.WAIT_INSERT])))
         return bool(len(pending) or leased)

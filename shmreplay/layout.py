@@ -73,6 +73,7 @@ class Ctrl:
     COMMITS = 15
     READY = 16  # 1 once the daemon finished initialising the segment
     TOTAL_EVICTED = 17
+    SAMPLER_WAITING = 18  # hint: a sampler sleeps waiting for items; writers wake the daemon
     COUNT = 24
 
 

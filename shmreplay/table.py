@@ -513,6 +513,7 @@ class TableCore:
                 sel = self._select(n - filled, channel, count_samples=True)
                 if sel is None:
                     self.chan[channel, Chan.WAIT_SAMPLE] = 1  # registered before we unlock
+                    self.ctrl[Ctrl.SAMPLER_WAITING] = 1
             if sel is None:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
