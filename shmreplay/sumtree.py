@@ -28,15 +28,17 @@ def sumtree_nbytes(num_leaves: int) -> int:
 
 
 def last_wins(index: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Drop all but the last of repeated indices (numpy does not promise which of repeated
-    indices an assignment keeps)."""
+    """Drop all but the last of repeated indices, keeping those last occurrences in call order
+    (the order one-at-a-time updates would touch them: heaps break ties by it). numpy does not
+    promise which of repeated indices an assignment keeps."""
     if index.size < 2:
         return index, values
     ordered = np.sort(index)
     if not (ordered[1:] == ordered[:-1]).any():
         return index, values
-    unique, first_from_end = np.unique(index[::-1], return_index=True)
-    return unique, values[::-1][first_from_end]
+    _, first_from_end = np.unique(index[::-1], return_index=True)
+    keep = np.sort(len(index) - 1 - first_from_end)
+    return index[keep], values[keep]
 
 
 class SumTree:

@@ -161,12 +161,12 @@ def test_stack_limiter_numbers():
     assert (rl.min_diff, rl.max_diff) == (0.0, 12.0)
 
 
-def test_stack_table_is_refused_until_lifo_exists():
-    """kind = "stack" expands to a lifo sampler, which is not implemented: a ConfigError says so."""
-    with pytest.raises(ConfigError) as ei:
-        parse_config({"table": [table(name="st", kind="stack")]}, "s.toml")
-    msg = str(ei.value)
-    assert "s.toml" in msg and "'st'" in msg and "sampler.kind" in msg and "lifo" in msg
+def test_stack_table_expands():
+    """kind = "stack": lifo sampler and remover, each item sampled once, stack limiter."""
+    t = parse_one(kind="stack", max_size=10)
+    assert t.sampler == SelectorSpec.lifo() and t.remover == SelectorSpec.lifo()
+    assert t.max_times_sampled == 1
+    assert t.rate_limiter == RateLimiterSpec.stack(10)
 
 
 @pytest.mark.parametrize("key", ["sampler", "remover", "rate_limiter", "max_times_sampled"])

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from .base import Selector
 from .fifo import Fifo
+from .heap import MaxHeap, MinHeap
+from .lifo import Lifo
 from .prioritized import Prioritized
 from .uniform import Uniform
 
-_SELECTORS: dict[str, type[Selector]] = {cls.kind: cls for cls in (Uniform, Prioritized, Fifo)}
+_SELECTORS: dict[str, type[Selector]] = {
+    cls.kind: cls for cls in (Uniform, Prioritized, Fifo, Lifo, MinHeap, MaxHeap)
+}
 
 
 def selector_class(kind: str) -> type[Selector]:
@@ -22,4 +26,13 @@ def selector_class(kind: str) -> type[Selector]:
         ) from None
 
 
-__all__ = ["Selector", "selector_class", "Uniform", "Prioritized", "Fifo"]
+__all__ = [
+    "Selector",
+    "selector_class",
+    "Uniform",
+    "Prioritized",
+    "Fifo",
+    "Lifo",
+    "MinHeap",
+    "MaxHeap",
+]

@@ -3,24 +3,30 @@
 Items sit in a ring in insertion order (``order``), each remembering its ring position (``pos``).
 Removal punches a hole (-1) that the ring skips and later compacts, so removing from the middle
 (delete, max_times_sampled) is O(1) per item and the common case (evict or sample the oldest)
-touches only the head.
+touches only the head. Lifo (lifo.py) keeps the same ring and reads it from the tail.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import numpy as np
 
+from ..config import SelectorSpec
 from ..rings import ring_get, ring_put
 from .base import ArraySpecs, Selector, TimesLeft
 
 HOLE = -1
 _HEAD, _TAIL = 0, 1
+# The ring holds twice as many entries as there are slots: holes left by removals far from the
+# ends then force a compaction (O(slots)) at most once per ``slots`` inserts, O(1) per item.
+RING_FACTOR = 2
 
 
-class Fifo(Selector):
-    kind = "fifo"
+class InsertionOrder(Selector):
+    """A selector that picks by insertion order alone; subclasses choose the end it reads."""
 
-    def __init__(self, arrays, spec, num_slots) -> None:
+    def __init__(self, arrays: dict[str, np.ndarray], spec: SelectorSpec, num_slots: int) -> None:
         super().__init__(arrays, spec, num_slots)
         self.order = arrays["order"]
         self.pos = arrays["pos"]
@@ -29,7 +35,7 @@ class Fifo(Selector):
     @classmethod
     def array_specs(cls, num_slots: int) -> ArraySpecs:
         return [
-            ("order", "int64", (num_slots,)),
+            ("order", "int64", (RING_FACTOR * num_slots,)),
             ("pos", "int64", (num_slots,)),
             ("ends", "int64", (2, 8)),
         ]
@@ -37,7 +43,7 @@ class Fifo(Selector):
     def insert(self, slots: np.ndarray, priorities: np.ndarray) -> None:
         k = len(slots)
         head, tail = int(self.ends[_HEAD]), int(self.ends[_TAIL])
-        if tail - head + k > self.num_slots:
+        if tail - head + k > len(self.order):
             head, tail = self._compact(head, tail)
         ring_put(self.order, tail, slots)
         self.pos[slots] = np.arange(tail, tail + k)
@@ -55,10 +61,39 @@ class Fifo(Selector):
         pass  # order does not depend on priority
 
     def remove(self, slots: np.ndarray) -> None:
-        self.order[self.pos[slots] % self.num_slots] = HOLE
+        self.order[self.pos[slots] % len(self.order)] = HOLE
 
-    def _oldest(self, n: int) -> np.ndarray:
-        """The ``n`` oldest items (fewer if the table has fewer), skipping holes."""
+    @abstractmethod
+    def _first(self, n: int) -> np.ndarray:
+        """The ``n`` items this selector picks first, in picking order (fewer if the table has
+        fewer)."""
+
+    def sample(
+        self, n: int, rng: np.random.Generator, times_left: TimesLeft
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if times_left is None:  # the first item, every time
+            slots = np.repeat(self._first(1), n)
+        else:  # each item as many times as it may still be sampled, then the next one
+            candidates = self._first(n)
+            slots = np.repeat(candidates, times_left(candidates))[:n]
+        return slots, np.ones(len(slots))
+
+    def victims(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        return self._first(n)
+
+    def clear(self) -> None:
+        self.ends[_HEAD], self.ends[_TAIL] = 0, 0
+
+    def rebuild(self, slots: np.ndarray, priorities: np.ndarray) -> None:
+        self.clear()
+        self.insert(slots, priorities)
+
+
+class Fifo(InsertionOrder):
+    kind = "fifo"
+
+    def _first(self, n: int) -> np.ndarray:
+        """The ``n`` oldest items, oldest first, skipping holes (and dropping the leading ones)."""
         head, tail = int(self.ends[_HEAD]), int(self.ends[_TAIL])
         found: list[np.ndarray] = []
         got, start, window = 0, head, max(2 * n, 64)
@@ -74,24 +109,3 @@ class Fifo(Selector):
             got += min(len(live), n - got)
             start, window = stop, window * 2
         return np.concatenate(found) if found else np.empty(0, np.int64)
-
-    def sample(
-        self, n: int, rng: np.random.Generator, times_left: TimesLeft
-    ) -> tuple[np.ndarray, np.ndarray]:
-        if times_left is None:  # the oldest item, every time
-            oldest = self._oldest(1)
-            slots = np.repeat(oldest, n)
-        else:  # each item as many times as it may still be sampled, then the next one
-            candidates = self._oldest(n)
-            slots = np.repeat(candidates, times_left(candidates))[:n]
-        return slots, np.ones(len(slots))
-
-    def victims(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        return self._oldest(n)
-
-    def clear(self) -> None:
-        self.ends[_HEAD], self.ends[_TAIL] = 0, 0
-
-    def rebuild(self, slots: np.ndarray, priorities: np.ndarray) -> None:
-        self.clear()
-        self.insert(slots, priorities)
