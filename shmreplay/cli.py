@@ -45,13 +45,21 @@ def main() -> None:
     help="The tables.toml file describing the instance and its tables.",
 )
 @click.option("--name", default=None, help="Instance name (overrides [server] name).")
+@click.option(
+    "--fresh",
+    is_flag=True,
+    help="Discard tables a killed daemon of this instance left in /dev/shm (default: adopt "
+    "them, keeping every committed item).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages too.")
-def serve(tables_path: str, name: str | None, verbose: bool) -> None:
+def serve(tables_path: str, name: str | None, fresh: bool, verbose: bool) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT.
 
     Creates every table in /dev/shm, writes the instance record that attach() finds, and serves
     the control socket. On SIGTERM/SIGINT it wakes every waiting client with an error and
-    removes all its shared memory. Logs go to stderr.
+    removes all its shared memory. If a daemon of the same instance was killed (kill -9, OOM),
+    its tables are adopted: checked against tables.toml, repaired, served with every item they
+    held. Logs go to stderr.
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT)
     from .daemon import serve as run_daemon
@@ -59,7 +67,7 @@ def serve(tables_path: str, name: str | None, verbose: bool) -> None:
     config = load_config(tables_path)
     if name is not None:
         config = replace(config, server=replace(config.server, name=name))
-    sys.exit(run_daemon(config))
+    sys.exit(run_daemon(config, fresh=fresh))
 
 
 @main.command()

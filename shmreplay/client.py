@@ -109,6 +109,7 @@ class Client:
                 evs = {k: Event.open(v) for k, v in hello["events"][tname].items()}
                 self._events.extend(evs.values())
                 core = TableCore(seg, TableEvents(daemon=wake, **evs))
+                core.daemon_pid = self.daemon_pid
                 core.rng = np.random.default_rng(
                     None if seed is None else [seed, len(self._tables)]
                 )
@@ -389,8 +390,9 @@ class Table:
         if self._closed:
             raise ClientClosedError(f"table {self.name!r}: its client is closed")
         self.client._check()
-        if self.core.ctrl[Ctrl.SHUTDOWN]:
-            self.core.check_open()
+        ctrl = self.core.ctrl
+        if ctrl[Ctrl.SHUTDOWN] or ctrl[Ctrl.DAEMON_PID] != self.core.daemon_pid:
+            self.core.check_open()  # raises: the daemon went away or was replaced
 
     # -- writing -------------------------------------------------------------------------------
 

@@ -70,15 +70,22 @@ log = logging.getLogger("shmreplay")
 # With writers active the daemon never sleeps longer than this: it bounds the delay of a wake-up
 # lost to store/load reordering between a writer's publish and the daemon's sleeping flag.
 ACTIVE_SLEEP_S = 0.002  # a nap: bounds the delay from publish to sampleable
+QUARANTINE_S = 1.0  # far longer than any client takes to write a row or copy a sample
 ACTIVE_WINDOW_S = 0.05  # writers quiet for this long: sleep until woken instead of napping
 IDLE_SLEEP_S = 0.1
 LIVENESS_CHECK_S = 0.1  # how often client pids are checked (connection EOF is the fast path)
 EVENT_KINDS = ("sample", "insert")
 
 
-def check_fits(config: Config) -> int:
-    """Total bytes the tables need; raises InsufficientSharedMemory if /dev/shm lacks them."""
-    sizes = {t.name: compute_layout(t, config.server.max_clients).total_size for t in config.tables}
+def check_fits(config: Config, present: frozenset[str] = frozenset()) -> int:
+    """Total bytes the tables need; raises InsufficientSharedMemory if /dev/shm lacks them.
+
+    Tables in ``present`` already have their segment (adopted after a crash): they need none."""
+    sizes = {
+        t.name: compute_layout(t, config.server.max_clients).total_size
+        for t in config.tables
+        if t.name not in present
+    }
     need, free = sum(sizes.values()), shm_free_bytes()
     if need > free:
         detail = ", ".join(f"{n}: {format_bytes(s)}" for n, s in sizes.items())
@@ -102,14 +109,19 @@ class _Client:
 class _TableState:
     core: TableCore
     outstanding: np.ndarray  # per channel: slots leased and not yet committed
+    # Slots a dead daemon's clients held, and when to free them (see TableCore.adopt).
+    quarantine: tuple[float, np.ndarray] | None = None
     rotation: int = 0  # which wanting writer is served first next time
 
 
 class Daemon:
     """One shmreplay instance: ``Daemon(config).run()`` serves until SIGTERM/SIGINT/shutdown."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, fresh: bool = False) -> None:
         self.config = config
+        self.fresh = fresh  # discard what a dead daemon left instead of adopting it
+        self._adopted: set[str] = set()  # segment names; kept if we fail before serving
+        self._serving = False
         self.name = config.server.name
         self.max_clients = config.server.max_clients
         self.tables: dict[str, _TableState] = {}
@@ -147,14 +159,14 @@ class Daemon:
 
     def start(self) -> None:
         self._take_instance_lock()
-        self._clean_leftovers()
-        need = check_fits(self.config)
+        adoptable = self._leftovers()
+        need = check_fits(self.config, frozenset(adoptable))
         gid = _group_id(self.config.server.group)
         mode = 0o660 if gid is not None else 0o600
         self.wake = Event.create(event_name(self.name, None, "daemon"), mode, gid)
         self.events.append(self.wake)
         for spec in self.config.tables:
-            self._create_table(spec, mode, gid)
+            self._create_table(spec, mode, gid, adoptable.pop(spec.name, None))
         self._listen(mode, gid)
         InstanceRecord(
             name=self.name,
@@ -165,6 +177,7 @@ class Daemon:
             format_version=FORMAT_VERSION,
         ).write()
         self._owns_files = True
+        self._serving = True
         self._thread = threading.Thread(target=self._serve_control, name="control", daemon=True)
         self._thread.start()
         log.info(
@@ -194,24 +207,64 @@ class Daemon:
             ) from None
         self._lock_fd = fd
 
-    def _clean_leftovers(self) -> None:
-        """Remove what a dead daemon of this instance left behind (we hold the lock)."""
+    def _leftovers(self) -> dict[str, Segment]:
+        """What a dead daemon of this instance left (we hold the lock): its table segments,
+        checked against tables.toml, to adopt (or, with ``fresh``, nothing: all removed). Its
+        semaphores, socket and record are removed either way."""
         leftovers = shm_objects(self.name)
-        if leftovers:
-            remove_shm_objects(self.name)
-            log.warning(
-                "removed %d object(s) left in /dev/shm by a dead daemon of instance %r: %s",
-                len(leftovers),
-                self.name,
-                " ".join(leftovers),
-            )
         for path in (socket_path(self.name), record_path(self.name)):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+        if self.fresh:
+            if leftovers:
+                remove_shm_objects(self.name)
+                log.warning(
+                    "--fresh: discarded %d object(s) a dead daemon of instance %r left: %s",
+                    len(leftovers),
+                    self.name,
+                    " ".join(leftovers),
+                )
+            return {}
+        stem = segment_name(self.name, "")[1:]
+        specs = {t.name: t for t in self.config.tables}
+        found: dict[str, Segment] = {}
+        try:
+            for entry in leftovers:
+                if entry.startswith("sem."):
+                    Event.unlink("/" + entry[len("sem.") :])
+                    continue
+                table = entry[len(stem) :]
+                if table not in specs:
+                    raise ConfigError(
+                        f"a dead daemon of instance {self.name!r} left table {table!r} in "
+                        f"/dev/shm, which tables.toml does not define; serve the tables.toml it "
+                        f"ran with, or start with --fresh to discard its items"
+                    )
+                seg = Segment.attach("/" + entry)
+                found[table] = seg
+                expected = compute_layout(specs[table], self.max_clients)
+                if seg.layout.digest != expected.digest:
+                    raise ConfigError(
+                        f"table {table!r} left in /dev/shm by a dead daemon was made for another "
+                        f"definition ({seg.layout.spec.to_dict()}) than tables.toml's "
+                        f"({specs[table].to_dict()}); serve the old definition to keep its "
+                        "items, or start with --fresh to discard them"
+                    )
+        except BaseException:
+            for seg in found.values():
+                seg.close()
+            raise
+        return found
 
-    def _create_table(self, spec: TableSpec, mode: int, gid: int | None) -> None:
-        layout = compute_layout(spec, self.max_clients)
-        seg = Segment.create(segment_name(self.name, spec.name), layout, mode, gid)
+    def _create_table(
+        self, spec: TableSpec, mode: int, gid: int | None, adopt: Segment | None = None
+    ) -> None:
+        if adopt is None:
+            layout = compute_layout(spec, self.max_clients)
+            seg = Segment.create(segment_name(self.name, spec.name), layout, mode, gid)
+        else:
+            seg = adopt
+            self._adopted.add(seg.name)
         self.segments.append(seg)
         evs = {}
         for kind in EVENT_KINDS:
@@ -219,8 +272,22 @@ class Daemon:
             self.events.append(ev)
             evs[kind] = ev
         core = TableCore(seg, TableEvents(daemon=self.wake, **evs))
-        core.initialize(os.getpid())
-        self.tables[spec.name] = _TableState(core, np.zeros(self.max_clients, np.int64))
+        state = _TableState(core, np.zeros(self.max_clients, np.int64))
+        if adopt is None:
+            core.initialize(os.getpid())
+        else:
+            committed, held = core.adopt(os.getpid())
+            state.quarantine = (time.monotonic() + QUARANTINE_S, held)
+            log.warning(
+                "table %r: adopted the segment a dead daemon left: %d item(s) kept, %d published "
+                "item(s) committed now, %d slot(s) its clients held freed in %.0f s",
+                spec.name,
+                int(core.ctrl[Ctrl.SIZE]),
+                committed,
+                len(held),
+                QUARANTINE_S,
+            )
+        self.tables[spec.name] = state
 
     def _listen(self, mode: int, gid: int | None) -> None:
         path = str(socket_path(self.name))
@@ -263,7 +330,8 @@ class Daemon:
                 t.core.events = None
         self.tables.clear()
         for seg in self.segments:
-            Segment.unlink(seg.name)
+            if self._serving or seg.name not in self._adopted:
+                Segment.unlink(seg.name)  # else a failed start must not destroy adopted items
             seg.close()
         for ev in self.events:
             Event.unlink(ev.name)
@@ -293,11 +361,20 @@ class Daemon:
             now = time.monotonic()
             if now >= next_liveness:
                 self._check_clients()
+                self._end_quarantines(now)
                 next_liveness = now + LIVENESS_CHECK_S
             if worked:
                 last_work = now
             else:
                 self._sleep(active=now - last_work < ACTIVE_WINDOW_S)
+
+    def _end_quarantines(self, now: float) -> None:
+        for name, t in self.tables.items():
+            if t.quarantine is not None and now >= t.quarantine[0]:
+                freed = t.core.release_quarantined(t.quarantine[1])
+                t.quarantine = None
+                if freed:
+                    log.info("table %r: %d slot(s) held before the restart freed", name, freed)
 
     def _sleep(self, active: bool) -> None:
         """Nap while writers are busy (they need not wake us per item); sleep long once they
@@ -614,6 +691,7 @@ def _group_id(group: str | None) -> int | None:
         raise ShmReplayError(f"[server] group = {group!r}: no such group on this machine") from None
 
 
-def serve(config: Config) -> int:
-    """Run a daemon for ``config`` in the foreground until SIGTERM/SIGINT."""
-    return Daemon(config).run()
+def serve(config: Config, fresh: bool = False) -> int:
+    """Run a daemon for ``config`` in the foreground until SIGTERM/SIGINT. Tables a dead daemon
+    of the same instance left in /dev/shm are adopted (``fresh``: discarded)."""
+    return Daemon(config, fresh=fresh).run()

@@ -40,6 +40,7 @@ TAG_SHIFT = np.uint64(32)
 # A sampled row whose slot was recycled while we copied it is drawn again; after this many
 # rounds something is badly wrong (a table far smaller than its writers' churn).
 MAX_REDRAW_ROUNDS = 100
+QUARANTINED = -2  # owner of slots a dead daemon's clients held, until they are freed
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,7 @@ class TableCore:
         self.limiter = RateLimiter(self.params, self.ctrl)
         self.mutex = RobustMutex(a["mutex"], on_owner_died=self.repair)
         self.rng = np.random.default_rng()
+        self.daemon_pid: int | None = None  # a client's: the daemon it attached to
         # Items a timed-out sample() had already taken (and counted): the next call gets them.
         self._carry: list[tuple[dict[str, np.ndarray], SampleInfo]] = []
         mts = self.spec.max_times_sampled
@@ -170,6 +172,43 @@ class TableCore:
         return selector_class(spec.kind)(arrays, spec, self.num_slots)
 
     # -- creation (daemon) ---------------------------------------------------------------------
+
+    def adopt(self, daemon_pid: int) -> tuple[int, np.ndarray]:
+        """Take over a segment whose daemon died (warm restart).
+
+        Commits what writers had published (complete items), takes every slot still leased to a
+        writer or held by a sampler away from its channel (returned, to be freed once whoever
+        held it must have noticed the restart), clears the channels and rebuilds every derived
+        structure from the per-slot metadata. Returns (items committed now, held slots).
+        """
+        with self.mutex:  # robust: if the dead daemon held it, repair() runs first
+            published = [
+                ring_get(self.publish_ring[c], int(h), int(t - h))
+                for c, (h, t) in enumerate(self.chan[:, [Chan.PUB_HEAD, Chan.PUB_TAIL]])
+                if t > h
+            ]
+            committed = self.commit(np.concatenate(published)) if published else 0
+            held = np.flatnonzero(
+                (self.state == SlotState.LEASED) | (self.state == SlotState.RELEASING)
+            )
+            self.owner[held] = QUARANTINED
+            self.chan[:] = 0
+            repairs = int(self.ctrl[Ctrl.REPAIRS])
+            self.repair()
+            self.ctrl[Ctrl.REPAIRS] = repairs
+            for c in (Ctrl.SHUTDOWN, Ctrl.DAEMON_SLEEPING, Ctrl.SAMPLER_WAITING):
+                self.ctrl[c] = 0
+            self.ctrl[Ctrl.DAEMON_PID] = daemon_pid
+        return committed, held
+
+    def release_quarantined(self, slots: np.ndarray) -> int:
+        """Free slots adopt() held back; mutex taken here. Returns how many were freed."""
+        with self.mutex:
+            mine = slots[self.owner[slots] == QUARANTINED]
+            self.state[mine] = SlotState.FREE
+            self.owner[mine] = -1
+            self._free_push(mine)
+        return len(mine)
 
     def initialize(self, daemon_pid: int) -> None:
         """Put a freshly created segment in its empty state (every slot free)."""
@@ -187,11 +226,17 @@ class TableCore:
     # -- liveness ------------------------------------------------------------------------------
 
     def check_open(self) -> None:
-        """Raise DaemonNotRunning if the daemon shut down or died."""
+        """Raise DaemonNotRunning if the daemon shut down, died or was replaced."""
         if self.ctrl[Ctrl.SHUTDOWN]:
             raise DaemonNotRunning(
                 f"table {self.name!r}: the shmreplay daemon has shut down; "
                 "start it again and re-attach"
+            )
+        pid = int(self.ctrl[Ctrl.DAEMON_PID])
+        if self.daemon_pid is not None and pid != self.daemon_pid:
+            raise DaemonNotRunning(
+                f"table {self.name!r}: the shmreplay daemon was restarted (pid {self.daemon_pid}"
+                f" -> {pid}) and adopted the tables; call shmreplay.attach() again"
             )
         try:
             os.kill(int(self.ctrl[Ctrl.DAEMON_PID]), 0)

@@ -39,7 +39,13 @@ def unique_name(prefix: str = "t") -> str:
 class DaemonProcess:
     """A ``shmreplay serve`` subprocess for one instance."""
 
-    def __init__(self, tables_toml: str, name: str | None = None, wait: bool = True) -> None:
+    def __init__(
+        self,
+        tables_toml: str,
+        name: str | None = None,
+        wait: bool = True,
+        args: tuple[str, ...] = (),
+    ) -> None:
         self.name = name or unique_name()
         self._tmp = tempfile.TemporaryDirectory(prefix="shmreplay-test-")
         self.path = os.path.join(self._tmp.name, "tables.toml")
@@ -57,6 +63,7 @@ class DaemonProcess:
                 self.path,
                 "--name",
                 self.name,
+                *args,
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,

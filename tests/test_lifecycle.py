@@ -13,7 +13,13 @@ import pytest
 
 import shmreplay
 from shmreplay.instance import InstanceRecord, shm_objects, socket_path
-from shmreplay.testing import STAMPED_SIGNATURE, DaemonProcess, blocked_sampler, table_toml
+from shmreplay.testing import (
+    STAMPED_SIGNATURE,
+    DaemonProcess,
+    blocked_sampler,
+    stamped_row,
+    table_toml,
+)
 
 CTX = mp.get_context("spawn")
 
@@ -60,15 +66,49 @@ def test_a_second_daemon_with_the_same_name_is_refused(daemon_factory):
         assert client.tables == ["replay"]
 
 
-def test_a_killed_daemons_leftovers_are_cleaned_by_the_next(daemon_factory):
-    d = daemon_factory(table_toml())
+def test_a_killed_daemons_tables_are_adopted_with_every_committed_item(daemon_factory):
+    """kill -9 under a writer: the next daemon adopts the segment, keeps every item committed or
+    published (in Fifo order, with counters), and the old client is told to re-attach."""
+    toml = table_toml(max_size=500, sampler='{ kind = "fifo" }', signature=STAMPED_SIGNATURE)
+    d = daemon_factory(toml)
+    old = shmreplay.attach(d.name)
+    t = old.table("replay")
+    for u in range(300):
+        t.insert(stamped_row(u))
+    t.flush()
+    for u in range(300, 320):
+        t.insert(stamped_row(u))  # published; maybe not yet committed when the daemon dies
     os.kill(d.proc.pid, signal.SIGKILL)
     d.proc.wait()
     assert shm_objects(d.name)  # a kill -9 leaves its segments behind
-    with pytest.raises(shmreplay.DaemonNotRunning):
-        shmreplay.attach(d.name, timeout=0.2)
-    d2 = daemon_factory(table_toml(max_size=10), name=d.name)
-    assert "left in /dev/shm by a dead daemon" in d2.log()
+    d2 = daemon_factory(toml, name=d.name)
+    assert "adopted the segment a dead daemon left" in d2.log()
+    with pytest.raises(shmreplay.DaemonNotRunning, match="attach"):
+        t.insert(stamped_row(999))
+    old.close()
+    with shmreplay.attach(d.name) as client:
+        t2 = client.table("replay")
+        info = t2.info()
+        assert info.current_size == 320
+        assert info.rate_limiter.inserts == 320
+        s = t2.sample(320, timeout=5, partial=False)
+        assert s.data["uid"].tolist() == [0] * 320  # fifo sampler: the oldest, every time
+        t2.delete(s.info.key[:1])
+        assert t2.sample(1).data["uid"].tolist() == [1]
+        t2.insert(stamped_row(1000))  # the adopted table takes new items
+        t2.flush()
+        assert t2.info().current_size == 320
+
+
+def test_a_changed_definition_is_refused_and_fresh_discards(daemon_factory):
+    d = daemon_factory(table_toml())
+    os.kill(d.proc.pid, signal.SIGKILL)
+    d.proc.wait()
+    with pytest.raises(RuntimeError, match="--fresh"):
+        daemon_factory(table_toml(max_size=10), name=d.name)
+    assert any(not e.startswith("sem.") for e in shm_objects(d.name))  # items still there
+    d3 = daemon_factory(table_toml(max_size=10), name=d.name, args=("--fresh",))
+    assert "--fresh: discarded" in d3.log()
     with shmreplay.attach(d.name) as client:
         assert client.table("replay").info().max_size == 10
 
