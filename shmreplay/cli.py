@@ -73,21 +73,57 @@ def serve(tables_path: str, name: str | None, fresh: bool, verbose: bool) -> Non
 @main.command()
 @click.option("--name", default="default", show_default=True, help="Instance name.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full record as JSON.")
-def info(name: str, as_json: bool) -> None:
-    """Show the instance's tables: size, counters, rate limiter, memory, clients."""
+@click.option(
+    "--watch",
+    type=float,
+    default=None,
+    metavar="SECONDS",
+    help="Print again every SECONDS with insert and sample rates, until Ctrl-C.",
+)
+def info(name: str, as_json: bool, watch: float | None) -> None:
+    """Show the instance's tables: size, rates, rate limiter (and which side it blocks),
+    memory, clients."""
+    import time
+
     data = _request(name, "info")
     data.pop("ok", None)
-    if as_json:
+    if as_json and watch is None:
         click.echo(json.dumps(data, indent=2, default=str))
         return
+    _print_info(data, None, 0.0, as_json)
+    while watch is not None:
+        before, t0 = data, time.monotonic()
+        try:
+            time.sleep(watch)
+        except KeyboardInterrupt:
+            return
+        data = _request(name, "info")
+        data.pop("ok", None)
+        _print_info(data, before, time.monotonic() - t0, as_json)
+
+
+def _print_info(data: dict, before: dict | None, dt: float, as_json: bool) -> None:
     from .shm import format_bytes
 
+    def rate(tname: str, key: str) -> float | None:
+        if before is None or tname not in before["tables"] or dt <= 0:
+            return None
+        return (data["tables"][tname][key] - before["tables"][tname][key]) / dt
+
+    if as_json:
+        for tname, t in data["tables"].items():
+            t["inserts_per_s"] = rate(tname, "total_inserted")
+            t["samples_per_s"] = rate(tname, "total_sampled")
+        click.echo(json.dumps(data, default=str))
+        return
     click.echo(f"instance {data['name']!r}  pid {data['pid']}  clients {len(data['clients'])}")
     for tname, t in data["tables"].items():
         lim = t["rate_limiter"]
         blocked = [s for s in ("insert", "sample") if lim[f"{s}_blocked"]]
+        ins, smp = rate(tname, "total_inserted"), rate(tname, "total_sampled")
+        rates = "" if ins is None else f"{ins:,.0f} inserts/s, {smp:,.0f} samples/s, "
         click.echo(
-            f"  {tname}: {t['current_size']}/{t['max_size']} items, "
+            f"  {tname}: {t['current_size']}/{t['max_size']} items, {rates}"
             f"sampler {t['sampler']['kind']}, remover {t['remover']['kind']}, "
             f"inserted {t['total_inserted']}, sampled {t['total_sampled']}, "
             f"evicted {t['total_evicted']}, limiter {lim['kind']} "
@@ -95,6 +131,18 @@ def info(name: str, as_json: bool) -> None:
             f"{', blocked: ' + '/'.join(blocked) if blocked else ''}), "
             f"memory {format_bytes(t['segment_bytes'])}"
         )
+
+
+@main.command()
+@click.argument("table")
+@click.option("--name", default="default", show_default=True, help="Instance name.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def reset(table: str, name: str, yes: bool) -> None:
+    """Remove every item of TABLE and zero its rate-limiter counters."""
+    if not yes:
+        click.confirm(f"remove every item of table {table!r} of instance {name!r}?", abort=True)
+    _request(name, "reset", table=table)
+    click.echo(f"table {table!r} reset")
 
 
 def _request(name: str, op: str, **args) -> dict:

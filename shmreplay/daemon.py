@@ -500,12 +500,19 @@ class Daemon:
         if client is None:
             return
         freed = 0
-        for t in self.tables.values():
+        for name, t in self.tables.items():
             self._service(t)  # commit what it published before it went away: nothing is lost
             t.core.chan[channel, Chan.WANT_LEASE] = 0
-            with t.core.mutex:
+            repairs = int(t.core.ctrl[Ctrl.REPAIRS])
+            with t.core.mutex:  # a holder that died is detected here, and repaired first
                 freed += t.core.reclaim_channel(channel)
             t.outstanding[channel] = 0
+            if int(t.core.ctrl[Ctrl.REPAIRS]) != repairs:
+                log.warning(
+                    "table %r: a process died holding its lock; rebuilt its structures from "
+                    "the per-slot metadata",
+                    name,
+                )
         log.info(
             "client pid %d (channel %d) %s; %d unused leased slot(s) returned",
             client.pid,
@@ -620,6 +627,10 @@ class Daemon:
                 return {"ok": True, **self.info()}
             if op == "set_rate_limiter":
                 return {"ok": True, "rate_limiter": self.set_rate_limiter(req)}
+            if op == "reset":
+                self._table(req.get("table")).core.reset()
+                log.info("table %r reset over the control socket", req.get("table"))
+                return {"ok": True}
             if op == "shutdown":
                 log.info("shutdown requested over the control socket")
                 self.request_stop()
@@ -634,10 +645,7 @@ class Daemon:
         """Reconfigure a table's limiter: ``rate_limiter`` as in tables.toml, or ``spec`` as
         RateLimiterSpec.to_dict() gives it. Validated as tables.toml is."""
         name = req.get("table")
-        if name not in self.tables:
-            raise TableNotFoundError(
-                f"no table {name!r} in instance {self.name!r}; tables: {', '.join(self.tables)}"
-            )
+        core = self._table(name).core
         if "spec" in req:
             d = req["spec"]
             checked = RateLimiterSpec.custom(
@@ -648,10 +656,16 @@ class Daemon:
             spec = replace(checked, kind=d["kind"])
         else:
             spec = parse_rate_limiter(req.get("rate_limiter"), "set_rate_limiter", name)
-        core = self.tables[name].core
         core.set_rate_limiter(spec)
         log.info("table %r: rate limiter set to %s", name, spec)
         return _plain(core.limiter.info().__dict__)
+
+    def _table(self, name: object) -> _TableState:
+        if name not in self.tables:
+            raise TableNotFoundError(
+                f"no table {name!r} in instance {self.name!r}; tables: {', '.join(self.tables)}"
+            )
+        return self.tables[name]
 
     def info(self) -> dict:
         with self._clients_lock:

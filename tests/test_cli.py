@@ -79,3 +79,44 @@ def test_demo_runs_actors_and_a_learner_and_leaves_nothing_behind():
     assert max(inserts) > 0  # actors did insert
     assert "objects left in /dev/shm: 0" in r.stdout + r.stderr
     assert not [e for e in shm_objects() if ".demo-" in e]
+
+
+def test_info_watch_shows_rates_and_reset_empties_a_table(daemon_factory):
+    import shmreplay
+
+    d = daemon_factory(table_toml())
+    with shmreplay.attach(d.name) as client:
+        t = client.table("replay")
+        row = {"obs": [0.0] * 8, "action": 1, "reward": 0.5, "done": False}
+        watcher = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "shmreplay",
+                "info",
+                "--name",
+                d.name,
+                "--watch",
+                "0.5",
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            first = json.loads(watcher.stdout.readline())
+            for _ in range(200):
+                t.insert(row)
+            t.flush()
+            second = json.loads(watcher.stdout.readline())
+        finally:
+            watcher.send_signal(signal.SIGINT)
+            watcher.wait(10)
+        assert first["tables"]["replay"]["inserts_per_s"] is None
+        assert second["tables"]["replay"]["inserts_per_s"] > 0
+        assert second["tables"]["replay"]["current_size"] == 200
+        r = shmreplay_cli("reset", "replay", "--name", d.name, "--yes")
+        assert r.returncode == 0, r.stderr
+        assert t.info().current_size == 0 and t.info().rate_limiter.inserts == 0
+        r = shmreplay_cli("reset", "nope", "--name", d.name, "--yes")
+        assert r.returncode == 1 and "no table 'nope'" in r.stderr and "replay" in r.stderr
