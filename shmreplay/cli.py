@@ -51,8 +51,28 @@ def main() -> None:
     help="Discard tables a killed daemon of this instance left in /dev/shm (default: adopt "
     "them, keeping every committed item).",
 )
+@click.option(
+    "--restore",
+    "restore_path",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="Restore this checkpoint directory (default: the latest complete one in "
+    "[server] checkpoint_dir, if set).",
+)
+@click.option(
+    "--truncate",
+    is_flag=True,
+    help="Restore only the newest items of a checkpoint larger than a table's max_size.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages too.")
-def serve(tables_path: str, name: str | None, fresh: bool, verbose: bool) -> None:
+def serve(
+    tables_path: str,
+    name: str | None,
+    fresh: bool,
+    restore_path: str | None,
+    truncate: bool,
+    verbose: bool,
+) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT.
 
     Creates every table in /dev/shm, writes the instance record that attach() finds, and serves
@@ -67,7 +87,7 @@ def serve(tables_path: str, name: str | None, fresh: bool, verbose: bool) -> Non
     config = load_config(tables_path)
     if name is not None:
         config = replace(config, server=replace(config.server, name=name))
-    sys.exit(run_daemon(config, fresh=fresh))
+    sys.exit(run_daemon(config, fresh=fresh, restore=restore_path, truncate=truncate))
 
 
 @main.command()
@@ -131,6 +151,20 @@ def _print_info(data: dict, before: dict | None, dt: float, as_json: bool) -> No
             f"{', blocked: ' + '/'.join(blocked) if blocked else ''}), "
             f"memory {format_bytes(t['segment_bytes'])}"
         )
+
+
+@main.command()
+@click.option("--name", default="default", show_default=True, help="Instance name.")
+def checkpoint(name: str) -> None:
+    """Write a checkpoint of every table now (into [server] checkpoint_dir) and wait for it."""
+    from .shm import format_bytes
+
+    report = _request(name, "checkpoint")["checkpoint"]
+    click.echo(
+        f"checkpoint {report['path']}: {format_bytes(report['bytes'])} in "
+        f"{report['seconds']:.2f} s, longest table lock hold "
+        f"{report['longest_hold_s'] * 1e3:.1f} ms"
+    )
 
 
 @main.command()

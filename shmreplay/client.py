@@ -192,6 +192,12 @@ class Client:
             )
         return reply["rate_limiter"]
 
+    def checkpoint(self) -> dict:
+        """Have the daemon write a checkpoint of every table (into [server] checkpoint_dir);
+        returns its report once it is complete on disk."""
+        self._check()
+        return self._control.request("checkpoint")["checkpoint"]
+
     def server_info(self) -> dict:
         """The daemon's view of the instance: tables, their statistics, attached clients."""
         self._check()

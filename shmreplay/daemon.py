@@ -117,9 +117,18 @@ class _TableState:
 class Daemon:
     """One shmreplay instance: ``Daemon(config).run()`` serves until SIGTERM/SIGINT/shutdown."""
 
-    def __init__(self, config: Config, fresh: bool = False) -> None:
+    def __init__(
+        self,
+        config: Config,
+        fresh: bool = False,
+        restore: str | None = None,
+        truncate: bool = False,
+    ) -> None:
         self.config = config
         self.fresh = fresh  # discard what a dead daemon left instead of adopting it
+        self.restore = restore  # a checkpoint to restore (default: the latest in checkpoint_dir)
+        self.truncate = truncate  # restore the newest items of a checkpoint too big for a table
+        self._checkpoint_lock = threading.Lock()  # one checkpoint at a time
         self._adopted: set[str] = set()  # segment names; kept if we fail before serving
         self._serving = False
         self.name = config.server.name
@@ -151,11 +160,109 @@ class Daemon:
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.serve_forever()
+            self._final_checkpoint()
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
             self.cleanup()
         return 0
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def checkpoint(self) -> dict:
+        """Write a checkpoint of every table to checkpoint_dir now; returns its report."""
+        from .checkpoint import write_checkpoint
+
+        directory = self.config.server.checkpoint_dir
+        if directory is None:
+            raise ConfigError(
+                f"instance {self.name!r} has no checkpoint_dir; set it in [server] of tables.toml"
+            )
+        with self._checkpoint_lock:
+            report = write_checkpoint(
+                {n: t.core for n, t in self.tables.items()},
+                directory,
+                self.config.server.checkpoint_keep,
+                progress=log.info,
+            )
+        log.info(
+            "checkpoint %s written: %s in %.2f s (%s items, %d changed during the copy and left "
+            "out, longest lock hold %.1f ms)",
+            report.path,
+            format_bytes(report.bytes),
+            report.seconds,
+            report.items,
+            sum(report.dropped.values()) if isinstance(report.dropped, dict) else report.dropped,
+            report.longest_hold_s * 1e3,
+        )
+        return _plain({k: str(v) if k == "path" else v for k, v in report.__dict__.items()})
+
+    def _final_checkpoint(self) -> None:
+        """At shutdown, with checkpoint_dir set: commit what was published, then checkpoint."""
+        if self.config.server.checkpoint_dir is None:
+            return
+        for t in self.tables.values():
+            t.core.ctrl[Ctrl.SHUTDOWN] = 1  # writers stop here; what they published is kept
+            self._service(t)
+        try:
+            self.checkpoint()
+        except Exception:
+            log.exception("the final checkpoint failed; the previous one is intact")
+
+    def _checkpoint_later(self, conn) -> None:
+        """Answer a client's checkpoint request from a thread of its own, when it is done (the
+        control thread keeps serving meanwhile)."""
+
+        def run() -> None:
+            try:
+                reply = {"ok": True, "checkpoint": self.checkpoint()}
+            except ShmReplayError as exc:
+                reply = _error(type(exc).__name__, str(exc))
+            except Exception as exc:
+                log.exception("checkpoint failed")
+                reply = _error("CheckpointError", f"checkpoint failed: {exc}")
+            with contextlib.suppress(OSError):
+                conn.setblocking(True)
+                conn.sendall(encode(reply))
+                conn.setblocking(False)
+
+        threading.Thread(target=run, name="checkpoint", daemon=True).start()
+
+    def _maybe_periodic_checkpoint(self, now: float) -> None:
+        interval = self.config.server.checkpoint_interval_s
+        if interval is None or self.config.server.checkpoint_dir is None:
+            return
+        if now < self._next_checkpoint or self._checkpoint_lock.locked():
+            return
+        self._next_checkpoint = now + interval
+
+        def run() -> None:
+            try:
+                self.checkpoint()
+            except Exception:
+                log.exception("periodic checkpoint failed; the previous one is intact")
+
+        threading.Thread(target=run, name="checkpoint", daemon=True).start()
+
+    def _restore(self, adopted: set[str]) -> None:
+        """Fill the tables just created from a checkpoint: --restore PATH, else the latest
+        complete one in checkpoint_dir. Tables adopted after a crash keep what they hold."""
+        if self.restore is None and self.config.server.checkpoint_dir is None:
+            return
+        from .checkpoint import latest_checkpoint, read_checkpoint, restore_table
+
+        path = self.restore
+        if path is None:
+            path = latest_checkpoint(self.config.server.checkpoint_dir, log=log)
+        if path is None:
+            return
+        ckpt = read_checkpoint(path)
+        for name, t in self.tables.items():
+            if name in adopted:
+                log.info("table %r: adopted from /dev/shm, not restored from %s", name, path)
+                continue
+            report = restore_table(t.core, ckpt, truncate=self.truncate)
+            log.info("table %r restored from %s: %s", name, path, report)
 
     def start(self) -> None:
         self._take_instance_lock()
@@ -165,8 +272,11 @@ class Daemon:
         mode = 0o660 if gid is not None else 0o600
         self.wake = Event.create(event_name(self.name, None, "daemon"), mode, gid)
         self.events.append(self.wake)
+        adopted = set(adoptable)
         for spec in self.config.tables:
             self._create_table(spec, mode, gid, adoptable.pop(spec.name, None))
+        self._restore(adopted)
+        self._next_checkpoint = time.monotonic() + (self.config.server.checkpoint_interval_s or 0)
         self._listen(mode, gid)
         InstanceRecord(
             name=self.name,
@@ -362,6 +472,7 @@ class Daemon:
             if now >= next_liveness:
                 self._check_clients()
                 self._end_quarantines(now)
+                self._maybe_periodic_checkpoint(now)
                 next_liveness = now + LIVENESS_CHECK_S
             if worked:
                 last_work = now
@@ -578,6 +689,8 @@ class Daemon:
             body = bytes(buf[4 : 4 + n])
             del buf[: 4 + n]
             reply = self._handle(body, conn, channels)
+            if reply is None:
+                continue  # answered later, from another thread
             try:
                 conn.setblocking(True)
                 conn.sendall(encode(reply))
@@ -586,7 +699,7 @@ class Daemon:
                 return False
         return True
 
-    def _handle(self, body: bytes, conn, channels) -> dict:
+    def _handle(self, body: bytes, conn, channels) -> dict | None:
         import msgpack
 
         try:
@@ -627,6 +740,9 @@ class Daemon:
                 return {"ok": True, **self.info()}
             if op == "set_rate_limiter":
                 return {"ok": True, "rate_limiter": self.set_rate_limiter(req)}
+            if op == "checkpoint":
+                self._checkpoint_later(conn)
+                return None
             if op == "reset":
                 self._table(req.get("table")).core.reset()
                 log.info("table %r reset over the control socket", req.get("table"))
@@ -705,7 +821,10 @@ def _group_id(group: str | None) -> int | None:
         raise ShmReplayError(f"[server] group = {group!r}: no such group on this machine") from None
 
 
-def serve(config: Config, fresh: bool = False) -> int:
+def serve(
+    config: Config, fresh: bool = False, restore: str | None = None, truncate: bool = False
+) -> int:
     """Run a daemon for ``config`` in the foreground until SIGTERM/SIGINT. Tables a dead daemon
-    of the same instance left in /dev/shm are adopted (``fresh``: discarded)."""
-    return Daemon(config, fresh=fresh).run()
+    of the same instance left in /dev/shm are adopted (``fresh``: discarded); the others are
+    restored from ``restore`` or the latest checkpoint in checkpoint_dir, if any."""
+    return Daemon(config, fresh=fresh, restore=restore, truncate=truncate).run()

@@ -330,15 +330,18 @@ class TableCore:
             return
         self.sampler.remove(slots)
         self.remover.remove(slots)
+        # The slots' state first, the counters after (as in commit): repair() trusts the states
+        # and the deletes, and derives the inserts from them.
+        if releasing_owner is None:
+            self.state[slots] = SlotState.FREE
+        else:
+            self.owner[slots] = releasing_owner
+            self.state[slots] = SlotState.RELEASING
         self.ctrl[Ctrl.UNIQUE_SAMPLED] -= int(np.count_nonzero(self.times_sampled[slots]))
         self.ctrl[Ctrl.SIZE] -= len(slots)
         self.ctrl[Ctrl.DELETES] += len(slots)
         if releasing_owner is None:
-            self.state[slots] = SlotState.FREE
             self._free_push(slots)
-        else:
-            self.owner[slots] = releasing_owner
-            self.state[slots] = SlotState.RELEASING
 
     def repair(self) -> None:
         """Rebuild every derived structure from the per-slot metadata; mutex held.
@@ -355,6 +358,9 @@ class TableCore:
         self.free[: len(free)] = free
         self.ctrl[Ctrl.FREE_HEAD], self.ctrl[Ctrl.FREE_TAIL] = 0, len(free)
         self.ctrl[Ctrl.SIZE] = len(ready)
+        # size = inserts − deletes always (reset zeroes all three); a holder that died between a
+        # commit's state change and its counter update left the inserts short.
+        self.ctrl[Ctrl.INSERTS] = len(ready) + int(self.ctrl[Ctrl.DELETES])
         self.ctrl[Ctrl.UNIQUE_SAMPLED] = int(np.count_nonzero(self.times_sampled[ready]))
         self.ctrl[Ctrl.REPAIRS] += 1
 
