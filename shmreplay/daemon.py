@@ -61,6 +61,8 @@ from .layout import (
     Sleep,
     compute_layout,
 )
+from .metrics import MetricsServer
+from .notify import Notifier
 from .rings import ring_get, ring_put
 from .shm import Segment, format_bytes, shm_free_bytes
 from .table import TableCore, TableEvents
@@ -129,6 +131,8 @@ class Daemon:
         self.restore = restore  # a checkpoint to restore (default: the latest in checkpoint_dir)
         self.truncate = truncate  # restore the newest items of a checkpoint too big for a table
         self._checkpoint_lock = threading.Lock()  # one checkpoint at a time
+        self.notifier = Notifier()  # systemd's notify protocol; does nothing outside systemd
+        self.metrics: MetricsServer | None = None
         self._adopted: set[str] = set()  # segment names; kept if we fail before serving
         self._serving = False
         self.name = config.server.name
@@ -150,18 +154,22 @@ class Daemon:
 
     def run(self, ready: callable | None = None) -> int:
         """Create everything, serve until asked to stop, clean up. Returns an exit status."""
-        try:
-            self.start()
-        except BaseException:
-            self.cleanup()
-            raise
-        if ready is not None:
-            ready()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
+            self.start()
+            if self.config.server.metrics_port is not None:
+                self.metrics = MetricsServer(self.info, self.config.server.metrics_port).start()
+            if ready is not None:
+                ready()
+            # READY only now: every table is allocated (or adopted) and restored.
+            self.notifier.ready(f"serving {len(self.tables)} table(s)")
             self.serve_forever()
+            self.notifier.stopping()
             self._final_checkpoint()
         finally:
+            self.notifier.stopping()
+            if self.metrics is not None:
+                self.metrics.close()
             for s, h in old.items():
                 signal.signal(s, h)
             self.cleanup()
@@ -463,6 +471,7 @@ class Daemon:
         next_liveness = time.monotonic() + LIVENESS_CHECK_S
         last_work = 0.0
         while not self._stop.is_set():
+            self.notifier.watchdog_tick()  # here, not in a thread: a stuck loop gets restarted
             worked = False
             for t in self.tables.values():
                 worked |= self._service(t)
