@@ -293,7 +293,7 @@ class Daemon:
             socket=str(socket_path(self.name)),
             tables=[t.name for t in self.config.tables],
             format_version=FORMAT_VERSION,
-        ).write()
+        ).write(gid)
         self._owns_files = True
         self._serving = True
         self._thread = threading.Thread(target=self._serve_control, name="control", daemon=True)

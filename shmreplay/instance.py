@@ -26,7 +26,11 @@ PREFIX = "shmreplay."
 
 
 def runtime_dir() -> Path:
-    """The directory holding instance records, sockets and locks (created 0700 if missing)."""
+    """The directory holding instance records, sockets and locks (created 0700 if missing).
+
+    A directory of another user (a daemon's ``/run/shmreplay`` under systemd, read by clients
+    of its group) is accepted as long as nobody else can write to it: whoever can write there
+    could plant a record pointing at their own socket."""
     env = os.environ.get("SHMREPLAY_RUNTIME_DIR")
     if env:
         path = Path(env)
@@ -34,12 +38,18 @@ def runtime_dir() -> Path:
         path = Path(os.environ["XDG_RUNTIME_DIR"]) / "shmreplay"
     else:
         path = Path(f"/tmp/shmreplay-{os.getuid()}")
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.lstat()
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.lstat()
+    mine = st.st_uid == os.getuid()
+    if not stat.S_ISDIR(st.st_mode) or (
+        not mine and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    ):
         raise PermissionError(
-            f"{path} is not a directory owned by uid {os.getuid()}; "
-            "set SHMREPLAY_RUNTIME_DIR to a private directory"
+            f"{path} is not a directory owned by uid {os.getuid()} (or another user's that "
+            "only its owner can write to); set SHMREPLAY_RUNTIME_DIR to a private directory"
         )
     return path
 
@@ -77,11 +87,14 @@ class InstanceRecord:
     tables: list[str]
     format_version: int
 
-    def write(self) -> None:
+    def write(self, gid: int | None = None) -> None:
+        """Write the record atomically; readable by group ``gid`` too when given."""
         path = record_path(self.name)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(asdict(self)))
-        os.chmod(tmp, 0o600)
+        os.chmod(tmp, 0o600 if gid is None else 0o640)
+        if gid is not None:
+            os.chown(tmp, -1, gid)
         tmp.replace(path)  # atomic: a reader sees the old record or the new one
 
     @classmethod
