@@ -21,6 +21,7 @@ from .config import (
     load_config,
 )
 from .errors import (
+    CheckpointError,
     ClientClosedError,
     ConfigError,
     DaemonAlreadyRunning,
@@ -67,5 +68,6 @@ __all__ = [
     "SegmentError",
     "FormatVersionError",
     "InsufficientSharedMemory",
+    "CheckpointError",
     "__version__",
 ]

@@ -191,19 +191,18 @@ class Daemon:
                 {n: t.core for n, t in self.tables.items()},
                 directory,
                 self.config.server.checkpoint_keep,
-                progress=log.info,
+                progress=self._progress,
             )
-        log.info(
-            "checkpoint %s written: %s in %.2f s (%s items, %d changed during the copy and left "
-            "out, longest lock hold %.1f ms)",
-            report.path,
-            format_bytes(report.bytes),
-            report.seconds,
-            report.items,
-            sum(report.dropped.values()) if isinstance(report.dropped, dict) else report.dropped,
-            report.longest_hold_s * 1e3,
-        )
-        return _plain({k: str(v) if k == "path" else v for k, v in report.__dict__.items()})
+        log.info("%s", report.summary())
+        return {
+            "path": str(report.path),
+            "bytes": report.bytes,
+            "seconds": report.seconds,
+            "items": dict(report.items),
+            "dropped": dict(report.dropped),
+            "longest_hold_s": report.max_lock_s,
+            "removed": [str(p) for p in report.removed],
+        }
 
     def _final_checkpoint(self) -> None:
         """At shutdown, with checkpoint_dir set: commit what was published, then checkpoint."""
@@ -265,12 +264,26 @@ class Daemon:
         if path is None:
             return
         ckpt = read_checkpoint(path)
+        for name in ckpt.tables.keys() - self.tables.keys():
+            log.warning(
+                "checkpoint %s holds table %r, which tables.toml lacks: skipped", path, name
+            )
         for name, t in self.tables.items():
             if name in adopted:
                 log.info("table %r: adopted from /dev/shm, not restored from %s", name, path)
-                continue
-            report = restore_table(t.core, ckpt, truncate=self.truncate)
-            log.info("table %r restored from %s: %s", name, path, report)
+            elif name not in ckpt.tables:
+                log.warning("table %r is not in checkpoint %s: it starts empty", name, path)
+            else:
+                report = restore_table(
+                    t.core, ckpt, truncate=self.truncate, progress=self._progress
+                )
+                log.info("%s", report.summary())
+
+    def _progress(self, line: str) -> None:
+        """Progress of a long restore or checkpoint: logged, and shown by systemd."""
+        log.info("%s", line)
+        self.notifier.status(line)
+        self.notifier.extend_timeout(60)
 
     def start(self) -> None:
         self._take_instance_lock()

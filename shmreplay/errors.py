@@ -16,7 +16,8 @@ working for code that does not know about shmreplay::
     ├── ClientClosedError        (RuntimeError)     a handle was used after ``close()``
     ├── SegmentError             (RuntimeError)     corrupt header or other format
     │   └── FormatVersionError                      ... written by another format version
-    └── InsufficientSharedMemory (MemoryError)      the tables do not fit in /dev/shm
+    ├── InsufficientSharedMemory (MemoryError)      the tables do not fit in /dev/shm
+    └── CheckpointError          (RuntimeError)     a checkpoint cannot be written, read, restored
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "SegmentError",
     "FormatVersionError",
     "InsufficientSharedMemory",
+    "CheckpointError",
 ]
 
 
@@ -104,3 +106,7 @@ class FormatVersionError(SegmentError):
 
 class InsufficientSharedMemory(ShmReplayError, MemoryError):
     """The tables need more bytes than /dev/shm has free; the message gives both sizes."""
+
+
+class CheckpointError(ShmReplayError, RuntimeError):
+    """A checkpoint cannot be written, read or restored; the message says what to do."""

@@ -44,9 +44,7 @@ def runtime_dir() -> Path:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         st = path.lstat()
     mine = st.st_uid == os.getuid()
-    if not stat.S_ISDIR(st.st_mode) or (
-        not mine and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-    ):
+    if not stat.S_ISDIR(st.st_mode) or (not mine and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
         raise PermissionError(
             f"{path} is not a directory owned by uid {os.getuid()} (or another user's that "
             "only its owner can write to); set SHMREPLAY_RUNTIME_DIR to a private directory"

@@ -33,6 +33,7 @@ def test_all_is_pinned():
             "SegmentError",
             "FormatVersionError",
             "InsufficientSharedMemory",
+            "CheckpointError",
             "__version__",
         ]
     )
