@@ -143,7 +143,8 @@ check = { dtype = "uint32" }
 
 def stamped_row(uid: int) -> dict[str, np.ndarray]:
     obs = (np.arange(16, dtype=np.float32) + np.float32(uid % 100_003)) * np.float32(0.5)
-    return {"uid": np.int64(uid), "obs": obs, "check": np.uint32(zlib.crc32(obs.tobytes()) ^ uid)}
+    check = np.uint32((zlib.crc32(obs.tobytes()) ^ uid) & 0xFFFFFFFF)  # as astype(uint32) wraps
+    return {"uid": np.int64(uid), "obs": obs, "check": check}
 
 
 def stamped_batch(uids: np.ndarray) -> dict[str, np.ndarray]:
@@ -311,3 +312,42 @@ def limited_consumer(instance: str, table: str, batch_size: int, stop, results) 
         uids.extend(s.data["uid"].tolist())
     client.close()
     results.put((uids, bad))
+
+
+# -- chaos: processes that run until killed -------------------------------------------------------
+
+
+def endless_actor(instance: str, table: str, actor_id: int, started) -> None:
+    """Insert stamped rows (all three write paths) until killed."""
+    import shmreplay
+
+    client = shmreplay.attach(instance, timeout=10)
+    t = client.table(table)
+    started.set()
+    uid = actor_id * 1_000_000_000
+    while True:
+        t.insert(stamped_row(uid), timeout=30)
+        t.insert_batch(stamped_batch(np.arange(uid + 1, uid + 9)), timeout=30)
+        with t.reserve(timeout=30) as slot:
+            for name, value in stamped_row(uid + 9).items():
+                slot[name][...] = value
+        uid += 10
+
+
+def endless_learner(instance: str, table: str, results) -> None:
+    """Sample, verify and update priorities until killed; puts (batches, bad rows) every batch."""
+    import shmreplay
+
+    client = shmreplay.attach(instance, timeout=10)
+    t = client.table(table)
+    batches = bad = 0
+    rng = np.random.default_rng()
+    while True:
+        try:
+            s = t.sample(64, timeout=5)
+        except shmreplay.RateLimiterTimeout:
+            continue
+        bad += int((~verify_stamped(s.data)).sum())
+        t.update_priorities(s.info.key, rng.random(len(s.info.key)) + 0.1)
+        batches += 1
+        results.put((batches, bad))
