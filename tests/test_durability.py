@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import shmreplay
 from shmreplay.instance import remove_shm_objects
@@ -132,3 +133,51 @@ def test_checkpoint_without_a_directory_says_how_to_set_one(daemon_factory):
             assert "checkpoint_dir" in str(exc)
         else:
             raise AssertionError("a checkpoint without checkpoint_dir must be refused")
+
+
+def _mount_small_tmpfs(path, size: str) -> bool:
+    path.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
+    return r.returncode == 0
+
+
+def test_a_full_disk_leaves_the_previous_checkpoint_intact_and_the_daemon_running(
+    daemon_factory, tmp_path
+):
+    """checkpoint_dir on a 1 MiB tmpfs: the first checkpoint fits, a second one after more
+    inserts does not. The daemon says so, keeps serving, and the first still restores."""
+    disk = tmp_path / "disk"
+    if os.geteuid() != 0 or not _mount_small_tmpfs(disk, "1m"):
+        pytest.skip("needs root and tmpfs mounts to make a small full disk")
+    try:
+        toml = f'[server]\ncheckpoint_dir = "{disk}"\n' + table_toml(
+            max_size=20_000, sampler='{ kind = "fifo" }', signature=STAMPED_SIGNATURE
+        )
+        d = daemon_factory(toml)
+        with shmreplay.attach(d.name) as client:
+            t = client.table("replay")
+            for u in range(2000):  # ~170 kB of items
+                t.insert(stamped_row(u))
+            t.flush()
+            first = client.checkpoint()
+            for u in range(2000, 20_000):  # ~1.5 MB: no longer fits
+                t.insert(stamped_row(u))
+            t.flush()
+            with pytest.raises(shmreplay.CheckpointError):
+                client.checkpoint()
+            t.insert(stamped_row(99_999))  # still serving
+            t.flush()
+            assert t.info().current_size == 20_001 - 1  # max_size 20_000: the oldest evicted
+        assert [p for p in os.listdir(disk) if p.startswith("checkpoint-")] == [
+            os.path.basename(first["path"])
+        ]
+        os.kill(d.proc.pid, signal.SIGKILL)
+        d.proc.wait()
+        remove_shm_objects(d.name)
+        daemon_factory(toml, name=d.name)
+        with shmreplay.attach(d.name) as client:
+            assert client.table("replay").info().current_size == 2000
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
