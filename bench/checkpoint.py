@@ -26,7 +26,6 @@ the disk and skips the table figures (saying so) when it is not there.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import multiprocessing as mp
 import os
 import shutil
@@ -34,7 +33,6 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +41,9 @@ import shmreplay
 from bench.run import W2_ROW_BYTES, W2_SIG, emit
 from shmreplay.checkpoint import latest_checkpoint, read_checkpoint, restore_table, write_checkpoint
 from shmreplay.config import FieldSpec, SelectorSpec, TableSpec
-from shmreplay.instance import segment_name
-from shmreplay.layout import Ctrl, compute_layout
-from shmreplay.shm import Segment
+from shmreplay.layout import Ctrl
 from shmreplay.table import TableCore
-from shmreplay.testing import DaemonProcess, table_toml, unique_name
+from shmreplay.testing import DaemonProcess, local_table, table_toml
 
 CTX = mp.get_context("spawn")
 FULL_ITEMS = 74_000  # x 28,237 bytes = 2.09 GB
@@ -61,20 +57,6 @@ W1_FIELDS = (
     FieldSpec("reward", (), "float32"),
     FieldSpec("done", (), "bool"),
 )
-
-
-@contextlib.contextmanager
-def local_table(spec: TableSpec) -> Iterator[TableCore]:
-    """A fresh table in shared memory without a daemon (a restore target); unlinked after."""
-    name = segment_name(unique_name("bench"), spec.name)
-    seg = Segment.create(name, compute_layout(spec, max_clients=2))
-    try:
-        core = TableCore(seg)
-        core.initialize(os.getpid())
-        yield core
-    finally:
-        Segment.unlink(name)
-        seg.close()
 
 
 def file_copy(src: np.ndarray, nbytes: int, directory: Path) -> float:
@@ -189,7 +171,7 @@ def bench_table(items: int, directory: Path) -> None:
             path = latest_checkpoint(work / "ckpt")
             verify_s = time.perf_counter() - t0
             checkpoint = read_checkpoint(path)
-            with local_table(core.spec) as target:
+            with local_table(core.spec, "bench") as target:
                 restored = restore_table(target, checkpoint)
             emit(
                 {
@@ -256,7 +238,7 @@ def bench_metadata_lock(directory: Path, kind: str, repeats: int = 3) -> None:
     """The mutex hold of a checkpoint of 1M small items: the per-slot metadata copy."""
     n = 1_000_000
     spec = TableSpec("lock", n, W1_FIELDS, sampler=SelectorSpec(kind))
-    with local_table(spec) as core:
+    with local_table(spec, "bench") as core:
         while int(core.ctrl[Ctrl.SIZE]) < n:  # commit as the daemon does, 8192 at a time
             with core.mutex:
                 core.commit(core.lease(0, min(8192, n - int(core.ctrl[Ctrl.SIZE]))))

@@ -16,10 +16,16 @@ import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .instance import InstanceRecord, remove_shm_objects, shm_objects
+
+if TYPE_CHECKING:
+    from .config import TableSpec
+    from .table import TableCore
 
 _counter = itertools.count()
 
@@ -351,3 +357,24 @@ def endless_learner(instance: str, table: str, results) -> None:
         t.update_priorities(s.info.key, rng.random(len(s.info.key)) + 0.1)
         batches += 1
         results.put((batches, bad))
+
+
+@contextlib.contextmanager
+def local_table(spec: TableSpec, prefix: str = "t") -> Iterator[TableCore]:
+    """A freshly initialized table in shared memory without a daemon (a restore target, a
+    selector's playground); unlinked afterwards. Its name carries ``unique_name(prefix)``, so
+    the tests' leak check sees it if it is left behind."""
+    from .instance import segment_name
+    from .layout import compute_layout
+    from .shm import Segment
+    from .table import TableCore
+
+    name = segment_name(unique_name(prefix), spec.name)
+    seg = Segment.create(name, compute_layout(spec, max_clients=2))
+    try:
+        core = TableCore(seg)
+        core.initialize(os.getpid())
+        yield core
+    finally:
+        Segment.unlink(name)
+        seg.close()

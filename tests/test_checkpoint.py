@@ -8,13 +8,11 @@ test uses a real daemon and a real writer process.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import multiprocessing as mp
 import os
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,16 +28,14 @@ from shmreplay.checkpoint import (
     write_checkpoint,
 )
 from shmreplay.config import FieldSpec, SelectorSpec, TableSpec
-from shmreplay.instance import segment_name
-from shmreplay.layout import Ctrl, SlotState, compute_layout
-from shmreplay.shm import Segment
+from shmreplay.layout import Ctrl, SlotState
 from shmreplay.table import TableCore
 from shmreplay.testing import (
     STAMPED_SIGNATURE,
+    local_table,
     stamped_actor,
     stamped_batch,
     table_toml,
-    unique_name,
     verify_stamped,
 )
 
@@ -80,21 +76,6 @@ def spec(
         remover=SelectorSpec(remover),
         max_times_sampled=max_times_sampled,
     )
-
-
-@contextlib.contextmanager
-def local_table(table_spec: TableSpec) -> Iterator[TableCore]:
-    """A freshly initialized table in shared memory, without a daemon; unlinked afterwards.
-    Its name carries this process's test stem, so the leak check would see it left behind."""
-    name = segment_name(unique_name(), table_spec.name)
-    seg = Segment.create(name, compute_layout(table_spec, max_clients=2))
-    try:
-        core = TableCore(seg)
-        core.initialize(os.getpid())
-        yield core
-    finally:
-        Segment.unlink(name)
-        seg.close()
 
 
 def fill(core: TableCore, uids, priorities=None) -> None:
