@@ -67,6 +67,7 @@ import queue
 import re
 import shutil
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -119,6 +120,19 @@ _META = {  # per-item metadata files: name → dtype
     "times_sampled": np.int32,
     "seq": np.int64,
 }
+
+
+@contextlib.contextmanager
+def _short_gil_slices() -> Iterator[None]:
+    """While a table lock is held: each numpy copy releases the GIL, and another thread of the
+    process (the daemon's commit loop) then keeps it for up to sys.getswitchinterval() (5 ms)
+    before we get it back. Shorter slices keep the lock hold near the copy time."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
 
 
 # -- records -----------------------------------------------------------------------------------
@@ -360,7 +374,7 @@ def _snapshot(core: TableCore) -> _Snapshot:
         sources["touch"] = heap.touch[:n]  # the leaves: slot s's touch
     copies = {k: np.ones(n, v.dtype) for k, v in sources.items()}  # ones: faults the pages in
     ready = np.ones(n, bool)
-    with core.mutex:
+    with core.mutex, _short_gil_slices():
         t0 = time.perf_counter()
         for k, src in sources.items():
             np.copyto(copies[k], src)
