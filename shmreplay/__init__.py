@@ -37,6 +37,7 @@ from .errors import (
     TableNotFoundError,
 )
 from .table import Sample, SampleInfo, TableInfo
+from .trajectory import TrajectoryWriter
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,7 @@ __all__ = [
     "Client",
     "Table",
     "ReservedSlot",
+    "TrajectoryWriter",
     "Sample",
     "SampleInfo",
     "TableInfo",

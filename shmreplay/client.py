@@ -39,6 +39,7 @@ from .layout import LEASE_CAPACITY, PUBLISH_CAPACITY, Chan, Ctrl, Sleep
 from .rings import ring_get, ring_put
 from .shm import Segment
 from .table import Sample, SampleInfo, TableCore, TableEvents, TableInfo
+from .trajectory import TrajectoryWriter
 
 __all__ = ["attach", "Client", "Table", "ReservedSlot", "Sample", "SampleInfo", "TableInfo"]
 
@@ -191,6 +192,11 @@ class Client:
                 "set_rate_limiter", table=table, rate_limiter=dict(rate_limiter)
             )
         return reply["rate_limiter"]
+
+    def trajectory_writer(self, num_keep_alive_refs: int, **kw) -> TrajectoryWriter:
+        """A Reverb-style trajectory writer over this client: ``append`` steps, then
+        ``create_item`` from ``history`` selections (see :class:`TrajectoryWriter`)."""
+        return TrajectoryWriter(self, num_keep_alive_refs, **kw)
 
     def checkpoint(self) -> dict:
         """Have the daemon write a checkpoint of every table (into [server] checkpoint_dir);

@@ -667,7 +667,10 @@ class TableCore:
         for name, array in self.data.items():
             if contiguous:
                 first = 0 if positions is None else int(positions[0])
-                np.take(array, slots, axis=0, out=out[name][first : first + len(slots)])
+                # mode="clip": with "raise" numpy buffers ``out`` (an extra copy: 3x slower for
+                # Atari rows); the slots are valid indices
+                dest = out[name][first : first + len(slots)]
+                np.take(array, slots, axis=0, out=dest, mode="clip")
             else:
                 out[name][positions] = array[slots]
 

@@ -45,16 +45,18 @@ def test_random_kills_of_clients_and_the_daemon_lose_nothing_committed(daemon_fa
     rnd = random.Random(1)
     procs: dict[str, mp.Process] = {}
     learned: dict[str, object] = {}
-    started: dict[str, object] = {}
+    keep: list[object] = []  # every Event and Queue made: one collected early is unlinked
+    # before its child has unpickled it (spawn), and the child dies with FileNotFoundError
     totals = {"batches": 0, "bad": 0, "kills": 0}
 
     def start(role: str, i: int, serial: int) -> None:
         key = f"{role}{i}"
         if role == "actor":
-            started[key] = CTX.Event()  # kept: a collected Event is gone before the child reads it
-            p = CTX.Process(target=endless_actor, args=(d.name, "replay", serial, started[key]))
+            keep.append(CTX.Event())
+            p = CTX.Process(target=endless_actor, args=(d.name, "replay", serial, keep[-1]))
         else:
             learned[key] = CTX.Queue()
+            keep.append(learned[key])
             p = CTX.Process(target=endless_learner, args=(d.name, "replay", learned[key]))
         p.start()
         procs[key] = p

@@ -10,6 +10,7 @@ def test_all_is_pinned():
             "Client",
             "Table",
             "ReservedSlot",
+            "TrajectoryWriter",
             "Sample",
             "SampleInfo",
             "TableInfo",
