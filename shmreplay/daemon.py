@@ -38,6 +38,7 @@ from .errors import (
     ConfigError,
     DaemonAlreadyRunning,
     InsufficientSharedMemory,
+    LockTimeout,
     ShmReplayError,
     TableNotFoundError,
 )
@@ -72,6 +73,7 @@ log = logging.getLogger("shmreplay")
 # With writers active the daemon never sleeps longer than this: it bounds the delay of a wake-up
 # lost to store/load reordering between a writer's publish and the daemon's sleeping flag.
 ACTIVE_SLEEP_S = 0.002  # a nap: bounds the delay from publish to sampleable
+STALL_WARN_S = 2.0  # the commit loop says who holds a table lock this long
 QUARANTINE_S = 1.0  # far longer than any client takes to write a row or copy a sample
 ACTIVE_WINDOW_S = 0.05  # writers quiet for this long: sleep until woken instead of napping
 IDLE_SLEEP_S = 0.1
@@ -501,6 +503,31 @@ class Daemon:
             else:
                 self._sleep(active=now - last_work < ACTIVE_WINDOW_S)
 
+    @contextlib.contextmanager
+    def _locked(self, t: _TableState, what: str):
+        """The table's lock, for the commit loop. A process stopped (SIGSTOP) while holding it
+        cannot be told from a slow one and its lock cannot be taken from it: wait, and say
+        every STALL_WARN_S who holds it."""
+        waited = 0.0
+        while True:
+            try:
+                t.core.mutex.acquire(STALL_WARN_S)
+                break
+            except LockTimeout:
+                waited += STALL_WARN_S
+                log.warning(
+                    "table %r: its lock has been held by pid %d for %.0f s (a stopped process?);"
+                    " %s waits",
+                    t.core.name,
+                    t.core.mutex.owner_pid,
+                    waited,
+                    what,
+                )
+        try:
+            yield
+        finally:
+            t.core.mutex.release()
+
     def _end_quarantines(self, now: float) -> None:
         for name, t in self.tables.items():
             if t.quarantine is not None and now >= t.quarantine[0]:
@@ -542,7 +569,7 @@ class Daemon:
                 for c in pending
             ]
             slots = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            with core.mutex:
+            with self._locked(t, "committing"):
                 committed = core.commit(slots)
             for c in pending:
                 t.outstanding[c] -= tails[c] - heads[c]
@@ -578,7 +605,7 @@ class Daemon:
         if not need.any():
             return 0
         total = 0
-        with core.mutex:
+        with self._locked(t, "leasing slots"):
             budget = core.limiter.insert_allowance(int(need.sum()), int(t.outstanding.sum()))
             for c, n in zip(wanting, need, strict=True):
                 n = min(int(n), budget)

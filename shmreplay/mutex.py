@@ -77,13 +77,19 @@ class RobustMutex:
     it must leave the protected structures consistent.
     """
 
-    def __init__(self, buf: np.ndarray, on_owner_died: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        buf: np.ndarray,
+        on_owner_died: Callable[[], None] | None = None,
+        name: str = "table lock",
+    ) -> None:
         if buf.nbytes < MUTEX_NBYTES or buf.dtype != np.uint8:
             raise SegmentError(f"mutex needs a uint8 buffer of {MUTEX_NBYTES} bytes")
         self._buf = buf  # keeps the mapping alive as long as the pointer is in use
         self._ptr = ctypes.c_void_p(buf.ctypes.data)
         self._owner = buf[_OWNER_OFFSET : _OWNER_OFFSET + 4].view(np.int32)
         self.on_owner_died = on_owner_died
+        self.name = name  # for messages
         self.repairs = 0  # times this process repaired after a dead owner
 
     @staticmethod
@@ -140,8 +146,8 @@ class RobustMutex:
                 slice_s = min(slice_s, deadline - time.monotonic())
                 if slice_s <= 0:
                     raise LockTimeout(
-                        f"table lock held by thread {self.owner_pid} for more than {timeout} s; "
-                        "is a process stopped (SIGSTOP) or stuck while sampling?"
+                        f"{self.name} held by pid {self.owner_pid} for more than {timeout} s; "
+                        "is that process stopped (SIGSTOP) or stuck while sampling?"
                     )
             until = time.time() + slice_s  # timedlock takes a CLOCK_REALTIME deadline
             ts.tv_sec = int(until)

@@ -113,6 +113,11 @@ class TableInfo:
 
 
 _INFO_FIELDS = ("key", "probability", "priority", "times_sampled", "table_size")
+LOCK_GRACE_S = 0.1  # a live holder keeps the lock for microseconds: even nowait waits this long
+
+
+def _lock_wait(timeout: float | None) -> float | None:
+    return None if timeout is None else max(timeout, LOCK_GRACE_S)
 
 
 @dataclass
@@ -156,7 +161,9 @@ class TableCore:
         self.sampler = self._selector("sampler", self.spec.sampler)
         self.remover = self._selector("remover", self.spec.remover)
         self.limiter = RateLimiter(self.params, self.ctrl)
-        self.mutex = RobustMutex(a["mutex"], on_owner_died=self.repair)
+        self.mutex = RobustMutex(
+            a["mutex"], on_owner_died=self.repair, name=f"the lock of table {self.name!r}"
+        )
         self.rng = np.random.default_rng()
         self.daemon_pid: int | None = None  # a client's: the daemon it attached to
         # Items a timed-out sample() had already taken (and counted): the next call gets them.
@@ -511,9 +518,14 @@ class TableCore:
         out = self._output_buffers(n, out)
         if self._carry:
             return self._sample_slowly(n, None, None, out, channel, timeout, partial)
-        with self.mutex:
+        # A holder that is stopped, not dead, keeps the lock: waiting for it honours the
+        # timeout and names its pid (LockTimeout).
+        self.mutex.acquire(_lock_wait(timeout))
+        try:
             self.chan[channel, Chan.WAIT_SAMPLE] = 0
             sel = self._select(n, channel, count_samples=True)
+        finally:
+            self.mutex.release()
         if sel is not None:
             self._wake_blocked_writers()
         if sel is not None and len(sel.slots) == n:
@@ -559,12 +571,17 @@ class TableCore:
             self._deliver(first, out, info, 0, channel, first_intact)
             filled = len(first.slots)
         while filled < n:
-            with self.mutex:
+            self.mutex.acquire(
+                _lock_wait(None if deadline is None else deadline - time.monotonic())
+            )
+            try:
                 self.chan[channel, Chan.WAIT_SAMPLE] = 0
                 sel = self._select(n - filled, channel, count_samples=True)
                 if sel is None:
                     self.chan[channel, Chan.WAIT_SAMPLE] = 1  # registered before we unlock
                     self.ctrl[Ctrl.SAMPLER_WAITING] = 1
+            finally:
+                self.mutex.release()
             if sel is None:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:

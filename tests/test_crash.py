@@ -105,3 +105,45 @@ def test_killed_halfway_through_a_reserved_slot(daemon_factory):
             s = t.sample(256, timeout=5)
             assert verify_stamped(s.data).all()
             assert 777 not in s.data["uid"]
+
+
+def test_a_stopped_lock_holder_makes_samplers_time_out_naming_it(daemon_factory):
+    """Policy for a holder that is stopped (SIGSTOP), not dead: its lock cannot be taken from a
+    live process, so samplers wait no longer than their timeout and get a LockTimeout naming the
+    pid, and the daemon's commit loop waits and logs who holds the lock. SIGCONT (or its death)
+    lets everything go on."""
+    d = daemon_factory(table_toml(signature=STAMPED_SIGNATURE))
+    with shmreplay.attach(d.name) as client:
+        t = client.table("replay")
+        t.insert_batch(stamped_batch(np.arange(50)))
+        t.flush()
+        ready = CTX.Event()
+        p = CTX.Process(target=lock_holder, args=(d.name, "replay", ready))
+        p.start()
+        try:
+            assert ready.wait(30)
+            os.kill(p.pid, signal.SIGSTOP)
+            t.insert_batch(stamped_batch(np.arange(50, 60)))  # the daemon's commit must wait
+            t0 = time.monotonic()
+            try:
+                t.sample(1, timeout=0.5)
+            except shmreplay.LockTimeout as exc:
+                assert str(p.pid) in str(exc) and "'replay'" in str(exc)
+                assert isinstance(exc, TimeoutError)
+            else:
+                raise AssertionError("sampling went past a stopped lock holder")
+            assert 0.5 <= time.monotonic() - t0 < 3
+            deadline = time.monotonic() + 10
+            while "held by pid" not in d.log() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert f"held by pid {p.pid}" in d.log()
+            os.kill(p.pid, signal.SIGCONT)
+            os.kill(p.pid, signal.SIGKILL)  # it would hold the lock forever: let it die
+            s = t.sample(8, timeout=5)
+            assert verify_stamped(s.data).all()
+            t.flush(timeout=10)
+            assert t.info().current_size == 60
+        finally:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGCONT)
+            _kill(p)
