@@ -1,0 +1,116 @@
+"""Hostile and malformed requests on the control socket: the daemon answers with an error or
+closes that connection, and keeps serving everyone else."""
+
+from __future__ import annotations
+
+import random
+import socket
+import struct
+
+import msgpack
+import pytest
+
+import shmreplay
+from shmreplay.control import MAX_FRAME, recv
+from shmreplay.instance import InstanceRecord
+from shmreplay.testing import table_toml
+
+
+def connect(name: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(InstanceRecord.read(name).socket)
+    return s
+
+
+def frame(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
+def answer_or_close(s: socket.socket) -> dict | None:
+    """The daemon's reply, or None if it closed the connection."""
+    try:
+        return recv(s)
+    except (ConnectionError, OSError):
+        return None
+
+
+def still_serves(name: str) -> None:
+    with shmreplay.attach(name, timeout=5) as client:
+        t = client.table("replay")
+        t.insert({"obs": [0.0] * 8, "action": 1, "reward": 0.5, "done": False})
+        t.flush(timeout=5)
+        assert client.server_info()["tables"]["replay"]["current_size"] >= 1
+
+
+@pytest.fixture
+def daemon(daemon_factory):
+    return daemon_factory(table_toml())
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"\xc1",  # never used in msgpack
+        b"\x92\x01",  # truncated array
+        msgpack.packb([1, 2, 3]),  # not a map
+        msgpack.packb({"op": "no-such-op"}),
+        msgpack.packb({"op": "hello"}),  # no protocol, no pid
+        msgpack.packb({"op": "hello", "protocol": 1, "pid": "x"}),
+        msgpack.packb({"op": "set_rate_limiter", "table": ["a"], "rate_limiter": 5}),
+        msgpack.packb({"op": "reset", "table": None}),
+        msgpack.packb({"op": b"\xff" * 100}),
+    ],
+    ids=lambda b: repr(b[:12]),
+)
+def test_malformed_requests_get_an_error_and_the_daemon_goes_on(daemon, body):
+    with connect(daemon.name) as s:
+        s.sendall(frame(body))
+        reply = answer_or_close(s)
+        assert reply is None or (reply.get("ok") is False and reply.get("error"))
+    assert daemon.proc.poll() is None
+    still_serves(daemon.name)
+
+
+def test_a_huge_length_closes_the_connection_without_allocating(daemon):
+    with connect(daemon.name) as s:
+        s.sendall(struct.pack(">I", MAX_FRAME + 1) + b"x" * 100)
+        assert answer_or_close(s) is None
+    with connect(daemon.name) as s:
+        s.sendall(struct.pack(">I", 0xFFFFFFFF))
+        assert answer_or_close(s) is None
+    assert daemon.proc.poll() is None
+    still_serves(daemon.name)
+
+
+def test_random_bytes_and_truncated_frames_do_no_harm(daemon):
+    rng = random.Random(20261125)
+    for _ in range(60):
+        with connect(daemon.name) as s:
+            kind = rng.randrange(3)
+            if kind == 0:  # random garbage, length prefix included
+                s.sendall(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64))))
+            elif kind == 1:  # a valid request cut short, then hang up
+                whole = frame(msgpack.packb({"op": "info"}))
+                s.sendall(whole[: rng.randrange(1, len(whole))])
+            else:  # a random map
+                body = msgpack.packb(
+                    {
+                        "op": rng.choice(["info", "hello", "bye", "reset", "x"]),
+                        "table": rng.random(),
+                        "pid": rng.randrange(-5, 5),
+                    }
+                )
+                s.sendall(frame(body))
+                answer_or_close(s)
+    assert daemon.proc.poll() is None
+    still_serves(daemon.name)
+
+
+def test_a_client_that_connects_and_never_speaks_blocks_nobody(daemon):
+    idle = connect(daemon.name)
+    try:
+        still_serves(daemon.name)  # with the idle connection open
+    finally:
+        idle.close()
