@@ -19,6 +19,7 @@ import queue
 import selectors
 import signal
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -696,6 +697,9 @@ class Daemon:
                             conn, _ = self._listener.accept()
                         except (BlockingIOError, OSError):
                             continue
+                        if not self._peer_allowed(conn):
+                            conn.close()
+                            continue
                         conn.setblocking(False)
                         buffers[conn] = bytearray()
                         sel.register(conn, selectors.EVENT_READ, "conn")
@@ -716,6 +720,19 @@ class Daemon:
             for conn in list(buffers):
                 conn.close()
             sel.close()
+
+    def _peer_allowed(self, conn: socket.socket) -> bool:
+        """The socket's mode already keeps others out; the kernel's word on the peer (its uid,
+        SO_PEERCRED) is checked too: our user, root, or a member of [server] group."""
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, gid = struct.unpack("3i", creds)
+        if uid in (0, os.getuid()):
+            return True
+        group = _group_id(self.config.server.group)
+        if group is not None and (gid == group or _user_in_group(uid, group)):
+            return True
+        log.warning("refused a control connection from pid %d (uid %d): not allowed", pid, uid)
+        return False
 
     def _read_conn(self, conn, buffers, channels) -> bool:
         try:
@@ -857,6 +874,17 @@ def _plain(obj):
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
+
+
+def _user_in_group(uid: int, gid: int) -> bool:
+    import grp
+    import pwd
+
+    try:
+        user = pwd.getpwuid(uid)
+        return user.pw_gid == gid or user.pw_name in grp.getgrgid(gid).gr_mem
+    except KeyError:
+        return False
 
 
 def _group_id(group: str | None) -> int | None:

@@ -114,3 +114,47 @@ def test_a_client_that_connects_and_never_speaks_blocks_nobody(daemon):
         still_serves(daemon.name)  # with the idle connection open
     finally:
         idle.close()
+
+
+def _connect_as(uid: int, path: str, result) -> None:
+    import os
+
+    os.setgid(uid)
+    os.setuid(uid)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect(path)
+        s.sendall(frame(msgpack.packb({"op": "info"})))
+        result.put("answered" if answer_or_close(s) else "closed")
+    except OSError as exc:
+        result.put(f"refused: {exc.errno}")
+    finally:
+        s.close()
+
+
+@pytest.mark.skipif(__import__("os").geteuid() != 0, reason="needs root to act as another user")
+def test_another_user_is_turned_away_even_if_the_socket_mode_lets_it_in(daemon):
+    """The socket is 0600; should its mode ever be wrong, the daemon still checks the peer's
+    uid with SO_PEERCRED and closes the connection."""
+    import multiprocessing as mp
+    import os
+
+    path = InstanceRecord.read(daemon.name).socket
+    rundir = os.path.dirname(path)
+    ctx = mp.get_context("fork")
+    try:
+        os.chmod(rundir, 0o711)  # let the other user reach the socket file itself
+        for mode, expected in ((0o600, "refused: 13"), (0o666, "closed")):
+            os.chmod(path, mode)
+            result = ctx.Queue()
+            p = ctx.Process(target=_connect_as, args=(65534, path, result))
+            p.start()
+            got = result.get(timeout=10)
+            p.join(10)
+            assert got == expected, (oct(mode), got)
+    finally:
+        os.chmod(path, 0o600)
+        os.chmod(rundir, 0o700)
+    assert "refused a control connection" in daemon.log()
+    still_serves(daemon.name)
