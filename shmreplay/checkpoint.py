@@ -88,7 +88,7 @@ from .table import SLOT_MASK, TAG_SHIFT, TableCore
 logger = logging.getLogger("shmreplay")
 
 FORMAT = "shmreplay-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: episode metadata and counter
 MANIFEST = "manifest.json"
 LOCK_FILE = ".lock"
 TMP_PREFIX = ".tmp-"
@@ -108,6 +108,7 @@ _COUNTERS = {
     "deletes": Ctrl.DELETES,
     "size": Ctrl.SIZE,
     "seq": Ctrl.SEQ,
+    "episodes": Ctrl.EPISODES,
     "unique_sampled": Ctrl.UNIQUE_SAMPLED,
     "total_inserted": Ctrl.TOTAL_INSERTED,
     "total_sampled": Ctrl.TOTAL_SAMPLED,
@@ -119,6 +120,9 @@ _META = {  # per-item metadata files: name → dtype
     "priority": np.float64,
     "times_sampled": np.int32,
     "seq": np.int64,
+    "episode": np.int64,
+    "episode_first": np.int32,
+    "episode_last": np.int32,
 }
 
 
@@ -387,6 +391,11 @@ def _snapshot(core: TableCore) -> _Snapshot:
     slots = slots[order]
     meta = {k: copies[k][slots] for k in copies if k != "gen"}
     meta["seq"] = seq[order]
+    # Like seq, written before the item was published and stable until its slot is recycled,
+    # which the generation check after the row copy catches.
+    meta["episode"] = core.episode[slots]
+    meta["episode_first"] = core.episode_steps[slots, 0]
+    meta["episode_last"] = core.episode_steps[slots, 1]
     return _Snapshot(
         slots=slots,
         meta=meta,
@@ -873,6 +882,9 @@ def restore_table(
         core.priority[slots] = meta["priority"]
         core.times_sampled[slots] = meta["times_sampled"]
         core.seq[slots] = meta["seq"]
+        core.episode[slots] = meta["episode"]
+        core.episode_steps[slots, 0] = meta["episode_first"]
+        core.episode_steps[slots, 1] = meta["episode_last"]
         core.owner[slots] = -1
         core.state[slots] = SlotState.READY
         c = tc.counters
@@ -884,6 +896,7 @@ def restore_table(
         core.ctrl[Ctrl.TOTAL_SAMPLED] = c["total_sampled"]
         core.ctrl[Ctrl.TOTAL_EVICTED] = c["total_evicted"] + first
         core.ctrl[Ctrl.RESETS] = c["resets"]
+        core.ctrl[Ctrl.EPISODES] = c["episodes"]
         top = int(meta["seq"].max()) + 1 if len(slots) else 0
         core.ctrl[Ctrl.SEQ] = max(c["seq"], top)
         core.sampler.clear()

@@ -280,6 +280,32 @@ def _check_priorities(p, n: int) -> np.ndarray:
     return arr
 
 
+def _check_episode(episode) -> tuple[int, int, int]:
+    if episode is None:
+        return (0, 0, 0)
+    try:
+        eid, first, last = (int(x) for x in episode)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(
+            f"episode must be (episode id, first step, last step), got {episode!r}"
+        ) from None
+    if not -(2**31) <= first <= last < 2**31:
+        raise InvalidArgumentError(f"episode steps must satisfy first <= last, got {episode!r}")
+    return eid, first, last
+
+
+def _check_episodes(episodes, n: int) -> np.ndarray:
+    arr = np.asarray(episodes, dtype=np.int64)
+    if arr.shape != (n, 3):
+        raise InvalidArgumentError(
+            f"episodes must have shape ({n}, 3): (episode id, first step, last step) per item, "
+            f"got {arr.shape}"
+        )
+    if (arr[:, 1] > arr[:, 2]).any():
+        raise InvalidArgumentError("episodes: first step after last step")
+    return arr
+
+
 def _python_kind_ok(value: np.ndarray, dtype: np.dtype) -> bool:
     """Whether values that came from Python numbers fit ``dtype`` without loss."""
     k = value.dtype.kind
@@ -344,8 +370,15 @@ class ReservedSlot:
 
 
 class _Reservation:
-    def __init__(self, table: Table, priority: float, timeout: float | None) -> None:
+    def __init__(
+        self,
+        table: Table,
+        priority: float,
+        timeout: float | None,
+        episode: tuple[int, int, int] = (0, 0, 0),
+    ) -> None:
         self.table, self.priority, self.timeout = table, priority, timeout
+        self.episode = episode
         self.slot = -1
 
     def __enter__(self) -> ReservedSlot:
@@ -367,6 +400,8 @@ class _Reservation:
             t._spare.append(slot)  # discarded: reused by the next insert, never published
             return
         core.priority[slot] = self.priority
+        core.episode[slot] = self.episode[0]
+        core.episode_steps[slot] = self.episode[1:]
         t._publish_one(slot)
 
 
@@ -409,17 +444,24 @@ class Table:
     # -- writing -------------------------------------------------------------------------------
 
     def insert(
-        self, data: Mapping[str, object], priority: float = 1.0, timeout: float | None = None
+        self,
+        data: Mapping[str, object],
+        priority: float = 1.0,
+        timeout: float | None = None,
+        *,
+        episode: tuple[int, int, int] | None = None,
     ) -> int:
         """Insert one item; returns its key once published (sampleable once committed).
 
         Copies ``data`` into a leased slot. Blocks only if no slot is leased to this client
         (the daemon is behind, or the rate limiter holds inserts back), for at most ``timeout``
-        seconds, then raises :class:`RateLimiterTimeout`.
+        seconds, then raises :class:`RateLimiterTimeout`. ``episode`` = (episode id ≠ 0, first
+        step, last step) records which steps of which episode the item holds (trajectory
+        writers pass it; ``info()`` counts episodes from it).
         """
         self._check()
         row = self._validate_row(data)
-        return self._write_row(row, _check_priority(priority), timeout)
+        return self._write_row(row, _check_priority(priority), timeout, _check_episode(episode))
 
     def _validate_row(self, data: Mapping[str, object]) -> list[np.ndarray]:
         if not isinstance(data, Mapping):
@@ -448,7 +490,13 @@ class Table:
             + ", ".join(f"{f.name}: {f.dtype}{list(f.shape)}" for f in self._fields)
         )
 
-    def _write_row(self, row: list[np.ndarray], priority: float, timeout: float | None) -> int:
+    def _write_row(
+        self,
+        row: list[np.ndarray],
+        priority: float,
+        timeout: float | None,
+        episode: tuple[int, int, int] = (0, 0, 0),
+    ) -> int:
         core = self.core
         slot = self._take_one(timeout)
         gen = core.gen
@@ -457,18 +505,26 @@ class Table:
         for column, value in zip(self._columns, row, strict=True):
             column[3][slot] = value
         core.priority[slot] = priority
+        core.episode[slot] = episode[0]  # always written: the slot may hold an old item's
+        core.episode_steps[slot] = episode[1:]
         gen[slot] = g + 2  # even: complete
         key = int(core.key[slot])
         self._publish_one(slot)
         return key
 
     def insert_batch(
-        self, data: Mapping[str, object], priorities=1.0, timeout: float | None = None
+        self,
+        data: Mapping[str, object],
+        priorities=1.0,
+        timeout: float | None = None,
+        *,
+        episodes=None,
     ) -> np.ndarray:
         """Insert a batch (leading axis = items); returns the keys as a uint64 array.
 
-        ``priorities`` is one number or one per item. All of the batch is validated before any
-        of it is written; it is copied into leased slots chunk by chunk.
+        ``priorities`` is one number or one per item; ``episodes`` (optional) one (episode id,
+        first step, last step) row per item, as for :meth:`insert`. All of the batch is
+        validated before any of it is written; it is copied into leased slots chunk by chunk.
         """
         self._check()
         if not isinstance(data, Mapping):
@@ -483,6 +539,7 @@ class Table:
             )
         cols = [_coerce(f, data[f.name], n) for f in self._fields]
         prios = _check_priorities(priorities, n)
+        eps = np.zeros((n, 3), np.int64) if episodes is None else _check_episodes(episodes, n)
         keys = np.empty(n, np.uint64)
         core = self.core
         done = 0
@@ -493,13 +550,21 @@ class Table:
             for arr, col in zip(core.data.values(), cols, strict=True):
                 arr[slots] = col[done : done + k]
             core.priority[slots] = prios[done : done + k]
+            core.episode[slots] = eps[done : done + k, 0]
+            core.episode_steps[slots] = eps[done : done + k, 1:]
             core.gen[slots] += 1
             keys[done : done + k] = core.key[slots]
             self._publish_many(slots)
             done += k
         return keys
 
-    def reserve(self, priority: float = 1.0, timeout: float | None = None) -> _Reservation:
+    def reserve(
+        self,
+        priority: float = 1.0,
+        timeout: float | None = None,
+        *,
+        episode: tuple[int, int, int] | None = None,
+    ) -> _Reservation:
         """Reserve a slot and write into it in place (zero-copy)::
 
             with table.reserve(priority=1.0) as slot:
@@ -509,7 +574,7 @@ class Table:
         Published on a clean exit; discarded (never visible) if the block raises.
         """
         self._check()
-        return _Reservation(self, _check_priority(priority), timeout)
+        return _Reservation(self, _check_priority(priority), timeout, _check_episode(episode))
 
     def _take_one(self, timeout: float | None) -> int:
         """One leased slot (the single-item path of _take_slots, without arrays)."""

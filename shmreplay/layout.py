@@ -38,7 +38,7 @@ from .selectors import selector_class
 
 MAGIC = b"SHMRPLY\0"
 # Bump when anything in this file, the control-line indices or a selector's arrays change.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ALIGN = 64  # a cache line: counters on their own line never tear and never false-share
 PAGE = 4096
 PAYLOAD_OFFSET = 128
@@ -74,6 +74,7 @@ class Ctrl:
     READY = 16  # 1 once the daemon finished initialising the segment
     TOTAL_EVICTED = 17
     SAMPLER_WAITING = 18  # hint: a sampler sleeps waiting for items; writers wake the daemon
+    EPISODES = 19  # episodes that have had items in the table (since the last reset)
     COUNT = 24
 
 
@@ -181,6 +182,8 @@ def compute_layout(spec: TableSpec, max_clients: int) -> Layout:
         ("meta.seq", "int64", (slots,)),
         ("meta.gen", "int64", (slots,)),
         ("meta.owner", "int32", (slots,)),
+        ("meta.episode", "int64", (slots,)),  # the writer's episode id, 0 for none
+        ("meta.episode_steps", "int32", (slots, 2)),  # first and last step, from its start
         ("free", "int64", (slots,)),
         ("chan.ctrl", "int64", (max_clients, Chan.COUNT, LINE)),
         ("chan.lease", "int64", (max_clients, LEASE_CAPACITY)),

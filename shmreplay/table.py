@@ -102,6 +102,8 @@ class TableInfo:
     data_bytes: int
     max_priority: float | None  # None when the table is empty
     min_priority: float | None
+    num_episodes: int  # episodes with items in the table (items written with an episode)
+    num_deleted_episodes: int  # episodes that had items here and have none left
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -153,6 +155,11 @@ class TableCore:
         self.seq = a["meta.seq"]
         self.gen = a["meta.gen"]
         self.owner = a["meta.owner"]
+        self.episode = a["meta.episode"]
+        self.episode_steps = a["meta.episode_steps"]
+        # Daemon side: the episode each writer channel committed last. A writer's episodes come
+        # one after the other, so a commit's ids that differ from it are episodes new to us.
+        self._last_episode = np.zeros(len(a["chan.ctrl"]), np.int64)
         self.free = a["free"]
         self.chan = a["chan.ctrl"][:, :, 0]
         self.lease_ring = a["chan.lease"]
@@ -295,6 +302,7 @@ class TableCore:
         k = len(slots)
         if k == 0:
             return 0
+        self._count_episodes(slots)
         seq0 = int(self.ctrl[Ctrl.SEQ])
         self.seq[slots] = np.arange(seq0, seq0 + k)
         self.ctrl[Ctrl.SEQ] = seq0 + k
@@ -314,6 +322,18 @@ class TableCore:
             self._remove(victims)
             self.ctrl[Ctrl.TOTAL_EVICTED] += len(victims)
         return k
+
+    def _count_episodes(self, slots: np.ndarray) -> None:
+        episodes = self.episode[slots]
+        if not episodes.any():
+            return
+        channels = self.owner[slots]
+        new = 0
+        for c in np.unique(channels[episodes != 0]):
+            ids = episodes[(channels == c) & (episodes != 0)]
+            new += int(np.count_nonzero(np.unique(ids) != self._last_episode[c]))
+            self._last_episode[c] = ids[-1]
+        self.ctrl[Ctrl.EPISODES] += new
 
     def reclaim_channel(self, channel: int) -> int:
         """Free what a dead client's channel held (leased and releasing slots); mutex held.
@@ -779,7 +799,14 @@ class TableCore:
             self._free_push(ready)
             self.sampler.clear()
             self.remover.clear()
-            for c in (Ctrl.INSERTS, Ctrl.SAMPLES, Ctrl.DELETES, Ctrl.SIZE, Ctrl.UNIQUE_SAMPLED):
+            for c in (
+                Ctrl.INSERTS,
+                Ctrl.SAMPLES,
+                Ctrl.DELETES,
+                Ctrl.SIZE,
+                Ctrl.UNIQUE_SAMPLED,
+                Ctrl.EPISODES,
+            ):
                 self.ctrl[c] = 0
             self.ctrl[Ctrl.RESETS] += 1
         if self.events is not None:
@@ -792,7 +819,10 @@ class TableCore:
             c = self.ctrl.copy()
             limiter = self.limiter.info()
         layout = self.segment.layout
-        present = self.priority[self.state == SlotState.READY]
+        ready = self.state == SlotState.READY
+        present = self.priority[ready]
+        episodes = self.episode[ready]
+        num_episodes = len(np.unique(episodes[episodes != 0]))
         return TableInfo(
             name=self.name,
             max_size=self.spec.max_size,
@@ -811,6 +841,8 @@ class TableCore:
             clients=int(np.count_nonzero(self.chan[:, Chan.PID])),
             max_priority=float(present.max()) if len(present) else None,
             min_priority=float(present.min()) if len(present) else None,
+            num_episodes=num_episodes,
+            num_deleted_episodes=max(0, int(c[Ctrl.EPISODES]) - num_episodes),
             segment_bytes=layout.total_size,
             data_bytes=layout.data_bytes,
         )

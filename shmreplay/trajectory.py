@@ -475,6 +475,7 @@ class _TableState:
         self.accepted: dict[tuple, bool] = {}
         self.items: list[list[TrajectoryColumn]] = []  # pending items, a selection per field
         self.priorities: list[float] = []
+        self.episodes: list[tuple[int, int, int]] = []  # (episode id, first step, last step)
         self.staging: list[np.ndarray] | None = None
         self.unconfirmed = 0  # items sent since the table was last flushed
 
@@ -762,8 +763,14 @@ class TrajectoryWriter:
             sels.append(sel)
         if ts.any_range:
             ts.range_check(sels)
+        start = self._episode_start  # steps are counted from the episode's first
+        episode = (
+            self.episode_id,
+            min(s._start for s in sels) - start,
+            max(s._last for s in sels) - start,
+        )
         if ts.direct:
-            self._write_direct(ts, sels, priority, None)
+            self._write_direct(ts, sels, priority, None, episode)
             ts.unconfirmed += 1
             return
         now = time.monotonic()
@@ -772,6 +779,7 @@ class TrajectoryWriter:
             self._first_pending_step = self._total
         ts.items.append(sels)
         ts.priorities.append(priority)
+        ts.episodes.append(episode)
         self._pending_n += 1
         if (
             now - self._last_item_time > self.max_latency
@@ -845,10 +853,15 @@ class TrajectoryWriter:
         )
 
     def _write_direct(
-        self, ts: _TableState, sels: list[TrajectoryColumn], priority: float, timeout: float | None
+        self,
+        ts: _TableState,
+        sels: list[TrajectoryColumn],
+        priority: float,
+        timeout: float | None,
+        episode: tuple[int, int, int],
     ) -> None:
         """Copy one item's selections straight into a reserved slot of the table."""
-        with ts.table.reserve(priority, timeout) as slot:
+        with ts.table.reserve(priority, timeout, episode=episode) as slot:
             for f, sel in zip(ts.fields, sels, strict=True):
                 sel._copy_into(slot[f.name])
 
@@ -874,7 +887,7 @@ class TrajectoryWriter:
                 else:
                     plan = _gather(sels, out, plan)
                 data[ts.names[j]] = out
-            ts.table.insert_batch(data, ts.priorities)
+            ts.table.insert_batch(data, ts.priorities, episodes=ts.episodes)
             ts.unconfirmed += n
         finally:
             # Also on an error: the items cannot be sent twice. With no timeout a send fails
@@ -886,6 +899,7 @@ class TrajectoryWriter:
         """Drop the first ``n`` pending items of ``ts``."""
         del ts.items[:n]
         del ts.priorities[:n]
+        del ts.episodes[:n]
         self._pending_n -= n
 
     def flush(self, block_until_num_items: int = 0, timeout: float | None = None) -> None:
@@ -927,7 +941,9 @@ class TrajectoryWriter:
         while ts.priorities:
             remaining = max(0.0, deadline - time.monotonic())
             try:
-                self._write_direct(ts, ts.items[0], ts.priorities[0], remaining)
+                self._write_direct(
+                    ts, ts.items[0], ts.priorities[0], remaining, ts.episodes[0]
+                )
             except RateLimiterTimeout as exc:
                 raise RateLimiterTimeout(
                     f"{exc}; {len(ts.priorities)} item(s) of this writer are still pending "
@@ -956,6 +972,7 @@ class TrajectoryWriter:
         for ts in self._tables.values():
             ts.items.clear()
             ts.priorities.clear()
+            ts.episodes.clear()
         self._pending_n = 0
 
     def _raise_closed(self) -> None:

@@ -32,7 +32,7 @@ def fill(client) -> dict:
     t, f = client.table("replay"), client.table("fifo")
     keys = {}
     for u in range(150):
-        keys[u] = t.insert(stamped_row(u), priority=1.0 + u % 7)
+        keys[u] = t.insert(stamped_row(u), priority=1.0 + u % 7, episode=(1 + u // 50, u, u))
         f.insert(stamped_row(1000 + u))  # 150 into 50: the 100 oldest are evicted
     t.flush()
     f.flush()
@@ -50,6 +50,7 @@ def snapshot(client) -> dict:
         "limiters": (ti.rate_limiter.inserts, ti.rate_limiter.samples, fi.rate_limiter.deletes),
         "priorities": (ti.max_priority, ti.min_priority),
         "unique": ti.num_unique_samples,
+        "episodes": (ti.num_episodes, ti.num_deleted_episodes),
         "fifo_oldest": s.data["uid"].tolist(),
     }
 
@@ -88,6 +89,7 @@ def test_checkpoint_kill_restart_restores_everything(daemon_factory, tmp_path):
     # The limiter's counters are the checkpoint's (the 2000 samples drawn after it are gone).
     assert after["limiters"] == before["limiters"]
     assert after["unique"] == before["unique"]
+    assert after["episodes"] == before["episodes"] == (3, 0)
 
 
 def test_sigterm_writes_a_final_checkpoint_and_the_next_start_restores_it(daemon_factory, tmp_path):
@@ -119,6 +121,7 @@ def test_periodic_checkpoints_keep_the_newest_and_the_cli_writes_one(daemon_fact
     import time
 
     time.sleep(1.0)
+    assert d.stop() == 0  # no checkpoint in flight while we count (old ones go after a new one)
     done = [p for p in os.listdir(tmp_path) if p.startswith("checkpoint-")]
     assert len(done) == 2  # checkpoint_keep = 2
     assert d.log().count("written") >= 3

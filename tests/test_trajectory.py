@@ -772,3 +772,41 @@ def test_client_trajectory_writer_is_the_entry_point_and_flushes_on_exit(client)
         w.create_item("seq", 1.0, seq4(w))
     data = take_all(client, "seq", 1)  # committed: the clean exit flushed
     np.testing.assert_array_equal(data["action"], [[2, 3, 4, 5]])
+
+
+def test_items_record_their_episode_and_info_counts_episodes(client):
+    """Reverb's num_episodes / num_deleted_episodes: episodes with items in the table, and
+    those whose items are all gone."""
+    t = client.table("seq")
+    with client.trajectory_writer(num_keep_alive_refs=8) as w:
+        for _ in range(3):
+            for i in range(6):
+                w.append(step(i))
+                if w.episode_steps >= 4:
+                    w.create_item("seq", 1.0, seq4(w))
+            w.end_episode()
+    info = t.info()
+    assert info.current_size == 9 and info.num_episodes == 3 and info.num_deleted_episodes == 0
+    ep = t.core.episode[t.core.state == 2]  # READY: what the items recorded
+    assert len(np.unique(ep)) == 3 and (ep != 0).all()
+    first_episode = np.unique(ep)[0]
+    firsts = t.core.episode_steps[(t.core.state == 2) & (t.core.episode == first_episode)]
+    assert sorted(map(tuple, firsts.tolist())) == [(0, 3), (1, 4), (2, 5)]
+    # (no sampling here: this table's max_times_sampled = 1 would delete what it samples)
+    first_slots = np.flatnonzero((t.core.state == 2) & (t.core.episode == first_episode))
+    assert t.delete(t.core.key[first_slots]) == 0
+    info = t.info()
+    assert info.num_episodes == 2 and info.num_deleted_episodes == 1
+
+
+def test_insert_takes_an_episode_and_checks_it(client):
+    t = client.table("pick")
+    obs = np.zeros((1, 3, 3), np.float32)
+    with pytest.raises(shmreplay.InvalidArgumentError, match="first step"):
+        t.insert_batch({"obs": obs}, episodes=[[7, 5, 1]])
+    with pytest.raises(shmreplay.InvalidArgumentError, match="episode"):
+        t.reserve(episode=(1, 2))
+    t.insert({"obs": obs[0]}, episode=(42, 0, 2))
+    t.flush()
+    info = t.info()
+    assert (info.current_size, info.num_episodes) == (1, 1)
