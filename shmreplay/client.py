@@ -15,7 +15,6 @@ fields, floats into float fields.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -40,6 +39,7 @@ from .rings import ring_get, ring_put
 from .shm import Segment
 from .table import Sample, SampleInfo, TableCore, TableEvents, TableInfo
 from .trajectory import TrajectoryWriter
+from .values import check_priority, python_values_fit
 
 __all__ = ["attach", "Client", "Table", "ReservedSlot", "Sample", "SampleInfo", "TableInfo"]
 
@@ -168,7 +168,7 @@ class Client:
             fields = {f.name: step[f.name] for f in table.spec.signature if f.name in step}
             used.update(fields)
             prepared.append(
-                (table, table._validate_row(fields), _check_priority(priorities[table.name]))
+                (table, table._validate_row(fields), check_priority(priorities[table.name]))
             )
         unknown = set(step) - used
         if unknown:
@@ -256,19 +256,9 @@ class Client:
                 pass
 
 
-def _check_priority(p) -> float:
-    try:
-        value = float(p)
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(f"priority must be a number, got {p!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise InvalidArgumentError(f"priority must be finite and >= 0, got {value}")
-    return value
-
-
 def _check_priorities(p, n: int) -> np.ndarray:
     if isinstance(p, (float, int)):
-        return np.full(n, _check_priority(p))
+        return np.full(n, check_priority(p))
     arr = np.asarray(p, dtype=np.float64)
     if arr.ndim == 0:
         arr = np.full(n, float(arr))
@@ -306,23 +296,6 @@ def _check_episodes(episodes, n: int) -> np.ndarray:
     return arr
 
 
-def _python_kind_ok(value: np.ndarray, dtype: np.dtype) -> bool:
-    """Whether values that came from Python numbers fit ``dtype`` without loss."""
-    k = value.dtype.kind
-    if k == "b":
-        return True
-    if k in "iu":
-        if dtype.kind in "fc":
-            return True
-        if dtype.kind in "iu" and value.size:
-            info = np.iinfo(dtype)
-            return bool(info.min <= value.min() and value.max() <= info.max)
-        return dtype.kind in "iu"
-    if k == "f":
-        return dtype.kind in "fc"
-    return False
-
-
 def _coerce(field: FieldSpec, value, batch: int | None) -> np.ndarray:
     """Check ``value`` against ``field`` (with a leading batch axis if ``batch``); no copy if ok."""
     shape = field.shape if batch is None else (batch, *field.shape)
@@ -339,7 +312,7 @@ def _coerce(field: FieldSpec, value, batch: int | None) -> np.ndarray:
             arr = np.asarray(value)
         except (ValueError, TypeError) as exc:
             raise SignatureError(f"field {field.name!r}: cannot read {value!r}: {exc}") from None
-        if arr.dtype.kind not in "biuf" or not _python_kind_ok(arr, dtype):
+        if arr.dtype.kind not in "biuf" or not python_values_fit(arr, dtype):
             raise SignatureError(
                 f"field {field.name!r}: expected {field.dtype} values, got {value!r} "
                 f"({arr.dtype}) which does not fit without loss"
@@ -461,7 +434,7 @@ class Table:
         """
         self._check()
         row = self._validate_row(data)
-        return self._write_row(row, _check_priority(priority), timeout, _check_episode(episode))
+        return self._write_row(row, check_priority(priority), timeout, _check_episode(episode))
 
     def _validate_row(self, data: Mapping[str, object]) -> list[np.ndarray]:
         if not isinstance(data, Mapping):
@@ -574,7 +547,7 @@ class Table:
         Published on a clean exit; discarded (never visible) if the block raises.
         """
         self._check()
-        return _Reservation(self, _check_priority(priority), timeout, _check_episode(episode))
+        return _Reservation(self, check_priority(priority), timeout, _check_episode(episode))
 
     def _take_one(self, timeout: float | None) -> int:
         """One leased slot (the single-item path of _take_slots, without arrays)."""

@@ -81,6 +81,7 @@ import numpy as np
 
 from .config import FieldSpec
 from .errors import ClientClosedError, InvalidArgumentError, RateLimiterTimeout, SignatureError
+from .values import check_priority, python_values_fit
 
 if TYPE_CHECKING:
     from .client import Client, Table
@@ -108,38 +109,6 @@ _episode_counter = itertools.count()
 def _new_episode_id() -> int:
     """``pid << 32 | n``: unique among the live processes of the host, ordered within one."""
     return (os.getpid() << 32) | (next(_episode_counter) & 0xFFFFFFFF)
-
-
-def _fits_python(value: np.ndarray, dtype: np.dtype) -> bool:
-    """Whether values read from Python numbers fit ``dtype`` without loss (the client's rule)."""
-    k = value.dtype.kind
-    if k == "b":
-        return True
-    if k in "iu":
-        if dtype.kind in "fc":
-            return True
-        if dtype.kind in "iu":
-            if value.size == 0:
-                return True
-            info = np.iinfo(dtype)
-            return bool(info.min <= value.min() and value.max() <= info.max)
-        return False
-    if k == "f":
-        return dtype.kind in "fc"
-    if k == "c":
-        return dtype.kind == "c"
-    return False
-    return False
-
-
-def _check_priority(priority: Any) -> float:
-    try:
-        p = float(priority)
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(f"priority must be a number, got {priority!r}") from None
-    if not 0.0 <= p < math.inf:
-        raise InvalidArgumentError(f"priority must be finite and >= 0, got {p}")
-    return p
 
 
 class _Column:
@@ -217,7 +186,7 @@ class _Column:
                 raise InvalidArgumentError(
                     f"field {self.name!r} at step {step}: cannot read {value!r}: {exc}"
                 ) from None
-            if arr.dtype.kind not in "biufc" or not _fits_python(arr, self.dtype):
+            if arr.dtype.kind not in "biufc" or not python_values_fit(arr, self.dtype):
                 raise InvalidArgumentError(
                     f"field {self.name!r} at step {step}: {value!r} does not fit {self.dtype}, "
                     "the dtype of the field's first value, without loss"
@@ -531,7 +500,7 @@ class _TableState:
             if not check:
                 continue
             values = sel.numpy()
-            if not _fits_python(values, f.np_dtype):
+            if not python_values_fit(values, f.np_dtype):
                 raise SignatureError(
                     f"table {self.name!r}, field {f.name!r}: expected {f.dtype} values, got "
                     f"integers from {values.min()} to {values.max()} in history[{sel.field!r}]"
@@ -725,7 +694,7 @@ class TrajectoryWriter:
         if ts is None:
             ts = self._tables[table] = _TableState(self.client.table(table))
         if type(priority) is not float or not 0.0 <= priority < math.inf:
-            priority = _check_priority(priority)
+            priority = check_priority(priority)
         if type(trajectory) is not dict and not isinstance(trajectory, Mapping):
             raise InvalidArgumentError(
                 "trajectory must be a mapping of table field to history selection, e.g. "
@@ -941,9 +910,7 @@ class TrajectoryWriter:
         while ts.priorities:
             remaining = max(0.0, deadline - time.monotonic())
             try:
-                self._write_direct(
-                    ts, ts.items[0], ts.priorities[0], remaining, ts.episodes[0]
-                )
+                self._write_direct(ts, ts.items[0], ts.priorities[0], remaining, ts.episodes[0])
             except RateLimiterTimeout as exc:
                 raise RateLimiterTimeout(
                     f"{exc}; {len(ts.priorities)} item(s) of this writer are still pending "

@@ -124,11 +124,16 @@ def _connect_as(uid: int, path: str, result) -> None:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(5)
     try:
-        s.connect(path)
-        s.sendall(frame(msgpack.packb({"op": "info"})))
-        result.put("answered" if answer_or_close(s) else "closed")
-    except OSError as exc:
-        result.put(f"refused: {exc.errno}")
+        try:
+            s.connect(path)
+        except OSError as exc:
+            result.put(f"refused: {exc.errno}")
+            return
+        try:
+            s.sendall(frame(msgpack.packb({"op": "info"})))
+            result.put("answered" if answer_or_close(s) else "closed")
+        except OSError:  # EPIPE, ECONNRESET: the daemon hung up first
+            result.put("closed")
     finally:
         s.close()
 
