@@ -115,3 +115,21 @@ def test_random_kills_of_clients_and_the_daemon_lose_nothing_committed(daemon_fa
     assert totals["kills"] >= 10
     assert totals["batches"] > 20, totals  # learners kept sampling through the kills
     print(f"chaos: {totals}")
+
+
+def test_the_chaos_harness_finds_no_violation_in_a_short_run():
+    """bench/chaos.py for 9 s (seed 10: resets, actor and learner kills, a stopped learner,
+    two daemon kills with adoption): every invariant holds, every fault is survived."""
+    from bench.chaos import run
+
+    result = run(9.0, seed=10)
+    print(result)
+    assert result["violations"] == {
+        "torn_rows": 0,
+        "queue_duplicates": 0,
+        "counters": 0,
+        "overdue_calls": 0,
+        "leftovers_in_dev_shm": 0,
+    }
+    assert result["faults_injected_and_survived"].get("kill_daemon", 0) >= 1
+    assert result["learner_batches"] > 50 and result["queue_items_consumed"] > 50
