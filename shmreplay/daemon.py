@@ -598,16 +598,25 @@ class Daemon:
         t.rotation += 1
         wanting = np.roll(wanting, -(t.rotation % len(wanting)))
         have = chan[wanting, Chan.LEASE_TAIL] - chan[wanting, Chan.LEASE_HEAD]
-        if core.limiter.blocks_inserts:  # exactly what each writer asked for, see Table
-            need = np.maximum(np.minimum(chan[wanting, Chan.WANT_LEASE], LEASE_CAPACITY) - have, 0)
-        else:  # keep every writer's lease ring filled, refilling at half
-            target = int(np.clip(core.spec.headroom // (2 * len(wanting)), 1, LEASE_CAPACITY))
-            need = np.where(have <= target // 2, target - have, 0)
-        if not need.any():
-            return 0
+        headroom = int(np.clip(core.spec.headroom // (2 * len(wanting)), 1, LEASE_CAPACITY))
+        limited = core.limiter.blocks_inserts
+        if not limited:  # keep every writer's lease ring filled, refilling at half
+            need = np.where(have <= headroom // 2, headroom - have, 0)
+            if not need.any():
+                return 0
         total = 0
         with self._locked(t, "leasing slots"):
-            budget = core.limiter.insert_allowance(int(need.sum()), int(t.outstanding.sum()))
+            pending = int(t.outstanding.sum())
+            if limited:
+                # What each writer asked for (see Table._wait_for_lease), and more ahead of
+                # need only out of a wide budget: at most a quarter of what the limiter
+                # allows now is shared out ahead, so a writer going idle cannot hoard it.
+                free = core.limiter.insert_allowance(LEASE_CAPACITY * len(wanting), pending)
+                ahead = min(headroom, free // (4 * len(wanting)))
+                asked = np.minimum(chan[wanting, Chan.WANT_LEASE], LEASE_CAPACITY)
+                need = np.maximum(np.maximum(asked, ahead) - have, 0)
+                need[chan[wanting, Chan.WANT_LEASE] <= 0] = 0
+            budget = core.limiter.insert_allowance(int(need.sum()), pending)
             for c, n in zip(wanting, need, strict=True):
                 n = min(int(n), budget)
                 if n <= 0:
