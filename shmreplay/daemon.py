@@ -615,7 +615,6 @@ class Daemon:
                 ahead = min(headroom, free // (4 * len(wanting)))
                 asked = np.minimum(chan[wanting, Chan.WANT_LEASE], LEASE_CAPACITY)
                 need = np.maximum(np.maximum(asked, ahead) - have, 0)
-                need[chan[wanting, Chan.WANT_LEASE] <= 0] = 0
             budget = core.limiter.insert_allowance(int(need.sum()), pending)
             for c, n in zip(wanting, need, strict=True):
                 n = min(int(n), budget)
