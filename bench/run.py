@@ -40,6 +40,21 @@ def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
+def emit_reference() -> float:
+    """Measure and print this machine's reference line (numpy memcpy GB/s); return it."""
+    memcpy = memcpy_gbps()
+    emit(
+        {
+            "reference": "memcpy",
+            "GB_per_s": round(memcpy, 2),
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "numpy": np.__version__,
+        }
+    )
+    return memcpy
+
+
 WINDOWS = 5  # a figure is the median of this many windows: this machine is noisy
 
 
@@ -328,16 +343,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short runs (smoke test)")
     args = parser.parse_args()
     seconds = 0.5 if args.quick else 3.0
-    memcpy = memcpy_gbps()
-    emit(
-        {
-            "reference": "memcpy",
-            "GB_per_s": round(memcpy, 2),
-            "cpus": os.cpu_count(),
-            "python": sys.version.split()[0],
-            "numpy": np.__version__,
-        }
-    )
+    memcpy = emit_reference()
     for w in args.workloads:
         if w == "W1":
             bench_w1(seconds)

@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import math
 import multiprocessing as mp
-import os
-import sys
 import time
 
 import numpy as np
@@ -42,7 +40,7 @@ from shmreplay.selectors import _SELECTORS
 from shmreplay.selectors.base import Selector
 from shmreplay.testing import DaemonProcess, table_toml
 
-from .run import WINDOWS, emit, memcpy_gbps
+from .run import WINDOWS, emit, emit_reference
 
 CTX = mp.get_context("spawn")
 
@@ -390,15 +388,7 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="short runs (smoke test)")
     args = parser.parse_args()
-    emit(
-        {
-            "reference": "memcpy",
-            "GB_per_s": round(memcpy_gbps(), 2),
-            "cpus": os.cpu_count(),
-            "python": sys.version.split()[0],
-            "numpy": np.__version__,
-        }
-    )
+    emit_reference()
     bench_selectors(reps=200 if args.quick else 1000)
     bench_wakeup(rounds=50 if args.quick else 200)
     bench_blocked_cpu(2.0 if args.quick else 5.0)

@@ -27,12 +27,11 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import sys
 
 import numpy as np
 
 import shmreplay
-from bench.run import emit, memcpy_gbps, spread, windowed_rate
+from bench.run import emit, emit_reference, spread, windowed_rate
 from shmreplay.testing import DaemonProcess, table_toml
 from shmreplay.trajectory import TrajectoryWriter
 
@@ -307,16 +306,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short runs (smoke test)")
     args = parser.parse_args()
     seconds = 1.0 if args.quick else 5.0
-    memcpy = memcpy_gbps()
-    emit(
-        {
-            "reference": "memcpy",
-            "GB_per_s": round(memcpy, 2),
-            "cpus": os.cpu_count(),
-            "python": sys.version.split()[0],
-            "numpy": np.__version__,
-        }
-    )
+    memcpy = emit_reference()
     atari = ((84, 84, 4), "uint8")
     for w in args.workloads:
         if w == "paths":
