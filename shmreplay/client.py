@@ -373,8 +373,7 @@ class _Reservation:
             t._spare.append(slot)  # discarded: reused by the next insert, never published
             return
         core.priority[slot] = self.priority
-        core.episode[slot] = self.episode[0]
-        core.episode_steps[slot] = self.episode[1:]
+        core.set_episode(slot, self.episode)
         t._publish_one(slot)
 
 
@@ -478,8 +477,7 @@ class Table:
         for column, value in zip(self._columns, row, strict=True):
             column[3][slot] = value
         core.priority[slot] = priority
-        core.episode[slot] = episode[0]  # always written: the slot may hold an old item's
-        core.episode_steps[slot] = episode[1:]
+        core.set_episode(slot, episode)
         gen[slot] = g + 2  # even: complete
         key = int(core.key[slot])
         self._publish_one(slot)

@@ -323,6 +323,14 @@ class TableCore:
             self.ctrl[Ctrl.TOTAL_EVICTED] += len(victims)
         return k
 
+    def set_episode(self, slot: int, episode: tuple[int, int, int]) -> None:
+        """A writer records the episode of the item it writes into ``slot`` (always: the slot
+        may still hold an old item's). Three scalar stores: a row assignment costs 3x more."""
+        self.episode[slot] = episode[0]
+        steps = self.episode_steps
+        steps[slot, 0] = episode[1]
+        steps[slot, 1] = episode[2]
+
     def _count_episodes(self, slots: np.ndarray) -> None:
         episodes = self.episode[slots]
         if not episodes.any():

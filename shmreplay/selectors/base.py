@@ -78,6 +78,28 @@ class Selector(ABC):
         return {"kind": self.kind}
 
 
+class Deterministic(Selector):
+    """A selector that picks items in an order (insertion order, priority order) rather than at
+    random: sampling and eviction both take the first items of that order, probability 1."""
+
+    @abstractmethod
+    def _first(self, n: int) -> np.ndarray:
+        """The ``n`` items picked first, in picking order (fewer if the table has fewer)."""
+
+    def sample(
+        self, n: int, rng: np.random.Generator, times_left: TimesLeft
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if times_left is None:  # the first item, every time
+            slots = np.repeat(self._first(1), n)
+        else:  # each item as many times as it may still be sampled, then the next one
+            candidates = self._first(n)
+            slots = np.repeat(candidates, times_left(candidates))[:n]
+        return slots, np.ones(len(slots))
+
+    def victims(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        return self._first(n)
+
+
 class DenseSet:
     """The set of items as a dense array, for O(1) uniform draws and O(k) batched removal.
 

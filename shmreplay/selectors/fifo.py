@@ -8,13 +8,11 @@ touches only the head. Lifo (lifo.py) keeps the same ring and reads it from the 
 
 from __future__ import annotations
 
-from abc import abstractmethod
-
 import numpy as np
 
 from ..config import SelectorSpec
 from ..rings import ring_get, ring_put
-from .base import ArraySpecs, Selector, TimesLeft
+from .base import ArraySpecs, Deterministic
 
 HOLE = -1
 _HEAD, _TAIL = 0, 1
@@ -23,7 +21,7 @@ _HEAD, _TAIL = 0, 1
 RING_FACTOR = 2
 
 
-class InsertionOrder(Selector):
+class InsertionOrder(Deterministic):
     """A selector that picks by insertion order alone; subclasses choose the end it reads."""
 
     def __init__(self, arrays: dict[str, np.ndarray], spec: SelectorSpec, num_slots: int) -> None:
@@ -62,24 +60,6 @@ class InsertionOrder(Selector):
 
     def remove(self, slots: np.ndarray) -> None:
         self.order[self.pos[slots] % len(self.order)] = HOLE
-
-    @abstractmethod
-    def _first(self, n: int) -> np.ndarray:
-        """The ``n`` items this selector picks first, in picking order (fewer if the table has
-        fewer)."""
-
-    def sample(
-        self, n: int, rng: np.random.Generator, times_left: TimesLeft
-    ) -> tuple[np.ndarray, np.ndarray]:
-        if times_left is None:  # the first item, every time
-            slots = np.repeat(self._first(1), n)
-        else:  # each item as many times as it may still be sampled, then the next one
-            candidates = self._first(n)
-            slots = np.repeat(candidates, times_left(candidates))[:n]
-        return slots, np.ones(len(slots))
-
-    def victims(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        return self._first(n)
 
     def clear(self) -> None:
         self.ends[_HEAD], self.ends[_TAIL] = 0, 0

@@ -39,7 +39,7 @@ import numpy as np
 
 from ..config import SelectorSpec
 from ..sumtree import last_wins, sumtree_capacity
-from .base import ArraySpecs, Selector, TimesLeft
+from .base import ArraySpecs, Deterministic
 
 EMPTY = -1
 # Each level is 2**ARITY_BITS times narrower than the one below it. Numpy's per-call cost, not
@@ -93,7 +93,7 @@ class _Level:
         self.slot[nodes] = below.slot.take(won)
 
 
-class Heap(Selector):
+class Heap(Deterministic):
     """The tournament tree of the module docstring, ordered by ``(sign · priority, touch)``.
 
     Its arrays are shared; the table clears a new selector (zeroed keys would be items).
@@ -166,7 +166,7 @@ class Heap(Selector):
             tied = tied[np.argpartition(touches.take(tied), need - 1)[:need]]
         return np.concatenate([below, tied])
 
-    def _best(self, n: int) -> np.ndarray:
+    def _first(self, n: int) -> np.ndarray:
         """The ``n`` best items, best first (fewer if the table has fewer)."""
         root = self._levels[-1]
         if n <= 1:
@@ -212,19 +212,6 @@ class Heap(Selector):
         self.key[slots] = np.inf
         self.slot[slots] = EMPTY
         self._refresh(slots)
-
-    def sample(
-        self, n: int, rng: np.random.Generator, times_left: TimesLeft
-    ) -> tuple[np.ndarray, np.ndarray]:
-        if times_left is None:  # the best item, every time
-            slots = np.repeat(self._best(1), n)
-        else:  # each item as many times as it may still be sampled, then the next best
-            candidates = self._best(n)
-            slots = np.repeat(candidates, times_left(candidates))[:n]
-        return slots, np.ones(len(slots))
-
-    def victims(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        return self._best(n)
 
     def clear(self) -> None:
         self.key[:] = np.inf
