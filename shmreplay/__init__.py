@@ -30,12 +30,14 @@ from .errors import (
     InsufficientSharedMemory,
     InvalidArgumentError,
     LockTimeout,
+    NotSupportedError,
     RateLimiterTimeout,
     SegmentError,
     ShmReplayError,
     SignatureError,
     TableNotFoundError,
 )
+from .server import Server, ServerStartError
 from .table import Sample, SampleInfo, TableInfo
 from .trajectory import TrajectoryWriter
 
@@ -43,6 +45,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "attach",
+    "Server",
     "Client",
     "Table",
     "ReservedSlot",
@@ -71,5 +74,7 @@ __all__ = [
     "FormatVersionError",
     "InsufficientSharedMemory",
     "CheckpointError",
+    "ServerStartError",
+    "NotSupportedError",
     "__version__",
 ]

@@ -7,9 +7,11 @@ is allowed, before any memory is allocated. Unknown keys are mistakes too: a mis
 
 from __future__ import annotations
 
+import json
 import math
 import tomllib
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -588,3 +590,92 @@ def load_config(path: str | Path) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     return parse_config(data, str(path))
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    """A TOML literal for a number, string, bool or list of them (inf as TOML's ``inf``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if math.isnan(v):
+            raise ConfigError("NaN cannot be written to tables.toml")
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)  # the shortest text that reads back as the same float
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise ConfigError(f"cannot write {value!r} to tables.toml")
+
+
+def _inline(d: dict[str, Any]) -> str:
+    return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in d.items()) + " }"
+
+
+def _limiter_toml(spec: RateLimiterSpec) -> dict[str, Any]:
+    """The preset's own keys when the spec is exactly what that preset makes, else ``custom``
+    (so that ``parse_config`` gives back an equal spec either way)."""
+    preset: dict[str, Any] | None = None
+    if spec.kind == "min_size":
+        preset = {"min_size": spec.min_size_to_sample}
+    elif spec.kind in ("queue", "stack") and float(spec.max_diff).is_integer():
+        preset = {"size": int(spec.max_diff)}
+    elif spec.kind == "sample_to_insert_ratio":
+        preset = {
+            "samples_per_insert": spec.samples_per_insert,
+            "min_size_to_sample": spec.min_size_to_sample,
+            "error_buffer": [spec.min_diff, spec.max_diff],
+        }
+    if preset is not None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                again = parse_rate_limiter({"kind": spec.kind, **preset})
+        except ConfigError:
+            again = None
+        if again == spec:
+            return {"kind": spec.kind, **preset}
+    return {
+        "kind": "custom",
+        "samples_per_insert": spec.samples_per_insert,
+        "min_size_to_sample": spec.min_size_to_sample,
+        "min_diff": spec.min_diff,
+        "max_diff": spec.max_diff,
+    }
+
+
+def to_toml(tables: Sequence[TableSpec], server: ServerSpec | None = None) -> str:
+    """A tables.toml text for ``tables`` (and ``server``); ``parse_config`` reads it back to
+    equal specs, so ``shmreplay serve`` can be started on specs built in Python."""
+    lines: list[str] = []
+    if server is not None:
+        lines.append("[server]")
+        for k in _SERVER_KEYS:
+            v = getattr(server, k)
+            if v is not None:
+                lines.append(f"{k} = {_toml_value(v)}")
+        lines.append("")
+    for t in tables:
+        lines += [
+            "[[table]]",
+            f"name = {_toml_value(t.name)}",
+            f"max_size = {t.max_size}",
+            f"sampler = {_inline(t.sampler.to_dict())}",
+            f"remover = {_inline(t.remover.to_dict())}",
+            f"rate_limiter = {_inline(_limiter_toml(t.rate_limiter))}",
+            f"max_times_sampled = {t.max_times_sampled}",
+            f"headroom = {t.headroom}",
+            "[table.signature]",
+        ]
+        lines += [
+            f"{f.name} = {_inline({'shape': list(f.shape), 'dtype': f.dtype})}" for f in t.signature
+        ]
+        lines.append("")
+    return "\n".join(lines)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -72,57 +70,52 @@ def run_demo(duration: float = 10.0, actors: int = 2, batch_size: int = 256) -> 
     name = f"demo-{os.getpid()}"
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "tables.toml")
-        with open(path, "w") as f:
-            f.write(DEMO_TABLES.format(name=name))
-        print(f"starting daemon: shmreplay serve --tables {path}", flush=True)
-        daemon = subprocess.Popen([sys.executable, "-m", "shmreplay", "serve", "--tables", path])
-        procs = []
-        try:
-            client = shmreplay.attach(name, timeout=15)
-            table = client.table("replay")
-            procs = [ctx.Process(target=_actor, args=(name, i, stop)) for i in range(actors)]
-            procs.append(ctx.Process(target=_learner, args=(name, batch_size, stop)))
-            for p in procs:
-                p.start()
+    print(f"starting daemon: shmreplay serve --name {name}", flush=True)
+    # The daemon logs to our stderr, as a daemon started by hand in this terminal would.
+    server = shmreplay.Server(DEMO_TABLES.format(name=name), name, log=sys.stderr)
+    procs = []
+    try:
+        client = shmreplay.attach(name, timeout=15)
+        table = client.table("replay")
+        procs = [ctx.Process(target=_actor, args=(name, i, stop)) for i in range(actors)]
+        procs.append(ctx.Process(target=_learner, args=(name, batch_size, stop)))
+        for p in procs:
+            p.start()
+        print(
+            f"{actors} actor(s) insert batches of 64 transitions; 1 learner samples "
+            f"prioritized batches of {batch_size} and updates their priorities",
+            flush=True,
+        )
+        last = table.info()
+        t_last = time.monotonic()
+        end = t_last + duration
+        while time.monotonic() < end:
+            time.sleep(1.0)
+            now, info = time.monotonic(), table.info()
+            dt = now - t_last
+            ins = (info.total_inserted - last.total_inserted) / dt
+            smp = (info.total_sampled - last.total_sampled) / dt
             print(
-                f"{actors} actor(s) insert batches of 64 transitions; 1 learner samples "
-                f"prioritized batches of {batch_size} and updates their priorities",
+                f"  size {info.current_size:>7}/{info.max_size}   inserts/s {ins:>10,.0f}   "
+                f"batches/s {smp / batch_size:>7,.0f}   sampled items/s {smp:>10,.0f}",
                 flush=True,
             )
-            last = table.info()
-            t_last = time.monotonic()
-            end = t_last + duration
-            while time.monotonic() < end:
-                time.sleep(1.0)
-                now, info = time.monotonic(), table.info()
-                dt = now - t_last
-                ins = (info.total_inserted - last.total_inserted) / dt
-                smp = (info.total_sampled - last.total_sampled) / dt
-                print(
-                    f"  size {info.current_size:>7}/{info.max_size}   inserts/s {ins:>10,.0f}   "
-                    f"batches/s {smp / batch_size:>7,.0f}   sampled items/s {smp:>10,.0f}",
-                    flush=True,
-                )
-                last, t_last = info, now
-            client.close()
-        finally:
-            stop.set()
-            for p in procs:
-                p.join(timeout=10)
-                if p.is_alive():
-                    p.kill()
-                    p.join()
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
+            last, t_last = info, now
+        client.close()
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        # Status 0: the daemon removed its objects itself; stop() removes those of a
+        # daemon it had to kill.
+        server.stop(timeout=15)
     left = shm_objects(name)
+    status = server.proc.returncode
     print(
-        f"daemon exited with status {daemon.returncode}; objects left in /dev/shm: {len(left)}",
+        f"daemon exited with status {status}; objects left in /dev/shm: {len(left)}",
         flush=True,
     )
-    return 0 if daemon.returncode == 0 and not left else 1
+    return 0 if status == 0 and not left else 1

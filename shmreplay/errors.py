@@ -17,7 +17,10 @@ working for code that does not know about shmreplay::
     ├── SegmentError             (RuntimeError)     corrupt header or other format
     │   └── FormatVersionError                      ... written by another format version
     ├── InsufficientSharedMemory (MemoryError)      the tables do not fit in /dev/shm
-    └── CheckpointError          (RuntimeError)     a checkpoint cannot be written, read, restored
+    ├── MissingDependencyError   (ImportError)      an optional framework (torch, jax) is absent
+    ├── CheckpointError          (RuntimeError)     a checkpoint cannot be written, read, restored
+    └── NotSupportedError        (NotImplementedError)  a feature shmreplay does not have (a
+                                                    Reverb feature in shmreplay.compat, ...)
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ __all__ = [
     "SegmentError",
     "FormatVersionError",
     "InsufficientSharedMemory",
+    "MissingDependencyError",
     "CheckpointError",
+    "NotSupportedError",
 ]
 
 
@@ -108,5 +113,16 @@ class InsufficientSharedMemory(ShmReplayError, MemoryError):
     """The tables need more bytes than /dev/shm has free; the message gives both sizes."""
 
 
+class MissingDependencyError(ShmReplayError, ImportError):
+    """An optional framework is not installed: ``import shmreplay.torch`` without PyTorch, or
+    ``shmreplay.jax`` without JAX. The message gives the command that installs it, e.g.
+    ``pip install 'shmreplay[torch]'``."""
+
+
 class CheckpointError(ShmReplayError, RuntimeError):
     """A checkpoint cannot be written, read or restored; the message says what to do."""
+
+
+class NotSupportedError(ShmReplayError, NotImplementedError):
+    """A feature shmreplay does not have, such as a Reverb feature that the compatibility layer
+    (:mod:`shmreplay.compat.reverb`) cannot map: the message names it and what to do instead."""
