@@ -30,6 +30,7 @@ from .errors import (
     InsufficientSharedMemory,
     InvalidArgumentError,
     LockTimeout,
+    MissingDependencyError,
     NotSupportedError,
     RateLimiterTimeout,
     SegmentError,
@@ -76,5 +77,6 @@ __all__ = [
     "CheckpointError",
     "ServerStartError",
     "NotSupportedError",
+    "MissingDependencyError",
     "__version__",
 ]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -39,7 +40,10 @@ from .rings import ring_get, ring_put
 from .shm import Segment
 from .table import Sample, SampleInfo, TableCore, TableEvents, TableInfo
 from .trajectory import TrajectoryWriter
-from .values import check_priority, python_values_fit
+from .values import check_keys, check_priority, host_array, python_values_fit
+
+if TYPE_CHECKING:
+    from .loader import Prefetcher
 
 __all__ = ["attach", "Client", "Table", "ReservedSlot", "Sample", "SampleInfo", "TableInfo"]
 
@@ -257,6 +261,7 @@ class Client:
 
 
 def _check_priorities(p, n: int) -> np.ndarray:
+    p = host_array(p)  # a torch tensor (detached, to the host) or a JAX array
     if isinstance(p, (float, int)):
         return np.full(n, check_priority(p))
     arr = np.asarray(p, dtype=np.float64)
@@ -713,21 +718,60 @@ class Table:
         :class:`RateLimiterTimeout` at once."""
         return self.sample(batch_size, timeout=0.0, out=out)
 
+    def as_iterator(
+        self,
+        batch_size: int,
+        prefetch: int = 2,
+        timeout: float | None = None,
+        *,
+        keep: int = 1,
+        copy: bool = False,
+        seed: int | None = None,
+    ) -> Prefetcher:
+        """An iterator of :class:`Sample` batches that a background thread samples ahead, so
+        that sampling overlaps training (see :mod:`shmreplay.loader`)::
+
+            with table.as_iterator(256, prefetch=2) as batches:
+                for batch in batches:
+                    table.update_priorities(batch.info.key, train_step(batch.data))
+
+        The thread attaches a client of its own; this handle stays usable meanwhile. Batches
+        are sampled into ``prefetch + keep`` reused buffer sets: a batch's data arrays stay
+        valid until ``keep`` more batches are taken (``info`` arrays are never reused);
+        ``copy=True`` yields fresh arrays instead. Each ``next()`` waits up to ``timeout``
+        seconds (None: forever) for a batch, then raises :class:`RateLimiterTimeout` (the
+        iterator stays usable); an error of the thread (:class:`DaemonNotRunning`, ...) is
+        raised by ``next()``. Batches are always full (no ``partial``). ``close()``, a ``with``
+        block or dropping the iterator stops the thread within ~0.1 s.
+        """
+        from .loader import Prefetcher  # the loader builds on this module
+
+        return Prefetcher(
+            self, batch_size, prefetch=prefetch, timeout=timeout, keep=keep, copy=copy, seed=seed
+        )
+
     def update_priorities(self, keys, priorities, *, deletes=None) -> int:
         """Set the priorities of items by key; keys no longer present are ignored and counted.
 
         Returns the number of missing keys. Duplicate keys: the last priority wins. ``deletes``
         (keys) are deleted first, atomically with the update, as Reverb's mutation does.
+
+        ``keys``, ``priorities`` and ``deletes`` may be numpy arrays, lists, torch tensors (on
+        any device, requiring grad or not: they are detached and copied to the host) or JAX
+        arrays. Keys are uint64; int64 keys ≥ 0 (as :mod:`shmreplay.torch` yields) are accepted.
+        Safe to call from one thread while another thread samples through another client
+        (e.g. :meth:`as_iterator`'s): the table lock orders them.
         """
         self._check()
-        k = np.asarray(keys, dtype=np.uint64).reshape(-1)
-        d = None if deletes is None else np.asarray(deletes, dtype=np.uint64).reshape(-1)
+        k = check_keys(keys)
+        d = None if deletes is None else check_keys(deletes, "deletes")
         return self.core.update_priorities(k, _check_priorities(priorities, len(k)), d)
 
     def delete(self, keys) -> int:
-        """Delete items by key; returns how many keys were not present."""
+        """Delete items by key; returns how many keys were not present. ``keys`` as for
+        :meth:`update_priorities` (arrays, lists, torch tensors, JAX arrays)."""
         self._check()
-        return self.core.delete(np.asarray(keys, dtype=np.uint64).reshape(-1))
+        return self.core.delete(check_keys(keys))
 
     def reset(self) -> None:
         """Remove every item and zero the rate limiter's counters."""
