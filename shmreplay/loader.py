@@ -149,24 +149,29 @@ class _Worker:
         self.sample_s = 0.0
 
     def run(self) -> None:
+        failure: BaseException | None = None
         try:
             while not self.stop.is_set():
                 t0 = time.monotonic()
                 try:
                     index = self.free.get(timeout=SLICE_S)
                 except queue.Empty:
-                    self.idle_s += time.monotonic() - t0
                     continue
-                self.idle_s += time.monotonic() - t0
+                finally:
+                    self.idle_s += time.monotonic() - t0
                 buffers = self.buffers[index]
                 sample = self._sample(None if buffers is None else buffers[0])
                 if sample is None:
                     return  # stopping
                 self.ready.put((sample, index))
         except BaseException as exc:  # handed to the consumer, who raises it
-            self.ready.put(_Failure(exc))
+            failure = exc
         finally:
-            self.client.close(timeout=1.0)  # this thread's own client: nothing to flush
+            try:
+                self.client.close(timeout=1.0)  # this thread's own client: nothing to flush
+            finally:
+                if failure is not None:  # after the close: once raised, nothing is left open
+                    self.ready.put(_Failure(failure))
 
     def _sample(self, out: dict[str, np.ndarray] | None) -> Sample | None:
         while not self.stop.is_set():
