@@ -78,7 +78,8 @@ import numpy as np
 ENV_ID = "CartPole-v1"
 OBS_DIM, NUM_ACTIONS = 4, 2
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-QUEUE_CHUNK = 64  # transitions per multiprocessing.Queue message: one pickle per 64 steps
+CHUNK = 64  # transitions per Queue message or insert_batch: one pickle or call per 64 steps
+TRANSITION_FIELDS = ("observation", "action", "reward", "discount", "next_observation")
 EVAL_SEED = 10_000  # evaluation episode k always starts from seed EVAL_SEED + k
 
 # Per-process statistics, one float64 array shared by all (actors write their own row, the
@@ -253,16 +254,16 @@ class NStepBuffer:
         return out
 
 
-class QueueSink:
-    """multiprocessing.Queue: chunks of QUEUE_CHUNK transitions; weights from a queue of one."""
+class ChunkSink:
+    """n-step transitions (an :class:`NStepBuffer`) gathered in chunks of CHUNK rows; a subclass
+    says where a full chunk goes and where weights come from."""
 
-    def __init__(self, out: mp.Queue, params_in: mp.Queue, cfg: Config, stop) -> None:
-        self.out, self.params_in, self.stop = out, params_in, stop
+    def __init__(self, cfg: Config) -> None:
         self.nstep = NStepBuffer(cfg.n_step, cfg.gamma)
         self._new_chunk()
 
     def _new_chunk(self) -> None:
-        k = QUEUE_CHUNK
+        k = CHUNK
         self.o = np.empty((k, OBS_DIM), np.float32)
         self.a = np.empty(k, np.int64)
         self.r = np.empty(k, np.float32)
@@ -275,15 +276,28 @@ class QueueSink:
             k = self.k
             self.o[k], self.a[k], self.r[k], self.d[k], self.o2[k] = o, a, r, d, o2
             self.k = k + 1
-            if self.k == QUEUE_CHUNK:
-                chunk = (self.o, self.a, self.r, self.d, self.o2)
-                while not self.stop.is_set():  # a full queue is the learner's back-pressure
-                    try:
-                        self.out.put(chunk, timeout=0.5)
-                        break
-                    except queue_mod.Full:
-                        pass
+            if self.k == CHUNK:
+                self.send((self.o, self.a, self.r, self.d, self.o2))
                 self._new_chunk()
+
+    def send(self, chunk: tuple) -> None:
+        raise NotImplementedError
+
+
+class QueueSink(ChunkSink):
+    """multiprocessing.Queue: one message per chunk; weights from a queue of one per actor."""
+
+    def __init__(self, out: mp.Queue, params_in: mp.Queue, cfg: Config, stop) -> None:
+        super().__init__(cfg)
+        self.out, self.params_in, self.stop = out, params_in, stop
+
+    def send(self, chunk: tuple) -> None:
+        while not self.stop.is_set():  # a full queue is the learner's back-pressure
+            try:
+                self.out.put(chunk, timeout=0.5)
+                return
+            except queue_mod.Full:
+                pass
 
     def fetch_params(self):
         try:
@@ -293,6 +307,28 @@ class QueueSink:
 
     def close(self) -> None:
         self.out.cancel_join_thread()  # the learner may be gone: do not wait to flush the pipe
+
+
+class ShmChunkSink(ChunkSink):
+    """shmreplay without the adder: the Queue sink's chunks, each one ``insert_batch`` (this
+    separates the cost of the transport from the cost of the trajectory writer)."""
+
+    def __init__(self, name: str, cfg: Config) -> None:
+        import shmreplay
+
+        self._timeout = shmreplay.RateLimiterTimeout
+        super().__init__(cfg)
+        self.client = shmreplay.attach(name, timeout=30)
+        self.replay = self.client.table("replay")
+        self.params = self.client.table("params")
+
+    def send(self, chunk: tuple) -> None:
+        self.replay.insert_batch(dict(zip(TRANSITION_FIELDS, chunk, strict=True)))
+
+    fetch_params = ShmSink.fetch_params
+
+    def close(self) -> None:
+        self.client.close(timeout=2.0)
 
 
 def run_actor(index: int, sink, cfg: Config, stop, stats) -> None:
@@ -341,6 +377,8 @@ def _actor_main(index: int, transport: str, args: tuple, cfg: Config, stop, stat
     stats = _stats_view(stats_buf, cfg.actors)
     if transport == "shm":
         sink = ShmSink(args[0], cfg)
+    elif transport == "shm-chunks":
+        sink = ShmChunkSink(args[0], cfg)
     elif transport == "queue":
         sink = QueueSink(args[0], args[1], cfg, stop)
     else:
@@ -707,9 +745,9 @@ def train(cfg: Config, args) -> dict:
 
     name = f"dqn-{os.getpid()}-{secrets.token_hex(2)}"
     run = Run(name, cfg)
-    daemon = Daemon(name, tables_toml(name, cfg, rate_limited=True))
     records: list[dict] = []
-    summary: dict = {"mode": "smoke" if args.smoke else "train", "seed": cfg.seed}
+    summary: dict = {"mode": "smoke" if args.smoke else "train", "seed": cfg.seed, "instance": name}
+    daemon = Daemon(name, tables_toml(name, cfg, rate_limited=True))
     t0 = time.monotonic()
     interrupted = False
     try:
@@ -792,6 +830,7 @@ def train(cfg: Config, args) -> dict:
         print("interrupted: stopping", flush=True)
     finally:
         summary["wall_s"] = round(time.monotonic() - t0, 1)
+        summary["cpu_s"] = {k: round(v, 1) for k, v in cpu_seconds(run, daemon).items()}
         run.stop()
         summary["env_steps"] = run.steps()
         summary["learner_updates"] = run.updates()
@@ -821,8 +860,30 @@ def train(cfg: Config, args) -> dict:
 # -- throughput comparison -------------------------------------------------------------------------
 
 
-def _measure(run: Run, seconds: float, settle: float = 1.0) -> tuple[float, float]:
-    """Env steps/s and learner updates/s over ``seconds``, once every process is ready."""
+def cpu_seconds(run: Run, daemon: Daemon | None = None) -> dict[str, float]:
+    """CPU time (user + system) used so far by each role's processes."""
+    import psutil
+
+    pids = {"actors": [p.pid for p in run.procs if p.name.startswith("actor")]}
+    pids["learner"] = [p.pid for p in run.procs if p.name == "learner"]
+    pids["daemon"] = [] if daemon is None else [daemon.proc.pid]
+    pids["main"] = [os.getpid()]
+    out = {}
+    for role, ps in pids.items():
+        total = 0.0
+        for pid in ps:
+            try:
+                t = psutil.Process(pid).cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        out[role] = total
+    return out
+
+
+def _measure(run: Run, seconds: float, daemon: Daemon | None = None) -> dict:
+    """Env steps/s, learner updates/s and each role's share of a core over ``seconds``, from
+    one second after every process is ready (and the learner, if any, has started updating)."""
     deadline = time.monotonic() + 120
     while not run.stats[: run.cfg.actors, A_READY].all() or (
         len(run.procs) > run.cfg.actors and not run.stats[run.cfg.actors, L_UPDATES]
@@ -831,50 +892,56 @@ def _measure(run: Run, seconds: float, settle: float = 1.0) -> tuple[float, floa
         if time.monotonic() > deadline:
             raise RuntimeError("processes did not become ready within 120 s")
         time.sleep(0.05)
-    time.sleep(settle)
-    t, s, u = time.monotonic(), run.steps(), run.updates()
+    time.sleep(1.0)
+    t, s, u, c = time.monotonic(), run.steps(), run.updates(), cpu_seconds(run, daemon)
     time.sleep(seconds)
     run.check_alive()
     dt = time.monotonic() - t
-    return (run.steps() - s) / dt, (run.updates() - u) / dt
+    c2 = cpu_seconds(run, daemon)
+    steps = run.steps() - s
+    return {
+        "env_steps_per_s": round(steps / dt, 1),
+        # actors' CPU time per env step: what the sink costs, whatever else the machine runs
+        "actor_us_per_step": round(1e6 * (c2["actors"] - c["actors"]) / max(1, steps), 2),
+        "updates_per_s": round((run.updates() - u) / dt, 1),
+        "cpu_percent": {k: round(100 * (c2[k] - c[k]) / dt, 1) for k in c},
+    }
 
 
-def compare(cfg: Config, seconds: float) -> dict:
-    """The same actor code with no transport, shmreplay, and multiprocessing.Queue."""
+def _phase_line(label: str, m: dict) -> str:
+    cpu = ", ".join(f"{k} {v:.0f}" for k, v in m["cpu_percent"].items() if v >= 0.5)
+    return (
+        f"  {label:<34} {m['env_steps_per_s']:>7,.0f} env steps/s  "
+        f"{m['updates_per_s']:>4,.0f} updates/s  {m['actor_us_per_step']:>5.1f} actor µs/step  "
+        f"(CPU % of a core: {cpu})"
+    )
+
+
+def _shm_phase(cfg: Config, seconds: float, transport: str, result: dict) -> dict:
+    """4 actors with ``transport`` ("shm": the adder, "shm-chunks": insert_batch) + learner,
+    on a daemon of their own."""
     import shmreplay
 
-    result: dict = {"mode": "compare", "seconds": seconds, "seed": cfg.seed}
-    # reference: one actor, no transport, nothing else running
-    solo = replace(cfg, actors=1)
-    run = Run("reference", solo)
-    try:
-        run.start(_actor_main, 0, "none", (), name="actor-0")
-        result["reference_one_actor"], _ = _measure(run, seconds)
-    finally:
-        run.stop(release_table=None)
-    ref = result["reference_one_actor"]
-    print(f"reference (1 actor, no transport, alone): {ref:,.0f} env steps/s", flush=True)
-
     name = f"dqn-cmp-{os.getpid()}-{secrets.token_hex(2)}"
+    result["instances"].append(name)
     daemon = Daemon(name, tables_toml(name, cfg, rate_limited=False))
     run = Run(name, cfg)
     try:
         run.client = shmreplay.attach(name, timeout=30)
         run.start(_learner_main, "shm", (name,), name="learner")
         for i in range(cfg.actors):
-            run.start(_actor_main, i, "shm", (name,), name=f"actor-{i}")
-        result["shmreplay"], result["shmreplay_updates"] = _measure(run, seconds)
+            run.start(_actor_main, i, transport, (name,), name=f"actor-{i}")
+        return _measure(run, seconds, daemon)
     finally:
         run.stop()
         if run.client is not None:
             run.client.close(timeout=2.0)
-        result["daemon_exit"] = daemon.stop()
-        result["shm_leftovers"] = shm_leftovers(name)
-    print(
-        f"shmreplay ({cfg.actors} actors + learner): {result['shmreplay']:,.0f} env steps/s, "
-        f"{result['shmreplay_updates']:,.0f} updates/s"
-    )
+        result["daemon_exit"].append(daemon.stop())
+        result["shm_leftovers"].extend(shm_leftovers(name))
 
+
+def _queue_phase(cfg: Config, seconds: float, transport: str, result: dict) -> dict:
+    """4 actors putting chunks on one multiprocessing.Queue + the learner draining it."""
     run = Run("queue", cfg)
     inbox = run.ctx.Queue(maxsize=256)
     params_qs = [run.ctx.Queue(maxsize=1) for _ in range(cfg.actors)]
@@ -882,18 +949,66 @@ def compare(cfg: Config, seconds: float) -> dict:
         run.start(_learner_main, "queue", (inbox, params_qs), name="learner")
         for i in range(cfg.actors):
             run.start(_actor_main, i, "queue", (inbox, params_qs[i]), name=f"actor-{i}")
-        result["queue"], result["queue_updates"] = _measure(run, seconds)
+        return _measure(run, seconds)
     finally:
         run.stop(release_table=None)
+
+
+TRANSPORTS = {  # result key: (label, phase function, actor transport)
+    "shmreplay": ("shmreplay, NStepTransitionAdder", _shm_phase, "shm"),
+    "shmreplay_insert_batch": (f"shmreplay, insert_batch({CHUNK} rows)", _shm_phase, "shm-chunks"),
+    "queue": (f"multiprocessing.Queue ({CHUNK} rows)", _queue_phase, "queue"),
+}
+
+
+def compare(cfg: Config, seconds: float, rounds: int) -> dict:
+    """The same actor code with no transport, shmreplay (the adder, then plain insert_batch of
+    the Queue's chunks) and multiprocessing.Queue: ``rounds`` rounds, each in a rotated order
+    (the machine's speed drifts), medians reported."""
+    result: dict = {"mode": "compare", "seconds": seconds, "rounds": rounds, "seed": cfg.seed}
+    result.update(instances=[], daemon_exit=[], shm_leftovers=[])
     print(
-        f"multiprocessing.Queue ({cfg.actors} actors + learner): {result['queue']:,.0f} env "
-        f"steps/s, {result['queue_updates']:,.0f} updates/s"
+        f"{cfg.actors} actors + learner per transport, {seconds:g} s each from 1 s after every "
+        f"process is ready, {rounds} round(s); inserts are not rate-limited in this mode",
+        flush=True,
     )
-    result["ratio"] = result["shmreplay"] / result["queue"] if result["queue"] else math.inf
+    run = Run("reference", replace(cfg, actors=1))
+    try:
+        run.start(_actor_main, 0, "none", (), name="actor-0")
+        ref = result["reference"] = _measure(run, seconds)
+    finally:
+        run.stop(release_table=None)
+    print(_phase_line("reference: 1 actor alone, no sink", ref), flush=True)
+    keys = list(TRANSPORTS)
+    runs: dict[str, list[dict]] = {k: [] for k in keys}
+    for r in range(rounds):
+        for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            label, phase, transport = TRANSPORTS[key]
+            m = phase(cfg, seconds, transport, result)
+            runs[key].append(m)
+            print(_phase_line(label, m), flush=True)
+    for key in keys:
+        result[key] = {
+            k: float(np.median([m[k] for m in runs[key]]))
+            for k in ("env_steps_per_s", "updates_per_s", "actor_us_per_step")
+        }
+        result[key]["runs"] = runs[key]
+    q = result["queue"]["env_steps_per_s"]
+    result["ratio"] = result["shmreplay"]["env_steps_per_s"] / q if q else math.inf
+    result["ratio_insert_batch"] = result["shmreplay_insert_batch"]["env_steps_per_s"] / q
+    print(f"medians over {rounds} round(s):", flush=True)
+    for key in keys:
+        m = result[key]
+        print(
+            f"  {TRANSPORTS[key][0]:<34} {m['env_steps_per_s']:>7,.0f} env steps/s  "
+            f"{m['actor_us_per_step']:>5.1f} actor µs/step",
+            flush=True,
+        )
     print(
-        f"shmreplay / Queue: {result['ratio']:.2f}×; shmreplay's actors reach "
-        f"{result['shmreplay'] / cfg.actors / result['reference_one_actor']:.0%} of the lone "
-        f"actor's rate each ({cfg.actors} actors and a learner share {os.cpu_count()} cores)"
+        f"env steps/s relative to multiprocessing.Queue: adder {result['ratio']:.2f}×, "
+        f"insert_batch {result['ratio_insert_batch']:.2f}×; the lone actor: "
+        f"{ref['env_steps_per_s']:,.0f} env steps/s, {ref['actor_us_per_step']:.1f} µs/step",
+        flush=True,
     )
     return result
 
@@ -966,7 +1081,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         metavar="SECONDS",
         help="instead of training, measure env steps/s for SECONDS each: one actor with no "
-        "transport, then 4 actors + learner over shmreplay, then over multiprocessing.Queue",
+        "transport, then 4 actors + learner over shmreplay (the adder, then insert_batch of "
+        "64-row chunks), then over multiprocessing.Queue (64-row chunks)",
+    )
+    p.add_argument(
+        "--compare-rounds",
+        type=int,
+        default=3,
+        help="with --compare-queue: rounds of the three transports, in rotated order (medians)",
     )
     p.add_argument("--seed", type=int, default=d.seed, help="seed of actors, learner and nets")
     p.add_argument("--actors", type=int, default=d.actors, help="actor processes")
@@ -1044,9 +1166,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(var, "1")
     signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     if args.compare_queue is not None:
-        result = compare(cfg, args.compare_queue)
+        result = compare(cfg, args.compare_queue, args.compare_rounds)
         print(json.dumps(result))
-        return 0 if not result["shm_leftovers"] else 1
+        ok = not result["shm_leftovers"] and not any(result["daemon_exit"])
+        return 0 if ok else 1
     summary = train(cfg, args)
     records = summary.pop("records")
     if not args.smoke and records:

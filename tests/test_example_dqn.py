@@ -1,0 +1,75 @@
+"""examples/dqn_cartpole.py runs as a user runs it: one command that starts a daemon, 4 actors
+and a learner, and leaves nothing behind (its --smoke mode, and a short --compare-queue)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shmreplay.instance import remove_shm_objects, shm_objects
+
+INSTALL = "pip install -e '.[examples]'"
+pytest.importorskip("torch", reason=f"the DQN example's learner needs torch: {INSTALL}")
+pytest.importorskip("gymnasium", reason=f"the DQN example's actors need gymnasium: {INSTALL}")
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "dqn_cartpole.py"
+
+
+def run_example(*args: str, timeout: float) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run the example (SHMREPLAY_RUNTIME_DIR is the session's private one, inherited); return
+    the process and its final JSON line. On a timeout the example is killed, and with it its
+    children and its daemon (they die with their parent: PR_SET_PDEATHSIG)."""
+    before = set(shm_objects())
+    try:
+        r = subprocess.run(
+            [sys.executable, str(EXAMPLE), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    finally:
+        new = {e for e in shm_objects() if ".dqn-" in e} - before
+        if new:  # only on a failure: the example checks and reports its own leftovers
+            for inst in {e.removeprefix("sem.").split(".")[1] for e in new}:
+                remove_shm_objects(inst)
+    lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"no JSON line\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    return r, json.loads(lines[-1])
+
+
+def test_smoke_run_learns_a_little_and_leaves_nothing_behind():
+    r, out = run_example("--smoke", timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert out["mode"] == "smoke"
+    assert out["env_steps"] > 0 and out["learner_updates"] > 0
+    assert out["eval_returns"] and all(x > 0 for x in out["eval_returns"])
+    # The learner sampled and wrote priorities back: they are |TD error| + ε, not the 1.0 that
+    # the adder inserts.
+    assert out["priority_updates"] > 0
+    replay = out["replay"]
+    assert replay["total_sampled"] > 0
+    assert replay["max_priority"] != replay["min_priority"]
+    assert {replay["max_priority"], replay["min_priority"]} != {1.0}
+    assert out["daemon_exit"] == 0
+    assert out["shm_leftovers"] == [] and shm_objects(out["instance"]) == []
+    assert out["wall_s"] < 60
+
+
+def test_queue_comparison_measures_every_transport():
+    r, out = run_example("--compare-queue", "3", "--compare-rounds", "1", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert out["mode"] == "compare"
+    assert out["reference"]["env_steps_per_s"] > 0
+    for transport in ("shmreplay", "shmreplay_insert_batch", "queue"):
+        assert out[transport]["env_steps_per_s"] > 0, transport
+        assert out[transport]["updates_per_s"] > 0, transport
+    assert out["ratio"] == pytest.approx(
+        out["shmreplay"]["env_steps_per_s"] / out["queue"]["env_steps_per_s"]
+    )
+    assert "relative to multiprocessing.Queue" in r.stdout
+    assert out["daemon_exit"] == [0, 0] and out["shm_leftovers"] == []
+    assert all(shm_objects(name) == [] for name in out["instances"])
