@@ -272,9 +272,15 @@ def write_checkpoint(
     keep: int = 3,
     *,
     progress: Callable[[str], None] | None = None,
+    gid: int | None = None,
 ) -> CheckpointReport:
     """Save every table of ``cores`` into a new checkpoint under ``directory``; keep the newest
     ``keep`` checkpoints there and delete older ones.
+
+    Checkpoints hold every item, so they are as private as the tables: directories 0700 and
+    files 0600, or with ``gid`` (the daemon's ``[server] group``) 0750 and 0640 owned by that
+    group. ``directory`` gets the same mode when this call creates it; an existing one keeps
+    its own (the operator's choice).
 
     Blocks until the checkpoint is complete on disk (fsynced). Each table's mutex is held only to
     copy its per-slot metadata (about 4 ms per million slots); data rows are copied without it, so
@@ -285,13 +291,16 @@ def write_checkpoint(
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise InvalidArgumentError(f"keep must be an integer ≥ 1, got {keep!r}")
     directory = Path(directory)
+    perms = _Perms(gid)
     t0 = time.perf_counter()
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        if not directory.is_dir():
+            directory.mkdir(parents=True, exist_ok=True)
+            perms.directory(directory)
         with _directory_lock(directory):
             _remove_temp_dirs(directory)
             _check_space(cores.values(), directory, keep)
-            final, tables, max_lock = _write_new(cores, directory, progress)
+            final, tables, max_lock = _write_new(cores, directory, progress, perms)
             removed = _prune(directory, keep)
     except OSError as exc:
         hint = (
@@ -312,8 +321,39 @@ def write_checkpoint(
     )
 
 
+@dataclass(frozen=True)
+class _Perms:
+    """Modes and group of what a checkpoint write creates (see write_checkpoint)."""
+
+    gid: int | None
+
+    @property
+    def file_mode(self) -> int:
+        return 0o600 if self.gid is None else 0o640
+
+    def directory(self, path: Path) -> None:
+        os.chmod(path, 0o700 if self.gid is None else 0o750)  # mkdir's mode= meets the umask
+        if self.gid is not None:
+            os.chown(path, -1, self.gid)
+
+    def create(self, path: Path) -> int:
+        """A new file (it must not exist), with its mode and group; returns its descriptor."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.file_mode)
+        try:
+            os.fchmod(fd, self.file_mode)
+            if self.gid is not None:
+                os.fchown(fd, -1, self.gid)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+
 def _write_new(
-    cores: Mapping[str, TableCore], directory: Path, progress: Callable[[str], None] | None
+    cores: Mapping[str, TableCore],
+    directory: Path,
+    progress: Callable[[str], None] | None,
+    perms: _Perms,
 ) -> tuple[Path, dict[str, dict], float]:
     """Write a checkpoint under a temp name, then rename it into place (lock held). Returns its
     path, the manifest's tables and the longest mutex hold. Removes the temp dir on failure."""
@@ -322,12 +362,13 @@ def _write_new(
     final = directory / name
     tmp.mkdir(mode=0o700)
     try:
+        perms.directory(tmp)
         tables, max_lock = {}, 0.0
         for core in cores.values():
-            tables[core.name], lock_s = _write_table(core, tmp, progress)
+            tables[core.name], lock_s = _write_table(core, tmp, progress, perms)
             max_lock = max(max_lock, lock_s)
         created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        _write_manifest(tmp, created, tables)
+        _write_manifest(tmp, created, tables, perms)
         _fsync_dir(tmp)
         os.rename(tmp, final)
         _fsync_dir(directory)
@@ -407,7 +448,7 @@ def _snapshot(core: TableCore) -> _Snapshot:
 
 
 def _write_table(
-    core: TableCore, tmp: Path, progress: Callable[[str], None] | None
+    core: TableCore, tmp: Path, progress: Callable[[str], None] | None, perms: _Perms
 ) -> tuple[dict, float]:
     """Write one table's files into ``tmp``; returns (manifest entry, mutex hold seconds)."""
     snap = _snapshot(core)
@@ -428,7 +469,7 @@ def _write_table(
     kept = 0
     try:
         for f in fields:
-            fds[f.name] = os.open(tmp / files[f.name], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fds[f.name] = perms.create(tmp / files[f.name])
             _write_all(fds[f.name], headers[f.name])
         for start in range(0, n, rows_per_chunk):
             slots = snap.slots[start : start + rows_per_chunk]
@@ -475,7 +516,7 @@ def _write_table(
         }
     for what, values in snap.meta.items():
         arr = np.ascontiguousarray(values[intact])
-        entries[f"meta.{what}"] = _save_array(tmp, f"{core.name}.meta.{what}.npy", arr)
+        entries[f"meta.{what}"] = _save_array(tmp, f"{core.name}.meta.{what}.npy", arr, perms)
     entry = {
         "spec": core.spec.to_dict(),
         "items": kept,
@@ -487,8 +528,8 @@ def _write_table(
     return entry, snap.lock_s
 
 
-def _save_array(directory: Path, name: str, arr: np.ndarray) -> dict:
-    with open(directory / name, "xb") as fh:
+def _save_array(directory: Path, name: str, arr: np.ndarray, perms: _Perms) -> dict:
+    with os.fdopen(perms.create(directory / name), "wb") as fh:
         np.save(fh, arr, allow_pickle=False)
         fh.flush()
         os.fsync(fh.fileno())
@@ -499,7 +540,7 @@ def _crc(arr: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
 
 
-def _write_manifest(tmp: Path, created: str, tables: dict) -> None:
+def _write_manifest(tmp: Path, created: str, tables: dict, perms: _Perms) -> None:
     body = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -508,7 +549,7 @@ def _write_manifest(tmp: Path, created: str, tables: dict) -> None:
     }
     body["checksum"] = zlib.crc32(_canonical(body))
     text = json.dumps(body, indent=1).encode()
-    with open(tmp / MANIFEST, "xb") as fh:
+    with os.fdopen(perms.create(tmp / MANIFEST), "wb") as fh:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
+import posix_ipc
 
 from .config import FieldSpec, RateLimiterSpec
 from .control import PROTOCOL_VERSION, ControlClient
@@ -34,10 +35,16 @@ from .errors import (
     TableNotFoundError,
 )
 from .events import Event
-from .instance import InstanceRecord, record_path
+from .instance import (
+    InstanceRecord,
+    access_denied,
+    is_out_of_descriptors,
+    out_of_descriptors,
+    record_path,
+)
 from .layout import LEASE_CAPACITY, PUBLISH_CAPACITY, Chan, Ctrl, Sleep
 from .rings import ring_get, ring_put
-from .shm import Segment
+from .shm import SHM_DIR, Segment
 from .table import Sample, SampleInfo, TableCore, TableEvents, TableInfo
 from .trajectory import TrajectoryWriter
 from .values import check_keys, check_priority, host_array, python_values_fit
@@ -67,15 +74,28 @@ def attach(
     ``prefault`` maps every page of the tables in a background thread right away, which is
     several times cheaper than faulting them in one by one while writing or sampling; turn it
     off for a short-lived process that touches little of a large table.
+
+    Raises :class:`~shmreplay.errors.PermissionDenied` (a ``PermissionError``) at once when an
+    object of the instance belongs to another user, naming it, its owner and ``[server]
+    group``; :class:`~shmreplay.errors.TooManyOpenFiles` (an ``OSError``) when this process or
+    the daemon has no file descriptor left, with the limit and how to raise it.
     """
     deadline = time.monotonic() + timeout
     while True:
-        rec = InstanceRecord.read(name)
-        if rec is not None and rec.alive():
-            try:
+        try:
+            rec = InstanceRecord.read(name)
+            if rec is not None and rec.alive():
                 return Client(rec, seed=seed, prefault=prefault)
-            except (FileNotFoundError, ConnectionRefusedError, DaemonNotRunning):
-                pass  # starting up or going away: try again until the deadline
+        except (FileNotFoundError, ConnectionRefusedError, DaemonNotRunning):
+            pass  # starting up or going away: try again until the deadline
+        except ShmReplayError:
+            raise  # PermissionDenied, TooManyOpenFiles, ...: clear already
+        except PermissionError:  # the record: the runtime directory is another user's
+            raise access_denied(record_path(name), f"the record of instance {name!r}") from None
+        except OSError as exc:
+            if is_out_of_descriptors(exc):
+                raise out_of_descriptors(f"attaching to instance {name!r}") from exc
+            raise
         if time.monotonic() >= deadline:
             where = record_path(name)
             raise DaemonNotRunning(
@@ -83,6 +103,20 @@ def attach(
                 f"start one with: shmreplay serve --tables tables.toml --name {name}"
             )
         time.sleep(0.05)
+
+
+def _open_event(name: str) -> Event:
+    """Open one of the daemon's semaphores, with a clear error for the two ways it fails on a
+    live daemon: another user's semaphore, or no file descriptor left."""
+    try:
+        return Event.open(name)
+    except posix_ipc.PermissionsError:
+        path = f"{SHM_DIR}/sem.{name.lstrip('/')}"
+        raise access_denied(path, "a semaphore of the daemon") from None
+    except OSError as exc:
+        if is_out_of_descriptors(exc):
+            raise out_of_descriptors(f"opening the daemon's semaphore {name}") from exc
+        raise
 
 
 class Client:
@@ -104,14 +138,14 @@ class Client:
             hello = self._control.request("hello", pid=self._pid, protocol=PROTOCOL_VERSION)
             self.channel = int(hello["channel"])
             self.daemon_pid = int(hello["pid"])
-            wake = Event.open(hello["wake"])
+            wake = _open_event(hello["wake"])
             self._events.append(wake)
             for tname, seg_name in hello["tables"].items():
                 seg = Segment.attach(seg_name)
                 self._segments.append(seg)
                 if prefault:
                     seg.prefault()
-                evs = {k: Event.open(v) for k, v in hello["events"][tname].items()}
+                evs = {k: _open_event(v) for k, v in hello["events"][tname].items()}
                 self._events.extend(evs.values())
                 core = TableCore(seg, TableEvents(daemon=wake, **evs))
                 core.daemon_pid = self.daemon_pid

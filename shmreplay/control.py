@@ -49,11 +49,21 @@ class ControlClient:
     sock: socket.socket | None = None
 
     def __init__(self, path: str, timeout: float = 10.0) -> None:
+        from .instance import access_denied, is_out_of_descriptors, out_of_descriptors
+
         self.path = path
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:
+            if is_out_of_descriptors(exc):
+                raise out_of_descriptors(f"connecting to the daemon's socket {path}") from None
+            raise
         sock.settimeout(timeout)
         try:
             sock.connect(path)
+        except PermissionError:
+            sock.close()
+            raise access_denied(path, "the daemon's control socket") from None
         except OSError:
             sock.close()
             raise
@@ -63,7 +73,12 @@ class ControlClient:
         if self.sock is None:
             raise DaemonNotRunning("the control connection is closed")
         try:
-            self.sock.sendall(encode({"op": op, **args}))
+            try:
+                self.sock.sendall(encode({"op": op, **args}))
+            except OSError:
+                # The daemon may have refused the connection with a reply (not allowed, out of
+                # descriptors) and closed it before our request went out: read that reply.
+                pass
             reply = recv(self.sock)
         except (OSError, ConnectionError) as exc:
             raise DaemonNotRunning(f"lost the control connection to the daemon: {exc}") from exc

@@ -12,10 +12,12 @@ semaphores are unlinked, the socket and the instance record removed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 import queue
+import resource
 import selectors
 import signal
 import socket
@@ -47,6 +49,7 @@ from .events import Event
 from .instance import (
     InstanceRecord,
     event_name,
+    is_out_of_descriptors,
     lock_path,
     process_alive,
     record_path,
@@ -66,7 +69,7 @@ from .layout import (
 from .metrics import MetricsServer
 from .notify import Notifier
 from .rings import ring_get, ring_put
-from .shm import Segment, format_bytes, shm_free_bytes
+from .shm import SHM_DIR, Segment, format_bytes, shm_free_bytes
 from .table import TableCore, TableEvents
 
 log = logging.getLogger("shmreplay")
@@ -74,6 +77,11 @@ log = logging.getLogger("shmreplay")
 # With writers active the daemon never sleeps longer than this: it bounds the delay of a wake-up
 # lost to store/load reordering between a writer's publish and the daemon's sleeping flag.
 ACTIVE_SLEEP_S = 0.002  # a nap: bounds the delay from publish to sampleable
+# Descriptors the daemon keeps free for its own work (a checkpoint opens a file per field at
+# once, the lock file, directories to fsync; /proc reads; the metrics server): a connection
+# that would eat into them is refused with TooManyOpenFiles instead.
+FD_RESERVE = 32
+ACCEPT_PAUSE_S = 0.1  # no descriptor even to refuse a connection: look again this much later
 STALL_WARN_S = 2.0  # the commit loop says who holds a table lock this long
 QUARANTINE_S = 1.0  # far longer than any client takes to write a row or copy a sample
 ACTIVE_WINDOW_S = 0.05  # writers quiet for this long: sleep until woken instead of napping
@@ -152,6 +160,8 @@ class Daemon:
         self._dead: queue.Queue[tuple[int, str]] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._owns_files = False
+        self._fd_refusing = False  # refusing connections for want of descriptors (logged once)
+        self._listener_ready = True
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -195,6 +205,7 @@ class Daemon:
                 directory,
                 self.config.server.checkpoint_keep,
                 progress=self._progress,
+                gid=_group_id(self.config.server.group),  # checkpoints as private as the tables
             )
         log.info("%s", report.summary())
         return {
@@ -294,7 +305,7 @@ class Daemon:
         need = check_fits(self.config, frozenset(adoptable))
         gid = _group_id(self.config.server.group)
         mode = 0o660 if gid is not None else 0o600
-        self.wake = Event.create(event_name(self.name, None, "daemon"), mode, gid)
+        self.wake = _create_event(event_name(self.name, None, "daemon"), mode, gid)
         self.events.append(self.wake)
         adopted = set(adoptable)
         for spec in self.config.tables:
@@ -402,7 +413,7 @@ class Daemon:
         self.segments.append(seg)
         evs = {}
         for kind in EVENT_KINDS:
-            ev = Event.create(event_name(self.name, spec.name, kind), mode, gid)
+            ev = _create_event(event_name(self.name, spec.name, kind), mode, gid)
             self.events.append(ev)
             evs[kind] = ev
         core = TableCore(seg, TableEvents(daemon=self.wake, **evs))
@@ -695,22 +706,26 @@ class Daemon:
     def _serve_control(self) -> None:
         sel = selectors.DefaultSelector()
         sel.register(self._listener, selectors.EVENT_READ, None)
+        paused_until = 0.0
         buffers: dict[socket.socket, bytearray] = {}
         channels: dict[socket.socket, int] = {}
         try:
             while not self._stop.is_set():
+                if paused_until and time.monotonic() >= paused_until:
+                    sel.register(self._listener, selectors.EVENT_READ, None)
+                    paused_until = 0.0
                 for key, _ in sel.select(timeout=0.2):
                     if key.data is None:
-                        try:
-                            conn, _ = self._listener.accept()
-                        except (BlockingIOError, OSError):
-                            continue
-                        if not self._peer_allowed(conn):
-                            conn.close()
-                            continue
-                        conn.setblocking(False)
-                        buffers[conn] = bytearray()
-                        sel.register(conn, selectors.EVENT_READ, "conn")
+                        conn = self._accept()
+                        if conn is None and not self._listener_ready:
+                            # Out of descriptors: the connection waits in the backlog; do
+                            # not spin on a listener that stays readable.
+                            sel.unregister(self._listener)
+                            paused_until = time.monotonic() + ACCEPT_PAUSE_S
+                        if conn is not None:
+                            conn.setblocking(False)
+                            buffers[conn] = bytearray()
+                            sel.register(conn, selectors.EVENT_READ, "conn")
                         continue
                     conn = key.fileobj
                     if not self._read_conn(conn, buffers, channels):
@@ -729,18 +744,86 @@ class Daemon:
                 conn.close()
             sel.close()
 
-    def _peer_allowed(self, conn: socket.socket) -> bool:
+    def _accept(self) -> socket.socket | None:
+        """Accept one control connection, or refuse it with an error reply and close it: a
+        peer not allowed (SO_PEERCRED), or no descriptor to spare (the daemon keeps
+        FD_RESERVE free for its own work: checkpoints, /proc). None if nothing was accepted;
+        ``_listener_ready`` False then means no descriptor was left even to refuse one."""
+        self._listener_ready = True
+        try:
+            conn, _ = self._listener.accept()
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if is_out_of_descriptors(exc):
+                self._listener_ready = False
+                self._fd_shortage(None)
+            return None
+        short = self._fd_shortage(conn)
+        if short is not None:
+            _refuse(conn, "TooManyOpenFiles", short)
+            return None
+        refused = self._peer_refused(conn)
+        if refused is not None:
+            _refuse(conn, "PermissionDenied", refused)
+            return None
+        return conn
+
+    def _fd_shortage(self, conn: socket.socket | None) -> str | None:
+        """A message if the daemon has fewer than FD_RESERVE descriptors to spare (``conn``
+        counted as spent), else None. The first refusal is logged, and the recovery."""
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        try:
+            used = len(os.listdir("/proc/self/fd")) - 1  # the listing's own descriptor
+        except OSError:
+            used = soft
+        if conn is not None and used + FD_RESERVE <= soft:
+            if self._fd_refusing:
+                self._fd_refusing = False
+                log.info("file descriptors available again (%d of %d in use)", used, soft)
+            return None
+        message = (
+            f"the shmreplay daemon of instance {self.name!r} (pid {os.getpid()}) is out of file "
+            f"descriptors ({used} in use, limit {soft}, {FD_RESERVE} kept for itself) and "
+            "refuses new connections until some close; close unused clients, or raise its "
+            "limit (LimitNOFILE= in its systemd unit, ulimit -n before shmreplay serve), then "
+            "attach again"
+        )
+        if not self._fd_refusing:
+            self._fd_refusing = True
+            with self._clients_lock:
+                attached = len(self._clients)
+            log.warning(
+                "out of file descriptors: %d in use of a limit of %d (%d clients attached); "
+                "refusing new control connections until some close (logged once)",
+                used,
+                soft,
+                attached,
+            )
+        return message
+
+    def _peer_refused(self, conn: socket.socket) -> str | None:
         """The socket's mode already keeps others out; the kernel's word on the peer (its uid,
-        SO_PEERCRED) is checked too: our user, root, or a member of [server] group."""
+        SO_PEERCRED) is checked too: our user, root, or a member of [server] group. Returns
+        why the peer is refused, or None."""
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, gid = struct.unpack("3i", creds)
         if uid in (0, os.getuid()):
-            return True
+            return None
         group = _group_id(self.config.server.group)
         if group is not None and (gid == group or _user_in_group(uid, group)):
-            return True
+            return None
         log.warning("refused a control connection from pid %d (uid %d): not allowed", pid, uid)
-        return False
+        who = "its group" if group is None else f"group {self.config.server.group!r}"
+        return (
+            f"uid {uid} may not use instance {self.name!r}: its daemon runs as uid "
+            f"{os.getuid()} and admits root, its own user and {who}"
+            + (
+                "; set group in [server] of its tables.toml to admit a group"
+                if group is None
+                else f"; add the user to group {self.config.server.group!r}"
+            )
+        )
 
     def _read_conn(self, conn, buffers, channels) -> bool:
         try:
@@ -869,8 +952,35 @@ class Daemon:
         }
 
 
+def _create_event(name: str, mode: int, gid: int | None) -> Event:
+    """Create a semaphore; a full /dev/shm (each takes a page there) is reported as such."""
+    try:
+        return Event.create(name, mode, gid)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise InsufficientSharedMemory(
+            f"cannot create semaphore {SHM_DIR}/sem.{name.lstrip('/')}: {SHM_DIR} has "
+            f"{format_bytes(shm_free_bytes())} free (each semaphore takes a page); free space "
+            f"there (shmreplay gc removes what dead daemons left) or enlarge it "
+            f"(mount -o remount,size=... {SHM_DIR})"
+        ) from exc
+
+
 def _error(kind: str, message: str) -> dict:
     return {"ok": False, "type": kind, "error": message}
+
+
+def _refuse(conn: socket.socket, kind: str, message: str) -> None:
+    """Answer a connection's first request in advance with an error, and close it. The
+    client reads the reply even if its request arrives after the close (see ControlClient)."""
+    try:
+        conn.settimeout(0.5)  # the reply fits in any socket buffer; never wait on the peer
+        conn.sendall(encode(_error(kind, message)))
+    except OSError:
+        pass
+    finally:
+        conn.close()
 
 
 def _plain(obj):

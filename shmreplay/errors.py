@@ -19,8 +19,10 @@ working for code that does not know about shmreplay::
     ├── InsufficientSharedMemory (MemoryError)      the tables do not fit in /dev/shm
     ├── MissingDependencyError   (ImportError)      an optional framework (torch, jax) is absent
     ├── CheckpointError          (RuntimeError)     a checkpoint cannot be written, read, restored
-    └── NotSupportedError        (NotImplementedError)  a feature shmreplay does not have (a
-                                                    Reverb feature in shmreplay.compat, ...)
+    ├── NotSupportedError        (NotImplementedError)  a feature shmreplay does not have (a
+    │                                               Reverb feature in shmreplay.compat, ...)
+    ├── PermissionDenied         (PermissionError)  an instance's file belongs to another user
+    └── TooManyOpenFiles         (OSError)          a process ran out of file descriptors
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ __all__ = [
     "MissingDependencyError",
     "CheckpointError",
     "NotSupportedError",
+    "PermissionDenied",
+    "TooManyOpenFiles",
 ]
 
 
@@ -126,3 +130,17 @@ class CheckpointError(ShmReplayError, RuntimeError):
 class NotSupportedError(ShmReplayError, NotImplementedError):
     """A feature shmreplay does not have, such as a Reverb feature that the compatibility layer
     (:mod:`shmreplay.compat.reverb`) cannot map: the message names it and what to do instead."""
+
+
+class PermissionDenied(ShmReplayError, PermissionError):
+    """This process may not open one of an instance's objects (its record, control socket,
+    segments or semaphores): they belong to the daemon's user and, with ``[server] group``, to
+    that group. The message names the object, its owner and mode, and who we are; run as the
+    daemon's user, or set ``group`` in ``[server]`` and add this user to that group. Also
+    raised by the daemon to a peer whose uid is not allowed (SO_PEERCRED)."""
+
+
+class TooManyOpenFiles(ShmReplayError, OSError):
+    """A process reached its limit of open file descriptors (``RLIMIT_NOFILE``): the client
+    while attaching, or the daemon, which then refuses new connections until some close. The
+    message gives the limit and what to do (``ulimit -n``, ``LimitNOFILE=``)."""

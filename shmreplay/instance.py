@@ -12,14 +12,17 @@ Every object an instance creates carries its name, so ``gc`` and monitoring can 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import resource
 import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
 
+from .errors import PermissionDenied, TooManyOpenFiles
 from .shm import SHM_DIR
 
 PREFIX = "shmreplay."
@@ -107,7 +110,10 @@ class InstanceRecord:
 
 
 def process_alive(pid: int, start_time: float | None = None) -> bool:
-    """True if ``pid`` runs (not a zombie) and, if given, started at ``start_time``."""
+    """True if ``pid`` runs (not a zombie) and, if given, started at ``start_time``.
+
+    A process out of file descriptors cannot read /proc: it checks with ``kill(pid, 0)`` alone
+    (a reused pid then passes for the old process until descriptors free up)."""
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
@@ -115,6 +121,87 @@ def process_alive(pid: int, start_time: float | None = None) -> bool:
         return start_time is None or abs(proc.create_time() - start_time) < 1.0
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
+
+def _user(uid: int) -> str:
+    import pwd
+
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _group(gid: int) -> str:
+    import grp
+
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def access_denied(path: str | os.PathLike, what: str) -> PermissionDenied:
+    """The error for an instance object ``path`` (``what`` it is) this process may not open:
+    who owns it, its mode, who we are, and how to get access."""
+    me = f"{_user(os.geteuid())}, groups {sorted({os.getegid(), *os.getgroups()})}"
+    try:
+        st = os.stat(path)
+    except OSError:  # not even visible: a directory on the way is closed to us
+        return PermissionDenied(
+            f"cannot open {path} ({what}) as {me}: a directory on its path is closed to this "
+            'user. Run as the daemon\'s user, or set group = "<group>" in [server] of the '
+            "daemon's tables.toml (and SHMREPLAY_RUNTIME_DIR to a directory that group can "
+            "enter), restart the daemon and add this user to that group"
+        )
+    owner = f"{_user(st.st_uid)}, group {_group(st.st_gid)}, mode {stat.S_IMODE(st.st_mode):04o}"
+    if st.st_mode & stat.S_IRWXG:
+        how = (
+            f"it is open to group {_group(st.st_gid)!r}: add this user to it "
+            f"(usermod -aG {_group(st.st_gid)} <user>) and log in again"
+        )
+    else:
+        how = (
+            "the daemon keeps its tables private to its user: run as that user, or set "
+            'group = "<group>" in [server] of the daemon\'s tables.toml, restart the daemon '
+            "and add this user to that group"
+        )
+    return PermissionDenied(
+        f"cannot open {path} ({what}): it belongs to {owner}; this process runs as {me}; {how}"
+    )
+
+
+def is_out_of_descriptors(exc: BaseException) -> bool:
+    """True for the error of a call that found no free file descriptor (posix_ipc raises a
+    bare OSError whose message says so, without an errno)."""
+    if not isinstance(exc, OSError):
+        return False
+    return exc.errno in (errno.EMFILE, errno.ENFILE) or "number of files" in str(exc)
+
+
+def out_of_descriptors(what: str) -> TooManyOpenFiles:
+    """The error for running out of file descriptors while doing ``what``."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        used = f"{len(os.listdir('/proc/self/fd'))} open"
+    except OSError:
+        used = "all in use"
+    return TooManyOpenFiles(
+        errno.EMFILE,
+        f"{what}: this process has no file descriptor left ({used}, limit {soft}, hard limit "
+        f"{hard}); close unused clients and files, or raise the limit (ulimit -n, "
+        "resource.setrlimit(RLIMIT_NOFILE, ...), LimitNOFILE= in a systemd unit)",
+    )
 
 
 def shm_objects(instance: str | None = None) -> list[str]:

@@ -100,6 +100,8 @@ class Segment:
     @classmethod
     def attach(cls, name: str) -> Segment:
         """Map an existing segment and verify its header."""
+        from .instance import access_denied, is_out_of_descriptors, out_of_descriptors
+
         try:
             shm = posix_ipc.SharedMemory(name)
         except posix_ipc.ExistentialError as exc:
@@ -107,14 +109,21 @@ class Segment:
                 f"shared-memory segment {name} does not exist: the daemon is gone"
             ) from exc
         except posix_ipc.PermissionsError as exc:
-            raise SegmentError(
-                f"no permission to open {SHM_DIR}{name}: it belongs to another user"
-            ) from exc
+            raise access_denied(f"{SHM_DIR}{name}", "a table segment") from exc
+        except OSError as exc:
+            if is_out_of_descriptors(exc):
+                raise out_of_descriptors(f"opening table segment {SHM_DIR}{name}") from exc
+            raise
         try:
             size = os.fstat(shm.fd).st_size
             if size == 0:
                 raise SegmentError(f"{name}: empty segment (the daemon is still creating it)")
-            mm = mmap.mmap(shm.fd, size)
+            try:
+                mm = mmap.mmap(shm.fd, size)  # keeps a descriptor of its own (a dup)
+            except OSError as exc:
+                if is_out_of_descriptors(exc):
+                    raise out_of_descriptors(f"mapping table segment {SHM_DIR}{name}") from exc
+                raise
         finally:
             shm.close_fd()
         try:
