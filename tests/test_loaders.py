@@ -137,6 +137,7 @@ def test_the_prefetch_thread_has_its_own_client_and_closing_stops_it(stamped):
     it = t.as_iterator(32, timeout=10)
     next(it)
     assert our_clients(client) == 2 and len(prefetch_threads()) == 1
+    assert it.stats().batches == 1
     it.close()
     it.close()  # idempotent
     assert not prefetch_threads()
