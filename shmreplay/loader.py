@@ -29,6 +29,11 @@ writes a later batch into them. With ``keep=1`` (the default), a batch is valid 
 
 ``copy=True`` yields fresh arrays instead (one allocation per batch, nothing reused).
 
+**Sampled ahead means sampled.** A batch counts as sampled when the thread takes it, as in
+Reverb's prefetching datasets: for the rate limiter, ``times_sampled`` and ``max_times_sampled``
+(an item may be deleted before the learner sees it). Batches still queued when the iterator is
+closed are dropped.
+
 **Timeouts and stopping.** The thread's sample calls block for at most :data:`SLICE_S` at a time,
 so ``close()`` stops it within about that long even while the rate limiter blocks sampling. The
 iterator's ``timeout`` bounds how long one ``next()`` waits for a batch (then
