@@ -1,13 +1,20 @@
 """A soak: 2 actors and 1 learner at full speed for minutes, with a SampleToInsertRatio limiter
-and periodic checkpoints; throughput and every process's RSS over time.
+and periodic checkpoints; throughput and every process's RSS over time; meanwhile a process
+attaches and closes in a loop.
 
     python -m bench.soak --minutes 10        # the documented run (not in CI)
     python -m bench.soak --minutes 1         # a short one
+    python -m bench.soak --attach-loop 10000 # only the attach loop, 10,000 times (about a minute)
 
 Prints a JSON line per interval (inserts/s, batches/s, RSS in MB of the daemon, each actor and
 the learner) and a summary: the first and last thirds' mean throughput (a downward drift shows
 as a ratio below 1), each process's RSS growth from the first sample after warm-up to the last,
-the checkpoints written, and the rows the learner found torn (0 in a good run).
+the checkpoints written, and the rows the learner found torn (0 in a good run). The attach
+loop reports its cycles and its open descriptors and memory mappings after a warm-up and at the
+end (equal in a good run), and the daemon's client count after it (the loop's channels all
+reclaimed). Under the soak's load a cycle takes ~100 ms on the 2-core machine, so the 10,000
+cycles of issue 5 have a run of their own (``--attach-loop``, the same tables, no other load);
+tests/test_hostile_input.py runs the loop 300 times in the suite.
 """
 
 from __future__ import annotations
@@ -75,8 +82,37 @@ def _learner(instance: str, stop, torn) -> None:
     client.close(timeout=5)
 
 
-def run(minutes: float, interval: float, ckpt_dir: str) -> dict:
-    toml = (
+def _attacher(instance: str, cycles: int | None, stop, result) -> None:
+    """Attach and close until ``cycles`` are done (None: no limit) or ``stop`` is set: puts
+    (cycles, descriptors and mappings after a warm-up, the same at the end, s per cycle)."""
+    import gc
+
+    me = psutil.Process()
+
+    def counts() -> tuple[int, int]:
+        gc.collect()
+        return me.num_fds(), len(me.memory_maps(grouped=False))
+
+    def cycle(i: int) -> None:
+        # Every 100th maps the tables' pages too (prefault thread); the rest only attach.
+        c = shmreplay.attach(instance, timeout=30, prefault=i % 100 == 0)
+        c.table("replay").info()
+        c.close()
+
+    for i in range(50):  # warm-up: imports and objects made once
+        cycle(i)
+    before = counts()
+    t0 = time.monotonic()
+    done = 0
+    while (cycles is None or done < cycles) and not stop.is_set():
+        cycle(done)
+        done += 1
+    per_cycle = (time.monotonic() - t0) / max(done, 1)
+    result.put((done, before, counts(), per_cycle))
+
+
+def soak_tables(ckpt_dir: str) -> str:
+    return (
         f'[server]\ncheckpoint_dir = "{ckpt_dir}"\ncheckpoint_interval_s = 60\n'
         "checkpoint_keep = 2\n"
         + table_toml(
@@ -89,12 +125,47 @@ def run(minutes: float, interval: float, ckpt_dir: str) -> dict:
         )
         + table_toml("checked", max_size=100_000, signature=STAMPED)
     )
-    stop, torn = CTX.Event(), CTX.Value("q", 0)
+
+
+def _attach_report(result, daemon_clients: int) -> dict:
+    cycles, before, after, per_cycle = result
+    return {
+        "cycles": cycles,
+        "ms_per_cycle": round(per_cycle * 1e3, 2),
+        "fds_and_mappings_after_warmup": before,
+        "fds_and_mappings_at_end": after,
+        "daemon_clients_after": daemon_clients,
+    }
+
+
+def attach_loop(cycles: int, ckpt_dir: str) -> dict:
+    """Only the attach loop: ``cycles`` attach/close cycles against the soak's tables."""
+    stop, result = CTX.Event(), CTX.Queue()
+    with DaemonProcess(soak_tables(ckpt_dir)) as d, shmreplay.attach(d.name) as monitor:
+        p = CTX.Process(target=_attacher, args=(d.name, cycles, stop, result))
+        p.start()
+        try:
+            report = result.get(timeout=max(120.0, cycles * 0.2))
+        finally:
+            stop.set()
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        clients = len(monitor.server_info()["clients"])  # this monitor only
+    return {"benchmark": "attach_loop", **_attach_report(report, clients)}
+
+
+def run(minutes: float, interval: float, ckpt_dir: str) -> dict:
+    toml = soak_tables(ckpt_dir)
+    stop, stop_attaching, torn = CTX.Event(), CTX.Event(), CTX.Value("q", 0)
     lines = []
     with DaemonProcess(toml) as d, shmreplay.attach(d.name) as monitor:
         procs = [CTX.Process(target=_actor, args=(d.name, i, stop)) for i in (1, 2)]
         procs.append(CTX.Process(target=_learner, args=(d.name, stop, torn)))
-        for p in procs:
+        attached = CTX.Queue()
+        attacher = CTX.Process(target=_attacher, args=(d.name, None, stop_attaching, attached))
+        for p in [*procs, attacher]:
             p.start()
         try:
             watched = {"daemon": psutil.Process(d.proc.pid)}
@@ -118,9 +189,15 @@ def run(minutes: float, interval: float, ckpt_dir: str) -> dict:
                 print(json.dumps(line), flush=True)
                 lines.append(line)
                 last, t_last = info, now
+            stop_attaching.set()
+            attach = _attach_report(
+                attached.get(timeout=60),
+                len(monitor.server_info()["clients"]),  # 2 actors, the learner, this monitor
+            )
         finally:
             stop.set()
-            for p in procs:
+            stop_attaching.set()
+            for p in [*procs, attacher]:
                 p.join(30)
                 if p.is_alive():
                     p.kill()
@@ -145,6 +222,7 @@ def run(minutes: float, interval: float, ckpt_dir: str) -> dict:
         },
         "checkpoints_written": checkpoints,
         "torn_rows": torn.value,
+        "attach_loop": attach,
     }
 
 
@@ -156,9 +234,19 @@ def main() -> None:
     )
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--interval", type=float, default=10.0, help="seconds between lines")
+    parser.add_argument(
+        "--attach-loop",
+        type=int,
+        metavar="CYCLES",
+        help="run only the attach/close loop, this many times (issue 5: 10000)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="shmreplay-soak-") as ckpt:
-        print(json.dumps(run(args.minutes, args.interval, ckpt)), flush=True)
+        if args.attach_loop is not None:
+            result = attach_loop(args.attach_loop, ckpt)
+        else:
+            result = run(args.minutes, args.interval, ckpt)
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
