@@ -55,6 +55,7 @@ rate-limited in that mode, so each figure is what the transport lets the actors 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import json
@@ -65,9 +66,7 @@ import queue as queue_mod
 import random
 import secrets
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, replace
@@ -85,7 +84,7 @@ EVAL_SEED = 10_000  # evaluation episode k always starts from seed EVAL_SEED + k
 # Per-process statistics, one float64 array shared by all (actors write their own row, the
 # learner its own; 8-byte aligned stores, no lock needed for monotone counters).
 A_STEPS, A_EPISODES, A_RETURN, A_READY = range(4)  # columns of an actor's row
-L_UPDATES, L_READY, L_PRIORITIES = range(3)  # the learner's row (the last one)
+L_UPDATES, L_PRIORITIES = range(2)  # the learner's row (the last one)
 
 
 @dataclass(frozen=True)
@@ -135,7 +134,8 @@ def _child_setup() -> None:
         libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-    if os.getppid() == 1:  # the parent died before prctl
+    parent = mp.parent_process()
+    if parent is not None and not parent.is_alive():  # it died before prctl
         sys.exit(1)
 
 
@@ -372,18 +372,33 @@ def run_actor(index: int, sink, cfg: Config, stop, stats) -> None:
     sink.close()
 
 
+def _exit_if_daemon_gone(who: str):
+    """A daemon that went away (stopped by a Ctrl-C in the terminal, or crashed) ends this
+    process with one line instead of a traceback; the parent reports it."""
+    import shmreplay
+
+    exc = sys.exc_info()[1]
+    if isinstance(exc, shmreplay.DaemonNotRunning):
+        print(f"{who}: the daemon is gone; exiting", file=sys.stderr, flush=True)
+        sys.exit(3)
+
+
 def _actor_main(index: int, transport: str, args: tuple, cfg: Config, stop, stats_buf) -> None:
     _child_setup()
     stats = _stats_view(stats_buf, cfg.actors)
-    if transport == "shm":
-        sink = ShmSink(args[0], cfg)
-    elif transport == "shm-chunks":
-        sink = ShmChunkSink(args[0], cfg)
-    elif transport == "queue":
-        sink = QueueSink(args[0], args[1], cfg, stop)
-    else:
-        sink = NullSink(cfg)
-    run_actor(index, sink, cfg, stop, stats)
+    try:
+        if transport == "shm":
+            sink = ShmSink(args[0], cfg)
+        elif transport == "shm-chunks":
+            sink = ShmChunkSink(args[0], cfg)
+        elif transport == "queue":
+            sink = QueueSink(args[0], args[1], cfg, stop)
+        else:
+            sink = NullSink(cfg)
+        run_actor(index, sink, cfg, stop, stats)
+    except Exception:
+        _exit_if_daemon_gone(f"actor-{index}")
+        raise
 
 
 # -- the learner ---------------------------------------------------------------------------------
@@ -529,7 +544,6 @@ def run_learner(source, cfg: Config, stop, row) -> None:
         return nn.utils.parameters_to_vector(params).detach().numpy()
 
     source.publish(flat(), 0)
-    row[L_READY] = 1
     updates, prioritized = 0, 0
     while not stop.is_set():
         b = source.sample(cfg.batch_size, timeout=0.5)
@@ -566,12 +580,18 @@ def run_learner(source, cfg: Config, stop, row) -> None:
 
 def _learner_main(transport: str, args: tuple, cfg: Config, stop, stats_buf) -> None:
     _child_setup()
+    import torch  # noqa: F401  (seconds on a busy machine: before attaching to anything)
+
     stats = _stats_view(stats_buf, cfg.actors)
-    if transport == "shm":
-        source = ShmSource(args[0], cfg)
-    else:
-        source = QueueSource(args[0], args[1], cfg)
-    run_learner(source, cfg, stop, stats[cfg.actors])
+    try:
+        if transport == "shm":
+            source = ShmSource(args[0], cfg)
+        else:
+            source = QueueSource(args[0], args[1], cfg)
+        run_learner(source, cfg, stop, stats[cfg.actors])
+    except Exception:
+        _exit_if_daemon_gone("learner")
+        raise
 
 
 # -- the main process: daemon, processes, evaluation, reports -------------------------------------
@@ -625,40 +645,25 @@ version = {{ dtype = "int64" }}
 """
 
 
-def _daemon_preexec() -> None:
-    # In its own session (start_new_session): a Ctrl-C in the terminal reaches us, not the
-    # daemon, which we stop last. It dies with us if we are killed with -9.
+@contextlib.contextmanager
+def _sigint_blocked():
+    """Processes started in this block inherit a blocked SIGINT (the signal mask survives fork
+    and exec): a Ctrl-C in the terminal, sent to the whole process group, reaches only this
+    process, which then stops the others in order (actors, learner, daemon last)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-class Daemon:
-    """The shmreplay daemon as a child process: ``python -m shmreplay serve``."""
+def start_server(name: str, toml_text: str):
+    """The daemon, as a child process (``python -m shmreplay serve``); its log goes to a private
+    file, quoted if it fails to start. Returns once it serves."""
+    import shmreplay
 
-    def __init__(self, name: str, toml_text: str) -> None:
-        self.name = name
-        self._tmp = tempfile.TemporaryDirectory(prefix="dqn-cartpole-")
-        path = os.path.join(self._tmp.name, "tables.toml")
-        with open(path, "w") as f:
-            f.write(toml_text)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shmreplay", "serve", "--tables", path, "--name", name],
-            start_new_session=True,
-            preexec_fn=_daemon_preexec,
-        )
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._tmp.cleanup()
-        return self.proc.returncode
+    with _sigint_blocked():
+        return shmreplay.Server(toml_text, name)
 
 
 def shm_leftovers(name: str) -> list[str]:
@@ -683,7 +688,8 @@ class Run:
         p = self.ctx.Process(
             target=target, args=(*args, self.cfg, self.stop_event, self.stats_buf), name=name
         )
-        p.start()
+        with _sigint_blocked():
+            p.start()
         self.procs.append(p)
 
     def check_alive(self) -> None:
@@ -747,7 +753,7 @@ def train(cfg: Config, args) -> dict:
     run = Run(name, cfg)
     records: list[dict] = []
     summary: dict = {"mode": "smoke" if args.smoke else "train", "seed": cfg.seed, "instance": name}
-    daemon = Daemon(name, tables_toml(name, cfg, rate_limited=True))
+    daemon = start_server(name, tables_toml(name, cfg, rate_limited=True))
     t0 = time.monotonic()
     interrupted = False
     try:
@@ -770,16 +776,21 @@ def train(cfg: Config, args) -> dict:
         t0 = time.monotonic()
         last = (t0, 0, 0)  # time, steps, updates at the previous record
         last_log = (t0, 0, 0)
-        next_eval = cfg_eval_every = args.eval_every
+        next_eval = args.eval_every
         last_eval = float("nan")
+        streak = 0  # consecutive evaluations at or above the target
         while True:
             time.sleep(0.05)
             run.check_alive()
+            if not daemon.running():
+                raise RuntimeError(
+                    f"the daemon exited with status {daemon.proc.returncode}:\n{daemon.log(20)}"
+                )
             now = time.monotonic()
             steps, updates = run.steps(), run.updates()
             budget_spent = steps >= args.max_env_steps or now - t0 >= args.max_seconds
             if updates >= next_eval or budget_spent:
-                next_eval = updates + cfg_eval_every
+                next_eval = updates + args.eval_every
                 try:
                     s = params.sample_nowait(1)
                 except shmreplay.RateLimiterTimeout:
@@ -807,7 +818,8 @@ def train(cfg: Config, args) -> dict:
                     f"mean return {last_eval:6.1f} (min {min(rets):.0f}) over {len(rets)} episodes",
                     flush=True,
                 )
-                if last_eval >= args.target_return and not args.smoke:
+                streak = streak + 1 if last_eval >= args.target_return else 0
+                if streak >= args.solved_evals and not args.smoke:
                     summary["solved"] = records[-1]
                     break
             if budget_spent:
@@ -860,13 +872,13 @@ def train(cfg: Config, args) -> dict:
 # -- throughput comparison -------------------------------------------------------------------------
 
 
-def cpu_seconds(run: Run, daemon: Daemon | None = None) -> dict[str, float]:
+def cpu_seconds(run: Run, daemon=None) -> dict[str, float]:
     """CPU time (user + system) used so far by each role's processes."""
     import psutil
 
     pids = {"actors": [p.pid for p in run.procs if p.name.startswith("actor")]}
     pids["learner"] = [p.pid for p in run.procs if p.name == "learner"]
-    pids["daemon"] = [] if daemon is None else [daemon.proc.pid]
+    pids["daemon"] = [] if daemon is None else [daemon.pid]
     pids["main"] = [os.getpid()]
     out = {}
     for role, ps in pids.items():
@@ -881,7 +893,7 @@ def cpu_seconds(run: Run, daemon: Daemon | None = None) -> dict[str, float]:
     return out
 
 
-def _measure(run: Run, seconds: float, daemon: Daemon | None = None) -> dict:
+def _measure(run: Run, seconds: float, daemon=None) -> dict:
     """Env steps/s, learner updates/s and each role's share of a core over ``seconds``, from
     one second after every process is ready (and the learner, if any, has started updating)."""
     deadline = time.monotonic() + 120
@@ -924,7 +936,7 @@ def _shm_phase(cfg: Config, seconds: float, transport: str, result: dict) -> dic
 
     name = f"dqn-cmp-{os.getpid()}-{secrets.token_hex(2)}"
     result["instances"].append(name)
-    daemon = Daemon(name, tables_toml(name, cfg, rate_limited=False))
+    daemon = start_server(name, tables_toml(name, cfg, rate_limited=False))
     run = Run(name, cfg)
     try:
         run.client = shmreplay.attach(name, timeout=30)
@@ -1137,6 +1149,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--target-return", type=float, default=475.0, help="stop once an eval's mean reaches it"
     )
+    p.add_argument(
+        "--solved-evals",
+        type=int,
+        default=2,
+        help="solved once this many consecutive evals reach --target-return",
+    )
     p.add_argument("--max-seconds", type=float, default=600.0, help="wall-time budget of training")
     p.add_argument("--max-env-steps", type=int, default=2_000_000, help="env-step budget")
     p.add_argument("--log-every", type=float, default=2.0, help="seconds between live lines")
@@ -1190,7 +1208,9 @@ def main(argv: list[str] | None = None) -> int:
     summary["config"] = asdict(cfg)
     print(json.dumps(summary))
     ok = summary["daemon_exit"] == 0 and not summary["shm_leftovers"]
-    return 0 if ok and not summary["interrupted"] else 1
+    if summary["interrupted"]:
+        return 130  # as a shell reports a Ctrl-C
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -60,7 +60,17 @@ def test_smoke_run_learns_a_little_and_leaves_nothing_behind():
 
 
 def test_queue_comparison_measures_every_transport():
-    r, out = run_example("--compare-queue", "3", "--compare-rounds", "1", timeout=300)
+    r, out = run_example(
+        "--compare-queue",
+        "2",
+        "--compare-rounds",
+        "1",
+        "--actors",
+        "2",
+        "--min-replay",
+        "256",
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert out["mode"] == "compare"
     assert out["reference"]["env_steps_per_s"] > 0
