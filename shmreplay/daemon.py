@@ -161,7 +161,6 @@ class Daemon:
         self._thread: threading.Thread | None = None
         self._owns_files = False
         self._fd_refusing = False  # refusing connections for want of descriptors (logged once)
-        self._listener_ready = True
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -716,10 +715,10 @@ class Daemon:
                     paused_until = 0.0
                 for key, _ in sel.select(timeout=0.2):
                     if key.data is None:
-                        conn = self._accept()
-                        if conn is None and not self._listener_ready:
-                            # Out of descriptors: the connection waits in the backlog; do
-                            # not spin on a listener that stays readable.
+                        conn, starved = self._accept()
+                        if starved:
+                            # Not even a descriptor to refuse with: the connection waits in
+                            # the backlog; do not spin on a listener that stays readable.
                             sel.unregister(self._listener)
                             paused_until = time.monotonic() + ACCEPT_PAUSE_S
                         if conn is not None:
@@ -744,30 +743,29 @@ class Daemon:
                 conn.close()
             sel.close()
 
-    def _accept(self) -> socket.socket | None:
+    def _accept(self) -> tuple[socket.socket | None, bool]:
         """Accept one control connection, or refuse it with an error reply and close it: a
         peer not allowed (SO_PEERCRED), or no descriptor to spare (the daemon keeps
-        FD_RESERVE free for its own work: checkpoints, /proc). None if nothing was accepted;
-        ``_listener_ready`` False then means no descriptor was left even to refuse one."""
-        self._listener_ready = True
+        FD_RESERVE free for its own work: checkpoints, /proc). Returns the connection (None
+        if none was accepted) and whether accept() itself found no descriptor."""
         try:
             conn, _ = self._listener.accept()
         except BlockingIOError:
-            return None
+            return None, False
         except OSError as exc:
-            if is_out_of_descriptors(exc):
-                self._listener_ready = False
-                self._fd_shortage(None)
-            return None
+            if not is_out_of_descriptors(exc):
+                return None, False
+            self._fd_shortage(None)
+            return None, True
         short = self._fd_shortage(conn)
         if short is not None:
             _refuse(conn, "TooManyOpenFiles", short)
-            return None
+            return None, False
         refused = self._peer_refused(conn)
         if refused is not None:
             _refuse(conn, "PermissionDenied", refused)
-            return None
-        return conn
+            return None, False
+        return conn, False
 
     def _fd_shortage(self, conn: socket.socket | None) -> str | None:
         """A message if the daemon has fewer than FD_RESERVE descriptors to spare (``conn``
@@ -814,15 +812,17 @@ class Daemon:
         if group is not None and (gid == group or _user_in_group(uid, group)):
             return None
         log.warning("refused a control connection from pid %d (uid %d): not allowed", pid, uid)
-        who = "its group" if group is None else f"group {self.config.server.group!r}"
-        return (
-            f"uid {uid} may not use instance {self.name!r}: its daemon runs as uid "
-            f"{os.getuid()} and admits root, its own user and {who}"
-            + (
-                "; set group in [server] of its tables.toml to admit a group"
-                if group is None
-                else f"; add the user to group {self.config.server.group!r}"
+        if group is None:
+            return (
+                f"uid {uid} may not use instance {self.name!r}: its daemon (uid {os.getuid()}) "
+                "admits only its own user and root; to admit others, set group in [server] of "
+                "its tables.toml and add them to that group"
             )
+        g = self.config.server.group
+        return (
+            f"uid {uid} may not use instance {self.name!r}: its daemon (uid {os.getuid()}) "
+            f"admits its own user, root and the members of group {g!r}; add this user to it "
+            f"(usermod -aG {g} <user>) and log in again"
         )
 
     def _read_conn(self, conn, buffers, channels) -> bool:
