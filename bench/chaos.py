@@ -18,7 +18,8 @@ Checked continuously: every sampled row matches its checksum; size = inserts −
 table's counters; no call waits longer than its timeout (plus the length of a stop). At every
 restore from a checkpoint: every row of the checkpoint verifies, and the daemon restored exactly
 the checkpoint's items. At the end: every queue item was delivered exactly once, with the
-exceptions accounted for by :func:`account_queue`, and nothing is left in /dev/shm. Prints one
+exceptions accounted for by :func:`account_queue`, and nothing is left in /dev/shm nor in the
+runtime directory (socket, instance record). Prints one
 JSON line: the faults injected and survived, the work done, the queue accounting and the
 violations (all zero in a good run).
 
@@ -55,7 +56,7 @@ import numpy as np
 
 import shmreplay
 from shmreplay.checkpoint import latest_checkpoint, read_checkpoint
-from shmreplay.instance import remove_shm_objects, shm_objects
+from shmreplay.instance import record_path, remove_shm_objects, shm_objects, socket_path
 from shmreplay.testing import (
     STAMPED_SIGNATURE,
     DaemonProcess,
@@ -523,6 +524,9 @@ def _run(seconds: float, seed: int, schedule: Sequence[str] | None, ckpt: str) -
     for k in ("queue_duplicates", "queue_lost", "queue_foreign"):
         violations[k] = counts.pop(k)
     violations["leftovers_in_dev_shm"] = len(shm_objects(d.name))
+    violations["leftover_socket_or_record"] = sum(
+        p.exists() for p in (socket_path(d.name), record_path(d.name))
+    )
     return {
         "benchmark": "chaos",
         "seconds": round(t_faults, 1),

@@ -138,6 +138,7 @@ def test_the_chaos_harness_finds_no_violation_in_a_short_run():
         "queue_lost": 0,
         "queue_foreign": 0,
         "leftovers_in_dev_shm": 0,
+        "leftover_socket_or_record": 0,
     }
     assert result["faults_injected_and_survived"] == dict.fromkeys(schedule, 1)
     (restore,) = result["restores"]
