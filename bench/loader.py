@@ -18,18 +18,21 @@ batches/s (median of windows, with the lowest and highest); with a step, the ste
 (``step_alone_ms``) and the ``overlap``: the share of the plain loop's sampling time (its time
 per batch minus the step's) that prefetching hides, 1.0 meaning all of it.
 
-Prints one JSON line per figure; the reference line ``memcpy`` comes first.
+The loops' windows are taken in turn (see ``interleaved_rates``), so that the figures of one
+line are comparable even while other processes load the machine. Prints one JSON line per
+figure; the reference line ``memcpy`` comes first.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import numpy as np
 
 import shmreplay
-from bench.run import W1_SIG, W2_SIG, emit, emit_reference, spread, windowed_rate
+from bench.run import W1_SIG, W2_SIG, WINDOWS, emit, emit_reference, spread
 from shmreplay.testing import DaemonProcess, table_toml
 
 STEP_S = 0.001  # the simulated training step: ~1 ms, a small network's update
@@ -96,38 +99,23 @@ def bench(name: str, seconds: float, steps: dict) -> None:
             import shmreplay.torch as st
         except shmreplay.MissingDependencyError:
             st = None
-        for step_name, step in steps.items():
-            # Measured next to the loops, under the same load (other processes share the cores).
-            step_ms = None if step is None else 1e3 / step_rate(step, seconds)
-            loops = {"sample": rate(lambda: t.sample(batch, out=out), step, seconds)}
-            with t.as_iterator(batch, prefetch=2) as it:
-                loops["as_iterator"] = rate(it.__next__, step, seconds)
+        with contextlib.ExitStack() as open_iterators:
+            nexts = {
+                "sample": lambda: t.sample(batch, out=out),
+                "as_iterator": open_iterators.enter_context(t.as_iterator(batch)).__next__,
+            }
             if st is not None:
-                with st.iterate(t, batch, prefetch=2) as tit:
-                    loops["torch.iterate"] = rate(tit.__next__, step, seconds)
-            plain_ms = 1e3 / loops["sample"]["median"]
-            for loop, r in loops.items():
-                record = {
-                    "workload": name,
-                    "batch": batch,
-                    "step": step_name,
-                    "loop": loop,
-                    "batches_per_s": round(r["median"]),
-                    "low_high": spread(r),
-                    "ms_per_batch": round(1e3 / r["median"], 3),
-                }
-                if step_ms is not None:
-                    record["step_alone_ms"] = round(step_ms, 3)
-                # The share of the plain loop's sampling time that prefetching hides; only
-                # when that time is large enough to be told from the step's own noise.
-                if step_ms is not None and loop != "sample" and plain_ms - step_ms > 0.05:
-                    saved = plain_ms - 1e3 / r["median"]
-                    record["overlap"] = round(saved / (plain_ms - step_ms), 2)
-                emit(record)
+                nexts["torch.iterate"] = open_iterators.enter_context(st.iterate(t, batch)).__next__
+            for step_name, step in steps.items():
+                loops = {loop: learner_loop(nb, step) for loop, nb in nexts.items()}
+                if step is not None:
+                    loops["step alone"] = lambda step=step: step(None) or 1
+                rates = interleaved_rates(loops, seconds)
+                report(name, batch, step_name, rates)
 
 
-def rate(next_batch, step, seconds: float) -> dict:
-    """Batches per second of a learner loop: take a batch, then train on it (``step``)."""
+def learner_loop(next_batch, step):
+    """One iteration of a learner: take a batch, then train on it (``step``); returns 1."""
 
     def one() -> int:
         s = next_batch()
@@ -135,12 +123,51 @@ def rate(next_batch, step, seconds: float) -> dict:
             step(s.data["obs"])
         return 1
 
-    return windowed_rate(one, seconds)
+    return one
 
 
-def step_rate(step, seconds: float) -> float:
-    """Steps per second of a training step alone."""
-    return windowed_rate(lambda: step(None) or 1, seconds)["median"]
+def interleaved_rates(loops: dict, seconds: float) -> dict[str, dict]:
+    """Like bench.run.windowed_rate for several loops, their windows taken in turn (A B C A B C
+    ...): a burst of load from other processes on this shared machine hits all of them alike.
+    An iterator idle while the others run has only its ``prefetch`` batches ready: nothing
+    that shows in a window of hundreds of batches."""
+    rates: dict[str, list[float]] = {name: [] for name in loops}
+    for _ in range(WINDOWS):
+        for name, one in loops.items():
+            n = 0
+            t0 = time.perf_counter()
+            end = t0 + seconds / WINDOWS  # each loop runs `seconds` in all
+            while time.perf_counter() < end:
+                n += one()
+            rates[name].append(n / (time.perf_counter() - t0))
+    return {
+        name: {"median": sorted(r)[len(r) // 2], "low": min(r), "high": max(r)}
+        for name, r in rates.items()
+    }
+
+
+def report(workload: str, batch: int, step_name: str, rates: dict[str, dict]) -> None:
+    step = rates.pop("step alone", None)
+    step_ms = None if step is None else 1e3 / step["median"]
+    plain_ms = 1e3 / rates["sample"]["median"]
+    for loop, r in rates.items():
+        record = {
+            "workload": workload,
+            "batch": batch,
+            "step": step_name,
+            "loop": loop,
+            "batches_per_s": round(r["median"]),
+            "low_high": spread(r),
+            "ms_per_batch": round(1e3 / r["median"], 3),
+        }
+        if step_ms is not None:
+            record["step_alone_ms"] = round(step_ms, 3)
+            # The share of the plain loop's sampling time that prefetching hides; only when
+            # that time is large enough to be told from the step's own noise.
+            if loop != "sample" and plain_ms - step_ms > 0.05:
+                saved = plain_ms - 1e3 / r["median"]
+                record["overlap"] = round(saved / (plain_ms - step_ms), 2)
+        emit(record)
 
 
 def main() -> None:

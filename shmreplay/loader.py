@@ -72,7 +72,7 @@ if TYPE_CHECKING:
     from .client import Client, Table
     from .config import FieldSpec
 
-__all__ = ["Prefetcher", "Batch", "PrefetcherStats", "Allocate", "SLICE_S"]
+__all__ = ["Prefetcher", "Batch", "PrefetcherStats", "Allocate", "Prepare", "SLICE_S"]
 
 # The longest one sample call of the thread blocks: how promptly close() stops a thread that
 # waits on the rate limiter. A call that times out costs a lock round and a message, tens of
@@ -86,6 +86,11 @@ JOIN_TIMEOUT_S = 10.0
 # Makes one buffer set: (numpy arrays to sample into, keyed by field, and a payload handed out
 # with each batch sampled into them, e.g. the torch tensors that own the arrays' memory).
 Allocate = Callable[[Sequence["FieldSpec"], int], tuple[dict[str, np.ndarray], Any]]
+# Runs in the thread on each batch sampled (with its buffer set's payload, None for copies):
+# what it returns is handed out as Batch.prepared. Per-batch work of a framework (wrapping
+# arrays as tensors) done there is off the learner's path, and does not hand the GIL back and
+# forth between the learner and the thread at every call.
+Prepare = Callable[[Sample, Any], Any]
 
 
 def numpy_buffers(
@@ -117,6 +122,7 @@ class Batch:
 
     sample: Sample
     payload: Any  # what the Allocate callable returned with the arrays, None for copies
+    prepared: Any  # what the Prepare callable returned for this batch, None without one
     _index: int
     _free: queue.SimpleQueue | None = field(repr=False, default=None)
 
@@ -141,14 +147,16 @@ class _Worker:
         table: Table,
         batch_size: int,
         buffers: list[tuple[dict[str, np.ndarray], Any] | None],
+        prepare: Prepare | None,
     ) -> None:
         self.client, self.table, self.batch_size = client, table, batch_size
+        self.prepare = prepare
         self.buffers = buffers  # None entries: copy mode, the index is only a token
         self.stop = threading.Event()
         self.free: queue.SimpleQueue[int] = queue.SimpleQueue()
         for i in range(len(buffers)):
             self.free.put(i)
-        self.ready: queue.SimpleQueue[tuple[Sample, int] | _Failure] = queue.SimpleQueue()
+        self.ready: queue.SimpleQueue[tuple[Sample, int, Any] | _Failure] = queue.SimpleQueue()
         # Why the last slice of sampling timed out (None: it did not), for timeout messages.
         self.last_wait: BaseException | None = None
         self.idle_s = 0.0
@@ -169,7 +177,10 @@ class _Worker:
                 sample = self._sample(None if buffers is None else buffers[0])
                 if sample is None:
                     return  # stopping
-                self.ready.put((sample, index))
+                prepared = None
+                if self.prepare is not None:
+                    prepared = self.prepare(sample, None if buffers is None else buffers[1])
+                self.ready.put((sample, index, prepared))
         except BaseException as exc:  # handed to the consumer, who raises it
             failure = exc
         finally:
@@ -229,6 +240,7 @@ class Prefetcher(Iterator[Sample]):
         copy: bool = False,
         seed: int | None = None,
         allocate: Allocate | None = None,
+        prepare: Prepare | None = None,
         extra_buffers: int = 0,
     ) -> None:
         """Attach a client for the thread and start it.
@@ -236,7 +248,8 @@ class Prefetcher(Iterator[Sample]):
         ``prefetch`` (≥ 1) batches are sampled ahead; ``keep`` (≥ 1) batches stay valid after
         they are taken; ``copy=True`` yields fresh arrays instead of reused ones. ``seed`` seeds
         the thread's sampling generator. ``allocate`` makes each buffer set (default: numpy
-        arrays); ``extra_buffers`` adds buffer sets for a caller that holds batches longer
+        arrays); ``prepare`` runs in the thread on each batch (see :data:`Prepare`);
+        ``extra_buffers`` adds buffer sets for a caller that holds batches longer
         (e.g. while a device copy is in flight). Raises :class:`InvalidArgumentError` for
         impossible settings, :class:`DaemonNotRunning` if the daemon is gone.
         """
@@ -268,7 +281,7 @@ class Prefetcher(Iterator[Sample]):
         # After the buffers: a failed allocation (pinned memory refused, ...) leaves no client.
         client = attach(table.client.instance, timeout=5.0, seed=seed)
         try:
-            worker = _Worker(client, client.table(table.name), self.batch_size, buffers)
+            worker = _Worker(client, client.table(table.name), self.batch_size, buffers, prepare)
             thread = threading.Thread(
                 target=worker.run, name=f"shmreplay-prefetch-{table.name}", daemon=True
             )
@@ -330,13 +343,13 @@ class Prefetcher(Iterator[Sample]):
         if isinstance(item, _Failure):
             self._failure = item.exc
             raise item.exc
-        sample, index = item
+        sample, index, prepared = item
         self._batches += 1
         buffers = worker.buffers[index]
         if buffers is None:  # copy mode: the arrays are the batch's own; the token goes back
             worker.free.put(index)
-            return Batch(sample, None, index)
-        return Batch(sample, buffers[1], index, worker.free)
+            return Batch(sample, None, prepared, index)
+        return Batch(sample, buffers[1], prepared, index, worker.free)
 
     def _why_waiting(self, last_wait: BaseException | None) -> str:
         if isinstance(last_wait, LockTimeout):

@@ -50,6 +50,7 @@ except ImportError as exc:
 if TYPE_CHECKING:
     from .client import Table
     from .config import FieldSpec
+    from .table import Sample as SampleBatch
     from .table import SampleInfo
 
 __all__ = ["iterate", "TensorIterator", "ReplayDataset", "TensorSample", "TensorInfo"]
@@ -111,6 +112,11 @@ def _tensor_buffers(pin: bool):
     return allocate
 
 
+def _as_tensors(sample: SampleBatch, tensors: dict[str, torch.Tensor]) -> TensorSample:
+    """A batch sampled into tensor buffers, as a TensorSample (run in the prefetch thread)."""
+    return TensorSample(dict(tensors), info_tensors(sample.info))
+
+
 class TensorIterator(Iterator[TensorSample]):
     """What :func:`iterate` returns: batches as :class:`TensorSample`, sampled ahead.
 
@@ -151,6 +157,7 @@ class TensorIterator(Iterator[TensorSample]):
             keep=keep,
             seed=seed,
             allocate=_tensor_buffers(self.pin_memory),
+            prepare=_as_tensors,
             extra_buffers=self._in_flight,
         )
         self._held: collections.deque[tuple[Batch, Any]] = collections.deque()
@@ -168,15 +175,15 @@ class TensorIterator(Iterator[TensorSample]):
         """The next batch; waits up to the iterator's ``timeout`` (then RateLimiterTimeout)."""
         self._hand_back()
         batch = self._prefetcher.take()
-        info = info_tensors(batch.sample.info)
+        tensors: TensorSample = batch.prepared  # made by the thread: see _as_tensors
         if self.device is None:
             self._held.append((batch, None))
-            return TensorSample(dict(batch.payload), info)
+            return tensors
         # Asynchronous only for CUDA, where an event tells when the host buffer is free again;
         # other devices copy synchronously.
         cuda = self._cuda
-        data = {k: t.to(self.device, non_blocking=cuda) for k, t in batch.payload.items()}
-        info = TensorInfo(*(t.to(self.device, non_blocking=cuda) for t in info))
+        data = {k: t.to(self.device, non_blocking=cuda) for k, t in tensors.data.items()}
+        info = TensorInfo(*(t.to(self.device, non_blocking=cuda) for t in tensors.info))
         if cuda:
             done = torch.cuda.Event()
             done.record()  # on the current stream, after the copies
