@@ -102,6 +102,10 @@ __all__ = [
 # Seconds a Client waits for the daemon of its address to come up (Reverb's gRPC channel waits
 # for a server too); a server started in the same script is already up.
 ATTACH_TIMEOUT_S = 30.0
+# The compat writer's max_latency once it writes to a table whose rate limiter can hold inserts
+# back: it then sends items itself, without waiting (see TrajectoryWriter), as the shmreplay
+# writer's own latency-driven sends would wait for the limiter.
+_WRITER_SENDS_ITSELF = 1e9
 # The field of a table whose signature is one spec, and of the i-th spec of a list signature.
 _LEAF_FIELD = "reverb_data"
 _LIST_FIELD = "reverb_{}"
@@ -158,8 +162,9 @@ def _field(name: str, spec: Any, table: str) -> FieldSpec:
     if dims is None or any(
         isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1 for d in dims
     ):
+        shown = "of unknown rank" if dims is None else str(dims)
         raise NotSupportedError(
-            f"{where}: shape {shape} is not fully defined; shmreplay preallocates every item, "
+            f"{where}: shape {shown} is not fully defined; shmreplay preallocates every item, "
             "so give every dimension a size ≥ 1 (a sequence length too)"
         )
     dtype = getattr(spec.dtype, "as_numpy_dtype", spec.dtype)  # tf.DType → numpy type
@@ -960,15 +965,38 @@ class TrajectoryWriter:
 
     Steps are flat dicts of field → value. ``create_item`` takes a dict of field →
     ``writer.history[field][...]`` selection (or one selection, or a list, for tables with such
-    signatures). Differences from Reverb: ``append`` returns None (not references), and a
-    ``create_item``/``append`` that sends items may block while the rate limiter holds inserts
-    back (Reverb blocks in ``flush``). ``timeout_ms`` runs out with
-    :class:`DeadlineExceededError`.
+    signatures). ``append`` returns None (Reverb returns data references).
+
+    As in Reverb, ``create_item`` does not wait for the rate limiter. Into tables whose limiter
+    never holds inserts back (``MinSize``) items are sent in batches as shmreplay's writer
+    sends them. Once the writer writes to a table whose limiter can (``Queue``, ``Stack``,
+    ``SampleToInsertRatio``), it sends items one by one after each ``create_item`` without
+    waiting (~100 µs per item instead of ~20 µs per step); an item the limiter holds back stays
+    pending, is retried by the next ``append``/``create_item`` and is sent by
+    ``flush``/``end_episode``, which wait (``timeout_ms`` runs out with
+    :class:`DeadlineExceededError`). Backpressure: once a table has a full batch pending (up to
+    128 items), or pending items reference steps the history is about to overwrite,
+    ``create_item``/``append`` wait too; items of 64 KiB or more are written by
+    ``create_item`` itself, which then waits.
     """
+
+    _writer: _ShmTrajectoryWriter | None = None
 
     def __init__(self, writer: _ShmTrajectoryWriter) -> None:
         self._writer = writer
         self._open = False  # the newest step was appended with partial_step=True
+        self._unsent = False  # items may be pending or not yet confirmed committed
+        self._nowait = False  # sending items itself (a table's limiter can block inserts)
+        self._free_flowing: set[str] = set()  # tables whose limiter never blocks inserts
+
+    def _send_nowait(self) -> None:
+        """Send pending items while that needs no waiting; leave the rest pending."""
+        try:
+            self._writer.flush(timeout=0.0)
+        except RateLimiterTimeout:
+            self._unsent = True  # held back by the limiter, or not committed yet: retry later
+        else:
+            self._unsent = False
 
     @property
     def history(self) -> Any:
@@ -1011,6 +1039,8 @@ class TrajectoryWriter:
             {k: v for k, v in data.items() if v is not None}, partial_step=partial_step
         )
         self._open = bool(partial_step)
+        if self._unsent:
+            self._send_nowait()
 
     def create_item(self, table: str, priority: float, trajectory: Any) -> None:
         """Make an item of ``table`` from history selections (shaped as its signature)."""
@@ -1018,18 +1048,28 @@ class TrajectoryWriter:
             trajectory = {_LEAF_FIELD: trajectory}
         elif isinstance(trajectory, (list, tuple)):
             trajectory = {_LIST_FIELD.format(i): c for i, c in enumerate(trajectory)}
+        if not self._nowait and table not in self._free_flowing:
+            if self._writer.client.table(table).core.limiter.blocks_inserts:
+                self._nowait = True
+                self._writer.max_latency = _WRITER_SENDS_ITSELF
+            else:
+                self._free_flowing.add(table)
         self._writer.create_item(table, priority, trajectory)
+        if self._nowait:
+            self._send_nowait()
 
     def flush(self, block_until_num_items: int = 0, timeout_ms: int | None = None) -> None:
         """Send pending items; wait until at most ``block_until_num_items`` are unconfirmed."""
         timeout = None if timeout_ms is None else timeout_ms / 1000.0
         self._writer.flush(block_until_num_items, timeout=timeout)
+        self._unsent = block_until_num_items > 0
 
     def end_episode(self, clear_buffers: bool = True, timeout_ms: int | None = None) -> None:
         """Flush, and start a new episode (clearing the history unless told not to)."""
         timeout = None if timeout_ms is None else timeout_ms / 1000.0
         self._open = False
         self._writer.end_episode(clear_buffers=clear_buffers, timeout=timeout)
+        self._unsent = False
 
     def close(self) -> None:
         """Flush and close (idempotent)."""
@@ -1044,6 +1084,13 @@ class TrajectoryWriter:
             self._writer.__exit__(exc_type, exc, tb)
         else:
             self._writer.__exit__(None, None, None)
+
+    def __del__(self) -> None:
+        # As Reverb's writer: a writer dropped without close() still sends what it holds.
+        try:
+            self._writer.close(timeout=1.0)
+        except Exception:
+            pass
 
     def __repr__(self) -> str:
         return f"reverb.TrajectoryWriter({self._writer!r})"
