@@ -16,7 +16,13 @@ import numpy as np
 import pytest
 
 import shmreplay
-from shmreplay.testing import STAMPED_SIGNATURE, stamped_actor, stamped_batch, table_toml
+from shmreplay.testing import (
+    STAMPED_SIGNATURE,
+    lock_holder,
+    stamped_actor,
+    stamped_batch,
+    table_toml,
+)
 from shmreplay.testing import verify_stamped as _verify
 
 CTX = mp.get_context("spawn")
@@ -205,6 +211,32 @@ def test_a_daemon_gone_is_raised_in_the_consumer(daemon_factory, how):
         assert wait_until(lambda: not prefetch_threads())  # it ended as it reported the error
     finally:
         it.close()
+        client.close()
+
+
+def test_a_lock_held_by_a_stuck_process_is_named_and_the_thread_recovers(daemon_factory):
+    """The thread's short sample calls time out on the lock (LockTimeout) without failing; the
+    consumer's timeout names the holder; once the holder dies, sampling resumes."""
+    d = daemon_factory(table_toml(signature=STAMPED_SIGNATURE))
+    client = shmreplay.attach(d.name)
+    t = client.table("replay")
+    t.insert_batch(stamped_batch(np.arange(100)))
+    t.flush()
+    ready = CTX.Event()
+    holder = CTX.Process(target=lock_holder, args=(d.name, "replay", ready))
+    try:
+        holder.start()
+        assert ready.wait(60)
+        with t.as_iterator(8, timeout=1.0) as it:
+            with pytest.raises(shmreplay.RateLimiterTimeout, match=f"held by pid {holder.pid}"):
+                next(it)
+            holder.kill()
+            holder.join()
+            assert verify_stamped(it.take(timeout=60).sample.data).all()
+    finally:
+        if holder.is_alive():
+            holder.kill()
+            holder.join()
         client.close()
 
 
