@@ -32,11 +32,13 @@ from .errors import (
     LockTimeout,
     MissingDependencyError,
     NotSupportedError,
+    PermissionDenied,
     RateLimiterTimeout,
     SegmentError,
     ShmReplayError,
     SignatureError,
     TableNotFoundError,
+    TooManyOpenFiles,
 )
 from .server import Server, ServerStartError
 from .table import Sample, SampleInfo, TableInfo
@@ -78,5 +80,7 @@ __all__ = [
     "ServerStartError",
     "NotSupportedError",
     "MissingDependencyError",
+    "PermissionDenied",
+    "TooManyOpenFiles",
     "__version__",
 ]

@@ -784,7 +784,9 @@ class Table:
             self, batch_size, prefetch=prefetch, timeout=timeout, keep=keep, copy=copy, seed=seed
         )
 
-    def update_priorities(self, keys, priorities, *, deletes=None) -> int:
+    def update_priorities(
+        self, keys, priorities, *, deletes=None, timeout: float | None = None
+    ) -> int:
         """Set the priorities of items by key; keys no longer present are ignored and counted.
 
         Returns the number of missing keys. Duplicate keys: the last priority wins. ``deletes``
@@ -795,27 +797,33 @@ class Table:
         arrays. Keys are uint64; int64 keys ≥ 0 (as :mod:`shmreplay.torch` yields) are accepted.
         Safe to call from one thread while another thread samples through another client
         (e.g. :meth:`as_iterator`'s): the table lock orders them.
+
+        ``timeout`` (here and in :meth:`delete`, :meth:`reset`, :meth:`info`) bounds the wait
+        for the table lock, which a live process holds for microseconds; only a stopped
+        (SIGSTOP) or stuck holder makes it run out: :class:`LockTimeout` names its pid.
+        None waits as long as it takes.
         """
         self._check()
         k = check_keys(keys)
         d = None if deletes is None else check_keys(deletes, "deletes")
-        return self.core.update_priorities(k, _check_priorities(priorities, len(k)), d)
+        p = _check_priorities(priorities, len(k))
+        return self.core.update_priorities(k, p, d, timeout=timeout)
 
-    def delete(self, keys) -> int:
+    def delete(self, keys, *, timeout: float | None = None) -> int:
         """Delete items by key; returns how many keys were not present. ``keys`` as for
         :meth:`update_priorities` (arrays, lists, torch tensors, JAX arrays)."""
         self._check()
-        return self.core.delete(check_keys(keys))
+        return self.core.delete(check_keys(keys), timeout=timeout)
 
-    def reset(self) -> None:
+    def reset(self, *, timeout: float | None = None) -> None:
         """Remove every item and zero the rate limiter's counters."""
         self._check()
-        self.core.reset()
+        self.core.reset(timeout=timeout)
 
-    def info(self) -> TableInfo:
+    def info(self, *, timeout: float | None = None) -> TableInfo:
         """A frozen statistics record, a consistent snapshot taken under the table lock."""
         self._check()
-        return self.core.info()
+        return self.core.info(timeout=timeout)
 
     def __repr__(self) -> str:
         return f"<shmreplay.Table {self.name!r} of instance {self.client.instance!r}>"

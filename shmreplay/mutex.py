@@ -18,7 +18,8 @@ import ctypes.util
 import errno
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -170,6 +171,15 @@ class RobustMutex:
 
     def release(self) -> None:
         _check(_libc.pthread_mutex_unlock(self._ptr), "pthread_mutex_unlock")
+
+    @contextmanager
+    def held(self, timeout: float | None) -> Iterator[None]:
+        """``with mutex.held(t):`` takes the mutex waiting at most ``t`` seconds (None: forever)."""
+        self.acquire(timeout)
+        try:
+            yield
+        finally:
+            self.release()
 
     def __enter__(self) -> RobustMutex:
         self.acquire()

@@ -754,14 +754,20 @@ class TableCore:
         return safe, present
 
     def update_priorities(
-        self, keys: np.ndarray, priorities: np.ndarray, deletes: np.ndarray | None = None
+        self,
+        keys: np.ndarray,
+        priorities: np.ndarray,
+        deletes: np.ndarray | None = None,
+        timeout: float | None = None,
     ) -> int:
         """Set priorities of present items (duplicates: last wins); return how many were missing.
 
-        ``deletes`` are deleted first, in the same critical section (Reverb's order)."""
+        ``deletes`` are deleted first, in the same critical section (Reverb's order). Like every
+        mutation here, waits at most ``timeout`` s for the table lock (LockTimeout names the
+        holder: a stopped process keeps it until it is continued or dies)."""
         keys, priorities = last_wins(keys, priorities)  # outside the lock: it only sorts
         deleted = 0
-        with self.mutex:
+        with self.mutex.held(_lock_wait(timeout)):
             if deletes is not None and len(deletes):
                 deleted = self._delete_present(deletes)
             slots, present = self._slots_of(keys)
@@ -773,9 +779,9 @@ class TableCore:
             self.events.daemon.post(1)  # deletions may let blocked inserts in
         return int(len(keys) - np.count_nonzero(present))
 
-    def delete(self, keys: np.ndarray) -> int:
+    def delete(self, keys: np.ndarray, timeout: float | None = None) -> int:
         """Delete present items. Returns how many keys were missing."""
-        with self.mutex:
+        with self.mutex.held(_lock_wait(timeout)):
             deleted = self._delete_present(keys)
         if self.events is not None and deleted:
             self.events.daemon.post(1)
@@ -799,9 +805,9 @@ class TableCore:
             if waiting.any():
                 self.events.daemon.post(1)
 
-    def reset(self) -> None:
+    def reset(self, timeout: float | None = None) -> None:
         """Remove every item and zero the rate-limiter counters (writers' leases stay)."""
-        with self.mutex:
+        with self.mutex.held(_lock_wait(timeout)):
             ready = np.flatnonzero(self.state == SlotState.READY)
             self.state[ready] = SlotState.FREE
             self._free_push(ready)
@@ -822,8 +828,9 @@ class TableCore:
 
     # -- statistics ----------------------------------------------------------------------------
 
-    def info(self) -> TableInfo:
-        with self.mutex:  # a consistent snapshot: a commit briefly holds max_size + k items
+    def info(self, timeout: float | None = None) -> TableInfo:
+        # Under the lock: a consistent snapshot (a commit briefly holds max_size + k items).
+        with self.mutex.held(_lock_wait(timeout)):
             c = self.ctrl.copy()
             limiter = self.limiter.info()
         layout = self.segment.layout

@@ -8,6 +8,7 @@ import signal
 import time
 
 import numpy as np
+import pytest
 
 import shmreplay
 from shmreplay.layout import SlotState
@@ -107,11 +108,11 @@ def test_killed_halfway_through_a_reserved_slot(daemon_factory):
             assert 777 not in s.data["uid"]
 
 
-def test_a_stopped_lock_holder_makes_samplers_time_out_naming_it(daemon_factory):
+def test_a_stopped_lock_holder_makes_callers_time_out_naming_it(daemon_factory):
     """Policy for a holder that is stopped (SIGSTOP), not dead: its lock cannot be taken from a
-    live process, so samplers wait no longer than their timeout and get a LockTimeout naming the
-    pid, and the daemon's commit loop waits and logs who holds the lock. SIGCONT (or its death)
-    lets everything go on."""
+    live process, so samplers (and priority updates, deletes, resets, info given a timeout) wait
+    no longer than their timeout and get a LockTimeout naming the pid, and the daemon's commit
+    loop waits and logs who holds the lock. SIGCONT (or its death) lets everything go on."""
     d = daemon_factory(table_toml(signature=STAMPED_SIGNATURE))
     with shmreplay.attach(d.name) as client:
         t = client.table("replay")
@@ -133,6 +134,17 @@ def test_a_stopped_lock_holder_makes_samplers_time_out_naming_it(daemon_factory)
             else:
                 raise AssertionError("sampling went past a stopped lock holder")
             assert 0.5 <= time.monotonic() - t0 < 3
+            keys = np.arange(3, dtype=np.uint64)
+            for call in (
+                lambda: t.update_priorities(keys, [2.0, 2.0, 2.0], timeout=0.3),
+                lambda: t.delete(keys, timeout=0.3),
+                lambda: t.reset(timeout=0.3),
+                lambda: t.info(timeout=0.3),
+            ):
+                t0 = time.monotonic()
+                with pytest.raises(shmreplay.LockTimeout, match=str(p.pid)):
+                    call()
+                assert 0.3 <= time.monotonic() - t0 < 3
             deadline = time.monotonic() + 10
             while "held by pid" not in d.log() and time.monotonic() < deadline:
                 time.sleep(0.1)

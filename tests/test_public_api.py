@@ -35,6 +35,12 @@ def test_all_is_pinned():
             "FormatVersionError",
             "InsufficientSharedMemory",
             "CheckpointError",
+            "Server",
+            "ServerStartError",
+            "NotSupportedError",
+            "MissingDependencyError",
+            "PermissionDenied",
+            "TooManyOpenFiles",
             "__version__",
         ]
     )
@@ -47,6 +53,9 @@ def test_errors_inherit_the_matching_builtins():
     assert issubclass(shmreplay.RateLimiterTimeout, TimeoutError)
     assert issubclass(shmreplay.SignatureError, ValueError)
     assert issubclass(shmreplay.DaemonNotRunning, ConnectionError)
+    assert issubclass(shmreplay.PermissionDenied, PermissionError)
+    assert issubclass(shmreplay.TooManyOpenFiles, OSError)
+    assert issubclass(shmreplay.MissingDependencyError, ImportError)
     for name in shmreplay.__all__:
         obj = getattr(shmreplay, name)
         if isinstance(obj, type) and issubclass(obj, Exception):
