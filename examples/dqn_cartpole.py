@@ -1,55 +1,62 @@
 """Distributed double DQN on CartPole-v1 over shmreplay: 4 actors, 1 learner, one command.
 
-Run it::
+Run it (``pip install -e '.[examples]'``: gymnasium, torch, matplotlib)::
 
-    python examples/dqn_cartpole.py                   # train until solved (~1-3 min on 2 cores)
-    python examples/dqn_cartpole.py --smoke           # ~15 s: a few hundred steps, prints JSON
+    python examples/dqn_cartpole.py                  # train until solved: ~1-3 min on 2 cores,
+                                                     # writes docs/dqn_cartpole.csv and .png
+    python examples/dqn_cartpole.py --smoke          # ~10 s: a few hundred steps, JSON line
     python examples/dqn_cartpole.py --compare-queue 10   # env steps/s: shmreplay vs mp.Queue
-    python examples/dqn_cartpole.py --help
+    python examples/dqn_cartpole.py --help           # every hyperparameter
 
-Needs ``pip install -e '.[examples]'`` (gymnasium, torch, matplotlib).
+Architecture (every box is a process; tables live in /dev/shm)::
 
-Architecture (every box is a process; ``shm`` is a table in /dev/shm)::
+                 ┌─────────────────────────── main process ────────────────────────────┐
+                 │ starts the daemon (shmreplay.Server), the learner and the actors;   │
+                 │ every --eval-every updates plays 10 greedy episodes with the newest │
+                 │ weights; prints live lines; stops everything; writes CSV and PNG    │
+                 └─────────────────────────────────────────────────────────────────────┘
+    actor 0 (ε=0.4)    ─┐ one n-step transition ┌──────────────────────┐  prioritized batches
+    actor 1 (ε=0.047)  ─┼─ per env step through ▶ table "replay"       ├─▶ learner (torch):
+    actor 2 (ε=0.0056) ─┤ NStepTransitionAdder  │ prioritized, Fifo,   │   double DQN, target
+    actor 3 (ε=0.00066)─┘                       │ SampleToInsertRatio  │◀─ net, IS weights,
+          ▲                                     └──────────────────────┘   update_priorities
+          │ sample_nowait(1) every --sync-every steps                              │ every
+          └───────────── table "params": Lifo, max_size 1 ◀────────────────────────┘ --publish-
+                         (flattened float32 weights + version)                       every
 
-                       ┌──────────── main process ────────────┐
-                       │ starts the daemon, the actors and the │
-                       │ learner; every --eval-every updates   │
-                       │ plays greedy episodes with the newest │
-                       │ weights; prints live lines; stops all │
-                       └───────────────────────────────────────┘
-    actor 0 (ε=0.40) ─┐  n-step transitions    ┌───────────────────┐   prioritized batches
-    actor 1 (ε=0.09) ─┼─ NStepTransitionAdder ─▶ shm table "replay" ├──▶ learner (torch):
-    actor 2 (ε=0.02) ─┤   (trajectory writer)   │ prioritized, Fifo, │   double DQN, target
-    actor 3 (ε=0.004)─┘                         │ SampleToInsertRatio│◀── net, IS weights,
-          ▲                                     └───────────────────┘   update_priorities
-          │ sample_nowait(1) every --sync-every steps                        │ every
-          └──────────────── shm table "params": Lifo, max_size 1 ◀────────────┘ --publish-every
-                            (flattened float32 weights + version)              updates
-
-- Actors step their own ``gym.make("CartPole-v1")``, act ε-greedily with per-actor epsilons
-  (Ape-X: ε_i = ε^(1 + α·i/(N−1))) through a numpy copy of the Q-network (a 4→128→128→2 MLP
-  costs ~12 µs per step in numpy; the same forward pass in torch costs several times more and
-  each actor would map torch's 200 MB), and write one n-step transition per step with
-  :class:`shmreplay.adders.NStepTransitionAdder`. A time-limit truncation at 500 steps is
-  ``done=True, discount=1`` (bootstrapped), a pole that falls ``discount=0``.
+- Actors step their own ``gym.make("CartPole-v1")``, act ε-greedily with Ape-X's per-actor
+  epsilons (ε_i = 0.4^(1 + 7·i/(N−1))) through a numpy copy of the Q-network (a 4→128→128→2
+  MLP costs ~12 µs per step in numpy, several times more in torch, and torch would add
+  ~200 MB and seconds of import to each actor), and write one n-step transition per step with
+  :class:`shmreplay.adders.NStepTransitionAdder`. The time limit at 500 steps is
+  ``done=True, discount=1`` (bootstrapped from s'), a fallen pole ``discount=0``.
 - The learner samples prioritized batches (priority exponent α in tables.toml), weighs each
-  item by ``(table_size · probability)^-β / max``, takes one Adam step on the Huber loss of the
-  double-DQN target ``R + D · Q_target(s', argmax_a Q(s', a))`` (the adder's D already holds
-  γ^m and the terminal factor), and writes ``|TD error| + ε`` back as priorities.
+  item by ``(table_size · probability)^-β / max`` (β annealed to 1), takes one Adam step on the
+  Huber loss against the double-DQN target ``R + D · Q_target(s', argmax_a Q(s', a))`` (the
+  adder's D already holds γ^m and the terminal factor), and writes ``|TD error| + 0.001`` back
+  as the items' priorities. New items enter with priority 1.
 - The SampleToInsertRatio limiter keeps ``samples ≈ --samples-per-insert × inserts``: actors
   block in the adder when they run ahead of the learner, the learner blocks when it would
-  over-sample. That makes the replay ratio a setting instead of an accident of CPU scheduling.
+  over-sample. The replay ratio is a setting instead of an accident of CPU scheduling (here
+  16 samples per insert, batches of 128: one update per 8 env steps, however busy the machine).
 - Weights travel through shmreplay too: the learner inserts its flattened parameters into a
   Lifo table of one item; actors and the evaluator ``sample_nowait(1)`` the newest.
-- Stopping (solved, budget reached, Ctrl-C, SIGTERM or an exception): set the stop event, switch
-  the replay table's limiter to ``min_size`` so actors blocked on inserts wake up, join every
-  process, SIGTERM the daemon (it unlinks its segments), check /dev/shm.
+- Solved: --solved-evals (2) consecutive evaluations with a mean of at least 475 over 10
+  episodes (one lucky evaluation happens early and is followed by a collapse).
+- Stopping (solved, budget spent, Ctrl-C, SIGTERM or an exception): set the stop event, switch
+  the replay table's limiter to ``min_size`` so that actors blocked on inserts wake up, join
+  every process, stop the daemon (it unlinks its segments), check /dev/shm. Children start
+  with SIGINT blocked, so a Ctrl-C reaches only the main process, and die with it
+  (PR_SET_PDEATHSIG) if it is killed.
 
-``--compare-queue SECONDS`` runs the same actor function with three sinks, back to back: none
-(one actor alone: the reference), shmreplay (4 actors + learner on the daemon's table) and a
-``multiprocessing.Queue`` of 64-transition chunks feeding a numpy ring buffer inside the learner
-(4 actors + the same learner update, with prioritized sampling done in numpy). Inserts are not
-rate-limited in that mode, so each figure is what the transport lets the actors reach.
+``--compare-queue SECONDS`` runs the same actor function (env step, ε-greedy numpy forward
+pass, ``sink.add``) with each sink, back to back, in rotated rounds: no sink (one actor alone:
+the reference), then 4 actors + the learner with shmreplay's adder, with plain
+``insert_batch`` of 64-transition chunks (the same n-step code as the Queue's), and with a
+``multiprocessing.Queue`` of 64-transition chunks feeding a numpy ring buffer in the learner
+(prioritized sampling in numpy, the same torch update). Inserts are not rate-limited in that
+mode, so each figure is what the sink lets the actors reach; ``actor µs/step`` (the actors' CPU
+time per env step) is the sink's cost, whatever else the machine is running.
 """
 
 from __future__ import annotations
@@ -1047,7 +1054,10 @@ def write_csv(records: list[dict], path: Path) -> None:
             f.write(",".join(str(r[c]) for c in CSV_COLUMNS) + "\n")
 
 
-def plot(records: list[dict], path: Path, title: str, target: float) -> None:
+def plot(
+    records: list[dict], path: Path, title: str, target: float, steps_per_update: float
+) -> None:
+    """Evaluation return against env steps; below it, env steps/s and learner updates/s."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1062,13 +1072,21 @@ def plot(records: list[dict], path: Path, title: str, target: float) -> None:
     ax1.set_title(title, fontsize=10)
     ax1.legend(loc="upper left")
     ax1.grid(alpha=0.3)
-    ax2.plot(steps, [r["env_steps_per_s"] for r in records], "-", label="env steps/s")
+    l1 = ax2.plot(steps, [r["env_steps_per_s"] for r in records], "-", label="env steps/s")
     ax2.set_ylabel("env steps/s (4 actors)")
     ax2.set_xlabel("environment steps")
     ax2.grid(alpha=0.3)
     ax3 = ax2.twinx()
-    ax3.plot(steps, [r["updates_per_s"] for r in records], "-", color="C1", label="updates/s")
+    l2 = ax3.plot(
+        steps, [r["updates_per_s"] for r in records], "-", color="C1", label="updates/s (right)"
+    )
     ax3.set_ylabel("learner updates/s", color="C1")
+    ax2.legend(l1 + l2, [x.get_label() for x in l1 + l2], loc="upper right", fontsize=8)
+    ax2.set_title(
+        "throughput between evaluations (the rate limiter keeps env steps/s = "
+        f"{steps_per_update:g} × updates/s)",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -1203,7 +1221,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 + f"\n{cfg.actors} actors + learner + daemon on {os.cpu_count()} cores"
             )
-            plot(records, args.out.with_suffix(".png"), title, args.target_return)
+            per_update = cfg.batch_size / cfg.samples_per_insert
+            plot(records, args.out.with_suffix(".png"), title, args.target_return, per_update)
         print(f"wrote {args.out.with_suffix('.csv')}" + ("" if args.no_plot else " and .png"))
     summary["config"] = asdict(cfg)
     print(json.dumps(summary))
