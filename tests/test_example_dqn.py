@@ -4,6 +4,8 @@ and a learner, and leaves nothing behind (its --smoke mode, and a short --compar
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,23 +23,34 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "dqn_cartpole.py
 
 def run_example(*args: str, timeout: float) -> tuple[subprocess.CompletedProcess, dict]:
     """Run the example (SHMREPLAY_RUNTIME_DIR is the session's private one, inherited); return
-    the process and its final JSON line. On a timeout the example is killed, and with it its
-    children and its daemon (they die with their parent: PR_SET_PDEATHSIG)."""
+    the process and its final JSON line. It runs in a process group of its own, daemon
+    included: on a timeout the whole group is killed and its /dev/shm objects removed."""
     before = set(shm_objects())
+    proc = subprocess.Popen(
+        [sys.executable, str(EXAMPLE), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        r = subprocess.run(
-            [sys.executable, str(EXAMPLE), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the example ran longer than {timeout} s\nstdout:\n{stdout}\n{stderr}")
     finally:
-        new = {e for e in shm_objects() if ".dqn-" in e} - before
-        if new:  # only on a failure: the example checks and reports its own leftovers
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # anything of it still running
+        except ProcessLookupError:
+            pass
+        new = {e for e in shm_objects() if f"-{proc.pid}-" in e} - before  # dqn-<pid>-...
+        if new:  # only after a failure: the example checks and reports its own leftovers
             for inst in {e.removeprefix("sem.").split(".")[1] for e in new}:
                 remove_shm_objects(inst)
-    lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
-    assert lines, f"no JSON line\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    assert lines, f"no JSON line\nstdout:\n{stdout}\nstderr:\n{stderr}"
     return r, json.loads(lines[-1])
 
 
