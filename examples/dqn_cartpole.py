@@ -1092,6 +1092,13 @@ def plot(
     plt.close(fig)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = Config()
     p = argparse.ArgumentParser(
@@ -1116,20 +1123,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--compare-rounds",
-        type=int,
+        type=_positive_int,
         default=3,
         help="with --compare-queue: rounds of the three transports, in rotated order (medians)",
     )
     p.add_argument("--seed", type=int, default=d.seed, help="seed of actors, learner and nets")
-    p.add_argument("--actors", type=int, default=d.actors, help="actor processes")
-    p.add_argument("--hidden", type=int, default=d.hidden, help="units in each of 2 hidden layers")
-    p.add_argument("--n-step", type=int, default=d.n_step, help="steps per transition")
-    p.add_argument("--gamma", type=float, default=d.gamma, help="discount per step")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="learner batch size")
-    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
-    p.add_argument("--replay-size", type=int, default=d.replay_size, help="replay table max_size")
+    p.add_argument("--actors", type=_positive_int, default=d.actors, help="actor processes")
     p.add_argument(
-        "--min-replay", type=int, default=d.min_replay, help="items before the first sample"
+        "--hidden", type=_positive_int, default=d.hidden, help="units in each of 2 hidden layers"
+    )
+    p.add_argument("--n-step", type=_positive_int, default=d.n_step, help="steps per transition")
+    p.add_argument("--gamma", type=float, default=d.gamma, help="discount per step")
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=d.batch_size, help="learner batch size"
+    )
+    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+    p.add_argument(
+        "--replay-size", type=_positive_int, default=d.replay_size, help="replay table max_size"
+    )
+    p.add_argument(
+        "--min-replay",
+        type=_positive_int,
+        default=d.min_replay,
+        help="items before the first sample",
     )
     p.add_argument(
         "--samples-per-insert",
@@ -1142,19 +1158,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--beta0", type=float, default=d.beta0, help="PER's importance-sampling β at the start"
     )
     p.add_argument(
-        "--beta-updates", type=int, default=d.beta_updates, help="updates over which β reaches 1"
+        "--beta-updates",
+        type=_positive_int,
+        default=d.beta_updates,
+        help="updates over which β reaches 1",
     )
     p.add_argument(
-        "--target-every", type=int, default=d.target_every, help="updates between target copies"
+        "--target-every",
+        type=_positive_int,
+        default=d.target_every,
+        help="updates between target copies",
     )
     p.add_argument(
         "--publish-every",
-        type=int,
+        type=_positive_int,
         default=d.publish_every,
         help="updates between weight publishes",
     )
     p.add_argument(
-        "--sync-every", type=int, default=d.sync_every, help="actor steps between weight fetches"
+        "--sync-every",
+        type=_positive_int,
+        default=d.sync_every,
+        help="actor steps between weight fetches",
     )
     p.add_argument(
         "--eps-base", type=float, default=d.eps_base, help="Ape-X ε: the most exploring actor's"
@@ -1162,19 +1187,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--eps-alpha", type=float, default=d.eps_alpha, help="Ape-X α: how fast ε falls by actor"
     )
-    p.add_argument("--eval-every", type=int, default=500, help="learner updates between evals")
-    p.add_argument("--eval-episodes", type=int, default=10, help="greedy episodes per eval")
+    p.add_argument(
+        "--eval-every", type=_positive_int, default=500, help="learner updates between evals"
+    )
+    p.add_argument(
+        "--eval-episodes", type=_positive_int, default=10, help="greedy episodes per eval"
+    )
     p.add_argument(
         "--target-return", type=float, default=475.0, help="stop once an eval's mean reaches it"
     )
     p.add_argument(
         "--solved-evals",
-        type=int,
+        type=_positive_int,
         default=2,
         help="solved once this many consecutive evals reach --target-return",
     )
     p.add_argument("--max-seconds", type=float, default=600.0, help="wall-time budget of training")
-    p.add_argument("--max-env-steps", type=int, default=2_000_000, help="env-step budget")
+    p.add_argument("--max-env-steps", type=_positive_int, default=2_000_000, help="env-step budget")
     p.add_argument("--log-every", type=float, default=2.0, help="seconds between live lines")
     p.add_argument(
         "--out", type=Path, default=DOCS / "dqn_cartpole", help="CSV and PNG path (no suffix)"
