@@ -125,6 +125,10 @@ class _TableState:
     # Slots a dead daemon's clients held, and when to free them (see TableCore.adopt).
     quarantine: tuple[float, np.ndarray] | None = None
     rotation: int = 0  # which wanting writer is served first next time
+    # The rate limiter left nothing to lease to the writers that wait. Only a sample (or a
+    # delete, reset or limiter change) can change that, and each of those posts the daemon:
+    # no need to nap and re-check every ACTIVE_SLEEP_S meanwhile.
+    starved: bool = False
 
 
 class Daemon:
@@ -551,7 +555,8 @@ class Daemon:
         """Nap while writers are busy (they need not wake us per item); sleep long once they
         have been quiet for ACTIVE_WINDOW_S (the next publish wakes us)."""
         writers = active and any(
-            bool(t.core.chan[:, Chan.WANT_LEASE].any()) for t in self.tables.values()
+            not t.starved and bool(t.core.chan[:, Chan.WANT_LEASE].any())
+            for t in self.tables.values()
         )
         for t in self.tables.values():
             t.core.ctrl[Ctrl.DAEMON_SLEEPING] = Sleep.NAP if writers else Sleep.IDLE
@@ -602,14 +607,20 @@ class Daemon:
         core = t.core
         chan = core.chan
         wanting = np.flatnonzero((chan[:, Chan.WANT_LEASE] > 0) & (chan[:, Chan.PID] != 0))
+        t.starved = False
         if len(wanting) == 0:
+            return 0
+        limited = core.limiter.blocks_inserts
+        if limited and core.limiter.insert_allowance(1, int(t.outstanding.sum())) == 0:
+            # Read without the lock, as a hint: counters only move towards more budget through
+            # a sample, delete or reset, each of which posts us (see t.starved).
+            t.starved = True
             return 0
         # Writers served first get the limiter's budget first: rotate who that is.
         t.rotation += 1
         wanting = np.roll(wanting, -(t.rotation % len(wanting)))
         have = chan[wanting, Chan.LEASE_TAIL] - chan[wanting, Chan.LEASE_HEAD]
         headroom = int(np.clip(core.spec.headroom // (2 * len(wanting)), 1, LEASE_CAPACITY))
-        limited = core.limiter.blocks_inserts
         if not limited:  # keep every writer's lease ring filled, refilling at half
             need = np.where(have <= headroom // 2, headroom - have, 0)
             if not need.any():
@@ -626,6 +637,7 @@ class Daemon:
                 asked = np.minimum(chan[wanting, Chan.WANT_LEASE], LEASE_CAPACITY)
                 need = np.maximum(np.maximum(asked, ahead) - have, 0)
             budget = core.limiter.insert_allowance(int(need.sum()), pending)
+            t.starved = limited and budget <= 0 < int(need.sum())
             for c, n in zip(wanting, need, strict=True):
                 n = min(int(n), budget)
                 if n <= 0:
