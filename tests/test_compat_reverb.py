@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import pickle
+import time
 
 import numpy as np
 import pytest
@@ -277,6 +278,57 @@ def test_a_client_in_another_process_sees_the_inserts(servers):
     assert int(step.data[0]) == -1 and client.server_info()["queue"].current_size == 0
 
 
+def _sequence_producer(address: str, items: int) -> None:
+    """An IMPALA-style actor: 5-step sequences into a queue, never running far ahead."""
+    from shmreplay.compat import reverb
+
+    client = reverb.Client(address)
+    with client.trajectory_writer(num_keep_alive_refs=5) as writer:
+        for step in range(items + 4):
+            writer.append({"obs": np.full(2, step, np.float32), "step": np.int64(step)})
+            if writer.episode_steps >= 5:
+                writer.create_item(
+                    "sequences",
+                    1.0,
+                    {"obs": writer.history["obs"][-5:], "step": writer.history["step"][-5:]},
+                )
+                writer.flush(block_until_num_items=4)
+        writer.end_episode()
+
+
+def test_a_queue_between_processes_delivers_every_sequence_once_in_order(servers):
+    table = reverb.Table.queue(
+        "sequences",
+        8,
+        signature={
+            "obs": reverb.TensorSpec([5, 2], np.float32),
+            "step": reverb.TensorSpec([5], np.int64),
+        },
+    )
+    server = servers(tables=[table])
+    items = 60
+    p = CTX.Process(target=_sequence_producer, args=(f"localhost:{server.port}", items))
+    p.start()
+    try:
+        client = server.localhost_client()
+        firsts = []
+        for timesteps in client.sample("sequences", num_samples=items):
+            assert len(timesteps) == 5
+            steps = [int(t.data[1]) for t in timesteps]
+            assert steps == list(range(steps[0], steps[0] + 5))
+            assert [t.data[0].tolist() for t in timesteps] == [[s, s] for s in steps]
+            assert timesteps[0].info.times_sampled == 1
+            firsts.append(steps[0])
+        assert firsts == list(range(items))  # each once, in insertion order
+        p.join(60)
+        assert p.exitcode == 0
+        assert client.server_info()["sequences"].current_size == 0
+    finally:
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
 # -- mapping of selectors, limiters, tables ----------------------------------------------------
 
 
@@ -489,6 +541,9 @@ def test_trajectory_writer_timeout_is_deadline_exceeded(servers):
     try:
         for i in range(3):
             writer.append({"x": np.int64(i)})
+            # As Reverb's, create_item does not wait for the limiter, also after a pause
+            # (shmreplay's own writer sends at once after one, and would wait here forever).
+            time.sleep(0.01)
             writer.create_item("q", 1.0, writer.history["x"][-1])
         with pytest.raises(reverb.DeadlineExceededError) as info:
             writer.flush(timeout_ms=300)  # the queue holds 2: the third waits
@@ -534,6 +589,23 @@ def test_server_port_names_the_instance_and_stop_leaves_nothing(servers):
     servers(tables=[_table()], port=45679)
     with pytest.raises(shmreplay.ServerStartError, match="already"):
         servers(tables=[_table()], port=45679)
+
+
+def test_a_server_collected_while_a_client_attaches_does_not_deadlock(servers, monkeypatch):
+    """The garbage collector may run Server.__del__ (which drops the server's attachment)
+    inside another attach, on the same thread, under the attachments' lock."""
+    collected = reverb.Server(tables=[_table()])
+    collected.localhost_client().server_info()  # it has an attachment to drop
+    server = servers(tables=[_table()])
+    real_attach = reverb._attach
+
+    def attach_while_collecting(*args, **kwargs):
+        collected.__del__()
+        return real_attach(*args, **kwargs)
+
+    monkeypatch.setattr(reverb, "_attach", attach_while_collecting)
+    assert server.localhost_client().server_info()["t"].current_size == 0
+    collected.stop()  # idempotent after __del__
 
 
 # -- what is not supported -------------------------------------------------------------------------

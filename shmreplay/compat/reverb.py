@@ -569,6 +569,7 @@ class Server:
     """
 
     _server: _server_lib.Server | None = None
+    _stopped = False
 
     def __init__(
         self,
@@ -619,8 +620,9 @@ class Server:
 
     def stop(self) -> None:
         """Stop the daemon and wait for it; its tables are gone. Idempotent."""
-        if self._server is None:
+        if self._server is None or self._stopped:
             return
+        self._stopped = True
         name = self._server.name
         _drop_attachment(name)
         _signatures.pop(name, None)
@@ -650,7 +652,9 @@ class Server:
 # One attachment per instance and process, shared by every Client of that address (Reverb
 # programs make clients freely, e.g. server.localhost_client() per call).
 _attachments: dict[tuple[str, int], _ShmClient] = {}
-_attach_lock = threading.Lock()
+# Re-entrant: a Server collected (__del__ → stop) while this thread attaches drops its own
+# attachment under the lock.
+_attach_lock = threading.RLock()
 
 
 def _attached(instance: str) -> _ShmClient:
