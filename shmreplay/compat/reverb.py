@@ -494,16 +494,7 @@ class Table:
         signature: Any = None,
     ) -> Table:
         """A queue: Fifo sampler and remover, each item sampled once, inserts block when full."""
-        return cls(
-            name=name,
-            sampler=Fifo(),
-            remover=Fifo(),
-            max_size=max_size,
-            max_times_sampled=1,
-            rate_limiter=Queue(max_size),
-            extensions=extensions,
-            signature=signature,
-        )
+        return cls._once(name, max_size, Fifo, Queue, extensions, signature)
 
     @classmethod
     def stack(
@@ -514,13 +505,26 @@ class Table:
         signature: Any = None,
     ) -> Table:
         """A stack: as :meth:`queue` with Lifo."""
+        return cls._once(name, max_size, Lifo, Stack, extensions, signature)
+
+    @classmethod
+    def _once(
+        cls,
+        name: str,
+        max_size: int,
+        selector: type[_Selector],
+        limiter: type[RateLimiter],
+        extensions: Sequence[Any],
+        signature: Any,
+    ) -> Table:
+        """Every item sampled once, in ``selector``'s order (Reverb's queue and stack)."""
         return cls(
             name=name,
-            sampler=Lifo(),
-            remover=Lifo(),
+            sampler=selector(),
+            remover=selector(),
             max_size=max_size,
             max_times_sampled=1,
-            rate_limiter=Stack(max_size),
+            rate_limiter=limiter(max_size),
             extensions=extensions,
             signature=signature,
         )
