@@ -13,7 +13,8 @@ of the daemon's log if it exits first or is not ready in time. :meth:`Server.sto
 SIGTERM (the daemon wakes its clients with an error and removes its shared memory), then
 SIGKILL if it does not exit in time, then removes whatever the instance left in /dev/shm.
 ``stop()`` is idempotent; a server still running when the interpreter exits is stopped by an
-``atexit`` hook. A ``kill -9`` of the parent runs no hook: the daemon then keeps serving until
+``atexit`` hook. The daemon runs in a session of its own, so a Ctrl-C in the terminal does not
+reach it: the program decides when it stops. A ``kill -9`` of the parent runs no hook: the daemon then keeps serving until
 ``shmreplay stop --name NAME`` (as a daemon started by hand would).
 """
 
@@ -121,6 +122,9 @@ class Server:
                 stdin=subprocess.DEVNULL,
                 stdout=stdout,
                 stderr=subprocess.STDOUT,
+                # Its own session: a Ctrl-C in the terminal reaches this program, which stops
+                # its clients and then the daemon, instead of the daemon going first.
+                start_new_session=True,
             )
             self._stopped = False
             atexit.register(self._stop_at_exit)

@@ -223,3 +223,38 @@ def test_a_forgotten_server_is_stopped_at_exit(tmp_path):
     pid = int(out.stdout.split()[0])
     assert not process_alive(pid)
     assert shm_objects(name) == []
+
+
+_CTRL_C_SCRIPT = """
+import os, signal, sys
+import shmreplay
+from shmreplay.testing import table_toml
+signal.signal(signal.SIGINT, lambda *a: print("parent got SIGINT", flush=True))
+with shmreplay.Server(table_toml(), name=sys.argv[1]) as server:
+    os.killpg(0, signal.SIGINT)  # what a Ctrl-C in the terminal does to the foreground group
+    signal.sigtimedwait([signal.SIGCHLD], 1.0)
+    print("daemon running:", server.running(), flush=True)
+print("stopped; left in /dev/shm:", len(shmreplay.instance.shm_objects(sys.argv[1])), flush=True)
+"""
+
+
+def test_a_ctrl_c_reaches_the_program_not_its_daemon():
+    """The daemon runs in its own session: the terminal's SIGINT goes to the program, which
+    decides when to stop it (after its own clients), not to the daemon first."""
+    import subprocess
+    import sys
+
+    name = unique_name()
+    out = subprocess.run(
+        [sys.executable, "-c", _CTRL_C_SCRIPT, name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        start_new_session=True,  # its own process group, so killpg(0) spares pytest
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "parent got SIGINT",
+        "daemon running: True",
+        "stopped; left in /dev/shm: 0",
+    ], out.stdout + out.stderr

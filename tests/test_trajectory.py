@@ -673,6 +673,26 @@ def test_nstep_episodes_follow_each_other_and_short_episodes_give_only_tails(dae
         assert data["reward"].dtype == np.float64
 
 
+def test_an_episode_end_waits_for_the_commit_only_when_asked(daemon_factory):
+    """By default an episode's end leaves its items to the next batch (no commit round trip per
+    episode); wait_at_episode_end=True has them in the table when add(done=True) returns."""
+    with nstep_client(daemon_factory) as c:
+        table = c.table("nstep")
+        for wait in (False, True):
+            table.reset()
+            adder = NStepTransitionAdder(c, "nstep", n=2, discount=G, wait_at_episode_end=wait)
+            adder._writer.max_latency = 60.0  # nothing leaves on a timer during the test
+            for t in range(4):
+                end = t == 3
+                adder.add(obs(t), t, 1.0, done=end, next_observation=obs(4) if end else None)
+            # The episode's last items are still pending without the wait (earlier ones may
+            # have left to make room in the writer's history).
+            assert (table.info().current_size == 4) == wait
+            adder.flush()
+            assert table.info().current_size == 4
+            adder.close()
+
+
 def test_nstep_priority_fn_sees_the_transition(daemon_factory):
     seen = []
 
