@@ -14,8 +14,9 @@ SIGTERM (the daemon wakes its clients with an error and removes its shared memor
 SIGKILL if it does not exit in time, then removes whatever the instance left in /dev/shm.
 ``stop()`` is idempotent; a server still running when the interpreter exits is stopped by an
 ``atexit`` hook. The daemon runs in a session of its own, so a Ctrl-C in the terminal does not
-reach it: the program decides when it stops. A ``kill -9`` of the parent runs no hook: the daemon then keeps serving until
-``shmreplay stop --name NAME`` (as a daemon started by hand would).
+reach it: the program decides when it stops. A ``kill -9`` of the parent runs no hook: the
+daemon then keeps serving until ``shmreplay stop --name NAME`` (as a daemon started by hand
+would).
 """
 
 from __future__ import annotations
