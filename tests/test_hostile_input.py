@@ -140,7 +140,11 @@ def _connect_as(uid: int, path: str, result) -> None:
         elif reply.get("ok"):
             result.put("answered")
         else:  # refused with an error, then closed
-            result.put(f"{reply['type']}: {reply['error']}" if s.recv(1) == b"" else "open")
+            try:
+                closed = s.recv(1) == b""
+            except ConnectionResetError:  # closed with our request unread: also closed
+                closed = True
+            result.put(f"{reply['type']}: {reply['error']}" if closed else "open")
     finally:
         s.close()
 

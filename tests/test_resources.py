@@ -204,6 +204,7 @@ def _attach_with_spare_descriptors(name: str, spares: list[int], out) -> None:
     import resource
 
     resource.setrlimit(resource.RLIMIT_NOFILE, (CHILD_NOFILE, CHILD_NOFILE))
+    gc.collect()  # objects of earlier tests inherited through fork: their descriptors close now
     results = []
     for k in spares:
         fds = _take_all_descriptors()
