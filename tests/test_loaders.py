@@ -4,6 +4,7 @@ priority updates from tensors, against real daemons and real writer processes.""
 from __future__ import annotations
 
 import gc
+import importlib.util
 import multiprocessing as mp
 import os
 import subprocess
@@ -441,35 +442,68 @@ def test_torch_dataset_in_this_process_closes_its_client(stamped):
     assert our_clients(client) == 1
 
 
-# -- JAX (last: a process that imported JAX should not fork DataLoader workers) --------------------
+# -- JAX: in a spawned process, so that pytest itself never imports JAX (its threads make every
+# later fork of the test process, which several test files use, a deadlock risk) ---------------
+
+needs_jax = pytest.mark.skipif(
+    importlib.util.find_spec("jax") is None, reason="pip install 'shmreplay[jax]'"
+)
 
 
-def test_jax_iterate_delivers_intact_batches_that_stay_intact(stamped):
+def _jax_iterate_keeps_batches_intact(name: str, out) -> None:
     """Every batch handed out stays intact after many more were sampled: no device array
-    aliases a reused host buffer. This test bites: without the CPU platform's fresh arrays
+    aliases a reused host buffer. This bites: without the CPU platform's fresh arrays
     (``_platform`` made to answer "gpu"), 16 of 40 kept batches were overwritten, as JAX's CPU
     backend aliases 64-byte-aligned numpy arrays."""
-    jax = pytest.importorskip("jax", reason="pip install 'shmreplay[jax]'")
+    import jax
+
     import shmreplay.jax as sj
 
-    _, _, t = stamped
-    kept = []
-    with sj.iterate(t, 32, prefetch=2, timeout=10) as it:
-        for _, batch in zip(range(40), it, strict=False):
-            assert isinstance(batch.data["obs"], jax.Array)
-            assert batch.info.key.dtype == np.uint64  # on the host, never truncated
-            kept.append(batch)
-            t.update_priorities(batch.info.key, jax.numpy.full(32, 2.0))
-    for batch in kept:
-        assert verify_stamped(batch.data).all()
+    with shmreplay.attach(name) as client:
+        t = client.table("replay")
+        kept = []
+        with sj.iterate(t, 32, prefetch=2, timeout=10) as it:
+            for _, batch in zip(range(40), it, strict=False):
+                assert isinstance(batch.data["obs"], jax.Array)
+                assert batch.info.key.dtype == np.uint64  # on the host, never truncated
+                kept.append(batch)
+                t.update_priorities(batch.info.key, jax.numpy.full(32, 2.0))
+        out.put([bool(verify_stamped(batch.data).all()) for batch in kept])
 
 
+def _update_priorities_from_jax(name: str, out) -> None:
+    import jax.numpy as jnp
+
+    with shmreplay.attach(name) as client:
+        t = client.table("replay")
+        s = t.sample(4)
+        out.put((t.update_priorities(s.info.key, jnp.full(4, 3.0)), t.info().max_priority))
+
+
+def _in_a_spawned_process(target, name: str):
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    p = ctx.Process(target=target, args=(name, out))
+    p.start()
+    try:
+        return out.get(timeout=120)
+    finally:
+        p.join(30)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+@needs_jax
+def test_jax_iterate_delivers_intact_batches_that_stay_intact(stamped):
+    intact = _in_a_spawned_process(_jax_iterate_keeps_batches_intact, stamped[0].name)
+    assert len(intact) == 40 and all(intact)
+
+
+@needs_jax
 def test_update_priorities_takes_jax_arrays(stamped):
-    jnp = pytest.importorskip("jax.numpy", reason="pip install 'shmreplay[jax]'")
-    _, _, t = stamped
-    s = t.sample(4)
-    assert t.update_priorities(s.info.key, jnp.full(4, 3.0)) == 0
-    assert t.info().max_priority == 3.0
+    missing, max_priority = _in_a_spawned_process(_update_priorities_from_jax, stamped[0].name)
+    assert missing == 0 and max_priority == 3.0
 
 
 # -- missing frameworks ---------------------------------------------------------------------------
