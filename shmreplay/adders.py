@@ -36,26 +36,27 @@ TRANSITION_FIELDS = ("observation", "action", "reward", "discount", "next_observ
 def nstep_returns(
     rewards: np.ndarray, discounts: np.ndarray, gamma: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Returns and bootstrap discounts of every suffix of a window of L steps, vectorised.
+    """Returns and bootstrap discounts of every suffix of a window of L steps.
 
     For ``i`` in 0..L-1, with ``g_j = gamma * discounts[j]``::
 
         R[i] = sum_{k=i}^{L-1} (prod_{j=i}^{k-1} g_j) * rewards[k]
         D[i] = prod_{j=i}^{L-1} g_j                 (= gamma^(L-i) * prod d_j)
 
-    Built as an L×L matrix of partial products (a cumulative product along rows), so a
-    discount of 0 inside the window (a life lost) is exact, with no division.
+    By the backward recursion R[i] = r_i + g_i R[i+1], D[i] = g_i D[i+1], in plain Python: a
+    window holds at most n steps, too few for numpy's per-call cost to pay off; a discount of 0
+    inside the window (a life lost) is exact, with no division.
     """
-    r = np.asarray(rewards, np.float64)
-    g = gamma * np.asarray(discounts, np.float64)
+    r = [float(x) for x in np.asarray(rewards, np.float64).reshape(-1)]
+    g = [gamma * float(x) for x in np.asarray(discounts, np.float64).reshape(-1)]
     n = len(r)
-    # a[i, k] = g[k-1] above the diagonal, 1 on and below it; its cumulative product along k
-    # is prod_{j=i}^{k-1} g_j above the diagonal.
-    a = np.ones((n, n))
-    iu = np.triu_indices(n, 1)
-    a[iu] = g[iu[1] - 1]
-    w = np.triu(np.cumprod(a, axis=1))
-    return w @ r, w[:, -1] * g[-1]
+    ret, disc = np.empty(n), np.empty(n)
+    acc_r, acc_d = 0.0, 1.0
+    for i in range(n - 1, -1, -1):
+        acc_r = r[i] + g[i] * acc_r
+        acc_d *= g[i]
+        ret[i], disc[i] = acc_r, acc_d
+    return ret, disc
 
 
 class NStepTransitionAdder:
