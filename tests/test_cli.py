@@ -102,6 +102,9 @@ def test_info_watch_shows_rates_and_reset_empties_a_table(daemon_factory):
             ],
             stdout=subprocess.PIPE,
             text=True,
+            # Ctrl-C as in a terminal, even when the tests run as a background job (whose
+            # SIGINT is ignored, and that is inherited)
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         try:
             first = json.loads(watcher.stdout.readline())
