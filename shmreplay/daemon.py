@@ -616,15 +616,21 @@ class Daemon:
             # a sample, delete or reset, each of which posts us (see t.starved).
             t.starved = True
             return 0
-        # Writers served first get the limiter's budget first: rotate who that is.
-        t.rotation += 1
-        wanting = np.roll(wanting, -(t.rotation % len(wanting)))
+        # Scalars in Python, not numpy: this runs at every wake-up of the commit loop.
+        headroom = min(max(int(core.spec.headroom) // (2 * len(wanting)), 1), LEASE_CAPACITY)
         have = chan[wanting, Chan.LEASE_TAIL] - chan[wanting, Chan.LEASE_HEAD]
-        headroom = int(np.clip(core.spec.headroom // (2 * len(wanting)), 1, LEASE_CAPACITY))
         if not limited:  # keep every writer's lease ring filled, refilling at half
             need = np.where(have <= headroom // 2, headroom - have, 0)
             if not need.any():
                 return 0
+        if len(wanting) > 1:
+            # Writers served first get the limiter's budget (or the last free slots) first:
+            # rotate who that is.
+            t.rotation += 1
+            shift = -(t.rotation % len(wanting))
+            wanting, have = np.roll(wanting, shift), np.roll(have, shift)
+            if not limited:
+                need = np.roll(need, shift)
         total = 0
         with self._locked(t, "leasing slots"):
             pending = int(t.outstanding.sum())
