@@ -399,7 +399,7 @@ def _run(seconds: float, seed: int, schedule: Sequence[str] | None, ckpt: str) -
             else:
                 restored = frozenset()
         d2 = DaemonProcess(toml, name=d.name)
-        d._log.close()
+        d.close()  # the killed one: its log and files; the objects are the new one's now
         d = d2
         log = d.log()
         if restore:

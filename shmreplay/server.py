@@ -101,7 +101,7 @@ class Server:
         *,
         log: str | os.PathLike | IO | int | None = None,
         extra_args: Sequence[str] = (),
-        ready_timeout: float = 30.0,
+        ready_timeout: float | None = 30.0,
     ) -> None:
         self.name = name or _default_name()
         self._tmp = tempfile.mkdtemp(prefix="shmreplay-server-")
@@ -129,9 +129,10 @@ class Server:
             )
             self._stopped = False
             atexit.register(self._stop_at_exit)
-            self._wait_ready(ready_timeout)
+            if ready_timeout is not None:
+                self.wait_ready(ready_timeout)
         except BaseException:
-            self.stop()
+            self.close()
             raise
 
     # -- starting ------------------------------------------------------------------------------
@@ -172,7 +173,9 @@ class Server:
             return log
         return log.fileno() if hasattr(log, "fileno") else log
 
-    def _wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the daemon serves (the constructor does, unless ``ready_timeout=None``);
+        :class:`ServerStartError` if it exits first or ``timeout`` seconds pass."""
         assert self.proc is not None
         deadline = time.monotonic() + timeout
         while True:
@@ -232,28 +235,36 @@ class Server:
 
     # -- stopping ------------------------------------------------------------------------------
 
+    def terminate(self, timeout: float = 15.0) -> int | None:
+        """End the daemon: SIGTERM, wait up to ``timeout`` s, SIGKILL. Removes nothing (what
+        it left stays for inspection; :meth:`stop` removes it). Returns its exit status."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return None if proc is None else proc.returncode
+
     def stop(self, timeout: float = 15.0) -> int | None:
-        """Stop the daemon: SIGTERM, wait up to ``timeout`` s, SIGKILL; then remove what the
-        instance left in /dev/shm and the runtime directory. Idempotent; returns the daemon's
-        exit status (None if it never started)."""
+        """Stop the daemon (:meth:`terminate`); then remove what the instance left in /dev/shm
+        and the runtime directory. Idempotent; returns the daemon's exit status (None if it
+        never started)."""
         proc = self.proc
         if not self._stopped:
             self._stopped = True
             atexit.unregister(self._stop_at_exit)
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            self.terminate(timeout)
             # A killed daemon removed nothing: its segments, semaphores, record and socket
-            # would otherwise stay until `shmreplay gc`. A clean exit left none of them. But
-            # the objects are another daemon's if ours failed to start because that one
-            # serves the name: leave those alone.
+            # would otherwise stay until `shmreplay gc`. A clean exit left none of them. Only
+            # what our daemon's record claims is ours: a daemon that failed to start (another
+            # one serves the name, or it refused to adopt a dead one's tables) leaves those
+            # objects to their owner, or to `serve --fresh`.
             rec = InstanceRecord.read(self.name)
             ours = proc is not None and rec is not None and rec.pid == proc.pid
-            if (ours or rec is None or not rec.alive()) and shm_objects(self.name):
+            if ours and shm_objects(self.name):
                 remove_shm_objects(self.name)
             if ours:
                 for p in (record_path(self.name), socket_path(self.name), lock_path(self.name)):
@@ -270,15 +281,17 @@ class Server:
 
     def _stop_at_exit(self) -> None:
         with contextlib.suppress(Exception):
-            self.stop()
+            self.close()
 
-    close = stop
+    def close(self, timeout: float = 15.0) -> int | None:
+        """The same as :meth:`stop`."""
+        return Server.stop(self, timeout)
 
     def __enter__(self) -> Server:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.close()
 
     def __repr__(self) -> str:
         state = "running" if self.running() else "stopped"

@@ -10,9 +10,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 import zlib
@@ -21,7 +18,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .instance import InstanceRecord, remove_shm_objects, shm_objects
+from .instance import shm_objects
+from .server import Server, ServerStartError
 
 if TYPE_CHECKING:
     from .config import TableSpec
@@ -42,8 +40,14 @@ def unique_name(prefix: str = "t") -> str:
     return f"{prefix}{os.getpid()}-{next(_counter)}"
 
 
-class DaemonProcess:
-    """A ``shmreplay serve`` subprocess for one instance."""
+class DaemonProcess(Server):
+    """A :class:`~shmreplay.Server` for tests and benchmarks, on a tables.toml text, under a
+    name the tests' leak check recognises, with a log that outlives the daemon.
+
+    ``stop()`` only ends the daemon (:meth:`Server.terminate`), so that a test sees what a
+    shutdown left behind; ``close()`` removes that too. A daemon that fails to start raises
+    RuntimeError with its log's end.
+    """
 
     def __init__(
         self,
@@ -52,73 +56,33 @@ class DaemonProcess:
         wait: bool = True,
         args: tuple[str, ...] = (),
     ) -> None:
-        self.name = name or unique_name()
-        self._tmp = tempfile.TemporaryDirectory(prefix="shmreplay-test-")
-        self.path = os.path.join(self._tmp.name, "tables.toml")
+        self._dir = tempfile.TemporaryDirectory(prefix="shmreplay-test-")
+        self.path = os.path.join(self._dir.name, "tables.toml")
         with open(self.path, "w") as f:
             f.write(tables_toml)
-        self.log_path = os.path.join(self._tmp.name, "daemon.log")
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in close())
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "shmreplay",
-                "serve",
-                "--tables",
+        self.log_path = os.path.join(self._dir.name, "daemon.log")
+        try:
+            super().__init__(
                 self.path,
-                "--name",
-                self.name,
-                *args,
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        if wait:
-            self.wait_ready()
+                name or unique_name(),
+                log=self.log_path,
+                extra_args=args,
+                ready_timeout=30.0 if wait else None,
+            )
+        except ServerStartError as exc:
+            self._dir.cleanup()
+            raise RuntimeError(str(exc)) from exc
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            rec = InstanceRecord.read(self.name)
-            if rec is not None and rec.pid == self.proc.pid and os.path.exists(rec.socket):
-                return
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
-            time.sleep(0.02)
-        raise TimeoutError(f"daemon did not become ready in {timeout} s:\n{self.log()}")
+    stop = Server.terminate
 
-    def log(self) -> str:
-        self._log.flush()
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
-
-    def stop(self, timeout: float = 15.0) -> int:
-        """SIGTERM, wait, SIGKILL if needed; remove leftovers. Returns the exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def close(self) -> None:
-        self.stop()
-        remove_shm_objects(self.name)
-        self._log.close()
+    def close(self, timeout: float = 15.0) -> int | None:
+        code = super().close(timeout)
         with contextlib.suppress(OSError):
-            self._tmp.cleanup()
+            self._dir.cleanup()
+        return code
 
     def leftovers(self) -> list[str]:
         return shm_objects(self.name)
-
-    def __enter__(self) -> DaemonProcess:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def table_toml(
@@ -234,7 +198,6 @@ def stamped_learner(instance: str, table: str, batch_size: int, stop, results) -
 
 def blocked_sampler(instance: str, table: str, batch_size: int, timeout, started, results) -> None:
     """Sample once (expected to block); put ('ok', uids, seconds) or ('error', class, message)."""
-    import time
 
     import shmreplay
 
@@ -253,7 +216,6 @@ def blocked_sampler(instance: str, table: str, batch_size: int, timeout, started
 
 def lock_holder(instance: str, table: str, ready) -> None:
     """Take the table mutex and sleep holding it (to be killed with SIGKILL)."""
-    import time
 
     import shmreplay
 
@@ -265,7 +227,6 @@ def lock_holder(instance: str, table: str, ready) -> None:
 
 def half_writer(instance: str, table: str, uid: int, ready) -> None:
     """Reserve a slot, write half of a stamped row into it and sleep (to be killed)."""
-    import time
 
     import shmreplay
 
