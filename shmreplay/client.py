@@ -47,7 +47,7 @@ from .rings import ring_get, ring_put
 from .shm import SHM_DIR, Segment
 from .table import Sample, SampleInfo, TableCore, TableEvents, TableInfo
 from .trajectory import TrajectoryWriter
-from .values import check_keys, check_priority, host_array, python_values_fit
+from .values import check_keys, check_priorities, check_priority, python_values_fit
 
 if TYPE_CHECKING:
     from .loader import Prefetcher
@@ -205,9 +205,9 @@ class Client:
         for table in tables:
             fields = {f.name: step[f.name] for f in table.spec.signature if f.name in step}
             used.update(fields)
-            prepared.append(
-                (table, table._validate_row(fields), check_priority(priorities[table.name]))
-            )
+            row = table._validate_row(fields)
+            prio = check_priority(priorities[table.name], table.core.max_priority, table.name)
+            prepared.append((table, row, prio))
         unknown = set(step) - used
         if unknown:
             raise SignatureError(
@@ -294,19 +294,11 @@ class Client:
                 pass
 
 
-def _check_priorities(p, n: int) -> np.ndarray:
-    p = host_array(p)  # a torch tensor (detached, to the host) or a JAX array
-    if isinstance(p, (float, int)):
-        return np.full(n, check_priority(p))
-    arr = np.asarray(p, dtype=np.float64)
-    if arr.ndim == 0:
-        arr = np.full(n, float(arr))
-    if arr.shape != (n,):
-        raise InvalidArgumentError(f"priorities must have shape ({n},), got {arr.shape}")
-    if not np.isfinite(arr).all() or (arr < 0).any():
-        bad = arr[~np.isfinite(arr) | (arr < 0)][0]
-        raise InvalidArgumentError(f"priorities must be finite and >= 0, got {bad}")
-    return arr
+def _check_priorities(p, n: int, core: TableCore | None = None) -> np.ndarray:
+    """``p`` (one number or one per item) as float64[n], within ``core``'s priority limit."""
+    if core is None:
+        return check_priorities(p, n)
+    return check_priorities(p, n, core.max_priority, core.name)
 
 
 def _check_episode(episode) -> tuple[int, int, int]:
@@ -472,7 +464,8 @@ class Table:
         """
         self._check()
         row = self._validate_row(data)
-        return self._write_row(row, check_priority(priority), timeout, _check_episode(episode))
+        prio = check_priority(priority, self.core.max_priority, self.name)
+        return self._write_row(row, prio, timeout, _check_episode(episode))
 
     def _validate_row(self, data: Mapping[str, object]) -> list[np.ndarray]:
         if not isinstance(data, Mapping):
@@ -548,7 +541,7 @@ class Table:
                 f"field {self._fields[0].name!r}: expected a batch with a leading axis"
             )
         cols = [_coerce(f, data[f.name], n) for f in self._fields]
-        prios = _check_priorities(priorities, n)
+        prios = _check_priorities(priorities, n, self.core)
         eps = np.zeros((n, 3), np.int64) if episodes is None else _check_episodes(episodes, n)
         keys = np.empty(n, np.uint64)
         core = self.core
@@ -584,7 +577,8 @@ class Table:
         Published on a clean exit; discarded (never visible) if the block raises.
         """
         self._check()
-        return _Reservation(self, check_priority(priority), timeout, _check_episode(episode))
+        prio = check_priority(priority, self.core.max_priority, self.name)
+        return _Reservation(self, prio, timeout, _check_episode(episode))
 
     def _take_one(self, timeout: float | None) -> int:
         """One leased slot (the single-item path of _take_slots, without arrays)."""
@@ -806,7 +800,7 @@ class Table:
         self._check()
         k = check_keys(keys)
         d = None if deletes is None else check_keys(deletes, "deletes")
-        p = _check_priorities(priorities, len(k))
+        p = _check_priorities(priorities, len(k), self.core)
         return self.core.update_priorities(k, p, d, timeout=timeout)
 
     def delete(self, keys, *, timeout: float | None = None) -> int:

@@ -112,8 +112,8 @@ class SumTree:
         rounding at boundaries.
         """
         tree = self.tree
-        if not tree[1] > 0.0:
-            raise ValueError("cannot sample from a sum-tree whose total weight is 0")
+        if not 0.0 < tree[1] < np.inf:  # an inf total would put every draw on one leaf
+            raise ValueError(f"cannot sample from a sum-tree whose total weight is {tree[1]}")
         u = np.asarray(u, dtype=np.float64)
         # The top of the tree is skipped: one cumsum over a level of ≤ SHORTCUT_WIDTH nodes and
         # a searchsorted pick the node on that level, then the descent continues from there.

@@ -34,6 +34,7 @@ from .rings import ring_get, ring_put
 from .selectors import selector_class
 from .shm import Segment
 from .sumtree import last_wins
+from .values import check_priorities
 
 SLOT_MASK = np.uint64(0xFFFFFFFF)
 TAG_SHIFT = np.uint64(32)
@@ -753,6 +754,12 @@ class TableCore:
         present = inrange & (self.key[safe] == keys) & (self.state[safe] == SlotState.READY)
         return safe, present
 
+    @property
+    def max_priority(self) -> float:
+        """The largest priority the table accepts: the smaller of its sampler's and remover's
+        limits (a prioritized selector's weights must not overflow; else the largest float)."""
+        return min(self.sampler.max_priority, self.remover.max_priority)
+
     def update_priorities(
         self,
         keys: np.ndarray,
@@ -764,7 +771,10 @@ class TableCore:
 
         ``deletes`` are deleted first, in the same critical section (Reverb's order). Like every
         mutation here, waits at most ``timeout`` s for the table lock (LockTimeout names the
-        holder: a stopped process keeps it until it is continued or dies)."""
+        holder: a stopped process keeps it until it is continued or dies). Raises
+        InvalidArgumentError, changing nothing, unless every priority is a number with
+        0 <= p <= :attr:`max_priority` (one per key)."""
+        priorities = check_priorities(priorities, len(keys), self.max_priority, self.name)
         keys, priorities = last_wins(keys, priorities)  # outside the lock: it only sorts
         deleted = 0
         with self.mutex.held(_lock_wait(timeout)):

@@ -705,8 +705,9 @@ class TrajectoryWriter:
         ts = self._tables.get(table)
         if ts is None:
             ts = self._tables[table] = _TableState(self.client.table(table))
-        if type(priority) is not float or not 0.0 <= priority < math.inf:
-            priority = check_priority(priority)
+        core = ts.table.core
+        if type(priority) is not float or not 0.0 <= priority <= core.max_priority:
+            priority = check_priority(priority, core.max_priority, table)
         if type(trajectory) is not dict and not isinstance(trajectory, Mapping):
             raise InvalidArgumentError(
                 "trajectory must be a mapping of table field to history selection, e.g. "

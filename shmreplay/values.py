@@ -13,16 +13,104 @@ import numpy as np
 
 from .errors import InvalidArgumentError
 
+# The largest finite float64: the priority limit of a table without a prioritized selector.
+DBL_MAX = float(np.finfo(np.float64).max)
 
-def check_priority(priority: object) -> float:
-    """A priority as a float; InvalidArgumentError unless it is a finite number ≥ 0."""
+_PRIORITY_KINDS = "biuf"  # numpy kinds a priority may have: bool, integers, floats
+
+
+def _where(table: str | None) -> str:
+    return f" for table {table!r}" if table is not None else ""
+
+
+def priority_range_error(value: float, max_priority: float, table: str | None) -> str:
+    """What is wrong with a priority that is a number but not accepted, and what to do."""
+    if not 0.0 <= value < math.inf:  # NaN, inf, negative
+        limit = f" (at most {max_priority!r}{_where(table)})" if max_priority < DBL_MAX else ""
+        return f"priority must be a finite number >= 0{limit}, got {value!r}"
+    return (
+        f"priority {value!r} is too large{_where(table)}: the largest accepted is "
+        f"{max_priority!r} (a prioritized sampler or remover weighs an item "
+        "priority**priority_exponent, and the weights of a full table must add up to a finite "
+        "float64: the limit is lower for a larger priority_exponent or max_size); clip "
+        f"priorities to it, e.g. np.minimum(priorities, {max_priority!r})"
+    )
+
+
+def check_priority(
+    priority: object, max_priority: float = DBL_MAX, table: str | None = None
+) -> float:
+    """A priority as a float; InvalidArgumentError unless it is a real number (int, float,
+    bool, a numpy scalar, a 0-d tensor or array) with ``0 <= priority <= max_priority``.
+
+    ``max_priority`` is the table's limit (``TableCore.max_priority``: a prioritized selector's
+    weights must not overflow); ``table`` names the table in the message.
+    """
+    if isinstance(priority, (str, bytes, bytearray, complex)):  # float("1") would accept text
+        raise InvalidArgumentError(
+            f"priority must be a real number (int or float), got {type(priority).__name__} "
+            f"{priority!r}"
+        )
     try:
         value = float(priority)  # type: ignore[arg-type]
+    except OverflowError:  # an int beyond the float range: 10**400
+        raise InvalidArgumentError(
+            f"priority must be a finite number >= 0{_where(table)}, at most {max_priority!r}; "
+            f"got an integer too large for a float ({str(priority)[:20]}...)"
+        ) from None
     except (TypeError, ValueError):
-        raise InvalidArgumentError(f"priority must be a number, got {priority!r}") from None
-    if not 0.0 <= value < math.inf:  # also refuses NaN
-        raise InvalidArgumentError(f"priority must be finite and >= 0, got {value}")
+        raise InvalidArgumentError(
+            f"priority must be a real number (int or float), got {type(priority).__name__} "
+            f"{priority!r}"
+        ) from None
+    if not 0.0 <= value <= max_priority:  # also refuses NaN
+        raise InvalidArgumentError(priority_range_error(value, max_priority, table))
     return value
+
+
+def check_priorities(
+    priorities: object, n: int, max_priority: float = DBL_MAX, table: str | None = None
+) -> np.ndarray:
+    """``priorities`` (one number, or one per item: a list, numpy array, torch tensor or JAX
+    array) as a float64 array of ``n``; InvalidArgumentError unless each is a real number with
+    ``0 <= p <= max_priority``."""
+    p = host_array(priorities)  # a torch tensor (detached, to the host) or a JAX array
+    if isinstance(p, (float, int, str, bytes, bytearray, complex)):
+        return np.full(n, check_priority(p, max_priority, table))
+    try:
+        arr = np.asarray(p)
+        if arr.dtype.kind == "O":  # Python objects: ints too large for a float, None, ...
+            arr = arr.astype(np.float64)
+    except OverflowError:  # an int beyond the float range: 10**400
+        raise InvalidArgumentError(
+            f"priorities must be finite numbers >= 0{_where(table)}, at most {max_priority!r}; "
+            f"got an integer too large for a float in {_short(priorities)}"
+        ) from None
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgumentError(
+            "priorities must be real numbers (one number, or one per item as a list, numpy "
+            f"array or tensor of ints or floats); got {_short(priorities)}: {exc}"
+        ) from None
+    if arr.dtype.kind not in _PRIORITY_KINDS:
+        raise InvalidArgumentError(
+            f"priorities must be real numbers (one number, or one per item as a list, numpy "
+            f"array or tensor of ints or floats), got an array of {arr.dtype}"
+        )
+    arr = arr.astype(np.float64, copy=False)
+    if arr.ndim == 0:
+        arr = np.full(n, float(arr))
+    if arr.shape != (n,):
+        raise InvalidArgumentError(f"priorities must have shape ({n},), got {arr.shape}")
+    ok = (arr >= 0.0) & (arr <= max_priority)  # NaN fails both
+    if not ok.all():
+        bad = float(arr[~ok][0])
+        raise InvalidArgumentError(priority_range_error(bad, max_priority, table))
+    return arr
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def python_values_fit(value: np.ndarray, dtype: np.dtype) -> bool:

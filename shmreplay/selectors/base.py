@@ -77,6 +77,13 @@ class Selector(ABC):
         """The selector's options, for table info."""
         return {"kind": self.kind}
 
+    @property
+    def max_priority(self) -> float:
+        """The largest priority this selector accepts: any finite one (the largest float64),
+        unless it computes with priorities (Prioritized overrides it). The client checks
+        priorities against the smaller of a table's sampler's and remover's limits."""
+        return float(np.finfo(np.float64).max)
+
 
 class Deterministic(Selector):
     """A selector that picks items in an order (insertion order, priority order) rather than at
