@@ -52,6 +52,15 @@ counters and rebuilds every derived structure with ``TableCore.repair()``. Table
 into the *current* configuration: a different signature is refused, a smaller ``max_size`` is
 refused unless ``truncate`` (keep the newest items), other spec changes are applied and listed
 in the report.
+
+Reading trusts nothing a checksum alone vouches for (whoever can write the directory can
+recompute one): files are opened by plain name relative to the checkpoint directory, without
+following symbolic links and without blocking, and must be regular files; every file's dtype
+and shape must be those of the format and of the table's signature (never an object array);
+the per-item metadata must hold values a table can have (priorities finite, >= 0 and within
+the selectors' limit, times_sampled >= 0, distinct keys naming distinct slots, increasing
+sequence numbers, episodes whose first step is not after their last). A checkpoint that fails
+is skipped by :func:`latest_checkpoint` with a warning, as a damaged one is.
 """
 
 from __future__ import annotations
@@ -66,6 +75,7 @@ import os
 import queue
 import re
 import shutil
+import stat
 import struct
 import sys
 import threading
@@ -82,6 +92,7 @@ from .config import TableSpec
 from .errors import CheckpointError, InvalidArgumentError
 from .layout import Ctrl, SlotState
 from .selectors.heap import Heap
+from .selectors.prioritized import DBL_MAX, priority_limit
 from .shm import format_bytes
 from .table import SLOT_MASK, TAG_SHIFT, TableCore
 
@@ -225,9 +236,14 @@ class TableCheckpoint:
 
     def array(self, what: str) -> np.ndarray:
         """The array ``what`` ("meta.key", "data.obs", ...), memory-mapped read-only. Its
-        header was checked by :func:`read_checkpoint`; its crc32 by verify() or a restore."""
+        header is checked against the manifest as it is opened (a regular file inside the
+        checkpoint directory only: see :func:`_open_member`); its crc32 by verify() or a
+        restore. Raises CheckpointError."""
         entry = self.files[what]
-        return np.load(self.directory / entry.file, mmap_mode="r", allow_pickle=False)
+        with _open_array(self.directory, entry) as (fh, offset):
+            if entry.nbytes == 0:  # mmap refuses an empty mapping
+                return np.empty(entry.shape, np.dtype(entry.dtype))
+            return np.memmap(fh, np.dtype(entry.dtype), "r", offset, entry.shape)
 
     @property
     def has_touch(self) -> bool:
@@ -671,13 +687,15 @@ def _check_space(cores: Iterable[TableCore], directory: Path, keep: int) -> None
         )
 
 
-def _checkpoints(directory: Path) -> list[Path]:
-    """Complete checkpoints (final names: a rename made them), oldest first, by counter."""
+def _checkpoints(directory: Path, links: bool = False) -> list[Path]:
+    """Complete checkpoints (final names: a rename made them), oldest first, by counter.
+    Symbolic links are none (they would be read from outside ``directory``) unless ``links``
+    (to number a new checkpoint above them)."""
     found = []
     with contextlib.suppress(FileNotFoundError):
         for p in directory.iterdir():
             m = _NAME_RE.match(p.name)
-            if m and p.is_dir():
+            if m and p.is_dir() and (links or not p.is_symlink()):
                 found.append((int(m.group(2)), p.name, p))
     return [p for _, _, p in sorted(found)]
 
@@ -685,7 +703,7 @@ def _checkpoints(directory: Path) -> list[Path]:
 def _new_name(directory: Path) -> str:
     """checkpoint-<UTC time>-<counter>; the counter orders checkpoints even if the clock jumps
     back, and tells apart two taken in the same second."""
-    existing = _checkpoints(directory)
+    existing = _checkpoints(directory, links=True)
     counter = int(_NAME_RE.match(existing[-1].name).group(2)) + 1 if existing else 1
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     return f"checkpoint-{stamp}-{counter:06d}"
@@ -715,10 +733,13 @@ class _Ticker:
 
 
 def latest_checkpoint(directory: str | Path, *, log: logging.Logger | None = None) -> Path | None:
-    """The newest complete, intact checkpoint in ``directory`` (None if there is none).
+    """The newest complete, intact and valid checkpoint in ``directory`` (None if there is
+    none).
 
-    Reads every file of the candidates it checks (crc32): a damaged or partial checkpoint is
-    skipped with a warning on ``log`` and the next older one tried.
+    Reads every file of the candidates it checks (crc32, and the values of the per-item
+    metadata: see :func:`read_checkpoint`): a damaged, partial or invalid checkpoint is skipped
+    with a warning on ``log`` saying why, and the next older one tried. Blocks only on reading
+    regular files (never on a FIFO or a device planted in a checkpoint).
     """
     log = log if log is not None else logger
     directory = Path(directory)
@@ -730,6 +751,13 @@ def latest_checkpoint(directory: str | Path, *, log: logging.Logger | None = Non
                     "running; the next checkpoint write removes it)",
                     p,
                 )
+            elif _NAME_RE.match(p.name) and p.is_symlink():
+                log.warning(
+                    "ignoring %s: a symbolic link, not a checkpoint directory (checkpoints are "
+                    "read only from directories inside %s)",
+                    p,
+                    directory,
+                )
     for path in reversed(_checkpoints(directory)):
         try:
             checkpoint = read_checkpoint(path)
@@ -737,27 +765,38 @@ def latest_checkpoint(directory: str | Path, *, log: logging.Logger | None = Non
         except CheckpointError as exc:
             log.warning("skipping damaged checkpoint %s: %s", path, exc)
             continue
+        except Exception as exc:  # an unforeseen defect must not stop the start: try older
+            log.warning("skipping unreadable checkpoint %s (%s: %s)", path, type(exc).__name__, exc)
+            continue
         return path
     return None
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Read and check a checkpoint's manifest and array headers.
+    """Read and check a checkpoint's manifest, array headers and per-item metadata.
 
-    Checks the manifest's own checksum and format version, that every file exists with the
-    dtype, shape and size the manifest gives, and the crc32 of the (small) metadata files. Data
-    files are checksummed by :meth:`Checkpoint.verify` and, as they are copied, by
-    :func:`restore_table`. Raises CheckpointError saying what is wrong.
+    Checks the manifest's own checksum and format version; that every file the manifest names
+    is a regular file inside the checkpoint directory (a plain name: no ``/``, no ``..``; not a
+    symbolic link, FIFO or device), with the dtype and shape the table's signature and the
+    metadata format require and the size they imply; the crc32 of the (small) metadata files;
+    and their values: priorities finite, ≥ 0 and within the limit of the checkpoint's own
+    selectors, times_sampled ≥ 0 (and below max_time_sampled), keys distinct and naming
+    distinct slots of the table, sequence numbers increasing, each episode's first step ≤ its
+    last, counters ≥ 0. Data files are checksummed by :meth:`Checkpoint.verify` and, as they
+    are copied, by :func:`restore_table`. Raises CheckpointError saying what is wrong.
     """
     path = Path(path)
     try:
-        raw = (path / MANIFEST).read_bytes()
+        with _open_member(path, MANIFEST) as fh:
+            raw = fh.read(MAX_MANIFEST_BYTES + 1)
     except OSError as exc:
         raise CheckpointError(f"checkpoint {path}: cannot read {MANIFEST}: {exc.strerror}") from exc
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is larger than any we write")
     try:
         body = json.loads(raw)
         checksum = body.pop("checksum")
-    except (ValueError, AttributeError, KeyError) as exc:
+    except (ValueError, AttributeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} is damaged ({exc})") from exc
     if zlib.crc32(_canonical(body)) != checksum:
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} checksum mismatch (damaged file)")
@@ -770,10 +809,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     tables = {}
     try:
         for name, t in body["tables"].items():
-            files = {
-                what: FileEntry(e["file"], e["dtype"], tuple(e["shape"]), int(e["crc32"]))
-                for what, e in t["files"].items()
-            }
+            files = {what: _file_entry(path, e) for what, e in t["files"].items()}
             tables[name] = TableCheckpoint(
                 name=name,
                 spec=TableSpec.from_dict(t["spec"]),
@@ -784,51 +820,233 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                 files=files,
                 directory=path,
             )
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} is incomplete ({exc!r})") from exc
     for t in tables.values():
-        expected = {f"meta.{m}" for m in _META} | {f"data.{f.name}" for f in t.spec.signature}
-        missing = expected - set(t.files)
-        if missing:
-            raise CheckpointError(f"checkpoint {path}: table {t.name!r} lacks {sorted(missing)}")
-        for what, entry in t.files.items():
+        _check_table_entry(path, t)
+        for entry in t.files.values():
+            with _open_array(path, entry):
+                pass
+        _load_meta(t)  # crc32 and values
+    return Checkpoint(path=path, created=str(body.get("created")), tables=tables)
+
+
+# The manifest of a checkpoint of a few tables is a few kB; a bound keeps a planted huge file
+# from being read whole.
+MAX_MANIFEST_BYTES = 64 << 20
+# A key is (tag << 32) | slot; restore hands out max_tag + 1 to moved items.
+_MAX_TAG = (1 << 32) - 2
+
+
+def _file_entry(path: Path, e: dict) -> FileEntry:
+    """A manifest's file entry, checked for what can be checked alone: a plain file name (no
+    directory part: files are read from the checkpoint directory only), a numpy dtype that
+    is not an object dtype, a shape of non-negative ints."""
+    name = e["file"]
+    if (
+        not isinstance(name, str)
+        or name in ("", ".", "..", MANIFEST, LOCK_FILE)
+        or "/" in name
+        or "\0" in name
+    ):
+        raise CheckpointError(
+            f"checkpoint {path}: {MANIFEST} names the file {name!r}; a checkpoint's files are "
+            "plain names inside its directory (no '/' or '..')"
+        )
+    try:
+        dtype = np.dtype(e["dtype"])
+    except TypeError as exc:
+        raise CheckpointError(
+            f"checkpoint {path}: {name}: {e['dtype']!r} is not a numpy dtype"
+        ) from exc
+    if dtype.hasobject:
+        raise CheckpointError(f"checkpoint {path}: {name}: object arrays are never restored")
+    shape = tuple(int(x) for x in e["shape"])
+    if any(x < 0 for x in shape):
+        raise CheckpointError(f"checkpoint {path}: {name}: shape {list(shape)} is negative")
+    return FileEntry(name, dtype.name, shape, int(e["crc32"]))
+
+
+def _check_table_entry(path: Path, t: TableCheckpoint) -> None:
+    """A table's manifest entry against its own spec: its files are exactly those of the
+    format, with the dtypes and shapes the metadata format and the signature give."""
+    where = f"checkpoint {path}: table {t.name!r}"
+    if t.spec.name != t.name:
+        raise CheckpointError(f"{where}: its spec names table {t.spec.name!r}")
+    if not 0 <= t.items <= t.spec.max_size or t.dropped < 0:
+        raise CheckpointError(
+            f"{where}: {t.items} items ({t.dropped} dropped), the table holds at most "
+            f"{t.spec.max_size}"
+        )
+    if not 0 <= t.max_tag <= _MAX_TAG:
+        raise CheckpointError(f"{where}: max_tag {t.max_tag} is out of range")
+    missing = _COUNTERS.keys() - t.counters.keys()
+    if missing:
+        raise CheckpointError(f"{where}: counters lack {sorted(missing)}")
+    bad = {k: v for k, v in t.counters.items() if not 0 <= v < 2**63}
+    if bad:
+        raise CheckpointError(f"{where}: counters out of range: {bad}")
+    if t.counters["size"] < t.items:
+        raise CheckpointError(
+            f"{where}: counter size {t.counters['size']} is below its {t.items} items"
+        )
+    expected = {f"meta.{m}": (np.dtype(d), (t.items,)) for m, d in _META.items()}
+    expected |= {f"data.{f.name}": (f.np_dtype, (t.items, *f.shape)) for f in t.spec.signature}
+    optional = {"meta.touch": (np.dtype(np.int64), (t.items,))}
+    missing = expected.keys() - t.files.keys()
+    if missing:
+        raise CheckpointError(f"{where} lacks {sorted(missing)}")
+    for what, entry in t.files.items():
+        want = expected.get(what) or optional.get(what)
+        if want is None:
+            raise CheckpointError(f"{where}: unknown file entry {what!r} ({entry.file})")
+        dtype, shape = want
+        if np.dtype(entry.dtype) != dtype or entry.shape != shape:
             if entry.shape[:1] != (t.items,):
                 raise CheckpointError(
                     f"checkpoint {path}: {entry.file} holds {entry.shape[:1]} rows, the "
                     f"manifest says {t.items} items"
                 )
-            _check_header(path, entry)
-            if what.startswith("meta."):
-                _check_crc(path, entry, _crc(t.array(what)))
-    return Checkpoint(path=path, created=str(body.get("created")), tables=tables)
+            raise CheckpointError(
+                f"checkpoint {path}: {entry.file} is {entry.dtype}{list(entry.shape)}; "
+                f"{what} of table {t.name!r} must be {dtype.name}{list(shape)}"
+                + (" (the table's signature)" if what.startswith("data.") else "")
+            )
 
 
-def _check_header(path: Path, entry: FileEntry) -> int:
-    """Parse a file's .npy header against the manifest; returns the payload offset."""
+def _spec_max_priority(spec: TableSpec) -> float:
+    """The largest priority a table of ``spec`` accepts (as TableCore.max_priority)."""
+    limits = [
+        priority_limit(sel.priority_exponent, spec.num_slots)
+        for sel in (spec.sampler, spec.remover)
+        if sel.kind == "prioritized"
+    ]
+    return min(limits, default=DBL_MAX)
+
+
+def _load_meta(t: TableCheckpoint) -> dict[str, np.ndarray]:
+    """The per-item metadata of ``t``, copied into memory, after checking each file's crc32
+    and the values (see :func:`read_checkpoint`) against the checkpoint's own spec."""
+    meta = {}
+    for what in t.files:
+        if what.startswith("meta."):
+            arr = np.array(t.array(what))
+            _check_crc(t.directory, t.files[what], _crc(arr))
+            meta[what[len("meta.") :]] = arr
+    where = f"checkpoint {t.directory}: table {t.name!r}"
+
+    def refuse(what: str, bad: np.ndarray, values: np.ndarray) -> None:
+        i = int(np.flatnonzero(bad)[0])
+        raise CheckpointError(
+            f"{where}: {what} (item {i} of {t.items}: {values[i].item()!r}); the checkpoint was "
+            "edited or written by a faulty process, and is not restored"
+        )
+
+    prio = meta["priority"]
+    limit = _spec_max_priority(t.spec)
+    bad = ~((prio >= 0.0) & (prio <= limit))  # NaN fails both
+    if bad.any():
+        refuse(f"a priority is not a finite number in [0, {limit!r}]", bad, prio)
+    times = meta["times_sampled"]
+    mts = t.spec.max_times_sampled
+    bad = (times < 0) | ((times >= mts) if mts > 0 else False)
+    if bad.any():
+        top = f" and below max_times_sampled {mts}" if mts > 0 else ""
+        refuse(f"times_sampled must be >= 0{top}", bad, times)
+    keys = meta["key"]
+    slots = keys & SLOT_MASK
+    bad = (slots >= t.spec.num_slots) | ((keys >> TAG_SHIFT) > t.max_tag)
+    if bad.any():
+        refuse(f"a key names no slot of its {t.spec.num_slots} or a tag above max_tag", bad, keys)
+    order = np.argsort(slots, kind="stable")
+    dup = np.zeros(len(slots), bool)
+    dup[order[1:]] = slots[order[1:]] == slots[order[:-1]]
+    if dup.any():
+        refuse("two items have the same slot (keys must be distinct)", dup, keys)
+    seq = meta["seq"]
+    bad = seq < 0
+    bad[1:] |= seq[1:] <= seq[:-1]
+    if bad.any():
+        refuse("sequence numbers must be >= 0 and increasing (insertion order)", bad, seq)
+    bad = meta["episode_first"] > meta["episode_last"]
+    if bad.any():
+        refuse("an episode's first step is after its last", bad, meta["episode_first"])
+    return meta
+
+
+@contextlib.contextmanager
+def _open_member(directory: Path, name: str) -> Iterator[io.FileIO]:
+    """Open the regular file ``name`` inside ``directory`` for reading, never anything else.
+
+    ``name`` must be a plain name (no ``/``); it is opened relative to the directory's
+    descriptor, without following a symbolic link (O_NOFOLLOW) and without blocking
+    (O_NONBLOCK: opening a FIFO would wait for a writer), then must be a regular file (fstat).
+    Raises CheckpointError otherwise, OSError when it cannot be opened.
+    """
+    if not name or "/" in name or name in (".", ".."):
+        raise CheckpointError(f"checkpoint {directory}: {name!r} is not a plain file name")
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(name, flags, dir_fd=dfd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CheckpointError(
+                    f"checkpoint {directory}: {name} is a symbolic link; a checkpoint's files "
+                    "are read only as regular files inside its directory"
+                ) from None
+            raise
+    finally:
+        os.close(dfd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(
+                f"checkpoint {directory}: {name} is not a regular file (mode "
+                f"{stat.filemode(st.st_mode)}); a checkpoint holds only regular files"
+            )
+        os.set_blocking(fd, True)
+        fh = io.FileIO(fd, "rb", closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
+    with fh:
+        yield fh
+
+
+@contextlib.contextmanager
+def _open_array(path: Path, entry: FileEntry) -> Iterator[tuple[io.FileIO, int]]:
+    """Open a checkpoint's array file (:func:`_open_member`), parse its .npy header against
+    the manifest; yields the file and the payload's offset. Raises CheckpointError."""
     where = f"checkpoint {path}: {entry.file}"
     try:
-        with open(path / entry.file, "rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-            else:
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+        with _open_member(path, entry.file) as fh:
+            try:
+                version = np.lib.format.read_magic(fh)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+                else:
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+            except ValueError as exc:
+                raise CheckpointError(f"{where}: not a valid .npy file ({exc})") from exc
             offset = fh.tell()
             size = os.fstat(fh.fileno()).st_size
+            if fortran or tuple(shape) != entry.shape or dtype != np.dtype(entry.dtype):
+                raise CheckpointError(
+                    f"{where}: holds {dtype}{list(shape)}, the manifest says {entry.dtype}"
+                    f"{list(entry.shape)} (damaged file)"
+                )
+            if size != offset + entry.nbytes:
+                raise CheckpointError(
+                    f"{where}: {size} bytes, expected {offset + entry.nbytes} (truncated or "
+                    "damaged)"
+                )
+            yield fh, offset
     except OSError as exc:
         raise CheckpointError(f"{where}: cannot read: {exc.strerror}") from exc
-    except ValueError as exc:
-        raise CheckpointError(f"{where}: not a valid .npy file ({exc})") from exc
-    if fortran or tuple(shape) != entry.shape or dtype != np.dtype(entry.dtype):
-        raise CheckpointError(
-            f"{where}: holds {dtype}{list(shape)}, the manifest says {entry.dtype}"
-            f"{list(entry.shape)} (damaged file)"
-        )
-    if size != offset + entry.nbytes:
-        raise CheckpointError(
-            f"{where}: {size} bytes, expected {offset + entry.nbytes} (truncated or damaged)"
-        )
-    return offset
 
 
 def _check_crc(path: Path, entry: FileEntry, crc: int) -> None:
@@ -842,8 +1060,7 @@ def _check_crc(path: Path, entry: FileEntry, crc: int) -> None:
 def _read_payload(path: Path, entry: FileEntry, piece: int = READ_BYTES) -> Iterator[memoryview]:
     """The array bytes of a checkpoint file, in pieces of ``piece`` bytes (the last may be
     shorter). Each piece is only valid until the next one is read."""
-    offset = _check_header(path.parent, entry)
-    with open(path, "rb", buffering=0) as fh:
+    with _open_array(path.parent, entry) as (fh, offset):
         fh.seek(offset)
         view = memoryview(bytearray(piece))
         while True:
@@ -902,7 +1119,9 @@ def restore_table(
             f"restore with --truncate to keep the newest {max_size}"
         )
     first = max(0, n - max_size)  # items are sorted by insertion order: drop the oldest
-    meta = {m: np.array(tc.array(f"meta.{m}")[first:]) for m in _META}
+    # Read again and re-validated: the files may have changed since read_checkpoint.
+    meta = {m: a[first:] for m, a in _load_meta(tc).items()}
+    notes = _fit_current_spec(core, meta)
     keys = meta["key"]
     slots = (keys & SLOT_MASK).astype(np.int64)
     fresh_tag = np.uint64(tc.max_tag + 1)  # above every key the source handed out
@@ -953,10 +1172,37 @@ def restore_table(
         truncated=first,
         rekeyed=int(np.count_nonzero(moved)),
         restored=tuple(restored),
-        notes=_spec_notes(tc.spec, core.spec),
+        notes=_spec_notes(tc.spec, core.spec) + notes,
         seconds=time.perf_counter() - t0,
         bytes=nbytes,
     )
+
+
+def _fit_current_spec(core: TableCore, meta: dict[str, np.ndarray]) -> tuple[str, ...]:
+    """Adapt valid metadata to the table's current spec where it changed since the checkpoint
+    (in place); returns notes for the report. A larger priority_exponent or table lowers the
+    largest priority accepted: higher priorities are lowered to it (their items stay, the
+    most likely to be drawn). A lower max_times_sampled: items sampled that often already
+    may be sampled once more."""
+    notes = []
+    limit = core.max_priority
+    high = meta["priority"] > limit
+    if high.any():
+        meta["priority"][high] = limit
+        notes.append(
+            f"{int(np.count_nonzero(high))} priorities above {limit!r}, the largest the table "
+            "accepts now, were lowered to it"
+        )
+    mts = core.spec.max_times_sampled
+    if mts > 0:
+        over = meta["times_sampled"] >= mts
+        if over.any():
+            meta["times_sampled"][over] = mts - 1
+            notes.append(
+                f"{int(np.count_nonzero(over))} items sampled max_times_sampled ({mts}) times "
+                "or more may be sampled once more"
+            )
+    return tuple(notes)
 
 
 def _check_signature(core: TableCore, tc: TableCheckpoint) -> None:
