@@ -18,6 +18,7 @@ a stale key never matches a reused slot and finding a key's item costs one array
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -754,7 +755,7 @@ class TableCore:
         present = inrange & (self.key[safe] == keys) & (self.state[safe] == SlotState.READY)
         return safe, present
 
-    @property
+    @functools.cached_property  # fixed for the table's life; read on every insert
     def max_priority(self) -> float:
         """The largest priority the table accepts: the smaller of its sampler's and remover's
         limits (a prioritized selector's weights must not overflow; else the largest float)."""

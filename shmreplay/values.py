@@ -46,13 +46,24 @@ def check_priority(
     ``max_priority`` is the table's limit (``TableCore.max_priority``: a prioritized selector's
     weights must not overflow); ``table`` names the table in the message.
     """
-    if isinstance(priority, (str, bytes, bytearray, complex)):  # float("1") would accept text
+    value = priority if type(priority) is float else _as_float(priority, max_priority, table)
+    if not 0.0 <= value <= max_priority:  # also refuses NaN
+        raise InvalidArgumentError(priority_range_error(value, max_priority, table))
+    return value
+
+
+def _as_float(priority: object, max_priority: float, table: str | None) -> float:
+    """A priority that is not a float, converted; InvalidArgumentError if it is not a real
+    number."""
+    if isinstance(priority, (str, bytes, bytearray, complex)) or (
+        isinstance(priority, (np.generic, np.ndarray)) and priority.dtype.kind not in "biuf"
+    ):  # float("1") would accept text, float(np.complex64(1j)) drop the imaginary part
         raise InvalidArgumentError(
             f"priority must be a real number (int or float), got {type(priority).__name__} "
             f"{priority!r}"
         )
     try:
-        value = float(priority)  # type: ignore[arg-type]
+        return float(priority)  # type: ignore[arg-type]
     except OverflowError:  # an int beyond the float range: 10**400
         raise InvalidArgumentError(
             f"priority must be a finite number >= 0{_where(table)}, at most {max_priority!r}; "
@@ -63,9 +74,6 @@ def check_priority(
             f"priority must be a real number (int or float), got {type(priority).__name__} "
             f"{priority!r}"
         ) from None
-    if not 0.0 <= value <= max_priority:  # also refuses NaN
-        raise InvalidArgumentError(priority_range_error(value, max_priority, table))
-    return value
 
 
 def check_priorities(

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 
 import shmreplay
+from shmreplay.config import FieldSpec, SelectorSpec, TableSpec
 from shmreplay.errors import InvalidArgumentError
 from shmreplay.selectors.prioritized import priority_limit
-from shmreplay.testing import table_toml
+from shmreplay.testing import local_table, table_toml
 
 SIG = '\n[table.signature]\nx = { dtype = "int64" }\n'
 ALPHA1 = '{ kind = "prioritized", priority_exponent = 1.0 }'
@@ -60,6 +61,8 @@ CASES = [
     ("a1", "abc", False, ["real number"]),
     ("a1", "1.0", False, ["real number"]),
     ("a1", 1j, False, ["real number"]),
+    ("a1", np.complex64(1j), False, ["real number"]),
+    ("a1", np.str_("2"), False, ["real number"]),
     ("a1", math.nan, False, ["finite number >= 0"]),
     ("uni", math.inf, False, ["finite number >= 0"]),
     ("a1", -1.0, False, ["finite number >= 0"]),
@@ -229,3 +232,30 @@ def test_a_prioritized_remover_at_the_largest_priority_evicts_by_weight(daemon_f
         # of the total), then one of the four whose share is 0, picked uniformly.
         assert len(set(left)) == 3 and set(left) <= {1, 101, 102, 103}, left
         assert d.running(), d.log(20)
+
+
+def test_table_core_validates_update_priorities_itself(tmp_path):
+    """TableCore.update_priorities is the last check before the selectors: it refuses a NaN, a
+    negative or a too large priority whoever calls it, and changes nothing then."""
+    spec = TableSpec(
+        name="t",
+        max_size=8,
+        signature=(FieldSpec("x", (), "int64"),),
+        sampler=SelectorSpec("prioritized", 1.0),
+    )
+    with local_table(spec) as core:
+        with core.mutex:
+            slots = core.lease(0, 2)
+        core.gen[slots] += 2
+        core.priority[slots] = 1.0
+        with core.mutex:
+            core.commit(slots)
+        keys = core.key[slots]
+        limit = core.max_priority
+        assert limit == priority_limit(1.0, spec.num_slots)
+        for bad in (np.nan, -1.0, np.inf, float(np.nextafter(limit, np.inf))):
+            with pytest.raises(InvalidArgumentError):
+                core.update_priorities(keys, np.array([2.0, bad]))
+        assert core.priority[slots].tolist() == [1.0, 1.0]
+        assert core.update_priorities(keys, np.array([limit, limit])) == 0
+        assert core.sampler.tree.total == 2 * limit
