@@ -57,10 +57,11 @@ Reading trusts nothing a checksum alone vouches for (whoever can write the direc
 recompute one): files are opened by plain name relative to the checkpoint directory, without
 following symbolic links and without blocking, and must be regular files; every file's dtype
 and shape must be those of the format and of the table's signature (never an object array);
-the per-item metadata must hold values a table can have (priorities finite, >= 0 and within
-the selectors' limit, times_sampled >= 0, distinct keys naming distinct slots, increasing
-sequence numbers, episodes whose first step is not after their last). A checkpoint that fails
-is skipped by :func:`latest_checkpoint` with a warning, as a damaged one is.
+the per-item metadata must hold values a table can have (priorities finite and >= 0,
+times_sampled >= 0, distinct keys naming distinct slots, increasing sequence numbers, episodes
+whose first step is not after their last). A checkpoint that fails is skipped by
+:func:`latest_checkpoint` with a warning, as a damaged one is. Priorities above the restored
+table's ``max_priority`` are lowered to it, and the restore report says so.
 """
 
 from __future__ import annotations
@@ -92,7 +93,6 @@ from .config import TableSpec
 from .errors import CheckpointError, InvalidArgumentError
 from .layout import Ctrl, SlotState
 from .selectors.heap import Heap
-from .selectors.prioritized import DBL_MAX, priority_limit
 from .shm import format_bytes
 from .table import SLOT_MASK, TAG_SHIFT, TableCore
 
@@ -779,11 +779,11 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     is a regular file inside the checkpoint directory (a plain name: no ``/``, no ``..``; not a
     symbolic link, FIFO or device), with the dtype and shape the table's signature and the
     metadata format require and the size they imply; the crc32 of the (small) metadata files;
-    and their values: priorities finite, ≥ 0 and within the limit of the checkpoint's own
-    selectors, times_sampled ≥ 0 (and below max_time_sampled), keys distinct and naming
-    distinct slots of the table, sequence numbers increasing, each episode's first step ≤ its
-    last, counters ≥ 0. Data files are checksummed by :meth:`Checkpoint.verify` and, as they
-    are copied, by :func:`restore_table`. Raises CheckpointError saying what is wrong.
+    and their values: priorities finite and ≥ 0, times_sampled ≥ 0 (and below
+    max_times_sampled), keys distinct and naming distinct slots of the table, sequence numbers
+    increasing, each episode's first step ≤ its last, counters ≥ 0. Data files are checksummed
+    by :meth:`Checkpoint.verify` and, as they are copied, by :func:`restore_table`. Raises
+    CheckpointError saying what is wrong.
     """
     path = Path(path)
     try:
@@ -916,16 +916,6 @@ def _check_table_entry(path: Path, t: TableCheckpoint) -> None:
             )
 
 
-def _spec_max_priority(spec: TableSpec) -> float:
-    """The largest priority a table of ``spec`` accepts (as TableCore.max_priority)."""
-    limits = [
-        priority_limit(sel.priority_exponent, spec.num_slots)
-        for sel in (spec.sampler, spec.remover)
-        if sel.kind == "prioritized"
-    ]
-    return min(limits, default=DBL_MAX)
-
-
 def _load_meta(t: TableCheckpoint) -> dict[str, np.ndarray]:
     """The per-item metadata of ``t``, copied into memory, after checking each file's crc32
     and the values (see :func:`read_checkpoint`) against the checkpoint's own spec."""
@@ -945,10 +935,11 @@ def _load_meta(t: TableCheckpoint) -> dict[str, np.ndarray]:
         )
 
     prio = meta["priority"]
-    limit = _spec_max_priority(t.spec)
-    bad = ~((prio >= 0.0) & (prio <= limit))  # NaN fails both
+    # Finite and >= 0 here; above the limit of the table restored into, restore_table lowers
+    # them to it (checkpoints written before the limit existed may hold such priorities).
+    bad = ~((prio >= 0.0) & (prio < np.inf))  # NaN fails both
     if bad.any():
-        refuse(f"a priority is not a finite number in [0, {limit!r}]", bad, prio)
+        refuse("a priority is not a finite number >= 0", bad, prio)
     times = meta["times_sampled"]
     mts = t.spec.max_times_sampled
     bad = (times < 0) | ((times >= mts) if mts > 0 else False)
@@ -1179,11 +1170,11 @@ def restore_table(
 
 
 def _fit_current_spec(core: TableCore, meta: dict[str, np.ndarray]) -> tuple[str, ...]:
-    """Adapt valid metadata to the table's current spec where it changed since the checkpoint
-    (in place); returns notes for the report. A larger priority_exponent or table lowers the
-    largest priority accepted: higher priorities are lowered to it (their items stay, the
-    most likely to be drawn). A lower max_times_sampled: items sampled that often already
-    may be sampled once more."""
+    """Adapt valid metadata to the table's current spec (in place); returns notes for the
+    report. Priorities above the table's max_priority (a larger priority_exponent or table
+    lowers it; checkpoints written before the limit existed may hold them) are lowered to it:
+    their items stay, the most likely to be drawn. A lower max_times_sampled: items sampled
+    that often already may be sampled once more."""
     notes = []
     limit = core.max_priority
     high = meta["priority"] > limit

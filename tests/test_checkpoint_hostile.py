@@ -175,10 +175,9 @@ def _other_slot(index: int) -> Callable[[np.ndarray], None]:
 
 EDITS = [
     # (edit, words the warning must contain)
-    (_edit_meta("priority", _setitem(3, np.nan)), "priority is not a finite number"),
-    (_edit_meta("priority", _setitem(3, -1.0)), "priority is not a finite number"),
-    (_edit_meta("priority", _setitem(3, np.inf)), "priority is not a finite number"),
-    (_edit_meta("priority", _setitem(3, 1.7e308)), "priority is not a finite number in [0, "),
+    (_edit_meta("priority", _setitem(3, np.nan)), "priority is not a finite number >= 0"),
+    (_edit_meta("priority", _setitem(3, -1.0)), "priority is not a finite number >= 0"),
+    (_edit_meta("priority", _setitem(3, np.inf)), "priority is not a finite number >= 0"),
     (_edit_meta("times_sampled", _setitem(2, -1)), "times_sampled must be >= 0"),
     (_edit_meta("times_sampled", _setitem(2, 3)), "below max_times_sampled 3"),
     (_edit_meta("key", _other_slot(5)), "the same slot"),
@@ -199,7 +198,6 @@ IDS = [
     "nan-priority",
     "negative-priority",
     "inf-priority",
-    "priority-above-limit",
     "negative-times-sampled",
     "times-sampled-at-max",
     "two-keys-one-slot",
@@ -347,8 +345,8 @@ def _tables(ckpt_dir: Path) -> str:
 @pytest.mark.parametrize(
     "edit, words",
     [
-        (_edit_meta("priority", _setitem(3, np.nan)), "priority is not a finite number"),
-        (_edit_meta("priority", _setitem(3, -1.0)), "priority is not a finite number"),
+        (_edit_meta("priority", _setitem(3, np.nan)), "priority is not a finite number >= 0"),
+        (_edit_meta("priority", _setitem(3, -1.0)), "priority is not a finite number >= 0"),
         (_object_priorities, "object arrays are never restored"),
         (_obs_symlink_to_fifo, "is a symbolic link"),
         (_file_outside(lambda p: str(p.parent.parent / "outside.npy")), "plain names"),
@@ -395,3 +393,23 @@ def test_a_daemon_restores_the_older_checkpoint_and_logs_why(edit, words, daemon
     log = d2.log()
     assert f"skipping damaged checkpoint {newer}" in log and words in log, log
     assert f"restored 20 items from {older}" in log, log
+
+
+def test_a_priority_above_the_limit_is_restored_lowered_to_it(tmp_path):
+    """1.7e308 in a checkpoint of an α = 1 table (edited, or written before the limit existed)
+    is finite, so the checkpoint is used; the restore lowers it to the table's max_priority,
+    says so, and the table samples with finite probabilities."""
+    with local_table(SPEC) as src:
+        _fill(src, np.arange(10))
+        path = cp.write_checkpoint({"replay": src}, tmp_path).path
+    _edit_meta("priority", _setitem(3, 1.7e308))(path)
+    _edit_meta("priority", _setitem(4, 1.7e308))(path)
+    assert latest_checkpoint(tmp_path) == path
+    with local_table(SPEC) as dst:
+        report = cp.restore_table(dst, read_checkpoint(path))
+        assert any("2 priorities above" in n for n in report.notes), report.notes
+        ready = np.flatnonzero(dst.state == SlotState.READY)
+        assert sorted(dst.priority[ready])[-2:] == [dst.max_priority] * 2
+        assert np.isfinite(dst.sampler.tree.total)
+        prob = dst.sample(2, channel=1).info.probability
+        assert np.isfinite(prob).all() and (prob > 0.4).all()
