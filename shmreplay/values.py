@@ -56,7 +56,8 @@ def _as_float(priority: object, max_priority: float, table: str | None) -> float
     """A priority that is not a float, converted; InvalidArgumentError if it is not a real
     number."""
     if isinstance(priority, (str, bytes, bytearray, complex)) or (
-        isinstance(priority, (np.generic, np.ndarray)) and priority.dtype.kind not in "biuf"
+        isinstance(priority, (np.generic, np.ndarray))
+        and priority.dtype.kind not in _PRIORITY_KINDS
     ):  # float("1") would accept text, float(np.complex64(1j)) drop the imaginary part
         raise InvalidArgumentError(
             f"priority must be a real number (int or float), got {type(priority).__name__} "

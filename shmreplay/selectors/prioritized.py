@@ -20,8 +20,9 @@ from ..sumtree import SumTree, sumtree_capacity
 from .base import ArraySpecs, DenseSet, Selector, TimesLeft
 
 DBL_MAX = float(np.finfo(np.float64).max)
-# The smallest positive normal float64: a reported probability that underflows (an item of a
-# weight below total·2**-1074) is raised to it, so 1/probability stays finite.
+# The smallest positive normal float64: a reported probability below it (an item whose weight
+# is below total·2**-1022: 0 or a subnormal, whose reciprocal overflows) is raised to it, so
+# that 1/probability (importance weights) stays finite.
 _TINY = float(np.finfo(np.float64).tiny)
 
 
