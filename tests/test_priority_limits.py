@@ -171,7 +171,10 @@ def test_sampling_probabilities_are_right_at_the_largest_accepted_priority(daemo
     """Two items at the limit, one at half of it, one at 1, behind 8,188 items of priority 0
     (so that they sit past the sum-tree's 4,096-wide shortcut level): the draws follow
     0.4 / 0.4 / 0.2 (chi-square), the priority-1 item (weight ~1e-305 of the total) is never
-    drawn, and every reported probability is exactly weight / total, finite and > 0."""
+    drawn, and every reported probability is exactly weight / total, finite and > 0.
+
+    It bites: a sum-tree descent that always goes right below the 4,096-wide level puts all
+    20,000 draws on the priority-1 item."""
     d = daemon_factory(table_toml("t", max_size=8192, sampler=ALPHA1, signature=SIG))
     with shmreplay.attach(d.name, seed=11) as client:
         t = client.table("t")
@@ -209,7 +212,8 @@ def test_a_prioritized_remover_at_the_largest_priority_evicts_by_weight(daemon_f
     """A remover weighing p**1 with max_size 3: items at the limit are evicted before items of
     priority 1 and 1e-300 (whose share of the total is 0 in float64: they are evicted only when
     no weighted item is left). 1.7e308, which used to kill the daemon at the first eviction, is
-    refused; the daemon keeps serving throughout."""
+    refused; the daemon keeps serving throughout. A remover that ignores priorities (uniform
+    victims) fails it: items at the limit stay."""
     d = daemon_factory(table_toml("t", max_size=3, remover=ALPHA1, signature=SIG))
     with shmreplay.attach(d.name, seed=5) as client:
         t = client.table("t")
