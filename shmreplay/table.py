@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +45,12 @@ MAX_REDRAW_ROUNDS = 100
 MAX_BATCH_SIZE = 2**31 - 1
 SAMPLE_INFO_BYTES = 8 + 8 + 8 + 4 + 8  # key, probability, priority, times_sampled, table_size
 QUARANTINED = -2  # owner of slots a dead daemon's clients held, until they are freed
+
+# Test hook: called as ``before_copy_hook(core, slots)`` in the sample path after the table lock
+# is released and before the selected rows are copied and their generations checked, so that a
+# test can recycle a slot in exactly that window instead of waiting for the race. None in
+# production (one global lookup per copy).
+before_copy_hook: Callable[[TableCore, np.ndarray], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -563,6 +570,8 @@ class TableCore:
             self._wake_blocked_writers()
         if sel is not None and len(sel.slots) == n:
             # The common case: one draw, copied intact. Its arrays become the sample info.
+            if before_copy_hook is not None:
+                before_copy_hook(self, sel.slots)
             self._gather(sel.slots, out, None)
             intact = self.gen[sel.slots] == sel.gen
             self._release(sel.releasing, channel)
@@ -681,6 +690,8 @@ class TableCore:
         for _ in range(MAX_REDRAW_ROUNDS):
             positions, todo = todo[: len(sel.slots)], todo[len(sel.slots) :]
             if intact is None:
+                if before_copy_hook is not None:
+                    before_copy_hook(self, sel.slots)
                 self._gather(sel.slots, out, positions)
                 intact = self.gen[sel.slots] == sel.gen
                 self._release(sel.releasing, channel)
