@@ -890,6 +890,11 @@ class Table:
         """
         from .loader import Prefetcher  # the loader builds on this module
 
+        # a batch no memory holds is refused before any buffer is allocated; other bad values
+        # are the Prefetcher's to refuse
+        is_int = isinstance(batch_size, (int, np.integer)) and not isinstance(batch_size, bool)
+        if is_int and batch_size >= 1:
+            self.core._check_batch_fits(int(batch_size))
         return Prefetcher(
             self, batch_size, prefetch=prefetch, timeout=timeout, keep=keep, copy=copy, seed=seed
         )

@@ -166,6 +166,7 @@ EXTREME_ARGUMENTS = [
     ("sample 2**63", lambda t: t.sample(2**63, timeout=0), "batch"),
     ("sample np.uint64 2**63", lambda t: t.sample(np.uint64(2**63), timeout=0), "batch"),
     ("sample more rows than memory", lambda t: t.sample(_beyond_memory(), timeout=0), "smaller"),
+    ("as_iterator 10**12", lambda t: t.as_iterator(10**12, timeout=0.1), "smaller batches"),
     ("sample timeout nan", lambda t: t.sample(1, timeout=NAN), "timeout"),
     ("sample timeout str", lambda t: t.sample(1, timeout="1"), "timeout"),
     ("insert timeout str", lambda t: t.insert(GOOD, timeout="1"), "timeout"),
