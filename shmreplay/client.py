@@ -196,7 +196,10 @@ class Client:
         """Insert one step into several tables, each taking the fields of its signature.
 
         ``priorities`` maps table name to priority. Returns the new key in each table. Every
-        table's data is validated before anything is written.
+        table's data is validated before anything is written. The tables are written in the
+        order ``priorities`` names them, each waiting up to ``timeout`` seconds for a slot; if
+        one times out, the :class:`RateLimiterTimeout` names the tables already written and its
+        ``keys`` holds their keys, in that order (a retry should skip those tables).
         """
         self._check()
         timeout = _check_timeout(timeout)
@@ -216,7 +219,19 @@ class Client:
             raise SignatureError(
                 f"field(s) {sorted(unknown)} belong to none of the tables {list(priorities)}"
             )
-        return {t.name: t._write_row(row, p, timeout) for t, row, p in prepared}
+        written: dict[str, int] = {}
+        for t, row, p in prepared:
+            try:
+                written[t.name] = t._write_row(row, p, timeout)
+            except RateLimiterTimeout as exc:
+                if not written:
+                    raise
+                raise RateLimiterTimeout(
+                    f"{exc}; the step was already written to {', '.join(map(repr, written))} "
+                    "(keys in this error's .keys, in that order): retry without those tables",
+                    keys=list(written.values()),
+                ) from None
+        return written
 
     def set_rate_limiter(self, table: str, rate_limiter: RateLimiterSpec | dict) -> dict:
         """Change a table's rate limiter now, for every process (counters are kept; blocked

@@ -86,8 +86,9 @@ class RateLimiterTimeout(ShmReplayError, TimeoutError):
 
     ``keys`` (a uint64 array) holds the keys of the items a timed-out ``insert_batch`` had
     written before it gave up: the first ``len(keys)`` items of the batch, committed like any
-    other insert, so that a retry sends only the rest. It is empty when nothing was written
-    and for every other call.
+    other insert, so that a retry sends only the rest (for ``Client.insert`` into several
+    tables: the keys in the tables written before the one that timed out). It is empty when
+    nothing was written and for every other call.
     """
 
     def __init__(self, *args: object, keys=None) -> None:

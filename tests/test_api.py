@@ -235,3 +235,23 @@ def test_insert_batch_that_times_out_returns_the_keys_it_wrote(daemon_factory):
         assert q.info().rate_limiter.inserts == 20  # nothing was inserted twice
     # Any other timeout has an empty .keys
     assert len(shmreplay.RateLimiterTimeout("x").keys) == 0
+
+
+def test_client_insert_that_times_out_on_a_later_table_names_the_tables_written(daemon_factory):
+    """One step into a free table, then into a full queue: the timeout says the step is in the
+    first table and carries its key (on main it said nothing: a retry inserted it twice)."""
+    d = daemon_factory(
+        '[[table]]\nname = "free"\nmax_size = 10\n[table.signature]\nuid = { dtype = "int64" }\n'
+        '[[table]]\nname = "q"\nkind = "queue"\nmax_size = 1\n'
+        '[table.signature]\nuid = { dtype = "int64" }\n'
+    )
+    with shmreplay.attach(d.name) as client:
+        client.insert({"uid": 0}, priorities={"free": 1.0, "q": 1.0}, timeout=1)
+        with pytest.raises(shmreplay.RateLimiterTimeout, match="already written to 'free'") as e:
+            client.insert({"uid": 1}, priorities={"free": 1.0, "q": 1.0}, timeout=0.3)
+        free = client.table("free")
+        free.flush(timeout=5)
+        assert len(e.value.keys) == 1 and free.info().current_size == 2
+        s = free.sample(32, timeout=5)
+        assert int(e.value.keys[0]) in s.info.key.tolist()
+        assert (s.data["uid"][s.info.key == e.value.keys[0]] == 1).all()
