@@ -15,6 +15,8 @@ fields, floats into float fields.
 
 from __future__ import annotations
 
+import math
+import operator
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import posix_ipc
 
-from .config import FieldSpec, RateLimiterSpec
+from .config import FieldSpec, RateLimiterSpec, parse_rate_limiter
 from .control import PROTOCOL_VERSION, ControlClient
 from .errors import (
     ClientClosedError,
@@ -47,7 +49,7 @@ from .rings import ring_get, ring_put
 from .shm import SHM_DIR, Segment
 from .table import Sample, SampleInfo, TableCore, TableEvents, TableInfo
 from .trajectory import TrajectoryWriter
-from .values import check_keys, check_priorities, check_priority, python_values_fit
+from .values import check_keys, check_priorities, check_priority, host_array, python_values_fit
 
 if TYPE_CHECKING:
     from .loader import Prefetcher
@@ -194,9 +196,13 @@ class Client:
         """Insert one step into several tables, each taking the fields of its signature.
 
         ``priorities`` maps table name to priority. Returns the new key in each table. Every
-        table's data is validated before anything is written.
+        table's data is validated before anything is written. The tables are written in the
+        order ``priorities`` names them, each waiting up to ``timeout`` seconds for a slot; if
+        one times out, the :class:`RateLimiterTimeout` names the tables already written and its
+        ``keys`` holds their keys, in that order (a retry should skip those tables).
         """
         self._check()
+        timeout = _check_timeout(timeout)
         if not priorities:
             raise InvalidArgumentError("priorities must name at least one table")
         tables = [self.table(t) for t in priorities]
@@ -213,7 +219,19 @@ class Client:
             raise SignatureError(
                 f"field(s) {sorted(unknown)} belong to none of the tables {list(priorities)}"
             )
-        return {t.name: t._write_row(row, p, timeout) for t, row, p in prepared}
+        written: dict[str, int] = {}
+        for t, row, p in prepared:
+            try:
+                written[t.name] = t._write_row(row, p, timeout)
+            except RateLimiterTimeout as exc:
+                if not written:
+                    raise
+                raise RateLimiterTimeout(
+                    f"{exc}; the step was already written to {', '.join(map(repr, written))} "
+                    "(keys in this error's .keys, in that order): retry without those tables",
+                    keys=list(written.values()),
+                ) from None
+        return written
 
     def set_rate_limiter(self, table: str, rate_limiter: RateLimiterSpec | dict) -> dict:
         """Change a table's rate limiter now, for every process (counters are kept; blocked
@@ -226,8 +244,12 @@ class Client:
                 "set_rate_limiter", table=table, spec=rate_limiter.to_dict()
             )
         else:
+            rate_limiter = dict(rate_limiter)
+            # checked here too: a value the control protocol cannot carry (min_size 10**30)
+            # must be a ConfigError, not an OverflowError of the encoder
+            parse_rate_limiter(rate_limiter, "set_rate_limiter", table)
             reply = self._control.request(
-                "set_rate_limiter", table=table, rate_limiter=dict(rate_limiter)
+                "set_rate_limiter", table=table, rate_limiter=rate_limiter
             )
         return reply["rate_limiter"]
 
@@ -301,30 +323,79 @@ def _check_priorities(p, n: int, core: TableCore | None = None) -> np.ndarray:
     return check_priorities(p, n, core.max_priority, core.name)
 
 
+# An episode id is stored as an int64 and its first/last steps as int32 (meta.episode*).
+_EPISODE_ID_RANGE = (-(2**63), 2**63 - 1)
+_EPISODE_STEP_RANGE = (-(2**31), 2**31 - 1)
+
+
 def _check_episode(episode) -> tuple[int, int, int]:
+    """(episode id, first step, last step) as Python ints; InvalidArgumentError unless they are
+    three integers that fit the table's int64 id and int32 steps, first <= last."""
     if episode is None:
         return (0, 0, 0)
     try:
-        eid, first, last = (int(x) for x in episode)
+        eid, first, last = (operator.index(x) for x in episode)
     except (TypeError, ValueError):
         raise InvalidArgumentError(
-            f"episode must be (episode id, first step, last step), got {episode!r}"
+            f"episode must be three integers (episode id, first step, last step), got {episode!r}"
         ) from None
-    if not -(2**31) <= first <= last < 2**31:
-        raise InvalidArgumentError(f"episode steps must satisfy first <= last, got {episode!r}")
+    lo, hi = _EPISODE_ID_RANGE
+    if not lo <= eid <= hi:
+        raise InvalidArgumentError(
+            f"episode id must fit in an int64 ({lo} to {hi}), got {eid}; use a smaller id "
+            "(e.g. a counter, or a random id below 2**63)"
+        )
+    lo, hi = _EPISODE_STEP_RANGE
+    if not lo <= first <= last <= hi:
+        raise InvalidArgumentError(
+            f"episode steps must satisfy {lo} <= first <= last <= {hi} (int32), got {episode!r}"
+        )
     return eid, first, last
 
 
 def _check_episodes(episodes, n: int) -> np.ndarray:
-    arr = np.asarray(episodes, dtype=np.int64)
+    """One (episode id, first step, last step) row per item as int64[n, 3], checked as
+    :func:`_check_episode` checks one."""
+    episodes = host_array(episodes)
+    try:
+        arr = np.asarray(episodes)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidArgumentError(f"episodes: cannot read {episodes!r}: {exc}") from None
     if arr.shape != (n, 3):
         raise InvalidArgumentError(
             f"episodes must have shape ({n}, 3): (episode id, first step, last step) per item, "
             f"got {arr.shape}"
         )
+    if arr.size and arr.dtype.kind not in "iu":
+        # object (Python ints beyond int64), float, str: refused rather than truncated
+        raise InvalidArgumentError(
+            f"episodes must be integers that fit in an int64, got an array of {arr.dtype}"
+        )
+    if arr.dtype.kind == "u" and arr.size and int(arr.max()) > _EPISODE_ID_RANGE[1]:
+        raise InvalidArgumentError(
+            f"episode ids must fit in an int64, got {int(arr.max())}; use smaller ids"
+        )
+    arr = arr.astype(np.int64, copy=False)
+    lo, hi = _EPISODE_STEP_RANGE
+    steps = arr[:, 1:]
+    if arr.size and (steps.min() < lo or steps.max() > hi):
+        raise InvalidArgumentError(f"episodes: steps must fit in an int32 ({lo} to {hi})")
     if (arr[:, 1] > arr[:, 2]).any():
         raise InvalidArgumentError("episodes: first step after last step")
     return arr
+
+
+def _check_timeout(timeout, what: str = "timeout") -> float | None:
+    """None (wait without limit) or a number of seconds; ≤ 0 means "do not wait". NaN and
+    non-numbers are refused: a NaN deadline would never pass and never fail."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.integer, np.floating)):
+        raise InvalidArgumentError(f"{what} must be None or a number of seconds, got {timeout!r}")
+    value = float(timeout)  # an int beyond 1.8e308 is inf here: a wait without limit
+    if math.isnan(value):
+        raise InvalidArgumentError(f"{what} must be None or a number of seconds, got nan")
+    return value
 
 
 def _coerce(field: FieldSpec, value, batch: int | None) -> np.ndarray:
@@ -355,13 +426,26 @@ def _coerce(field: FieldSpec, value, batch: int | None) -> np.ndarray:
 
 
 class ReservedSlot:
-    """Writable views of one reserved slot: ``slot["obs"][...] = frame``; 0-d for scalars."""
+    """Writable views of one reserved slot: ``slot["obs"][...] = frame``; 0-d for scalars.
+
+    The views are valid inside the ``with`` block only: when it ends (committed or discarded)
+    they are made read-only and ``slot[field]`` raises :class:`ClientClosedError`, because the
+    slot then belongs to the table (a committed item that samplers read, a slot that is
+    recycled). A view derived from them inside the block (``v = slot["obs"][2:]``) is a numpy
+    view of its own that cannot be recalled: do not keep one past the block.
+    """
 
     def __init__(self, views: dict[str, np.ndarray], key: int) -> None:
         self._views = views
+        self._open = True
         self.key = key  # the item's key once committed
 
     def __getitem__(self, field: str) -> np.ndarray:
+        if not self._open:
+            raise ClientClosedError(
+                f"the reservation of key {self.key} ended with its with-block: its item is "
+                "committed (or discarded) and no longer writable; reserve() a new slot"
+            )
         try:
             return self._views[field]
         except KeyError:
@@ -371,6 +455,12 @@ class ReservedSlot:
 
     def keys(self) -> Iterable[str]:
         return self._views.keys()
+
+    def _end(self) -> None:
+        """Revoke write access: every view handed out becomes read-only."""
+        self._open = False
+        for view in self._views.values():
+            view.flags.writeable = False
 
 
 class _Reservation:
@@ -384,6 +474,7 @@ class _Reservation:
         self.table, self.priority, self.timeout = table, priority, timeout
         self.episode = episode
         self.slot = -1
+        self.reserved: ReservedSlot | None = None
 
     def __enter__(self) -> ReservedSlot:
         t = self.table
@@ -392,10 +483,13 @@ class _Reservation:
         self.gen = int(core.gen[slot]) + 1
         core.gen[slot] = self.gen  # odd: being written
         views = {f.name: column[slot, ...] for f, _, _, column in t._columns}
-        return ReservedSlot(views, int(core.key[slot]))
+        self.reserved = ReservedSlot(views, int(core.key[slot]))
+        return self.reserved
 
     def __exit__(self, exc_type, exc, tb) -> None:
         t, slot = self.table, self.slot
+        if self.reserved is not None:
+            self.reserved._end()  # before the item becomes visible, or its slot reusable
         core = t.core
         if core is None:
             return
@@ -465,6 +559,7 @@ class Table:
         self._check()
         row = self._validate_row(data)
         prio = check_priority(priority, self.core.max_priority, self.name)
+        timeout = _check_timeout(timeout)
         return self._write_row(row, prio, timeout, _check_episode(episode))
 
     def _validate_row(self, data: Mapping[str, object]) -> list[np.ndarray]:
@@ -527,9 +622,22 @@ class Table:
 
         ``priorities`` is one number or one per item; ``episodes`` (optional) one (episode id,
         first step, last step) row per item, as for :meth:`insert`. All of the batch is
-        validated before any of it is written; it is copied into leased slots chunk by chunk.
+        validated before any of it is written; it is copied into leased slots chunk by chunk
+        and each chunk is published as soon as it is written.
+
+        Blocks while no slot is leased to this client (the rate limiter holds inserts back, or
+        the daemon is behind), for at most ``timeout`` seconds in all (None: without limit).
+        Then it raises :class:`RateLimiterTimeout` whose ``keys`` attribute holds the keys of
+        the items already written: the first ``len(exc.keys)`` items of the batch, which are
+        committed like any insert. A retry sends the rest only::
+
+            try:
+                keys = table.insert_batch(batch, timeout=1.0)
+            except shmreplay.RateLimiterTimeout as exc:
+                done = len(exc.keys)   # items [0, done) are in; retry items [done, n)
         """
         self._check()
+        timeout = _check_timeout(timeout)
         if not isinstance(data, Mapping):
             raise SignatureError(f"table {self.name!r}: data must be a mapping of field to array")
         if len(data) != len(self._fields) or not all(k in self._field_names for k in data):
@@ -545,9 +653,20 @@ class Table:
         eps = np.zeros((n, 3), np.int64) if episodes is None else _check_episodes(episodes, n)
         keys = np.empty(n, np.uint64)
         core = self.core
+        deadline = None if timeout is None else time.monotonic() + timeout
         done = 0
         while done < n:
-            slots = self._take_slots(n - done, timeout)
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                slots = self._take_slots(n - done, remaining)
+            except RateLimiterTimeout as exc:
+                # Items [0, done) are published and will be committed: hand their keys back,
+                # so that a retry does not insert them twice.
+                raise RateLimiterTimeout(
+                    f"{exc}; {done} of the batch's {n} items were written before the timeout "
+                    f"(their keys are in this error's .keys); retry with items [{done}:{n}]",
+                    keys=keys[:done].copy(),
+                ) from None
             k = len(slots)
             core.gen[slots] += 1
             for arr, col in zip(core.data.values(), cols, strict=True):
@@ -578,7 +697,7 @@ class Table:
         """
         self._check()
         prio = check_priority(priority, self.core.max_priority, self.name)
-        return _Reservation(self, prio, timeout, _check_episode(episode))
+        return _Reservation(self, prio, _check_timeout(timeout), _check_episode(episode))
 
     def _take_one(self, timeout: float | None) -> int:
         """One leased slot (the single-item path of _take_slots, without arrays)."""
@@ -715,7 +834,7 @@ class Table:
     def flush(self, timeout: float | None = None) -> None:
         """Wait until everything this client published to the table is committed."""
         self._check()
-        self._wait_committed(self._pub_tail, timeout)
+        self._wait_committed(self._pub_tail, _check_timeout(timeout))
 
     # -- sampling and mutation ------------------------------------------------------------------
 
@@ -738,7 +857,11 @@ class Table:
         """
         self._check()
         return self.core.sample(
-            batch_size, channel=self.client.channel, timeout=timeout, partial=partial, out=out
+            batch_size,
+            channel=self.client.channel,
+            timeout=_check_timeout(timeout),
+            partial=partial,
+            out=out,
         )
 
     def sample_nowait(self, batch_size: int, *, out: dict[str, np.ndarray] | None = None) -> Sample:
@@ -774,6 +897,11 @@ class Table:
         """
         from .loader import Prefetcher  # the loader builds on this module
 
+        # a batch no memory holds is refused before any buffer is allocated; other bad values
+        # are the Prefetcher's to refuse
+        is_int = isinstance(batch_size, (int, np.integer)) and not isinstance(batch_size, bool)
+        if is_int and batch_size >= 1:
+            self.core._check_batch_fits(int(batch_size))
         return Prefetcher(
             self, batch_size, prefetch=prefetch, timeout=timeout, keep=keep, copy=copy, seed=seed
         )
@@ -801,23 +929,23 @@ class Table:
         k = check_keys(keys)
         d = None if deletes is None else check_keys(deletes, "deletes")
         p = _check_priorities(priorities, len(k), self.core)
-        return self.core.update_priorities(k, p, d, timeout=timeout)
+        return self.core.update_priorities(k, p, d, timeout=_check_timeout(timeout))
 
     def delete(self, keys, *, timeout: float | None = None) -> int:
         """Delete items by key; returns how many keys were not present. ``keys`` as for
         :meth:`update_priorities` (arrays, lists, torch tensors, JAX arrays)."""
         self._check()
-        return self.core.delete(check_keys(keys), timeout=timeout)
+        return self.core.delete(check_keys(keys), timeout=_check_timeout(timeout))
 
     def reset(self, *, timeout: float | None = None) -> None:
         """Remove every item and zero the rate limiter's counters."""
         self._check()
-        self.core.reset(timeout=timeout)
+        self.core.reset(timeout=_check_timeout(timeout))
 
     def info(self, *, timeout: float | None = None) -> TableInfo:
         """A frozen statistics record, a consistent snapshot taken under the table lock."""
         self._check()
-        return self.core.info(timeout=timeout)
+        return self.core.info(timeout=_check_timeout(timeout))
 
     def __repr__(self) -> str:
         return f"<shmreplay.Table {self.name!r} of instance {self.client.instance!r}>"

@@ -57,7 +57,8 @@ class FieldSpec:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.np_dtype.itemsize
+        # Python ints: np.prod in int64 wraps ([2**32, 2**32] gave 0 bytes)
+        return math.prod(self.shape) * self.np_dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ class RateLimiterSpec:
         error_buffer: float | tuple[float, float],
     ) -> RateLimiterSpec:
         """Keep samples ≈ ``samples_per_insert`` × inserts, within ``error_buffer``."""
-        spi = float(samples_per_insert)
+        spi = _float_arg("samples_per_insert", samples_per_insert)
         if not spi > 0 or not math.isfinite(spi):
             raise ConfigError(
                 f"samples_per_insert must be a positive number, got {samples_per_insert!r}"
@@ -134,9 +135,10 @@ class RateLimiterSpec:
                 raise ConfigError(
                     f"error_buffer must be a number or [min_diff, max_diff], got {error_buffer!r}"
                 )
-            lo, hi = float(error_buffer[0]), float(error_buffer[1])
+            lo = _float_arg("error_buffer[0]", error_buffer[0])
+            hi = _float_arg("error_buffer[1]", error_buffer[1])
         else:
-            e = float(error_buffer)
+            e = _float_arg("error_buffer", error_buffer)
             if not e >= 0:
                 raise ConfigError(f"error_buffer must be ≥ 0, got {error_buffer!r}")
             lo, hi = target - e, target + e
@@ -175,11 +177,11 @@ class RateLimiterSpec:
         cls, samples_per_insert: float, min_size_to_sample: int, min_diff: float, max_diff: float
     ) -> RateLimiterSpec:
         """The general form, with no further checks than Reverb's constructor makes."""
-        spi = float(samples_per_insert)
+        spi = _float_arg("samples_per_insert", samples_per_insert)
         if not spi > 0 or not math.isfinite(spi):
             raise ConfigError(f"samples_per_insert must be positive, got {samples_per_insert!r}")
         _check_min_size("min_size_to_sample", min_size_to_sample)
-        lo, hi = float(min_diff), float(max_diff)
+        lo, hi = _float_arg("min_diff", min_diff), _float_arg("max_diff", max_diff)
         if not lo <= hi or lo == math.inf or hi == -math.inf:  # NaN fails the first test
             raise ConfigError(
                 f"need min_diff ≤ max_diff, min_diff < +inf and max_diff > -inf; "
@@ -197,9 +199,35 @@ class RateLimiterSpec:
         }
 
 
+# Item counts of the rate limiter live in float64 parameter lines: beyond 2**53 they are no
+# longer exact (and no table holds more than MAX_SLOTS items anyway).
+MAX_COUNT = 2**53
+
+
 def _check_min_size(key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{key} must be an integer ≥ 1, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or not 1 <= value <= MAX_COUNT
+    ):
+        raise ConfigError(f"{key} must be an integer ≥ 1 and ≤ 2**53, got {value!r}")
+
+
+def _float_arg(key: str, value: Any) -> float:
+    """A rate limiter's number as a float; ConfigError for what is not a number."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{key} must be a number (within ±1.8e308), got {value!r}") from None
+
+
+# Keys are ``tag << 32 | slot``: a table has at most 2**32 slots.
+MAX_SLOTS = 2**32
+# The most a 64-bit Linux process can map (57-bit addresses with 5-level page tables).
+MAX_TABLE_BYTES = 2**56
+MAX_TIMES_SAMPLED = 2**31 - 1  # meta.times_sampled is an int32
 
 
 @dataclass(frozen=True)
@@ -222,6 +250,27 @@ class TableSpec:
     def __post_init__(self) -> None:
         if self.headroom <= 0:
             object.__setattr__(self, "headroom", max(64, min(self.max_size, 8192)))
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        """Refuse a table that cannot exist: sizes are Python ints here, so nothing wraps."""
+        if self.num_slots > MAX_SLOTS:
+            raise ConfigError(
+                f"table {self.name!r}: max_size + headroom = {self.num_slots:,} slots, above "
+                f"{MAX_SLOTS:,} (a key holds its slot in 32 bits); reduce max_size"
+            )
+        if self.max_times_sampled > MAX_TIMES_SAMPLED:
+            raise ConfigError(
+                f"table {self.name!r}: max_times_sampled {self.max_times_sampled:,} is above "
+                f"{MAX_TIMES_SAMPLED:,} (times_sampled is an int32); use 0 for unlimited"
+            )
+        data = self.num_slots * self.row_bytes
+        if data > MAX_TABLE_BYTES:
+            raise ConfigError(
+                f"table {self.name!r}: {self.num_slots:,} slots × {self.row_bytes:,} B/row = "
+                f"{data:,} bytes, more than a 64-bit process can map ({MAX_TABLE_BYTES:,}); "
+                "reduce max_size or the signature's shapes"
+            )
 
     @property
     def num_slots(self) -> int:
@@ -311,9 +360,15 @@ def _int(where: _Where, key: str, value: Any, minimum: int) -> int:
 
 
 def _number(where: _Where, key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise where.error(key, f"must be a number, got {value!r}")
-    return float(value)
+    try:
+        number = float(value)  # an int beyond ±1.8e308 has no float
+    except OverflowError:
+        raise where.error(key, f"must be a number within ±1.8e308, got {value!r}") from None
+    if math.isnan(number):
+        raise where.error(key, f"must be a number, got {value!r}")
+    return number
 
 
 def _name(where: _Where, key: str, value: Any) -> str:

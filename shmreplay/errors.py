@@ -83,7 +83,19 @@ class RateLimiterTimeout(ShmReplayError, TimeoutError):
     """A blocked insert or sample did not become possible before its timeout.
 
     The message names the table and the side (insert or sample) that was blocked.
+
+    ``keys`` (a uint64 array) holds the keys of the items a timed-out ``insert_batch`` had
+    written before it gave up: the first ``len(keys)`` items of the batch, committed like any
+    other insert, so that a retry sends only the rest (for ``Client.insert`` into several
+    tables: the keys in the tables written before the one that timed out). It is empty when
+    nothing was written and for every other call.
     """
+
+    def __init__(self, *args: object, keys=None) -> None:
+        super().__init__(*args)
+        import numpy as np  # here, so that importing the error tree needs no numpy
+
+        self.keys = np.empty(0, np.uint64) if keys is None else np.asarray(keys, np.uint64)
 
 
 class LockTimeout(ShmReplayError, TimeoutError):

@@ -23,6 +23,7 @@ from the header, derives the layout again and checks that the digests agree.
 from __future__ import annotations
 
 import hashlib
+import math
 import mmap
 import struct
 import zlib
@@ -133,7 +134,7 @@ class ArrayLayout:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize  # Python ints: no wrap
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,7 +43,16 @@ TAG_SHIFT = np.uint64(32)
 # A sampled row whose slot was recycled while we copied it is drawn again; after this many
 # rounds something is badly wrong (a table far smaller than its writers' churn).
 MAX_REDRAW_ROUNDS = 100
+# Draw ranks and times_sampled are int32: no batch may hold more draws.
+MAX_BATCH_SIZE = 2**31 - 1
+SAMPLE_INFO_BYTES = 8 + 8 + 8 + 4 + 8  # key, probability, priority, times_sampled, table_size
 QUARANTINED = -2  # owner of slots a dead daemon's clients held, until they are freed
+
+# Test hook: called as ``before_copy_hook(core, slots)`` in the sample path after the table lock
+# is released and before the selected rows are copied and their generations checked, so that a
+# test can recycle a slot in exactly that window instead of waiting for the race. None in
+# production (one global lookup per copy).
+before_copy_hook: Callable[[TableCore, np.ndarray], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -545,6 +555,8 @@ class TableCore:
         if batch_size <= 0:
             raise InvalidArgumentError(f"batch_size must be at least 1, got {batch_size}")
         n = int(batch_size)
+        if out is None:
+            self._check_batch_fits(n)
         out = self._output_buffers(n, out)
         if self._carry:
             return self._sample_slowly(n, None, None, out, channel, timeout, partial)
@@ -560,6 +572,8 @@ class TableCore:
             self._wake_blocked_writers()
         if sel is not None and len(sel.slots) == n:
             # The common case: one draw, copied intact. Its arrays become the sample info.
+            if before_copy_hook is not None:
+                before_copy_hook(self, sel.slots)
             self._gather(sel.slots, out, None)
             intact = self.gen[sel.slots] == sel.gen
             self._release(sel.releasing, channel)
@@ -678,6 +692,8 @@ class TableCore:
         for _ in range(MAX_REDRAW_ROUNDS):
             positions, todo = todo[: len(sel.slots)], todo[len(sel.slots) :]
             if intact is None:
+                if before_copy_hook is not None:
+                    before_copy_hook(self, sel.slots)
                 self._gather(sel.slots, out, positions)
                 intact = self.gen[sel.slots] == sel.gen
                 self._release(sel.releasing, channel)
@@ -721,9 +737,36 @@ class TableCore:
             else:
                 out[name][positions] = array[slots]
 
+    def _check_batch_fits(self, n: int) -> None:
+        """Refuse a batch whose rows and info cannot be held in this machine's memory."""
+        need = n * (self.spec.row_bytes + SAMPLE_INFO_BYTES)
+        try:
+            have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            have = None
+        if n > MAX_BATCH_SIZE:
+            raise InvalidArgumentError(
+                f"table {self.name!r}: batch_size {n:,} is above the largest batch, "
+                f"{MAX_BATCH_SIZE:,} items; sample smaller batches"
+            )
+        if have is not None and need > have:
+            raise InvalidArgumentError(
+                f"table {self.name!r}: a batch of {n:,} items needs {need:,} bytes for its rows "
+                f"and info, more than this machine's {have:,} bytes of memory; sample smaller "
+                "batches"
+            )
+
     def _output_buffers(self, n: int, out: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
         if out is None:
-            return {f.name: np.empty((n, *f.shape), dtype=f.np_dtype) for f in self.spec.signature}
+            try:
+                return {
+                    f.name: np.empty((n, *f.shape), dtype=f.np_dtype) for f in self.spec.signature
+                }
+            except MemoryError:
+                raise InvalidArgumentError(
+                    f"table {self.name!r}: cannot allocate a batch of {n} items "
+                    f"({n * self.spec.row_bytes:,} bytes of rows); sample smaller batches"
+                ) from None
         for f in self.spec.signature:
             buf = out.get(f.name)
             if buf is None or buf.shape != (n, *f.shape) or buf.dtype != f.np_dtype:

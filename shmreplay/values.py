@@ -195,6 +195,12 @@ def check_keys(keys: object, what: str = "keys") -> np.ndarray:
                 "pass the keys a sample returned"
             )
         return arr.reshape(-1)
+    if any(isinstance(k, float) for k in (keys if isinstance(keys, (list, tuple)) else [keys])):
+        # uint64 conversion would truncate 1.5 to the key 1 (an unrelated item)
+        raise InvalidArgumentError(
+            f"{what} must be non-negative integers (uint64 keys), got {keys!r}; "
+            "pass the keys a sample returned"
+        )
     try:
         return np.asarray(keys, dtype=np.uint64).reshape(-1)
     except (OverflowError, TypeError, ValueError) as exc:

@@ -180,3 +180,78 @@ def test_reset_clears_items_and_counters(replay):
     assert info.current_size == 0 and info.rate_limiter.inserts == 0
     with pytest.raises(shmreplay.RateLimiterTimeout):
         replay.sample(1, timeout=0.2)
+
+
+def test_reserve_views_stop_being_writable_when_the_block_ends(replay):
+    """A view kept past its ``with`` block cannot change the committed item (on main it still
+    wrote into it: a sampler then saw action 99), nor a discarded slot the next insert reuses."""
+    with replay.reserve() as slot:
+        kept = [slot[name] for name in ("obs", "action", "reward", "done")]
+        for view in kept:
+            view[...] = 1
+    replay.flush()
+    for view in kept:
+        with pytest.raises(ValueError, match="read-only"):
+            view[...] = 99
+    with pytest.raises(shmreplay.ClientClosedError, match="reserve"):
+        slot["action"]
+    s = replay.sample(4, timeout=5)
+    assert (s.info.key == slot.key).all() and (s.data["action"] == 1).all()
+    # A discarded reservation's slot is reused by the next insert: its views are revoked too.
+    with pytest.raises(RuntimeError), replay.reserve() as dropped:
+        dropped_view = dropped["action"]
+        raise RuntimeError("actor failed mid-write")
+    key = replay.insert(w1_row(5))
+    replay.flush()
+    with pytest.raises(ValueError, match="read-only"):
+        dropped_view[...] = 99
+    s = replay.sample(64, timeout=5)
+    assert (s.data["action"][s.info.key == key] == 5).all()
+
+
+def test_insert_batch_that_times_out_returns_the_keys_it_wrote(daemon_factory):
+    """insert_batch(25) into a queue of 10 with timeout=1: 10 items go in, then the limiter
+    holds the rest. The RateLimiterTimeout carries those 10 keys (on main their keys were lost
+    and a retry of the whole batch duplicated them); a retry of the rest completes the batch."""
+    d = daemon_factory(
+        '[[table]]\nname = "q"\nkind = "queue"\nmax_size = 10\n'
+        '[table.signature]\nuid = { dtype = "int64" }\n'
+    )
+    with shmreplay.attach(d.name) as client:
+        q = client.table("q")
+        uids = np.arange(25, dtype=np.int64)
+        with pytest.raises(shmreplay.RateLimiterTimeout, match=r"10 of the batch's 25") as err:
+            q.insert_batch({"uid": uids}, timeout=1.0)
+        written = err.value.keys
+        assert written.dtype == np.uint64 and len(written) == 10
+        q.flush(timeout=5)
+        assert q.info().current_size == 10
+        got = q.sample(10, timeout=5)  # a queue: the oldest first, each once
+        assert got.info.key.tolist() == written.tolist()
+        assert got.data["uid"].tolist() == list(range(10))
+        rest = q.insert_batch({"uid": uids[len(written) :][:10]}, timeout=5)
+        q.flush(timeout=5)
+        assert q.sample(10, timeout=5).info.key.tolist() == rest.tolist()
+        assert q.info().rate_limiter.inserts == 20  # nothing was inserted twice
+    # Any other timeout has an empty .keys
+    assert len(shmreplay.RateLimiterTimeout("x").keys) == 0
+
+
+def test_client_insert_that_times_out_on_a_later_table_names_the_tables_written(daemon_factory):
+    """One step into a free table, then into a full queue: the timeout says the step is in the
+    first table and carries its key (on main it said nothing: a retry inserted it twice)."""
+    d = daemon_factory(
+        '[[table]]\nname = "free"\nmax_size = 10\n[table.signature]\nuid = { dtype = "int64" }\n'
+        '[[table]]\nname = "q"\nkind = "queue"\nmax_size = 1\n'
+        '[table.signature]\nuid = { dtype = "int64" }\n'
+    )
+    with shmreplay.attach(d.name) as client:
+        client.insert({"uid": 0}, priorities={"free": 1.0, "q": 1.0}, timeout=1)
+        with pytest.raises(shmreplay.RateLimiterTimeout, match="already written to 'free'") as e:
+            client.insert({"uid": 1}, priorities={"free": 1.0, "q": 1.0}, timeout=0.3)
+        free = client.table("free")
+        free.flush(timeout=5)
+        assert len(e.value.keys) == 1 and free.info().current_size == 2
+        s = free.sample(32, timeout=5)
+        assert int(e.value.keys[0]) in s.info.key.tolist()
+        assert (s.data["uid"][s.info.key == e.value.keys[0]] == 1).all()

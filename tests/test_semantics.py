@@ -36,8 +36,15 @@ def test_case(name, daemon_factory):
             elif kind == "insert_blocked":
                 with pytest.raises(shmreplay.RateLimiterTimeout, match="insert blocked"):
                     t.insert(stamped_row(op[1]), timeout=BLOCK_S)
-            elif kind == "sample":
-                s = t.sample(op[1], timeout=5)
+            elif kind in ("sample", "sample_partial"):
+                if kind == "sample":
+                    s = t.sample(op[1], timeout=5)
+                elif not op[2].get("uid", True):  # partial, and nothing may be returned
+                    with pytest.raises(shmreplay.RateLimiterTimeout, match="sample blocked"):
+                        t.sample(op[1], timeout=BLOCK_S, partial=True)
+                    continue
+                else:
+                    s = t.sample(op[1], timeout=BLOCK_S, partial=True)
                 assert verify_stamped(s.data).all(), where
                 got = {"uid": s.data["uid"].tolist()}
                 for f in ("probability", "times_sampled", "table_size", "priority"):
