@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
-from .config import TableSpec, to_toml
+from .config import TableSpec, check_instance_name, to_toml
 from .errors import ConfigError, DaemonNotRunning
 from .instance import (
     InstanceRecord,
@@ -103,7 +103,8 @@ class Server:
         extra_args: Sequence[str] = (),
         ready_timeout: float | None = 30.0,
     ) -> None:
-        self.name = name or _default_name()
+        # Checked here, before anything starts: the daemon would refuse it after a second.
+        self.name = _default_name() if name is None else check_instance_name(name, "Server(name=)")
         self._tmp = tempfile.mkdtemp(prefix="shmreplay-server-")
         try:
             path = self._tables_path(tables)
