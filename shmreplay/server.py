@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import IO
 
 from .config import TableSpec, check_instance_name, to_toml
-from .errors import ConfigError, DaemonNotRunning
+from .errors import ConfigError, DaemonNotRunning, ShmReplayError
 from .instance import (
     InstanceRecord,
     lock_path,
@@ -263,7 +263,10 @@ class Server:
             # what our daemon's record claims is ours: a daemon that failed to start (another
             # one serves the name, or it refused to adopt a dead one's tables) leaves those
             # objects to their owner, or to `serve --fresh`.
-            rec = InstanceRecord.read(self.name)
+            try:
+                rec = InstanceRecord.read(self.name)
+            except ShmReplayError:  # an unsafe runtime directory, a planted record: not ours
+                rec = None
             ours = proc is not None and rec is not None and rec.pid == proc.pid
             if ours and shm_objects(self.name):
                 remove_shm_objects(self.name)
