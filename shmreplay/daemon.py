@@ -41,6 +41,7 @@ from .control import MAX_FRAME, PROTOCOL_VERSION, encode
 from .errors import (
     ConfigError,
     DaemonAlreadyRunning,
+    DaemonNotRunning,
     InsufficientSharedMemory,
     LockTimeout,
     SegmentError,
@@ -406,6 +407,8 @@ class Daemon:
                     continue
                 try:
                     seg = Segment.attach("/" + entry, owner=me, daemon=True)
+                except DaemonNotRunning:
+                    continue  # gone since it was listed
                 except SegmentError as exc:
                     if self.fresh:
                         continue  # not a table: removed below

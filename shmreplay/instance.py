@@ -8,6 +8,18 @@ Every object an instance creates carries its name, so ``gc`` and monitoring can 
 - in the runtime directory (``$SHMREPLAY_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/shmreplay``, else
   ``/tmp/shmreplay-<uid>``; mode 0700): ``<instance>.json`` (the record ``attach`` reads),
   ``<instance>.sock`` (the control socket) and ``<instance>.lock`` (held by the live daemon).
+
+Instance names are 1–169 letters, digits, '_' or '-' (:func:`shmreplay.config.check_instance_name`):
+no '.', so the objects of one instance never start with another's prefix.
+
+Who is trusted. The runtime directory must be closed to everyone but its owner, and belong to
+this user or root (a client may also use another user's directory named by
+``SHMREPLAY_RUNTIME_DIR``, such as a systemd daemon's ``/run/shmreplay``). A client trusts a
+record only if its owner is this user, root or the directory's owner; that owner is the
+daemon's user, and the control socket's peer (SO_PEERCRED) must be the record's pid and user,
+and every segment and semaphore the client opens must belong to that user. A daemon adopts or
+removes only objects of its own user, and leaves a segment whose recorded daemon (pid and start
+time, ``Ctrl.DAEMON_START``) is alive to that daemon.
 """
 
 from __future__ import annotations
