@@ -50,6 +50,7 @@ from .errors import (
 )
 from .events import Event, sem_path
 from .instance import (
+    TABLE_EVENTS,
     InstanceRecord,
     check_owner,
     event_name,
@@ -95,7 +96,7 @@ QUARANTINE_S = 1.0  # far longer than any client takes to write a row or copy a 
 ACTIVE_WINDOW_S = 0.05  # writers quiet for this long: sleep until woken instead of napping
 IDLE_SLEEP_S = 0.1
 LIVENESS_CHECK_S = 0.1  # how often client pids are checked (connection EOF is the fast path)
-EVENT_KINDS = ("sample", "insert")
+EVENT_KINDS = TABLE_EVENTS  # shm_objects knows them by name
 UNIX_PATH_MAX = 107  # sun_path holds 108 bytes, with the terminating NUL
 
 

@@ -44,6 +44,7 @@ from .layout import Ctrl
 from .shm import SHM_DIR, Segment
 
 PREFIX = "shmreplay."
+TABLE_EVENTS = ("sample", "insert")  # a table's semaphores (the daemon's EVENT_KINDS)
 
 
 def _runtime_dir_path() -> tuple[Path, bool]:
@@ -427,13 +428,31 @@ def out_of_descriptors(what: str) -> TooManyOpenFiles:
 
 
 def shm_objects(instance: str | None = None) -> list[str]:
-    """Names of /dev/shm entries (segments and semaphores) of ``instance`` (or of all)."""
+    """Names of /dev/shm entries (segments and semaphores) of ``instance`` (or of all).
+
+    For one instance, only names it can make: ``<stem><table>``, ``sem.<stem>daemon`` and
+    ``sem.<stem><table>.sample|insert``. Names have no '.', so what an older version let an
+    instance "exp.v2" make (``shmreplay.exp.v2.replay``) is not taken for instance "exp"'s."""
     stem = PREFIX if instance is None else f"{PREFIX}{instance}."
     try:
         entries = os.listdir(SHM_DIR)
     except FileNotFoundError:
         return []
-    return sorted(e for e in entries if e.startswith(stem) or e.startswith("sem." + stem))
+    if instance is None:
+        return sorted(e for e in entries if e.startswith(stem) or e.startswith("sem." + stem))
+    found = []
+    for e in entries:
+        if e.startswith(stem):
+            parts = e[len(stem) :].split(".")
+            ok = len(parts) == 1
+        elif e.startswith("sem." + stem):
+            parts = e[len("sem." + stem) :].split(".")
+            ok = parts == ["daemon"] or (len(parts) == 2 and parts[1] in TABLE_EVENTS)
+        else:
+            continue
+        if ok and all(parts):
+            found.append(e)
+    return sorted(found)
 
 
 def remove_shm_objects(instance: str) -> list[str]:

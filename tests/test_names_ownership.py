@@ -590,6 +590,20 @@ def _planted_dev_shm_scenario() -> dict:
     out["sem_kept"] = os.path.exists("/dev/shm/sem." + event_name(name, None, "daemon")[1:])
     posix_ipc.unlink_semaphore(event_name(name, None, "daemon"))
     out["nobody_daemon_after"] = as_user(NOBODY, _in_process_daemon(name, "/tmp/rt-nobody"))
+
+    # What an older version let instance "<x>.v2" make is not instance <x>'s: serving <x>
+    # with --fresh, and stopping it, leaves it alone.
+    x = unique_name()
+    legacy = [f"shmreplay.{x}.v2.replay", f"sem.shmreplay.{x}.v2.daemon"]
+    legacy += [f"sem.shmreplay.{x}.v2.replay.{k}" for k in ("sample", "insert")]
+    for e in legacy:
+        Path("/dev/shm", e).write_bytes(b"x" * 32)
+    d = DaemonProcess(TOML, name=x, args=("--fresh",))
+    out["legacy_serving"] = fill_and_check(x)
+    d.close()
+    out["legacy_kept"] = all(Path("/dev/shm", e).exists() for e in legacy)
+    for e in legacy:
+        os.unlink("/dev/shm/" + e)
     out["left"] = sorted(os.listdir("/dev/shm"))
     return out
 
@@ -599,7 +613,8 @@ def test_dev_shm_objects_of_another_user_are_neither_adopted_nor_removed():
     """A valid table of uid 65534 under root's instance name is not adopted (nor removed by
     --fresh or gc); a garbage file of 65534 is reported, not a traceback; a root semaphore
     in the way of a daemon of 65534 is a PermissionDenied naming it, not a raw posix_ipc
-    error. Each message names the path, its owner and what to do."""
+    error. Each message names the path, its owner and what to do. Objects of a dotted name
+    of old ("x.v2") are not taken for instance "x"'s, not even by --fresh."""
     out = in_private_namespace("_planted_dev_shm_scenario")
     for key in ("foreign_table", "foreign_table_fresh", "garbage"):
         r = out[key]
@@ -616,4 +631,5 @@ def test_dev_shm_objects_of_another_user_are_neither_adopted_nor_removed():
     assert "/dev/shm/sem.shmreplay." in msg and "uid 0 (root)" in msg, msg
     assert out["sem_kept"]
     assert out["nobody_daemon_after"] == ["ok", "started"]
+    assert out["legacy_serving"] == 50 and out["legacy_kept"]
     assert out["left"] == [], out["left"]
