@@ -322,7 +322,8 @@ def gc(name: str | None, yes: bool) -> None:
 
     Lists what it would remove and asks first (unless --yes). Whether a daemon is alive is read
     from its segments (each records the daemon's pid and start time), so a live daemon is left
-    alone even if it uses another runtime directory; objects of other users are never touched.
+    alone even if it uses another runtime directory; objects of other users are never touched,
+    nor objects made less than 30 s ago that record no daemon (one may be starting).
     """
     import os
 

@@ -81,6 +81,14 @@ def attach(
     object of the instance belongs to another user, naming it, its owner and ``[server]
     group``; :class:`~shmreplay.errors.TooManyOpenFiles` (an ``OSError``) when this process or
     the daemon has no file descriptor left, with the limit and how to raise it.
+
+    Trusts nothing another user could plant: the runtime directory must be closed to others
+    (see :func:`shmreplay.instance.runtime_dir`), the record must belong to this user, root or
+    the directory's owner, the control socket's peer must be the record's daemon (pid and
+    uid, SO_PEERCRED) and every segment and semaphore must belong to the daemon's user; else
+    PermissionDenied saying which object and why. A daemon that runs in a PID namespace this
+    process cannot see is reported at once (DaemonNotRunning saying so), not as absent.
+    ``name`` is checked as ``[server] name`` is (InvalidArgumentError).
     """
     check_instance_name(name, "attach(name)", InvalidArgumentError)
     deadline = time.monotonic() + timeout

@@ -97,7 +97,9 @@ def test_the_longest_name_still_fits_every_object_name():
     assert len("sem." + longest[1:]) == NAME_MAX
 
 
-@pytest.mark.parametrize("bad", BAD_NAMES)
+@pytest.mark.parametrize(
+    "bad", BAD_NAMES, ids=["dot", "empty", "dotdot", "slash", "too-long", "space", "non-ascii"]
+)
 def test_a_bad_name_is_refused_by_every_way_it_arrives(bad, tmp_path):
     """One check: Server(name=), attach(name), [server] name and --name of serve, info, stop,
     gc. Each says what is allowed; no command starts anything or prints a traceback."""
