@@ -331,6 +331,8 @@ def gc(name: str | None, yes: bool) -> None:
 
     names = [name] if name else instances_in_sight()
     found = [find_leftovers(inst) for inst in names]
+    for f in found:
+        f.close()  # no lock held while we ask: a daemon may start meanwhile (rechecked below)
     try:
         for f in found:
             if f.live_pid is not None:
@@ -348,7 +350,6 @@ def gc(name: str | None, yes: bool) -> None:
             click.confirm(f"remove these {len(planned)} object(s)?", abort=True)
         removed = 0
         for f in found:
-            f.close()
             # Again, after the question: a daemon may have started meanwhile.
             again = find_leftovers(f.instance)
             try:

@@ -363,7 +363,13 @@ class Daemon:
             except BlockingIOError:
                 os.close(fd)
                 rec = InstanceRecord.read(self.name)
-                who = f" (pid {rec.pid})" if rec else ""
+                if rec is None or not rec.alive():
+                    raise DaemonAlreadyRunning(
+                        f"{path} is locked by another process (a daemon of instance "
+                        f"{self.name!r} starting, or shmreplay gc cleaning up); try again in "
+                        "a moment"
+                    ) from None
+                who = f" (pid {rec.pid})"
                 raise DaemonAlreadyRunning(
                     f"a shmreplay daemon already serves instance {self.name!r}{who}; stop it "
                     f"(shmreplay stop --name {self.name}) or choose another --name"
