@@ -635,3 +635,48 @@ def test_dev_shm_objects_of_another_user_are_neither_adopted_nor_removed():
     assert out["nobody_daemon_after"] == ["ok", "started"]
     assert out["legacy_serving"] == 50 and out["legacy_kept"]
     assert out["left"] == [], out["left"]
+
+
+def _client_trust_scenario() -> dict:
+    """Root's daemon; one of its objects at a time handed to uid 65534 (as if planted in its
+    place): root's attach must refuse each, and attach again once it is given back."""
+    os.environ["SHMREPLAY_RUNTIME_DIR"] = "/tmp/rt-root"
+    out: dict = {}
+    d = DaemonProcess(TOML)
+    try:
+        fill_and_check(d.name)
+        objects = {
+            "record": str(record_path(d.name)),
+            "segment": "/dev/shm" + segment_name(d.name, "replay"),
+            "semaphore": "/dev/shm/sem." + event_name(d.name, "replay", "sample")[1:],
+        }
+        for what, path in objects.items():
+            os.chown(path, NOBODY, -1)
+            try:
+                shmreplay.attach(d.name, timeout=1).close()
+                out[what] = "attached"
+            except Exception as exc:  # noqa: BLE001 (the test checks which)
+                out[what] = [type(exc).__name__, str(exc)]
+            finally:
+                os.chown(path, 0, -1)
+        out["given_back"] = fill_and_check(d.name)
+    finally:
+        d.close()
+    out["left"] = sorted(os.listdir("/dev/shm"))
+    return out
+
+
+@needs_namespace
+def test_a_client_refuses_objects_that_are_not_the_daemons():
+    """A record, segment or semaphore that belongs to someone else than the daemon's user (and,
+    for the record, than this user, root and the runtime directory's owner) is refused with
+    PermissionDenied naming it and its owner, before it is used."""
+    out = in_private_namespace("_client_trust_scenario")
+    for what in ("record", "segment", "semaphore"):
+        kind, msg = out[what]
+        assert kind == "PermissionDenied", out[what]
+        assert "refusing to use" in msg and "belongs to uid 65534" in msg, msg
+    assert "neither this user, root nor the runtime directory's owner" in out["record"][1]
+    assert "not to the daemon's user (uid 0 (root))" in out["segment"][1]
+    assert "/dev/shm/sem.shmreplay." in out["semaphore"][1]
+    assert out["given_back"] == 100 and out["left"] == []
