@@ -526,7 +526,7 @@ class Daemon:
         finally:
             os.umask(old_umask)
         if gid is not None:
-            os.chown(path, -1, gid)
+            os.chown(path, -1, gid, follow_symlinks=False)
         sock.listen(64)
         sock.setblocking(False)
         self._listener = sock

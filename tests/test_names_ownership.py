@@ -673,6 +673,7 @@ def test_a_client_refuses_objects_that_are_not_the_daemons():
     PermissionDenied naming it and its owner, before it is used."""
     out = in_private_namespace("_client_trust_scenario")
     for what in ("record", "segment", "semaphore"):
+        assert out[what] != "attached", what
         kind, msg = out[what]
         assert kind == "PermissionDenied", out[what]
         assert "refusing to use" in msg and "belongs to uid 65534" in msg, msg
