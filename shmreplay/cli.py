@@ -26,6 +26,19 @@ class _Group(click.Group):
             sys.exit(1)
 
 
+def _valid_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--name of every command: the same check as [server] name, Server(name=), attach()."""
+    from .config import check_instance_name
+    from .errors import ConfigError
+
+    if value is None:
+        return None
+    try:
+        return check_instance_name(value, "--name")
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc).removeprefix("--name: ")) from None
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="shmreplay")
 def main() -> None:
@@ -44,7 +57,9 @@ def main() -> None:
     type=click.Path(dir_okay=False),
     help="The tables.toml file describing the instance and its tables.",
 )
-@click.option("--name", default=None, help="Instance name (overrides [server] name).")
+@click.option(
+    "--name", default=None, callback=_valid_name, help="Instance name (overrides [server] name)."
+)
 @click.option(
     "--fresh",
     is_flag=True,
@@ -91,7 +106,9 @@ def serve(
 
 
 @main.command()
-@click.option("--name", default="default", show_default=True, help="Instance name.")
+@click.option(
+    "--name", default="default", show_default=True, callback=_valid_name, help="Instance name."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the full record as JSON.")
 @click.option(
     "--watch",
@@ -154,7 +171,9 @@ def _print_info(data: dict, before: dict | None, dt: float, as_json: bool) -> No
 
 
 @main.command()
-@click.option("--name", default="default", show_default=True, help="Instance name.")
+@click.option(
+    "--name", default="default", show_default=True, callback=_valid_name, help="Instance name."
+)
 def checkpoint(name: str) -> None:
     """Write a checkpoint of every table now (into [server] checkpoint_dir) and wait for it."""
     from .shm import format_bytes
@@ -169,7 +188,9 @@ def checkpoint(name: str) -> None:
 
 @main.command()
 @click.argument("table")
-@click.option("--name", default="default", show_default=True, help="Instance name.")
+@click.option(
+    "--name", default="default", show_default=True, callback=_valid_name, help="Instance name."
+)
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def reset(table: str, name: str, yes: bool) -> None:
     """Remove every item of TABLE and zero its rate-limiter counters."""
@@ -200,7 +221,9 @@ def _request(name: str, op: str, **args) -> dict:
 
 @main.command()
 @click.argument("table")
-@click.option("--name", default="default", show_default=True, help="Instance name.")
+@click.option(
+    "--name", default="default", show_default=True, callback=_valid_name, help="Instance name."
+)
 @click.option(
     "--kind",
     required=True,
@@ -243,7 +266,9 @@ def limiter(table: str, name: str, kind: str, error_buffer: str | None, **option
 
 
 @main.command()
-@click.option("--name", default="default", show_default=True, help="Instance name.")
+@click.option(
+    "--name", default="default", show_default=True, callback=_valid_name, help="Instance name."
+)
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for exit.")
 def stop(name: str, timeout: float) -> None:
     """Ask the daemon of an instance to shut down, and wait until it has."""
@@ -284,38 +309,65 @@ def validate(tables_path: str) -> None:
 
 
 @main.command()
-@click.option("--name", default=None, help="Only this instance (default: every dead one).")
-def gc(name: str | None) -> None:
-    """Remove shared memory left in /dev/shm by daemons that are no longer running.
+@click.option(
+    "--name",
+    default=None,
+    callback=_valid_name,
+    help="Only this instance (default: every one with leftovers).",
+)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def gc(name: str | None, yes: bool) -> None:
+    """Remove what daemons that are no longer running left: their segments and semaphores in
+    /dev/shm, and their record, socket and lock file in the runtime directory.
 
-    Never touches an instance whose daemon is alive.
+    Lists what it would remove and asks first (unless --yes). Whether a daemon is alive is read
+    from its segments (each records the daemon's pid and start time), so a live daemon is left
+    alone even if it uses another runtime directory; objects of other users are never touched,
+    nor objects made less than 30 s ago that record no daemon (one may be starting).
     """
-    import fcntl
     import os
 
-    from .instance import PREFIX, lock_path, remove_shm_objects, shm_objects
+    from .instance import find_leftovers, instances_in_sight
 
-    names = (
-        {name}
-        if name
-        else {e.removeprefix("sem.")[len(PREFIX) :].split(".")[0] for e in shm_objects()}
-    )
-    removed = 0
-    for inst in sorted(names):
-        fd = os.open(lock_path(inst), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
+    names = [name] if name else instances_in_sight()
+    found = [find_leftovers(inst) for inst in names]
+    for f in found:
+        f.close()  # no lock held while we ask: a daemon may start meanwhile (rechecked below)
+    try:
+        for f in found:
+            if f.live_pid is not None:
+                pid = f" (daemon pid {f.live_pid})" if f.live_pid > 0 else ""
+                click.echo(f"instance {f.instance!r} is running: left alone{pid}")
+            for line in f.kept:
+                click.echo(f"left alone: {line}")
+            for path in f.removable:
+                click.echo(f"would remove {path}")
+        planned = {p for f in found for p in f.removable}
+        if not planned:
+            click.echo("nothing to remove")
+            return
+        if not yes:
+            click.confirm(f"remove these {len(planned)} object(s)?", abort=True)
+        removed = 0
+        for f in found:
+            # Again, after the question: a daemon may have started meanwhile.
+            again = find_leftovers(f.instance)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                click.echo(f"instance {inst!r} is running: left alone")
-                continue
-            gone = remove_shm_objects(inst)
-            removed += len(gone)
-            for entry in gone:
-                click.echo(f"removed /dev/shm/{entry}")
-        finally:
-            os.close(fd)
-    click.echo(f"{removed} object(s) removed")
+                for path in again.removable:
+                    if path not in planned:
+                        continue
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        continue
+                    removed += 1
+                    click.echo(f"removed {path}")
+            finally:
+                again.close()
+        click.echo(f"{removed} object(s) removed")
+    finally:
+        for f in found:
+            f.close()
 
 
 @main.command()

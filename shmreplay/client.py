@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import posix_ipc
 
-from .config import FieldSpec, RateLimiterSpec, parse_rate_limiter
+from .config import FieldSpec, RateLimiterSpec, check_instance_name, parse_rate_limiter
 from .control import PROTOCOL_VERSION, ControlClient
 from .errors import (
     ClientClosedError,
@@ -40,8 +40,10 @@ from .events import Event
 from .instance import (
     InstanceRecord,
     access_denied,
+    check_peer,
     is_out_of_descriptors,
     out_of_descriptors,
+    pid_namespace_hint,
     record_path,
 )
 from .layout import LEASE_CAPACITY, PUBLISH_CAPACITY, Chan, Ctrl, Sleep
@@ -81,13 +83,25 @@ def attach(
     object of the instance belongs to another user, naming it, its owner and ``[server]
     group``; :class:`~shmreplay.errors.TooManyOpenFiles` (an ``OSError``) when this process or
     the daemon has no file descriptor left, with the limit and how to raise it.
+
+    Trusts nothing another user could plant: the runtime directory must be closed to others
+    (see :func:`shmreplay.instance.runtime_dir`), the record must belong to this user, root or
+    the directory's owner, the control socket's peer must be the record's daemon (pid and
+    uid, SO_PEERCRED) and every segment and semaphore must belong to the daemon's user; else
+    PermissionDenied saying which object and why. A daemon that runs in a PID namespace this
+    process cannot see is reported at once (DaemonNotRunning saying so), not as absent.
+    ``name`` is checked as ``[server] name`` is (InvalidArgumentError).
     """
+    check_instance_name(name, "attach(name)", InvalidArgumentError)
     deadline = time.monotonic() + timeout
     while True:
+        hint = None
         try:
             rec = InstanceRecord.read(name)
             if rec is not None and rec.alive():
                 return Client(rec, seed=seed, prefault=prefault)
+            if rec is not None:
+                hint = pid_namespace_hint(rec)  # alive, but its pid is not visible from here
         except (FileNotFoundError, ConnectionRefusedError, DaemonNotRunning):
             pass  # starting up or going away: try again until the deadline
         except ShmReplayError:
@@ -98,6 +112,8 @@ def attach(
             if is_out_of_descriptors(exc):
                 raise out_of_descriptors(f"attaching to instance {name!r}") from exc
             raise
+        if hint is not None:
+            raise DaemonNotRunning(f"cannot attach to instance {name!r}: {hint}")
         if time.monotonic() >= deadline:
             where = record_path(name)
             raise DaemonNotRunning(
@@ -107,11 +123,12 @@ def attach(
         time.sleep(0.05)
 
 
-def _open_event(name: str) -> Event:
+def _open_event(name: str, owner: int | None = None) -> Event:
     """Open one of the daemon's semaphores, with a clear error for the two ways it fails on a
-    live daemon: another user's semaphore, or no file descriptor left."""
+    live daemon: another user's semaphore, or no file descriptor left. With ``owner`` (the
+    daemon's uid), a semaphore of anyone else is refused (PermissionDenied)."""
     try:
-        return Event.open(name)
+        return Event.open(name, owner)
     except posix_ipc.PermissionsError:
         path = f"{SHM_DIR}/sem.{name.lstrip('/')}"
         raise access_denied(path, "a semaphore of the daemon") from None
@@ -137,17 +154,20 @@ class Client:
         self._segments: list[Segment] = []
         self._events: list[Event] = []
         try:
+            # Trust nothing the daemon names before knowing that the socket's peer is the daemon
+            # of the record, whose user must own every segment and semaphore we open.
+            check_peer(self._control.sock, record)
             hello = self._control.request("hello", pid=self._pid, protocol=PROTOCOL_VERSION)
             self.channel = int(hello["channel"])
             self.daemon_pid = int(hello["pid"])
-            wake = _open_event(hello["wake"])
+            wake = _open_event(hello["wake"], record.uid)
             self._events.append(wake)
             for tname, seg_name in hello["tables"].items():
-                seg = Segment.attach(seg_name)
+                seg = Segment.attach(seg_name, owner=record.uid)
                 self._segments.append(seg)
                 if prefault:
                     seg.prefault()
-                evs = {k: _open_event(v) for k, v in hello["events"][tname].items()}
+                evs = {k: _open_event(v, record.uid) for k, v in hello["events"][tname].items()}
                 self._events.extend(evs.values())
                 core = TableCore(seg, TableEvents(daemon=wake, **evs))
                 core.daemon_pid = self.daemon_pid

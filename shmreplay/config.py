@@ -41,6 +41,12 @@ DTYPES = (
 )
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 MAX_TABLE_NAME = 64
+# An instance's longest object name is its semaphores' "sem.shmreplay.<instance>.<table>.sample"
+# (see shmreplay.instance), and a file name holds at most NAME_MAX (255) bytes on Linux. Names
+# have no '.', so the '.' after the instance name ends it: no instance's objects start with
+# another's prefix ("exp" and "exp.v2" cannot both exist).
+NAME_MAX = 255
+MAX_INSTANCE_NAME = NAME_MAX - len("sem.shmreplay.") - len(".") - MAX_TABLE_NAME - len(".sample")
 
 
 @dataclass(frozen=True)
@@ -385,6 +391,31 @@ def _name(where: _Where, key: str, value: Any) -> str:
     return value
 
 
+def check_instance_name(
+    name: object, where: str = "instance name", error: type[ValueError] = ConfigError
+) -> str:
+    """Return ``name`` if it is a valid instance name, else raise :class:`ConfigError`.
+
+    The one check for every way a name arrives: ``--name`` of every command, ``[server] name``
+    in tables.toml, ``Server(name=)``, ``attach(name)``. 1–MAX_INSTANCE_NAME letters, digits,
+    '_' or '-': the name becomes part of file names in /dev/shm and the runtime directory,
+    so '/', '.' (which would let instance "exp" claim the objects of "exp.v2") and the empty
+    name are refused."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or not set(name) <= _NAME_CHARS
+        or len(name) > MAX_INSTANCE_NAME
+    ):
+        shown = name if not isinstance(name, str) or len(name) <= 80 else name[:80] + "..."
+        length = f" ({len(name)} characters)" if isinstance(name, str) else ""
+        raise error(
+            f"{where}: {shown!r}{length} is not a valid instance name; use 1–"
+            f"{MAX_INSTANCE_NAME} characters of letters, digits, '_' or '-' (no '.' or '/')"
+        )
+    return name
+
+
 def _selector(where: _Where, key: str, value: Any) -> SelectorSpec:
     if not isinstance(value, dict) or "kind" not in value:
         raise where.error(
@@ -571,7 +602,7 @@ def _server(source: str, d: Any) -> ServerSpec:
     _check_keys(where, "server.", d, _SERVER_KEYS)
     kw: dict[str, Any] = {}
     if "name" in d:
-        kw["name"] = _name(where, "server.name", d["name"])
+        kw["name"] = check_instance_name(d["name"], f"{source}: key 'server.name'")
     if "checkpoint_dir" in d:
         if not isinstance(d["checkpoint_dir"], str) or not d["checkpoint_dir"]:
             raise where.error("server.checkpoint_dir", "must be a directory path")

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, replace
 
 import numpy as np
+import posix_ipc
 import psutil
 
 from .config import (
@@ -40,23 +41,31 @@ from .control import MAX_FRAME, PROTOCOL_VERSION, encode
 from .errors import (
     ConfigError,
     DaemonAlreadyRunning,
+    DaemonNotRunning,
     InsufficientSharedMemory,
     LockTimeout,
+    SegmentError,
     ShmReplayError,
     TableNotFoundError,
 )
-from .events import Event
+from .events import Event, sem_path
 from .instance import (
+    TABLE_EVENTS,
     InstanceRecord,
+    check_owner,
     event_name,
+    in_the_way,
     is_out_of_descriptors,
     lock_path,
     process_alive,
     record_path,
+    recorded_daemon_alive,
     remove_shm_objects,
+    runtime_dir,
     segment_name,
     shm_objects,
     socket_path,
+    start_stamp,
 )
 from .layout import (
     FORMAT_VERSION,
@@ -87,7 +96,8 @@ QUARANTINE_S = 1.0  # far longer than any client takes to write a row or copy a 
 ACTIVE_WINDOW_S = 0.05  # writers quiet for this long: sleep until woken instead of napping
 IDLE_SLEEP_S = 0.1
 LIVENESS_CHECK_S = 0.1  # how often client pids are checked (connection EOF is the fast path)
-EVENT_KINDS = ("sample", "insert")
+EVENT_KINDS = TABLE_EVENTS  # shm_objects knows them by name
+UNIX_PATH_MAX = 107  # sun_path holds 108 bytes, with the terminating NUL
 
 
 def check_fits(config: Config, present: frozenset[str] = frozenset()) -> int:
@@ -341,55 +351,111 @@ class Daemon:
         )
 
     def _take_instance_lock(self) -> None:
+        """Hold ``<name>.lock`` in the runtime directory (checked: this user's, closed to
+        others) for as long as the daemon runs. ``shmreplay gc`` removes a lock file nobody
+        holds (while holding it): if ours was unlinked between open and flock, open again."""
+        runtime_dir(daemon=True)
         path = lock_path(self.name)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            rec = InstanceRecord.read(self.name)
-            who = f" (pid {rec.pid})" if rec else ""
-            raise DaemonAlreadyRunning(
-                f"a shmreplay daemon already serves instance {self.name!r}{who}; stop it "
-                f"(shmreplay stop --name {self.name}) or choose another --name"
-            ) from None
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                rec = InstanceRecord.read(self.name)
+                if rec is None or not rec.alive():
+                    raise DaemonAlreadyRunning(
+                        f"{path} is locked by another process (a daemon of instance "
+                        f"{self.name!r} starting, or shmreplay gc cleaning up); try again in "
+                        "a moment"
+                    ) from None
+                who = f" (pid {rec.pid})"
+                raise DaemonAlreadyRunning(
+                    f"a shmreplay daemon already serves instance {self.name!r}{who}; stop it "
+                    f"(shmreplay stop --name {self.name}) or choose another --name"
+                ) from None
+            try:
+                same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # gc removed the file we opened: lock the one at the path now
         self._lock_fd = fd
 
     def _leftovers(self) -> dict[str, Segment]:
         """What a dead daemon of this instance left (we hold the lock): its table segments,
         checked against tables.toml, to adopt (or, with ``fresh``, nothing: all removed). Its
-        semaphores, socket and record are removed either way."""
-        leftovers = shm_objects(self.name)
-        for path in (socket_path(self.name), record_path(self.name)):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        if self.fresh:
-            if leftovers:
-                remove_shm_objects(self.name)
-                log.warning(
-                    "--fresh: discarded %d object(s) a dead daemon of instance %r left: %s",
-                    len(leftovers),
-                    self.name,
-                    " ".join(leftovers),
-                )
-            return {}
+        semaphores, socket and record are removed either way.
+
+        Only objects of this daemon's user are adopted or removed: another user's object under
+        our name is refused (PermissionDenied naming it, its owner and what to do), never
+        trusted (its owner could read and write our rows) nor deleted. Segments whose recorded
+        daemon (pid and start time, Ctrl.DAEMON_START) is alive are refused with
+        DaemonAlreadyRunning before anything is touched: that daemon may use another runtime
+        directory, so our lock does not see it."""
+        me = os.geteuid()
         stem = segment_name(self.name, "")[1:]
-        specs = {t.name: t for t in self.config.tables}
-        found: dict[str, Segment] = {}
+        entries = shm_objects(self.name)
+        segments: dict[str, Segment] = {}
+        sems: list[str] = []
         try:
-            for entry in leftovers:
-                if entry.startswith("sem."):
-                    Event.unlink("/" + entry[len("sem.") :])
+            for entry in entries:
+                path = os.path.join(SHM_DIR, entry)
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
                     continue
-                table = entry[len(stem) :]
+                is_sem = entry.startswith("sem.")
+                what = "a semaphore of this instance" if is_sem else "a table segment"
+                check_owner(path, st, me, what, daemon=True)
+                if is_sem:
+                    sems.append(entry)
+                    continue
+                try:
+                    seg = Segment.attach("/" + entry, owner=me, daemon=True)
+                except DaemonNotRunning:
+                    continue  # gone since it was listed
+                except SegmentError as exc:
+                    if self.fresh:
+                        continue  # not a table: removed below
+                    raise SegmentError(
+                        f"{path} is not a shmreplay table ({exc}); remove it (rm {path}) or "
+                        "start with --fresh to discard it"
+                    ) from exc
+                segments[entry[len(stem) :]] = seg
+                pid = recorded_daemon_alive(seg)
+                if pid is not None and pid != os.getpid():
+                    raise DaemonAlreadyRunning(
+                        f"a shmreplay daemon (pid {pid}) serves instance {self.name!r}: its "
+                        f"table {path} says so (that daemon may use another runtime "
+                        f"directory than {lock_path(self.name).parent}); stop it (kill -TERM "
+                        f"{pid}) or choose another --name"
+                    )
+            for path in (socket_path(self.name), record_path(self.name)):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            if self.fresh:
+                for seg in segments.values():
+                    seg.close()
+                segments = {}
+                if entries:
+                    remove_shm_objects(self.name)
+                    log.warning(
+                        "--fresh: discarded %d object(s) a dead daemon of instance %r left: %s",
+                        len(entries),
+                        self.name,
+                        " ".join(entries),
+                    )
+                return {}
+            specs = {t.name: t for t in self.config.tables}
+            for table, seg in segments.items():
                 if table not in specs:
                     raise ConfigError(
                         f"a dead daemon of instance {self.name!r} left table {table!r} in "
                         f"/dev/shm, which tables.toml does not define; serve the tables.toml it "
                         f"ran with, or start with --fresh to discard its items"
                     )
-                seg = Segment.attach("/" + entry)
-                found[table] = seg
                 expected = compute_layout(specs[table], self.max_clients)
                 if seg.layout.digest != expected.digest:
                     raise ConfigError(
@@ -398,18 +464,24 @@ class Daemon:
                         f"({specs[table].to_dict()}); serve the old definition to keep its "
                         "items, or start with --fresh to discard them"
                     )
+            for entry in sems:
+                Event.unlink("/" + entry[len("sem.") :])
         except BaseException:
-            for seg in found.values():
+            for seg in segments.values():
                 seg.close()
             raise
-        return found
+        return segments
 
     def _create_table(
         self, spec: TableSpec, mode: int, gid: int | None, adopt: Segment | None = None
     ) -> None:
         if adopt is None:
             layout = compute_layout(spec, self.max_clients)
-            seg = Segment.create(segment_name(self.name, spec.name), layout, mode, gid)
+            name = segment_name(self.name, spec.name)
+            try:
+                seg = Segment.create(name, layout, mode, gid)
+            except posix_ipc.ExistentialError:  # made since _leftovers looked: not ours
+                raise in_the_way(SHM_DIR + name, "a table segment") from None
         else:
             seg = adopt
             self._adopted.add(seg.name)
@@ -421,6 +493,8 @@ class Daemon:
             evs[kind] = ev
         core = TableCore(seg, TableEvents(daemon=self.wake, **evs))
         state = _TableState(core, np.zeros(self.max_clients, np.int64))
+        # The start time goes in first: a reader that sees our pid sees it too (Ctrl).
+        core.ctrl[Ctrl.DAEMON_START] = start_stamp(psutil.Process().create_time())
         if adopt is None:
             core.initialize(os.getpid())
         else:
@@ -439,6 +513,12 @@ class Daemon:
 
     def _listen(self, mode: int, gid: int | None) -> None:
         path = str(socket_path(self.name))
+        if len(os.fsencode(path)) > UNIX_PATH_MAX:
+            raise ConfigError(
+                f"the control socket's path {path} is {len(os.fsencode(path))} bytes, more "
+                f"than a unix socket allows ({UNIX_PATH_MAX}); choose a shorter --name or set "
+                "SHMREPLAY_RUNTIME_DIR to a shorter directory"
+            )
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177 if gid is None else 0o117)
         try:
@@ -446,7 +526,7 @@ class Daemon:
         finally:
             os.umask(old_umask)
         if gid is not None:
-            os.chown(path, -1, gid)
+            os.chown(path, -1, gid, follow_symlinks=False)
         sock.listen(64)
         sock.setblocking(False)
         self._listener = sock
@@ -974,6 +1054,8 @@ def _create_event(name: str, mode: int, gid: int | None) -> Event:
     """Create a semaphore; a full /dev/shm (each takes a page there) is reported as such."""
     try:
         return Event.create(name, mode, gid)
+    except posix_ipc.ExistentialError:  # made since _leftovers looked: not ours
+        raise in_the_way(sem_path(name), "a semaphore of this instance") from None
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise

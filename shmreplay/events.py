@@ -18,6 +18,11 @@ import posix_ipc
 WAIT_SLICE_S = 0.5
 
 
+def sem_path(name: str) -> str:
+    """Where Linux keeps the named semaphore ``name``."""
+    return f"/dev/shm/sem.{name.lstrip('/')}"
+
+
 class Event:
     """A named semaphore used as an event. The semaphore value caps at the number of waiters."""
 
@@ -29,18 +34,46 @@ class Event:
 
     @classmethod
     def create(cls, name: str, mode: int = 0o600, gid: int | None = None) -> Event:
+        """Create a new semaphore (fails with posix_ipc.ExistentialError if the name exists:
+        ``sem_open`` with O_EXCL links a new file in place, never through a symlink)."""
         sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=mode, initial_value=0)
-        path = f"/dev/shm/sem.{name.lstrip('/')}"
         try:
-            os.chmod(path, mode)  # the umask strips bits from mode= at creation
-            if gid is not None:
-                os.chown(path, -1, gid)
+            fd = os.open(sem_path(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
-            pass  # not on Linux's /dev/shm layout; mode= stands
+            return cls(sem)  # not on Linux's /dev/shm layout; mode= stands
+        except BaseException:
+            sem.close()
+            posix_ipc.unlink_semaphore(name)
+            raise
+        try:
+            # On the descriptor, not the path: the umask strips bits from mode= at creation.
+            os.fchmod(fd, mode)
+            if gid is not None:
+                os.fchown(fd, -1, gid)
+        except BaseException:
+            sem.close()
+            posix_ipc.unlink_semaphore(name)
+            raise
+        finally:
+            os.close(fd)
         return cls(sem)
 
     @classmethod
-    def open(cls, name: str) -> Event:
+    def open(cls, name: str, owner: int | None = None) -> Event:
+        """Open an existing semaphore. With ``owner``, it must be a regular file of that user
+        (the daemon's: a semaphore someone else planted under the daemon's name is refused
+        with PermissionDenied); /dev/shm is sticky, so a file of the daemon's user seen here
+        cannot be swapped by another user before it is opened."""
+        if owner is not None:
+            from .instance import check_owner
+
+            path = sem_path(name)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                pass  # posix_ipc says so below
+            else:
+                check_owner(path, st, owner, "a semaphore of the daemon")
         return cls(posix_ipc.Semaphore(name))
 
     def wait(self, timeout: float) -> bool:

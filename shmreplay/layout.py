@@ -76,6 +76,10 @@ class Ctrl:
     TOTAL_EVICTED = 17
     SAMPLER_WAITING = 18  # hint: a sampler sleeps waiting for items; writers wake the daemon
     EPISODES = 19  # episodes that have had items in the table (since the last reset)
+    # The daemon's start time (ms since the epoch; 0: not recorded) next to DAEMON_PID: with
+    # it, anyone who can read the segment tells a live daemon from a dead one whose pid was
+    # reused, whatever runtime directory it used (gc, a second daemon of the same name).
+    DAEMON_START = 20
     COUNT = 24
 
 

@@ -35,8 +35,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
-from .config import TableSpec, to_toml
-from .errors import ConfigError, DaemonNotRunning
+from .config import TableSpec, check_instance_name, to_toml
+from .errors import ConfigError, DaemonNotRunning, ShmReplayError
 from .instance import (
     InstanceRecord,
     lock_path,
@@ -103,7 +103,8 @@ class Server:
         extra_args: Sequence[str] = (),
         ready_timeout: float | None = 30.0,
     ) -> None:
-        self.name = name or _default_name()
+        # Checked here, before anything starts: the daemon would refuse it after a second.
+        self.name = _default_name() if name is None else check_instance_name(name, "Server(name=)")
         self._tmp = tempfile.mkdtemp(prefix="shmreplay-server-")
         try:
             path = self._tables_path(tables)
@@ -262,7 +263,10 @@ class Server:
             # what our daemon's record claims is ours: a daemon that failed to start (another
             # one serves the name, or it refused to adopt a dead one's tables) leaves those
             # objects to their owner, or to `serve --fresh`.
-            rec = InstanceRecord.read(self.name)
+            try:
+                rec = InstanceRecord.read(self.name)
+            except ShmReplayError:  # an unsafe runtime directory, a planted record: not ours
+                rec = None
             ours = proc is not None and rec is not None and rec.pid == proc.pid
             if ours and shm_objects(self.name):
                 remove_shm_objects(self.name)

@@ -98,9 +98,14 @@ class Segment:
         return cls(name, mm, layout)
 
     @classmethod
-    def attach(cls, name: str) -> Segment:
-        """Map an existing segment and verify its header."""
-        from .instance import access_denied, is_out_of_descriptors, out_of_descriptors
+    def attach(cls, name: str, owner: int | None = None, daemon: bool = False) -> Segment:
+        """Map an existing segment and verify its header.
+
+        With ``owner``, the segment must be a regular file of that user (checked on the open
+        descriptor; ``shm_open`` never follows a symlink), else PermissionDenied: a client
+        passes the daemon's user, a daemon adopting a segment its own (``daemon=True``: the
+        error then says what is in the way and what to do)."""
+        from .instance import access_denied, check_owner, is_out_of_descriptors, out_of_descriptors
 
         try:
             shm = posix_ipc.SharedMemory(name)
@@ -115,7 +120,10 @@ class Segment:
                 raise out_of_descriptors(f"opening table segment {SHM_DIR}{name}") from exc
             raise
         try:
-            size = os.fstat(shm.fd).st_size
+            st = os.fstat(shm.fd)
+            if owner is not None:
+                check_owner(f"{SHM_DIR}{name}", st, owner, "a table segment", daemon)
+            size = st.st_size
             if size == 0:
                 raise SegmentError(f"{name}: empty segment (the daemon is still creating it)")
             try:

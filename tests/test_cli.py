@@ -62,7 +62,7 @@ def test_gc_removes_a_dead_instance_and_spares_a_live_one(daemon_factory):
     os.kill(dead.proc.pid, signal.SIGKILL)
     dead.proc.wait()
     assert shm_objects(dead.name)
-    r = shmreplay_cli("gc", "--name", dead.name)
+    r = shmreplay_cli("gc", "--name", dead.name, "--yes")
     assert r.returncode == 0 and "removed" in r.stdout
     assert shm_objects(dead.name) == []
     r = shmreplay_cli("gc", "--name", live.name)
