@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import posix_ipc
+import psutil
 
 from .config import FieldSpec, RateLimiterSpec
-from .control import PROTOCOL_VERSION, ControlClient
+from .control import DEFAULT_TIMEOUT_S, PROTOCOL_VERSION, ControlClient
 from .errors import (
     ClientClosedError,
+    DaemonBusy,
     DaemonNotRunning,
     InvalidArgumentError,
     RateLimiterTimeout,
@@ -54,6 +56,8 @@ if TYPE_CHECKING:
 
 __all__ = ["attach", "Client", "Table", "ReservedSlot", "Sample", "SampleInfo", "TableInfo"]
 
+# attach() waits at least this long for the daemon's answer, even with a timeout already spent.
+MIN_ANSWER_S = 0.05
 # A writer with this few leased slots left wakes a napping daemon to refill them.
 LEASE_LOW_WATER = 32
 
@@ -81,11 +85,16 @@ def attach(
     the daemon has no file descriptor left, with the limit and how to raise it.
     """
     deadline = time.monotonic() + timeout
+    busy: DaemonBusy | None = None
     while True:
         try:
             rec = InstanceRecord.read(name)
             if rec is not None and rec.alive():
-                return Client(rec, seed=seed, prefault=prefault)
+                # The daemon's answer is awaited only as long as our own timeout allows.
+                remaining = max(deadline - time.monotonic(), MIN_ANSWER_S)
+                return Client(rec, seed=seed, prefault=prefault, timeout=remaining)
+        except DaemonBusy as exc:
+            busy = _busy_daemon(name, rec, timeout, exc)  # restoring, or not answering
         except (FileNotFoundError, ConnectionRefusedError, DaemonNotRunning):
             pass  # starting up or going away: try again until the deadline
         except ShmReplayError:
@@ -97,12 +106,34 @@ def attach(
                 raise out_of_descriptors(f"attaching to instance {name!r}") from exc
             raise
         if time.monotonic() >= deadline:
+            if busy is not None:
+                raise busy
             where = record_path(name)
             raise DaemonNotRunning(
                 f"no shmreplay daemon named {name!r} is running (no live record at {where}); "
                 f"start one with: shmreplay serve --tables tables.toml --name {name}"
             )
         time.sleep(0.05)
+
+
+def _busy_daemon(name: str, rec: InstanceRecord, timeout: float, exc: DaemonBusy) -> DaemonBusy:
+    """What attach() says of a daemon that is alive but did not let it attach in time."""
+    reply = getattr(exc, "reply", None) or {}
+    if reply.get("state") == "restoring":
+        return exc  # the daemon's own words, with the restore's progress
+    try:
+        status = psutil.Process(rec.pid).status()
+    except psutil.Error:
+        status = "unknown"
+    hint = (
+        f"it is stopped: resume it with kill -CONT {rec.pid}"
+        if status in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+        else "it is busy or stuck; look at its log, or attach with a longer timeout"
+    )
+    return DaemonBusy(
+        f"the shmreplay daemon of instance {name!r} (pid {rec.pid}, {status}) is running but "
+        f"did not answer within {timeout} s; {hint}"
+    )
 
 
 def _open_event(name: str) -> Event:
@@ -126,16 +157,21 @@ class Client:
     _control: ControlClient | None = None
 
     def __init__(
-        self, record: InstanceRecord, seed: int | None = None, prefault: bool = True
+        self,
+        record: InstanceRecord,
+        seed: int | None = None,
+        prefault: bool = True,
+        timeout: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         self.instance = record.name
         self._pid = os.getpid()
-        self._control = ControlClient(record.socket)
+        self._control = ControlClient(record.socket, timeout=timeout)
         self._tables: dict[str, Table] = {}
         self._segments: list[Segment] = []
         self._events: list[Event] = []
         try:
             hello = self._control.request("hello", pid=self._pid, protocol=PROTOCOL_VERSION)
+            self._control.timeout = DEFAULT_TIMEOUT_S  # attach's deadline was for the hello
             self.channel = int(hello["channel"])
             self.daemon_pid = int(hello["pid"])
             wake = _open_event(hello["wake"])
@@ -236,11 +272,13 @@ class Client:
         ``create_item`` from ``history`` selections (see :class:`TrajectoryWriter`)."""
         return TrajectoryWriter(self, num_keep_alive_refs, **kw)
 
-    def checkpoint(self) -> dict:
+    def checkpoint(self, timeout: float | None = None) -> dict:
         """Have the daemon write a checkpoint of every table (into [server] checkpoint_dir);
-        returns its report once it is complete on disk."""
+        returns its report once it is complete on disk. Waits at most ``timeout`` seconds
+        (None: as long as the daemon reports progress, which it does every second), then
+        raises :class:`~shmreplay.errors.DaemonBusy`; the checkpoint goes on in the daemon."""
         self._check()
-        return self._control.request("checkpoint")["checkpoint"]
+        return self._control.request("checkpoint", timeout=timeout)["checkpoint"]
 
     def server_info(self) -> dict:
         """The daemon's view of the instance: tables, their statistics, attached clients."""
@@ -260,8 +298,8 @@ class Client:
                         pass  # nothing to wait for any more, or the caller's deadline passed
                 try:
                     self._control.request("bye")
-                except DaemonNotRunning:
-                    pass
+                except (DaemonNotRunning, DaemonBusy):
+                    pass  # its EOF tells the daemon all the same
         finally:
             self._closed = True
             self._release()

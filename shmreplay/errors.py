@@ -12,6 +12,7 @@ working for code that does not know about shmreplay::
     ├── RateLimiterTimeout       (TimeoutError)     a blocked insert or sample ran out of time
     ├── LockTimeout              (TimeoutError)     a table lock stayed held past its timeout
     ├── DaemonNotRunning         (ConnectionError)  no daemon serves the instance, or it went away
+    ├── DaemonBusy               (TimeoutError)     the daemon is alive but did not answer in time
     ├── DaemonAlreadyRunning     (RuntimeError)     ``serve`` found a live daemon with that name
     ├── ClientClosedError        (RuntimeError)     a handle was used after ``close()``
     ├── SegmentError             (RuntimeError)     corrupt header or other format
@@ -36,6 +37,7 @@ __all__ = [
     "RateLimiterTimeout",
     "LockTimeout",
     "DaemonNotRunning",
+    "DaemonBusy",
     "DaemonAlreadyRunning",
     "ClientClosedError",
     "SegmentError",
@@ -95,6 +97,12 @@ class LockTimeout(ShmReplayError, TimeoutError):
 
 class DaemonNotRunning(ShmReplayError, ConnectionError):
     """No daemon serves the instance, or the daemon shut down while the call waited."""
+
+
+class DaemonBusy(ShmReplayError, TimeoutError):
+    """The daemon is alive but did not answer within the timeout: it is restoring a checkpoint
+    (the message gives its progress), it is stopped (SIGSTOP, a debugger) or overloaded. Not
+    :class:`DaemonNotRunning`: waiting longer, or looking at the daemon, is what helps."""
 
 
 class DaemonAlreadyRunning(ShmReplayError, RuntimeError):
