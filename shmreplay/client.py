@@ -94,7 +94,10 @@ def attach(
                 remaining = max(deadline - time.monotonic(), MIN_ANSWER_S)
                 return Client(rec, seed=seed, prefault=prefault, timeout=remaining)
         except DaemonBusy as exc:
-            busy = _busy_daemon(name, rec, timeout, exc)  # restoring, or not answering
+            # Restoring, or not answering: try again until the deadline. A daemon that said it
+            # is restoring and then did not answer in time is still restoring, most likely.
+            if busy is None or not _restoring(busy) or _restoring(exc):
+                busy = _busy_daemon(name, rec, timeout, exc)
         except (FileNotFoundError, ConnectionRefusedError, DaemonNotRunning):
             pass  # starting up or going away: try again until the deadline
         except ShmReplayError:
@@ -116,10 +119,13 @@ def attach(
         time.sleep(0.05)
 
 
+def _restoring(exc: DaemonBusy) -> bool:
+    return (getattr(exc, "reply", None) or {}).get("state") == "restoring"
+
+
 def _busy_daemon(name: str, rec: InstanceRecord, timeout: float, exc: DaemonBusy) -> DaemonBusy:
     """What attach() says of a daemon that is alive but did not let it attach in time."""
-    reply = getattr(exc, "reply", None) or {}
-    if reply.get("state") == "restoring":
+    if _restoring(exc):
         return exc  # the daemon's own words, with the restore's progress
     try:
         status = psutil.Process(rec.pid).status()

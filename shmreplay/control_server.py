@@ -59,7 +59,10 @@ FRAME_S = 5.0
 # A connection that never said hello (a CLI command, a monitoring script) and has nothing in
 # flight is closed after this long without a request: it is holding a descriptor for nothing.
 IDLE_S = 60.0
-# Replies queued for a peer that does not read them: past this, the peer is broken or hostile.
+# Replies waiting for a peer to read them: past OUTPUT_PAUSE its further requests wait (unread,
+# in its own socket buffer); past MAX_OUTPUT, or with nothing read for FRAME_S, the peer is
+# broken or hostile and its connection is closed.
+OUTPUT_PAUSE = 64 << 10
 MAX_OUTPUT = 1 << 20
 # Requests of one connection being served at once; further frames wait in its (capped) input.
 MAX_IN_FLIGHT = 4
@@ -160,6 +163,8 @@ class ControlServer:
                             self._read(conn)
                         if mask & selectors.EVENT_WRITE and not conn.closed:
                             self._flush(conn)
+                            if not conn.closed and conn.inbuf:
+                                self._parse(conn)  # requests that waited for the peer to read
                 self._deliver()
                 self._check_timeouts()
         except Exception:
@@ -239,7 +244,12 @@ class ControlServer:
     def _parse(self, conn: Connection) -> None:
         """Handle the complete frames in ``conn``'s input, as many as it may have in flight."""
         buf = conn.inbuf
-        while len(buf) >= 4 and conn.in_flight < MAX_IN_FLIGHT and not conn.closed:
+        while (
+            len(buf) >= 4
+            and conn.in_flight < MAX_IN_FLIGHT
+            and len(conn.outbuf) < OUTPUT_PAUSE
+            and not conn.closed
+        ):
             (n,) = _LEN.unpack_from(buf)
             if n > MAX_REQUEST:
                 log.warning(
@@ -356,6 +366,8 @@ class ControlServer:
             batch, self._ckpt_waiting = self._ckpt_waiting, []
         if not batch:
             return
+        with self._progress_lock:  # heartbeats until the first line: not an older operation's
+            self._progress = {"line": "checkpoint: waiting for the previous one / table locks"}
         try:
             reply = {"ok": True, "checkpoint": self.daemon.checkpoint()}
         except ShmReplayError as exc:
@@ -391,6 +403,8 @@ class ControlServer:
     def _send(self, conn: Connection, reply: dict) -> None:
         if conn.closed:
             return
+        if not conn.outbuf:
+            conn.last_sent = time.monotonic()  # the clock of a peer not reading starts now
         conn.outbuf += encode(reply)
         if len(conn.outbuf) > MAX_OUTPUT:
             log.warning(
@@ -411,8 +425,9 @@ class ControlServer:
         except OSError:
             self._close(conn, "disconnected without saying bye")
             return
-        del conn.outbuf[:sent]
-        conn.last_sent = time.monotonic()
+        if sent:
+            del conn.outbuf[:sent]
+            conn.last_sent = time.monotonic()
         self._watch(conn)
 
     def _check_timeouts(self) -> None:
@@ -422,7 +437,21 @@ class ControlServer:
             if conn.closed:
                 continue
             why = None
-            if conn.partial_since is not None and now - conn.partial_since > FRAME_S:
+            if conn.outbuf and now - conn.last_sent > FRAME_S:
+                log.warning(
+                    "closing the control connection of pid %d: it does not read its replies "
+                    "(%d bytes waiting for %.0f s)",
+                    conn.pid,
+                    len(conn.outbuf),
+                    now - conn.last_sent,
+                )
+                self._close(conn, "stopped reading its control connection")
+                continue
+            if (
+                conn.partial_since is not None
+                and now - conn.partial_since > FRAME_S
+                and not _has_frame(conn.inbuf)  # not a request waiting for its turn
+            ):
                 why = f"a request frame begun {FRAME_S:.0f} s ago is still incomplete"
             elif conn.last_request is None and now - conn.opened > FIRST_FRAME_S:
                 why = f"no request within {FIRST_FRAME_S:.0f} s of connecting"
@@ -460,6 +489,11 @@ class ControlServer:
         if c is not None:
             self.daemon._dead.put((c, reason))
             self.daemon.wake.sem.release()
+
+
+def _has_frame(buf: bytearray) -> bool:
+    """Whether ``buf`` starts with a complete frame."""
+    return len(buf) >= 4 and len(buf) >= 4 + _LEN.unpack_from(buf)[0]
 
 
 def _error(kind: str, message: str, **extra: Any) -> dict:
