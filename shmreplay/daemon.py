@@ -88,8 +88,8 @@ ACTIVE_WINDOW_S = 0.05  # writers quiet for this long: sleep until woken instead
 IDLE_SLEEP_S = 0.1
 LIVENESS_CHECK_S = 0.1  # how often client pids are checked (connection EOF is the fast path)
 EVENT_KINDS = ("sample", "insert")
-# info() (shmreplay info, metrics scrapes) reuses a table's priority-extremes and episode scan
-# this recent: a scraper at full speed then costs O(tables), plus one O(size) scan per second.
+# info() (shmreplay info, metrics scrapes) reuses a big table's priority-extremes and episode
+# scan this recent: a scraper at full speed costs O(tables), plus one O(size) scan per second.
 STATS_MAX_AGE_S = 1.0
 
 

@@ -117,9 +117,8 @@ class TableInfo:
 
 _INFO_FIELDS = ("key", "probability", "priority", "times_sampled", "table_size")
 # info(max_age=...) reuses the statistics scan of a table of SCAN_REUSE_SLOTS slots or more (a
-# scan of 100k slots takes ~1-3 ms) for SCAN_REUSE times as long as it took: scans then cost at
-# most ~10% of a core, however often info() is called.
-SCAN_REUSE = 10
+# scan of 100k slots takes ~0.5-3 ms, of 1M 5-30 ms): one scan per max_age however often
+# info() is called. A smaller table is cheaper to scan again than to report stale.
 SCAN_REUSE_SLOTS = 100_000
 LOCK_GRACE_S = 0.1  # a live holder keeps the lock for microseconds: even nowait waits this long
 
@@ -143,9 +142,9 @@ class _Selection:
 class TableCore:
     """Numpy views of one table segment and the operations on them."""
 
-    # The last O(size) statistics scan of info(): (monotonic end, seconds it took, max priority,
-    # min priority, episodes). Per process: a scan only reads the segment.
-    _scan: tuple[float, float, float | None, float | None, int] | None = None
+    # The last O(size) statistics scan of info(): (monotonic time, max priority, min priority,
+    # episodes). Per process: a scan only reads the segment.
+    _scan: tuple[float, float | None, float | None, int] | None = None
 
     def __init__(self, segment: Segment, events: TableEvents | None = None) -> None:
         layout = segment.layout
@@ -843,11 +842,10 @@ class TableCore:
         """The table's statistics. Counters are read together under the table lock (waiting at
         most ``timeout`` seconds, None: forever, then LockTimeout), which costs O(1). The
         priority extremes and episode counts need a scan of every slot (~5-30 ms per million
-        items): with ``max_age``, a scan this process made recently is reused, for at most
-        ``max_age`` seconds and SCAN_REUSE times as long as it took, so that frequent callers
-        (the daemon's ``info``, metrics scrapes) cost O(1) and spend at most ~1/SCAN_REUSE of a
-        core on scans, while a small table (under SCAN_REUSE_SLOTS slots) is always scanned
-        afresh."""
+        items): with ``max_age``, the scan this process made of a table of SCAN_REUSE_SLOTS
+        slots or more is reused for ``max_age`` seconds, so that frequent callers (the daemon's
+        ``info``, metrics scrapes) cost O(1) and at most one scan per ``max_age``; those three
+        values are then up to ``max_age`` seconds old. A smaller table is always scanned."""
         # Under the lock: a consistent snapshot (a commit briefly holds max_size + k items).
         with self.mutex.held(_lock_wait(timeout)):
             c = self.ctrl.copy()
@@ -859,7 +857,7 @@ class TableCore:
             max_age is None
             or scan is None
             or self.num_slots < SCAN_REUSE_SLOTS  # cheaper to scan again than to be stale
-            or now - scan[0] > min(max_age, SCAN_REUSE * scan[1])
+            or now - scan[0] > max_age
         ):
             ready = self.state == SlotState.READY
             present = self.priority[ready]
@@ -869,9 +867,8 @@ class TableCore:
                 float(present.min()) if len(present) else None,
                 len(np.unique(episodes[episodes != 0])),
             )
-            end = time.monotonic()
-            scan = self._scan = (end, end - now, *extremes)
-        _, _, max_priority, min_priority, num_episodes = scan
+            scan = self._scan = (now, *extremes)
+        _, max_priority, min_priority, num_episodes = scan
         return TableInfo(
             name=self.name,
             max_size=self.spec.max_size,

@@ -385,7 +385,7 @@ def test_idle_scrape_connections_do_not_delay_a_scrape(daemon_factory):
     assert took < 1.0, took
 
 
-def test_big_tables_statistics_scans_are_reused_by_the_daemon(monkeypatch):
+def test_big_tables_statistics_scans_are_reused_by_the_daemon():
     """TableCore.info(max_age=...) (what the daemon's info and metrics call) reuses a recent
     scan of a big table's priorities and episodes instead of scanning every slot per call;
     info() without max_age (Table.info) always scans."""
@@ -394,24 +394,26 @@ def test_big_tables_statistics_scans_are_reused_by_the_daemon(monkeypatch):
     from shmreplay.layout import Ctrl, SlotState
     from shmreplay.testing import local_table
 
-    monkeypatch.setattr(table_mod, "SCAN_REUSE", 1e9)  # reuse for max_age, however fast a scan
-    toml = table_toml(
-        max_size=table_mod.SCAN_REUSE_SLOTS,
-        signature='[table.signature]\nx = { dtype = "int8" }\n',
-    )
-    path = os.path.join(os.environ["SHMREPLAY_RUNTIME_DIR"], f"{unique_name()}.toml")
-    with open(path, "w") as f:
-        f.write(toml)
-    try:
-        spec = load_config(path).tables[0]
-    finally:
-        os.unlink(path)
-    with local_table(spec) as core:
-        core.state[:10] = SlotState.READY
-        core.priority[:10] = np.arange(1, 11)
-        core.ctrl[Ctrl.SIZE] = 10
-        assert core.info(max_age=60).max_priority == 10.0
-        core.priority[9] = 99.0
-        assert core.info(max_age=60).max_priority == 10.0  # reused
-        assert core.info().max_priority == 99.0  # Table.info: always exact
-        assert core.info(max_age=0.0).max_priority == 99.0
+    def spec(max_size: int):
+        toml = table_toml(
+            max_size=max_size, signature='[table.signature]\nx = { dtype = "int8" }\n'
+        )
+        path = os.path.join(os.environ["SHMREPLAY_RUNTIME_DIR"], f"{unique_name()}.toml")
+        with open(path, "w") as f:
+            f.write(toml)
+        try:
+            return load_config(path).tables[0]
+        finally:
+            os.unlink(path)
+
+    for max_size in (table_mod.SCAN_REUSE_SLOTS, 1000):
+        with local_table(spec(max_size)) as core:
+            core.state[:10] = SlotState.READY
+            core.priority[:10] = np.arange(1, 11)
+            core.ctrl[Ctrl.SIZE] = 10
+            assert core.info(max_age=60).max_priority == 10.0
+            core.priority[9] = 99.0
+            big = max_size >= table_mod.SCAN_REUSE_SLOTS
+            assert core.info(max_age=60).max_priority == (10.0 if big else 99.0)  # reused if big
+            assert core.info().max_priority == 99.0  # Table.info: always exact
+            assert core.info(max_age=0.0).max_priority == 99.0
