@@ -225,6 +225,9 @@ def _connect(name: str, timeout: float | None):
     return ControlClient(rec.socket, timeout=DEFAULT_TIMEOUT_S if timeout is None else timeout)
 
 
+_NO_COUNT_FORMAT = "{desc} {elapsed}{postfix}"
+
+
 class _ProgressBar:
     """A tqdm bar on stderr fed with the daemon's progress frames (``line``, ``done`` and
     ``total`` when it counts items); nothing is shown for an operation that ends at once."""
@@ -237,10 +240,17 @@ class _ProgressBar:
         from tqdm import tqdm
 
         if self.bar is None:
-            self.bar = tqdm(desc=self.what, unit=" items", file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(
+                desc=self.what,
+                unit=" items",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                bar_format=_NO_COUNT_FORMAT,  # until a line counts items
+            )
         total, done = progress.get("total"), progress.get("done")
         if total is not None and done is not None:
             if self.bar.total != total:
+                self.bar.bar_format = None  # tqdm's own: bar, count, rate, time left
                 self.bar.reset(total=total)
             self.bar.n = done
         self.bar.set_postfix_str(str(progress.get("line", "")), refresh=False)

@@ -366,8 +366,6 @@ class ControlServer:
             batch, self._ckpt_waiting = self._ckpt_waiting, []
         if not batch:
             return
-        with self._progress_lock:  # heartbeats until the first line: not an older operation's
-            self._progress = {"line": "checkpoint: waiting for the previous one / table locks"}
         try:
             reply = {"ok": True, "checkpoint": self.daemon.checkpoint()}
         except ShmReplayError as exc:

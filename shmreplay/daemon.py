@@ -231,6 +231,8 @@ class Daemon:
                 f"instance {self.name!r} has no checkpoint_dir; set it in [server] of tables.toml"
             )
         with self._checkpoint_lock:
+            # Until its first progress line, those waiting hear this, not an older operation's.
+            self._control.progress(progress_update("checkpoint: started"))
             report = write_checkpoint(
                 {n: t.core for n, t in self.tables.items()},
                 directory,
@@ -327,6 +329,7 @@ class Daemon:
         # The control socket answers during the restore (info says "restoring", with its
         # progress; attach waits for it), so a long restore is not taken for a dead daemon.
         self._restoring = True
+        self._control.progress(progress_update("restore: starting"))
         self._listen(mode, gid)
         InstanceRecord(
             name=self.name,

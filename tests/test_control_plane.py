@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import json
 import multiprocessing as mp
 import os
 import signal
@@ -168,8 +167,9 @@ def test_slow_and_silent_peers_are_closed_and_cost_little_memory(daemon_factory)
         big = []
         for _ in range(100):
             s = raw(d.name)
-            s.sendall(struct.pack(">I", (1 << 20) - 8) + bytes(200 << 10))
             big.append(s)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                s.sendall(struct.pack(">I", (1 << 20) - 8) + bytes(200 << 10))  # closed midway
         try:
             assert all(closed_by_daemon(s, within=5.0) for s in big)
             grown = daemon.memory_info().rss - before
@@ -249,7 +249,7 @@ def test_checkpoint_takes_a_timeout_and_shows_progress(daemon_factory, tmp_path)
             out, err = waiting.communicate(timeout=60)
         assert waiting.returncode == 0, err
         assert "checkpoint " in out and "longest table lock hold" in out
-        assert "checkpoint:" in err  # the tqdm bar on stderr
+        assert "checkpoint: started" in err  # the daemon's progress, in the tqdm bar on stderr
         assert client.checkpoint(timeout=30)["items"] == {"replay": 1}
     assert len(list(tmp_path.glob("checkpoint-*"))) == 3  # the one that timed out went on
 
@@ -297,24 +297,30 @@ def test_info_during_a_restore_says_so_and_attach_waits_for_it(daemon_factory, t
     second = daemon_factory(
         f'[server]\ncheckpoint_dir = "{tmp_path}"\n' + toml, name=name, wait=False
     )
-    states = []
-    busy = None
+    states, progress, busy = [], [], None
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and second.proc.poll() is None:
-        r = cli("info", "--name", name, "--json")
-        if r.returncode == 0:
-            states.append(json.loads(r.stdout)["state"])
-            if states[-1] == "serving":
-                break
-            if busy is None:
-                try:
-                    shmreplay.attach(name, timeout=0.5).close()
-                    busy = False
-                except DaemonBusy as exc:
-                    busy = str(exc)
-        else:
-            assert "no shmreplay daemon" in r.stderr, r.stderr
+        rec = InstanceRecord.read(name)
+        if rec is None or not rec.alive():
+            time.sleep(0.01)
+            continue
+        ctl = ControlClient(rec.socket, timeout=10)
+        try:
+            info = ctl.request("info")
+        finally:
+            ctl.close()
+        states.append(info["state"])
+        if states[-1] == "serving":
+            break
+        progress.append(info["progress"]["line"])
+        if busy is None:
+            try:
+                shmreplay.attach(name, timeout=0.5).close()
+                busy = False
+            except DaemonBusy as exc:
+                busy = str(exc)
     assert "restoring" in states, states
+    assert progress[0].startswith("restore"), progress
     assert busy is False or "is restoring a checkpoint" in busy, busy
     with shmreplay.attach(name, timeout=60) as client:
         assert client.table("replay").info().current_size == n
@@ -332,7 +338,7 @@ def test_attach_honours_its_timeout_and_says_the_daemon_is_stopped(daemon_factor
         with pytest.raises(DaemonBusy) as err:
             shmreplay.attach(d.name, timeout=1.0)
         took = time.monotonic() - t0
-    assert took < 2.5, took
+    assert took < 3.0, took
     assert not isinstance(err.value, DaemonNotRunning)
     assert f"pid {d.proc.pid}" in str(err.value) and "kill -CONT" in str(err.value)
     assert attach_and_insert(d.name) < 3.0
@@ -382,7 +388,7 @@ def test_idle_scrape_connections_do_not_delay_a_scrape(daemon_factory):
         for s in idle:
             s.close()
     assert resp.status == 200 and "shmreplay_table_current_size" in body
-    assert took < 1.0, took
+    assert took < 2.0, took  # c7003f0: 5 s (REQUEST_TIMEOUT_S) at least
 
 
 def test_big_tables_statistics_scans_are_reused_by_the_daemon():
