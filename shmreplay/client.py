@@ -72,7 +72,10 @@ def attach(
     """Attach to the running daemon of instance ``name``.
 
     Waits up to ``timeout`` seconds for the daemon to come up (so a script may start it and
-    attach right away). Raises :class:`DaemonNotRunning` if none serves ``name`` by then. A client
+    attach right away) and answer, then raises :class:`DaemonNotRunning` if none serves
+    ``name``, or :class:`~shmreplay.errors.DaemonBusy` (a ``TimeoutError``) if one is running
+    but did not let us attach in time: it is restoring a checkpoint (with its progress), or is
+    stopped or stuck (with its pid and state). A client
     belongs to the process that attached it: attach again in each process (after ``fork`` too).
     ``seed`` seeds this client's sampling random generator (for reproducible runs).
     ``prefault`` maps every page of the tables in a background thread right away, which is

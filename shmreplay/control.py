@@ -205,8 +205,8 @@ class ControlClient:
     def _busy(self, op: str, timeout: float | None) -> DaemonBusy:
         return DaemonBusy(
             f"the daemon did not answer {op!r} within {timeout} s: it is alive but busy or "
-            "not answering (a long checkpoint or restore, a stopped process); try again, or "
-            "pass a longer timeout"
+            "not answering (a long checkpoint or restore, a stopped process) and may still carry "
+            "the request out; try again, or pass a longer timeout"
         )
 
     def close(self) -> None:
