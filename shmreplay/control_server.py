@@ -36,7 +36,6 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -108,8 +107,8 @@ class ControlServer:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="control-worker")
-        self._ckpt_pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self._pool = _Workers(WORKERS, "control-worker")
+        self._ckpt_pool = _Workers(1, "checkpoint")
         self._ckpt_lock = threading.Lock()
         self._ckpt_waiting: list[tuple[Connection, int | None]] = []
         self._progress: dict | None = None  # the latest progress of a long operation
@@ -148,36 +147,50 @@ class ControlServer:
         self._listen()
         try:
             while self.daemon._listener is not None:
-                if self._paused_until and time.monotonic() >= self._paused_until:
-                    self._paused_until = 0.0
-                    self._listen()
-                for key, mask in self.sel.select(timeout=TICK_S):
-                    if key.data == "wake":
-                        with contextlib.suppress(OSError):
-                            self._wake_r.recv(4096)
-                    elif key.data == "listener":
-                        self._accept()
-                    else:
-                        conn: Connection = key.data
-                        if mask & selectors.EVENT_READ and not conn.closed:
-                            self._read(conn)
-                        if mask & selectors.EVENT_WRITE and not conn.closed:
-                            self._flush(conn)
-                            if not conn.closed and conn.inbuf:
-                                self._parse(conn)  # requests that waited for the peer to read
-                self._deliver()
-                self._check_timeouts()
-        except Exception:
-            if self.daemon._listener is not None:
-                log.exception("the control server failed")
+                try:
+                    self._iterate()
+                except Exception:
+                    # A bug here must not end the control server: every attached client would
+                    # look disconnected. Log it and serve on.
+                    if self.daemon._listener is None:
+                        break
+                    log.exception("control server: unexpected error; serving on")
+                    time.sleep(TICK_S)
         finally:
             for conn in list(self.conns.values()):
                 self._close(conn, None)
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._ckpt_pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown()
+            self._ckpt_pool.shutdown()
             self.sel.close()
             self._wake_r.close()
             self._wake_w.close()
+
+    def _iterate(self) -> None:
+        if self._paused_until and time.monotonic() >= self._paused_until:
+            self._paused_until = 0.0
+            self._listen()
+        for key, mask in self.sel.select(timeout=TICK_S):
+            if key.data == "wake":
+                with contextlib.suppress(OSError):
+                    self._wake_r.recv(4096)
+            elif key.data == "listener":
+                self._accept()
+            else:
+                conn: Connection = key.data
+                try:
+                    if mask & selectors.EVENT_READ and not conn.closed:
+                        self._read(conn)
+                    if mask & selectors.EVENT_WRITE and not conn.closed:
+                        self._flush(conn)
+                        if not conn.closed and conn.inbuf:
+                            self._parse(conn)  # requests that waited for the peer to read
+                except Exception:
+                    log.exception(
+                        "control connection of pid %d: unexpected error; closing it", conn.pid
+                    )
+                    self._close(conn, "its control connection failed")
+        self._deliver()
+        self._check_timeouts()
 
     def _listen(self) -> None:
         listener = self.daemon._listener
@@ -487,6 +500,38 @@ class ControlServer:
         if c is not None:
             self.daemon._dead.put((c, reason))
             self.daemon.wake.sem.release()
+
+
+class _Workers:
+    """A few daemon threads running submitted calls in order. Not concurrent.futures: its
+    threads are joined at exit, and one waiting on a stopped client's lock (a checkpoint) would
+    keep the daemon from exiting."""
+
+    def __init__(self, n: int, name: str) -> None:
+        self.n, self.name = n, name
+        self.q: queue.SimpleQueue = queue.SimpleQueue()
+        self.threads: list[threading.Thread] = []
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        if len(self.threads) < self.n:  # started on demand: most daemons never need them all
+            t = threading.Thread(
+                target=self._run, name=f"{self.name}-{len(self.threads)}", daemon=True
+            )
+            self.threads.append(t)
+            t.start()
+        self.q.put((fn, args))
+
+    def _run(self) -> None:
+        while (item := self.q.get()) is not None:
+            fn, args = item
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("control server: %s failed", self.name)
+
+    def shutdown(self) -> None:
+        for _ in self.threads:
+            self.q.put(None)
 
 
 def _has_frame(buf: bytearray) -> bool:
