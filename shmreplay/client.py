@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 
 __all__ = ["attach", "Client", "Table", "ReservedSlot", "Sample", "SampleInfo", "TableInfo"]
 
+BYE_TIMEOUT_S = 1.0  # close() waits this long for the daemon to acknowledge a detach
 # attach() waits at least this long for the daemon's answer, even with a timeout already spent.
 MIN_ANSWER_S = 0.05
 # A writer with this few leased slots left wakes a napping daemon to refill them.
@@ -306,7 +307,9 @@ class Client:
                     except (DaemonNotRunning, RateLimiterTimeout):
                         pass  # nothing to wait for any more, or the caller's deadline passed
                 try:
-                    self._control.request("bye")
+                    # Not worth a long wait on a busy or stopped daemon: closing our end of
+                    # the connection tells it too.
+                    self._control.request("bye", timeout=BYE_TIMEOUT_S)
                 except (DaemonNotRunning, DaemonBusy):
                     pass  # its EOF tells the daemon all the same
         finally:
