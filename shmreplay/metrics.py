@@ -2,7 +2,7 @@
 
 :func:`render` turns the record ``Daemon.info()`` returns (the same one ``shmreplay info --json``
 prints, so the CLI and the metrics never disagree) into exposition text; :class:`MetricsServer`
-serves it at ``GET /metrics`` from one background thread, bound to 127.0.0.1 unless told
+serves it at ``GET /metrics`` from background threads, bound to 127.0.0.1 unless told
 otherwise, because the numbers describe a training run and need not leave the host.
 
 Every series carries ``instance`` (the shmreplay instance name, not Prometheus' own target label:
