@@ -12,6 +12,7 @@ import click
 from .config import load_config
 from .errors import ShmReplayError
 
+EXIT_S = 30.0  # how long `stop` waits for the exit once the daemon closed its control socket
 LOG_FORMAT = "%(asctime)s shmreplay[%(process)d] %(levelname)s %(message)s"
 
 
@@ -117,12 +118,19 @@ def serve(
     metavar="SECONDS",
     help="Print again every SECONDS with insert and sample rates, until Ctrl-C.",
 )
-def info(name: str, as_json: bool, watch: float | None) -> None:
+@click.option(
+    "--timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for the daemon's answer.",
+)
+def info(name: str, as_json: bool, watch: float | None, timeout: float) -> None:
     """Show the instance's tables: size, rates, rate limiter (and which side it blocks),
-    memory, clients."""
+    memory, clients. While the daemon restores a checkpoint, says so, with its progress."""
     import time
 
-    data = _request(name, "info")
+    data = _request(name, "info", timeout=timeout)
     data.pop("ok", None)
     if as_json and watch is None:
         click.echo(json.dumps(data, indent=2, default=str))
@@ -134,7 +142,7 @@ def info(name: str, as_json: bool, watch: float | None) -> None:
             time.sleep(watch)
         except KeyboardInterrupt:
             return
-        data = _request(name, "info")
+        data = _request(name, "info", timeout=timeout)
         data.pop("ok", None)
         _print_info(data, before, time.monotonic() - t0, as_json)
 
@@ -154,6 +162,11 @@ def _print_info(data: dict, before: dict | None, dt: float, as_json: bool) -> No
         click.echo(json.dumps(data, default=str))
         return
     click.echo(f"instance {data['name']!r}  pid {data['pid']}  clients {len(data['clients'])}")
+    state = data.get("state", "serving")
+    if state != "serving":
+        progress = data.get("progress") or {}
+        line = f": {progress['line']}" if progress.get("line") else ""
+        click.echo(f"  the daemon is {state}{line}")
     for tname, t in data["tables"].items():
         lim = t["rate_limiter"]
         blocked = [s for s in ("insert", "sample") if lim[f"{s}_blocked"]]
@@ -170,15 +183,24 @@ def _print_info(data: dict, before: dict | None, dt: float, as_json: bool) -> No
         )
 
 
+_TIMEOUT_HELP = (
+    "Give up waiting after SECONDS (the daemon goes on); default: wait as long as the daemon "
+    "reports progress."
+)
+
+
 @main.command()
 @click.option(
     "--name", default="default", show_default=True, callback=_valid_name, help="Instance name."
 )
-def checkpoint(name: str) -> None:
-    """Write a checkpoint of every table now (into [server] checkpoint_dir) and wait for it."""
+@click.option("--timeout", type=float, default=None, metavar="SECONDS", help=_TIMEOUT_HELP)
+def checkpoint(name: str, timeout: float | None) -> None:
+    """Write a checkpoint of every table now (into [server] checkpoint_dir) and wait for it,
+    showing its progress."""
     from .shm import format_bytes
 
-    report = _request(name, "checkpoint")["checkpoint"]
+    with _ProgressBar("checkpoint") as bar:
+        report = _request(name, "checkpoint", timeout=timeout, progress=bar.update)["checkpoint"]
     click.echo(
         f"checkpoint {report['path']}: {format_bytes(report['bytes'])} in "
         f"{report['seconds']:.2f} s, longest table lock hold "
@@ -200,11 +222,20 @@ def reset(table: str, name: str, yes: bool) -> None:
     click.echo(f"table {table!r} reset")
 
 
-def _request(name: str, op: str, **args) -> dict:
-    """One request to the daemon of instance ``name`` over its control socket."""
-    from .control import ControlClient
+def _request(name: str, op: str, timeout: float | None = 10.0, progress=None, **args) -> dict:
+    """One request to the daemon of instance ``name`` over its control socket; waits at most
+    ``timeout`` seconds (None: as long as the daemon reports progress) for the answer."""
+    ctl = _connect(name, timeout)
+    try:
+        return ctl.request(op, timeout=timeout, progress=progress, **args)
+    finally:
+        ctl.close()
+
+
+def _connect(name: str, timeout: float | None):
+    from .control import DEFAULT_TIMEOUT_S, ControlClient
     from .errors import DaemonNotRunning
-    from .instance import InstanceRecord
+    from .instance import InstanceRecord, check_peer
 
     rec = InstanceRecord.read(name)
     if rec is None or not rec.alive():
@@ -212,11 +243,52 @@ def _request(name: str, op: str, **args) -> dict:
             f"no shmreplay daemon named {name!r} is running; "
             f"start one with: shmreplay serve --tables tables.toml --name {name}"
         )
-    ctl = ControlClient(rec.socket)
+    ctl = ControlClient(rec.socket, timeout=DEFAULT_TIMEOUT_S if timeout is None else timeout)
     try:
-        return ctl.request(op, **args)
-    finally:
+        check_peer(ctl.sock, rec)  # the socket's peer must be the record's daemon (SO_PEERCRED)
+    except BaseException:
         ctl.close()
+        raise
+    return ctl
+
+
+_NO_COUNT_FORMAT = "{desc} {elapsed}{postfix}"
+
+
+class _ProgressBar:
+    """A tqdm bar on stderr fed with the daemon's progress frames (``line``, ``done`` and
+    ``total`` when it counts items); nothing is shown for an operation that ends at once."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.bar = None
+
+    def update(self, progress: dict) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(
+                desc=self.what,
+                unit=" items",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                bar_format=_NO_COUNT_FORMAT,  # until a line counts items
+            )
+        total, done = progress.get("total"), progress.get("done")
+        if total is not None and done is not None:
+            if self.bar.total != total:
+                self.bar.bar_format = None  # tqdm's own: bar, count, rate, time left
+                self.bar.reset(total=total)
+            self.bar.n = done
+        self.bar.set_postfix_str(str(progress.get("line", "")), refresh=False)
+        self.bar.refresh()
+
+    def __enter__(self) -> _ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 @main.command()
@@ -269,19 +341,34 @@ def limiter(table: str, name: str, kind: str, error_buffer: str | None, **option
 @click.option(
     "--name", default="default", show_default=True, callback=_valid_name, help="Instance name."
 )
-@click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for exit.")
-def stop(name: str, timeout: float) -> None:
-    """Ask the daemon of an instance to shut down, and wait until it has."""
+@click.option("--timeout", type=float, default=None, metavar="SECONDS", help=_TIMEOUT_HELP)
+def stop(name: str, timeout: float | None) -> None:
+    """Ask the daemon of an instance to shut down, and wait until it has, showing the progress
+    of its final checkpoint (with [server] checkpoint_dir)."""
     import time
 
+    from .errors import DaemonBusy
     from .instance import InstanceRecord, process_alive
 
     rec = InstanceRecord.read(name)
-    _request(name, "shutdown")
-    deadline = time.monotonic() + timeout
+    deadline = None if timeout is None else time.monotonic() + timeout
+    ctl = _connect(name, timeout)
+    try:
+        with _ProgressBar("final checkpoint") as bar:
+            ctl.request("shutdown", timeout=timeout, follow=True)
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            ctl.follow(bar.update, left)  # until the daemon closes the connection, exiting
+    finally:
+        ctl.close()
+    # After its control server closes, the daemon removes its shared memory and exits: that
+    # takes well under a second, EXIT_S bounds it when no --timeout does.
+    if deadline is None:
+        deadline = time.monotonic() + EXIT_S
     while process_alive(rec.pid, rec.start_time):
         if time.monotonic() > deadline:
-            raise ShmReplayError(f"daemon pid {rec.pid} did not exit within {timeout} s")
+            raise DaemonBusy(
+                f"daemon pid {rec.pid} has not exited yet; it goes on shutting down: see its log"
+            )
         time.sleep(0.05)
     click.echo(f"instance {name!r} stopped")
 

@@ -24,11 +24,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import posix_ipc
+import psutil
 
 from .config import FieldSpec, RateLimiterSpec, check_instance_name, parse_rate_limiter
-from .control import PROTOCOL_VERSION, ControlClient
+from .control import DEFAULT_TIMEOUT_S, PROTOCOL_VERSION, ControlClient
 from .errors import (
     ClientClosedError,
+    DaemonBusy,
     DaemonNotRunning,
     InvalidArgumentError,
     RateLimiterTimeout,
@@ -58,6 +60,9 @@ if TYPE_CHECKING:
 
 __all__ = ["attach", "Client", "Table", "ReservedSlot", "Sample", "SampleInfo", "TableInfo"]
 
+BYE_TIMEOUT_S = 1.0  # close() waits this long for the daemon to acknowledge a detach
+# attach() waits at least this long for the daemon's answer, even with a timeout already spent.
+MIN_ANSWER_S = 0.05
 # A writer with this few leased slots left wakes a napping daemon to refill them.
 LEASE_LOW_WATER = 32
 
@@ -72,7 +77,10 @@ def attach(
     """Attach to the running daemon of instance ``name``.
 
     Waits up to ``timeout`` seconds for the daemon to come up (so a script may start it and
-    attach right away). Raises :class:`DaemonNotRunning` if none serves ``name`` by then. A client
+    attach right away) and answer, then raises :class:`DaemonNotRunning` if none serves
+    ``name``, or :class:`~shmreplay.errors.DaemonBusy` (a ``TimeoutError``) if one is running
+    but did not let us attach in time: it is restoring a checkpoint (with its progress), or is
+    stopped or stuck (with its pid and state). A client
     belongs to the process that attached it: attach again in each process (after ``fork`` too).
     ``seed`` seeds this client's sampling random generator (for reproducible runs).
     ``prefault`` maps every page of the tables in a background thread right away, which is
@@ -94,14 +102,22 @@ def attach(
     """
     check_instance_name(name, "attach(name)", InvalidArgumentError)
     deadline = time.monotonic() + timeout
+    busy: DaemonBusy | None = None
     while True:
         hint = None
         try:
             rec = InstanceRecord.read(name)
             if rec is not None and rec.alive():
-                return Client(rec, seed=seed, prefault=prefault)
+                # The daemon's answer is awaited only as long as our own timeout allows.
+                remaining = max(deadline - time.monotonic(), MIN_ANSWER_S)
+                return Client(rec, seed=seed, prefault=prefault, timeout=remaining)
             if rec is not None:
                 hint = pid_namespace_hint(rec)  # alive, but its pid is not visible from here
+        except DaemonBusy as exc:
+            # Restoring, or not answering: try again until the deadline. A daemon that said it
+            # is restoring and then did not answer in time is still restoring, most likely.
+            if busy is None or not _restoring(busy) or _restoring(exc):
+                busy = _busy_daemon(name, rec, timeout, exc)
         except (FileNotFoundError, ConnectionRefusedError, DaemonNotRunning):
             pass  # starting up or going away: try again until the deadline
         except ShmReplayError:
@@ -115,12 +131,37 @@ def attach(
         if hint is not None:
             raise DaemonNotRunning(f"cannot attach to instance {name!r}: {hint}")
         if time.monotonic() >= deadline:
+            if busy is not None:
+                raise busy
             where = record_path(name)
             raise DaemonNotRunning(
                 f"no shmreplay daemon named {name!r} is running (no live record at {where}); "
                 f"start one with: shmreplay serve --tables tables.toml --name {name}"
             )
         time.sleep(0.05)
+
+
+def _restoring(exc: DaemonBusy) -> bool:
+    return (getattr(exc, "reply", None) or {}).get("state") == "restoring"
+
+
+def _busy_daemon(name: str, rec: InstanceRecord, timeout: float, exc: DaemonBusy) -> DaemonBusy:
+    """What attach() says of a daemon that is alive but did not let it attach in time."""
+    if _restoring(exc):
+        return exc  # the daemon's own words, with the restore's progress
+    try:
+        status = psutil.Process(rec.pid).status()
+    except psutil.Error:
+        status = "unknown"
+    hint = (
+        f"it is stopped: resume it with kill -CONT {rec.pid}"
+        if status in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+        else "it is busy or stuck; look at its log, or attach with a longer timeout"
+    )
+    return DaemonBusy(
+        f"the shmreplay daemon of instance {name!r} (pid {rec.pid}, {status}) is running but "
+        f"did not answer within {timeout} s; {hint}"
+    )
 
 
 def _open_event(name: str, owner: int | None = None) -> Event:
@@ -145,11 +186,15 @@ class Client:
     _control: ControlClient | None = None
 
     def __init__(
-        self, record: InstanceRecord, seed: int | None = None, prefault: bool = True
+        self,
+        record: InstanceRecord,
+        seed: int | None = None,
+        prefault: bool = True,
+        timeout: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         self.instance = record.name
         self._pid = os.getpid()
-        self._control = ControlClient(record.socket)
+        self._control = ControlClient(record.socket, timeout=timeout)
         self._tables: dict[str, Table] = {}
         self._segments: list[Segment] = []
         self._events: list[Event] = []
@@ -158,6 +203,7 @@ class Client:
             # of the record, whose user must own every segment and semaphore we open.
             check_peer(self._control.sock, record)
             hello = self._control.request("hello", pid=self._pid, protocol=PROTOCOL_VERSION)
+            self._control.timeout = DEFAULT_TIMEOUT_S  # attach's deadline was for the hello
             self.channel = int(hello["channel"])
             self.daemon_pid = int(hello["pid"])
             wake = _open_event(hello["wake"], record.uid)
@@ -278,11 +324,13 @@ class Client:
         ``create_item`` from ``history`` selections (see :class:`TrajectoryWriter`)."""
         return TrajectoryWriter(self, num_keep_alive_refs, **kw)
 
-    def checkpoint(self) -> dict:
+    def checkpoint(self, timeout: float | None = None) -> dict:
         """Have the daemon write a checkpoint of every table (into [server] checkpoint_dir);
-        returns its report once it is complete on disk."""
+        returns its report once it is complete on disk. Waits at most ``timeout`` seconds
+        (None: as long as the daemon reports progress, which it does every second), then
+        raises :class:`~shmreplay.errors.DaemonBusy`; the checkpoint goes on in the daemon."""
         self._check()
-        return self._control.request("checkpoint")["checkpoint"]
+        return self._control.request("checkpoint", timeout=timeout)["checkpoint"]
 
     def server_info(self) -> dict:
         """The daemon's view of the instance: tables, their statistics, attached clients."""
@@ -301,9 +349,11 @@ class Client:
                     except (DaemonNotRunning, RateLimiterTimeout):
                         pass  # nothing to wait for any more, or the caller's deadline passed
                 try:
-                    self._control.request("bye")
-                except DaemonNotRunning:
-                    pass
+                    # Not worth a long wait on a busy or stopped daemon: closing our end of
+                    # the connection tells it too.
+                    self._control.request("bye", timeout=BYE_TIMEOUT_S)
+                except (DaemonNotRunning, DaemonBusy):
+                    pass  # its EOF tells the daemon all the same
         finally:
             self._closed = True
             self._release()

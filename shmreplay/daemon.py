@@ -18,7 +18,6 @@ import logging
 import os
 import queue
 import resource
-import selectors
 import signal
 import socket
 import struct
@@ -37,7 +36,8 @@ from .config import (
     TableSpec,
     parse_rate_limiter,
 )
-from .control import MAX_FRAME, PROTOCOL_VERSION, encode
+from .control import encode
+from .control_server import CONTROL_LOCK_TIMEOUT_S, ControlServer, progress_update
 from .errors import (
     ConfigError,
     DaemonAlreadyRunning,
@@ -98,6 +98,9 @@ IDLE_SLEEP_S = 0.1
 LIVENESS_CHECK_S = 0.1  # how often client pids are checked (connection EOF is the fast path)
 EVENT_KINDS = TABLE_EVENTS  # shm_objects knows them by name
 UNIX_PATH_MAX = 107  # sun_path holds 108 bytes, with the terminating NUL
+# info() (shmreplay info, metrics scrapes) reuses a big table's priority-extremes and episode
+# scan this recent: a scraper at full speed costs O(tables), plus one O(size) scan per second.
+STATS_MAX_AGE_S = 1.0
 
 
 def check_fits(config: Config, present: frozenset[str] = frozenset()) -> int:
@@ -175,6 +178,8 @@ class Daemon:
         self._thread: threading.Thread | None = None
         self._owns_files = False
         self._fd_refusing = False  # refusing connections for want of descriptors (logged once)
+        self._restoring = False  # the control socket answers, the tables are being restored
+        self._control = ControlServer(self)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -183,8 +188,7 @@ class Daemon:
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.start()
-            if self.config.server.metrics_port is not None:
-                self.metrics = MetricsServer(self.info, self.config.server.metrics_port).start()
+            self._start_metrics()
             if ready is not None:
                 ready()
             # READY only now: every table is allocated (or adopted) and restored.
@@ -201,6 +205,30 @@ class Daemon:
             self.cleanup()
         return 0
 
+    def _start_metrics(self) -> None:
+        """Serve [server] metrics_port; if it cannot be bound (another process holds it), the
+        tables are served all the same, without metrics, and the log says why."""
+        port = self.config.server.metrics_port
+        if port is None:
+            return
+        try:
+            self.metrics = MetricsServer(self.info, port).start()
+        except ShmReplayError as exc:
+            log.warning(
+                "serving the tables WITHOUT metrics: %s (free port %d, or set another "
+                "[server] metrics_port and restart the daemon)",
+                exc,
+                port,
+            )
+
+    @property
+    def state(self) -> str:
+        """``restoring`` (a checkpoint is being read into the tables), ``serving``, or
+        ``stopping`` (shutting down, maybe writing the final checkpoint)."""
+        if self._stop.is_set():
+            return "stopping"
+        return "restoring" if self._restoring else "serving"
+
     # -- checkpoints -----------------------------------------------------------------------------
 
     def checkpoint(self) -> dict:
@@ -213,6 +241,8 @@ class Daemon:
                 f"instance {self.name!r} has no checkpoint_dir; set it in [server] of tables.toml"
             )
         with self._checkpoint_lock:
+            # Until its first progress line, those waiting hear this, not an older operation's.
+            self._control.progress(progress_update("checkpoint: started"))
             report = write_checkpoint(
                 {n: t.core for n, t in self.tables.items()},
                 directory,
@@ -242,25 +272,6 @@ class Daemon:
             self.checkpoint()
         except Exception:
             log.exception("the final checkpoint failed; the previous one is intact")
-
-    def _checkpoint_later(self, conn) -> None:
-        """Answer a client's checkpoint request from a thread of its own, when it is done (the
-        control thread keeps serving meanwhile)."""
-
-        def run() -> None:
-            try:
-                reply = {"ok": True, "checkpoint": self.checkpoint()}
-            except ShmReplayError as exc:
-                reply = _error(type(exc).__name__, str(exc))
-            except Exception as exc:
-                log.exception("checkpoint failed")
-                reply = _error("CheckpointError", f"checkpoint failed: {exc}")
-            with contextlib.suppress(OSError):
-                conn.setblocking(True)
-                conn.sendall(encode(reply))
-                conn.setblocking(False)
-
-        threading.Thread(target=run, name="checkpoint", daemon=True).start()
 
     def _maybe_periodic_checkpoint(self, now: float) -> None:
         interval = self.config.server.checkpoint_interval_s
@@ -307,8 +318,10 @@ class Daemon:
                 log.info("%s", report.summary())
 
     def _progress(self, line: str) -> None:
-        """Progress of a long restore or checkpoint: logged, and shown by systemd."""
+        """Progress of a long restore or checkpoint: logged, shown by systemd, and sent to the
+        control connections waiting on it (``shmreplay checkpoint``, ``stop``, ``info``)."""
         log.info("%s", line)
+        self._control.progress(progress_update(line))
         self.notifier.status(line)
         self.notifier.extend_timeout(60)
 
@@ -323,8 +336,10 @@ class Daemon:
         adopted = set(adoptable)
         for spec in self.config.tables:
             self._create_table(spec, mode, gid, adoptable.pop(spec.name, None))
-        self._restore(adopted)
-        self._next_checkpoint = time.monotonic() + (self.config.server.checkpoint_interval_s or 0)
+        # The control socket answers during the restore (info says "restoring", with its
+        # progress; attach waits for it), so a long restore is not taken for a dead daemon.
+        self._restoring = True
+        self._control.progress(progress_update("restore: starting"))
         self._listen(mode, gid)
         InstanceRecord(
             name=self.name,
@@ -335,9 +350,12 @@ class Daemon:
             format_version=FORMAT_VERSION,
         ).write(gid)
         self._owns_files = True
-        self._serving = True
         self._thread = threading.Thread(target=self._serve_control, name="control", daemon=True)
         self._thread.start()
+        self._restore(adopted)
+        self._restoring = False
+        self._next_checkpoint = time.monotonic() + (self.config.server.checkpoint_interval_s or 0)
+        self._serving = True
         log.info(
             "instance %r serving %d table(s) in %s of shared memory: %s",
             self.name,
@@ -801,45 +819,8 @@ class Daemon:
     # -- control socket (its own thread) ------------------------------------------------------
 
     def _serve_control(self) -> None:
-        sel = selectors.DefaultSelector()
-        sel.register(self._listener, selectors.EVENT_READ, None)
-        paused_until = 0.0
-        buffers: dict[socket.socket, bytearray] = {}
-        channels: dict[socket.socket, int] = {}
-        try:
-            while not self._stop.is_set():
-                if paused_until and time.monotonic() >= paused_until:
-                    sel.register(self._listener, selectors.EVENT_READ, None)
-                    paused_until = 0.0
-                for key, _ in sel.select(timeout=0.2):
-                    if key.data is None:
-                        conn, starved = self._accept()
-                        if starved:
-                            # Not even a descriptor to refuse with: the connection waits in
-                            # the backlog; do not spin on a listener that stays readable.
-                            sel.unregister(self._listener)
-                            paused_until = time.monotonic() + ACCEPT_PAUSE_S
-                        if conn is not None:
-                            conn.setblocking(False)
-                            buffers[conn] = bytearray()
-                            sel.register(conn, selectors.EVENT_READ, "conn")
-                        continue
-                    conn = key.fileobj
-                    if not self._read_conn(conn, buffers, channels):
-                        sel.unregister(conn)
-                        buffers.pop(conn, None)
-                        c = channels.pop(conn, None)
-                        if c is not None:
-                            self._dead.put((c, "disconnected without saying bye"))
-                            self.wake.sem.release()
-                        conn.close()
-        except (OSError, ValueError):
-            if not self._stop.is_set():
-                log.exception("control socket failed")
-        finally:
-            for conn in list(buffers):
-                conn.close()
-            sel.close()
+        """The control thread: see :mod:`shmreplay.control_server`."""
+        self._control.serve()
 
     def _accept(self) -> tuple[socket.socket | None, bool]:
         """Accept one control connection, or refuse it with an error reply and close it: a
@@ -923,95 +904,6 @@ class Daemon:
             f"(usermod -aG {g} <user>) and log in again"
         )
 
-    def _read_conn(self, conn, buffers, channels) -> bool:
-        try:
-            chunk = conn.recv(65536)
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
-        if not chunk:
-            return False
-        buf = buffers[conn]
-        buf += chunk
-        while len(buf) >= 4:
-            n = int.from_bytes(buf[:4], "big")
-            if n > MAX_FRAME:
-                log.warning("closing a control connection that sent a %d-byte frame", n)
-                return False
-            if len(buf) < 4 + n:
-                break
-            body = bytes(buf[4 : 4 + n])
-            del buf[: 4 + n]
-            reply = self._handle(body, conn, channels)
-            if reply is None:
-                continue  # answered later, from another thread
-            try:
-                conn.setblocking(True)
-                conn.sendall(encode(reply))
-                conn.setblocking(False)
-            except OSError:
-                return False
-        return True
-
-    def _handle(self, body: bytes, conn, channels) -> dict | None:
-        import msgpack
-
-        try:
-            req = msgpack.unpackb(body)
-            if not isinstance(req, dict):
-                raise ValueError("a request must be a map")
-            op = req.get("op")
-            if op == "hello":
-                if req.get("protocol") != PROTOCOL_VERSION:
-                    return _error(
-                        "FormatVersionError",
-                        f"client speaks control protocol {req.get('protocol')}, the daemon "
-                        f"{PROTOCOL_VERSION}; use the same shmreplay version on both sides",
-                    )
-                if conn in channels:
-                    return {"ok": True, "channel": channels[conn], "tables": list(self.tables)}
-                c = self._register(int(req["pid"]), conn)
-                channels[conn] = c
-                return {
-                    "ok": True,
-                    "channel": c,
-                    "tables": {n: segment_name(self.name, n) for n in self.tables},
-                    "events": {
-                        n: {k: event_name(self.name, n, k) for k in EVENT_KINDS}
-                        for n in self.tables
-                    },
-                    "wake": event_name(self.name, None, "daemon"),
-                    "pid": os.getpid(),
-                    "format_version": FORMAT_VERSION,
-                }
-            if op == "bye":
-                c = channels.pop(conn, None)
-                if c is not None:
-                    self._dead.put((c, "detached"))
-                    self.wake.sem.release()
-                return {"ok": True}
-            if op == "info":
-                return {"ok": True, **self.info()}
-            if op == "set_rate_limiter":
-                return {"ok": True, "rate_limiter": self.set_rate_limiter(req)}
-            if op == "checkpoint":
-                self._checkpoint_later(conn)
-                return None
-            if op == "reset":
-                self._table(req.get("table")).core.reset()
-                log.info("table %r reset over the control socket", req.get("table"))
-                return {"ok": True}
-            if op == "shutdown":
-                log.info("shutdown requested over the control socket")
-                self.request_stop()
-                return {"ok": True}
-            return _error("InvalidArgumentError", f"unknown request op {op!r}")
-        except ShmReplayError as exc:
-            return _error(type(exc).__name__, str(exc))
-        except Exception as exc:  # a malformed request must never take the daemon down
-            return _error("InvalidArgumentError", f"malformed request: {exc}")
-
     def set_rate_limiter(self, req: dict) -> dict:
         """Reconfigure a table's limiter: ``rate_limiter`` as in tables.toml, or ``spec`` as
         RateLimiterSpec.to_dict() gives it. Validated as tables.toml is."""
@@ -1027,7 +919,7 @@ class Daemon:
             spec = replace(checked, kind=d["kind"])
         else:
             spec = parse_rate_limiter(req.get("rate_limiter"), "set_rate_limiter", name)
-        core.set_rate_limiter(spec)
+        core.set_rate_limiter(spec, timeout=CONTROL_LOCK_TIMEOUT_S)
         log.info("table %r: rate limiter set to %s", name, spec)
         return _plain(core.limiter.info().__dict__)
 
@@ -1039,14 +931,34 @@ class Daemon:
         return self.tables[name]
 
     def info(self) -> dict:
+        """The instance's state, clients and each table's statistics (O(1) per table). Waits
+        at most CONTROL_LOCK_TIMEOUT_S for a table's lock, then raises LockTimeout naming the
+        table and the pid holding it. While restoring, ``tables`` is empty and ``progress``
+        tells how far the restore is."""
         with self._clients_lock:
             clients = [{"pid": c.pid, "channel": c.channel} for c in self._clients.values()]
+        state = self.state
+        tables = {}
+        if state != "restoring":
+            for n, t in list(self.tables.items()):
+                try:
+                    stats = t.core.info(timeout=CONTROL_LOCK_TIMEOUT_S, max_age=STATS_MAX_AGE_S)
+                    tables[n] = _plain(stats.to_dict())
+                except LockTimeout:
+                    raise LockTimeout(
+                        f"table {n!r} of instance {self.name!r}: its lock has been held by pid "
+                        f"{t.core.mutex.owner_pid} for more than {CONTROL_LOCK_TIMEOUT_S} s (a "
+                        "stopped process, a debugger?); resume or end that process, then ask "
+                        "again"
+                    ) from None
         return {
             "name": self.name,
             "pid": os.getpid(),
             "format_version": FORMAT_VERSION,
+            "state": state,
+            "progress": self._control.latest_progress() if state == "restoring" else None,
             "clients": clients,
-            "tables": {n: _plain(t.core.info().to_dict()) for n, t in list(self.tables.items())},
+            "tables": tables,
         }
 
 

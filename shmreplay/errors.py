@@ -12,6 +12,7 @@ working for code that does not know about shmreplay::
     ├── RateLimiterTimeout       (TimeoutError)     a blocked insert or sample ran out of time
     ├── LockTimeout              (TimeoutError)     a table lock stayed held past its timeout
     ├── DaemonNotRunning         (ConnectionError)  no daemon serves the instance, or it went away
+    ├── DaemonBusy               (TimeoutError)     the daemon is alive but did not answer in time
     ├── DaemonAlreadyRunning     (RuntimeError)     ``serve`` found a live daemon with that name
     ├── ClientClosedError        (RuntimeError)     a handle was used after ``close()``
     ├── SegmentError             (RuntimeError)     corrupt header or other format
@@ -21,7 +22,8 @@ working for code that does not know about shmreplay::
     ├── CheckpointError          (RuntimeError)     a checkpoint cannot be written, read, restored
     ├── NotSupportedError        (NotImplementedError)  a feature shmreplay does not have (a
     │                                               Reverb feature in shmreplay.compat, ...)
-    ├── PermissionDenied         (PermissionError)  an instance's file belongs to another user
+    ├── PermissionDenied         (PermissionError)  an instance's file belongs to another user,
+    │                                               or another user's object is in its way
     └── TooManyOpenFiles         (OSError)          a process ran out of file descriptors
 """
 
@@ -36,6 +38,7 @@ __all__ = [
     "RateLimiterTimeout",
     "LockTimeout",
     "DaemonNotRunning",
+    "DaemonBusy",
     "DaemonAlreadyRunning",
     "ClientClosedError",
     "SegmentError",
@@ -107,6 +110,12 @@ class LockTimeout(ShmReplayError, TimeoutError):
 
 class DaemonNotRunning(ShmReplayError, ConnectionError):
     """No daemon serves the instance, or the daemon shut down while the call waited."""
+
+
+class DaemonBusy(ShmReplayError, TimeoutError):
+    """The daemon is alive but did not answer within the timeout: it is restoring a checkpoint
+    (the message gives its progress), it is stopped (SIGSTOP, a debugger) or overloaded. Not
+    :class:`DaemonNotRunning`: waiting longer, or looking at the daemon, is what helps."""
 
 
 class DaemonAlreadyRunning(ShmReplayError, RuntimeError):

@@ -2,7 +2,7 @@
 
 :func:`render` turns the record ``Daemon.info()`` returns (the same one ``shmreplay info --json``
 prints, so the CLI and the metrics never disagree) into exposition text; :class:`MetricsServer`
-serves it at ``GET /metrics`` from one background thread, bound to 127.0.0.1 unless told
+serves it at ``GET /metrics`` from background threads, bound to 127.0.0.1 unless told
 otherwise, because the numbers describe a training run and need not leave the host.
 
 Every series carries ``instance`` (the shmreplay instance name, not Prometheus' own target label:
@@ -40,9 +40,12 @@ log = logging.getLogger("shmreplay")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "shmreplay_"
-# A scrape that stalls (a client that connects and sends nothing) holds the single server thread
-# this long at most, which also bounds how long close() can wait for it.
+# A scrape that stalls (a client that connects and sends nothing) holds its own thread this long
+# at most; other scrapes are served meanwhile by threads of their own.
 REQUEST_TIMEOUT_S = 5.0
+# Connections served at once; more are closed at once (a flood of idle connections must cost
+# neither unbounded threads nor the scrapes of Prometheus).
+MAX_CONNECTIONS = 16
 
 # (name without prefix, type, help, path into a table's info dict). Counters end in _total.
 _TABLE_METRICS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
@@ -228,7 +231,33 @@ def render(info: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-class _Server(http.server.HTTPServer):
+class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    # A thread per connection, so that an idle one delays nobody; close() does not wait for
+    # them (each ends within REQUEST_TIMEOUT_S).
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.debug("metrics: %d connections open; closing %s", MAX_CONNECTIONS, client_address)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves the host's FQDN, a DNS query that can stall start-up
         # for seconds on a host with broken DNS; nothing here uses the name.
@@ -248,10 +277,13 @@ class _Server6(_Server):
 class MetricsServer:
     """Serves :func:`render` of ``get_info()`` at ``GET /metrics``; any other path is a 404.
 
-    ``start()`` binds (``port=0`` picks a free port, read back from :attr:`port`) and starts one
-    daemon thread; a port already in use raises :class:`ShmReplayError` saying so. Each scrape
-    calls ``get_info()`` in that thread, so it must be thread-safe (``Daemon.info`` is: the control
-    thread calls it too). A ``get_info()`` that raises answers 500 and the daemon goes on.
+    ``start()`` binds (``port=0`` picks a free port, read back from :attr:`port`) and starts a
+    daemon thread, which serves each connection from a thread of its own (at most
+    MAX_CONNECTIONS at once, each for at most REQUEST_TIMEOUT_S without a request); a port
+    already in use raises :class:`ShmReplayError` saying so (the daemon then serves its tables
+    without metrics). Each scrape calls ``get_info()``, from several threads at once: it must be
+    thread-safe (``Daemon.info`` is: the control server's workers call it too).
+    A ``get_info()`` that raises answers 500 and the daemon goes on.
     ``close()`` stops the thread, waits for it and closes the socket; calling it twice is fine.
     The default host is 127.0.0.1: pass ``host="0.0.0.0"`` (or ``"::"``) to expose the metrics
     to other machines.

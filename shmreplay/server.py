@@ -181,7 +181,12 @@ class Server:
         deadline = time.monotonic() + timeout
         while True:
             rec = InstanceRecord.read(self.name)
-            if rec is not None and rec.pid == self.proc.pid and os.path.exists(rec.socket):
+            if (
+                rec is not None
+                and rec.pid == self.proc.pid
+                and os.path.exists(rec.socket)
+                and _serving(rec.socket)
+            ):
                 return
             code = self.proc.poll()
             if code is not None:
@@ -306,3 +311,21 @@ def _quote(tail: str, log_path: str | None) -> str:
     if not tail.strip():
         return "; it logged nothing" if log_path else " (its log went to the terminal)"
     return f"; the end of its log:\n{tail}"
+
+
+def _serving(socket_path: str) -> bool:
+    """Whether the daemon behind ``socket_path`` serves its tables: its control socket answers
+    during a restore too, with state "restoring"."""
+    from .control import ControlClient
+    from .errors import ShmReplayError
+
+    try:
+        ctl = ControlClient(socket_path, timeout=POLL_S * 20)
+    except OSError:
+        return False
+    try:
+        return ctl.request("info").get("state", "serving") == "serving"
+    except (ShmReplayError, OSError):
+        return False
+    finally:
+        ctl.close()

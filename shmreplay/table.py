@@ -93,7 +93,8 @@ class Sample:
 @dataclass(frozen=True)
 class TableInfo:
     """A snapshot of a table's state: counters taken together under the table lock; the
-    priority extremes scanned right after it (O(size), for monitoring, not for a hot loop)."""
+    priority extremes and episode counts scanned right after it (O(size)), or, in the daemon's
+    ``info`` and metrics, from a scan at most STATS_MAX_AGE_S old (see TableCore.info)."""
 
     name: str
     max_size: int
@@ -127,6 +128,10 @@ class TableInfo:
 
 
 _INFO_FIELDS = ("key", "probability", "priority", "times_sampled", "table_size")
+# info(max_age=...) reuses the statistics scan of a table of SCAN_REUSE_SLOTS slots or more (a
+# scan of 100k slots takes ~0.5-3 ms, of 1M 5-30 ms): one scan per max_age however often
+# info() is called. A smaller table is cheaper to scan again than to report stale.
+SCAN_REUSE_SLOTS = 100_000
 LOCK_GRACE_S = 0.1  # a live holder keeps the lock for microseconds: even nowait waits this long
 
 
@@ -148,6 +153,10 @@ class _Selection:
 
 class TableCore:
     """Numpy views of one table segment and the operations on them."""
+
+    # The last O(size) statistics scan of info(): (monotonic time, max priority, min priority,
+    # episodes). Per process: a scan only reads the segment.
+    _scan: tuple[float, float | None, float | None, int] | None = None
 
     def __init__(self, segment: Segment, events: TableEvents | None = None) -> None:
         layout = segment.layout
@@ -848,9 +857,10 @@ class TableCore:
         self._remove(victims)
         return len(victims)
 
-    def set_rate_limiter(self, spec: RateLimiterSpec) -> None:
-        """Replace the limiter's parameters (counters stay); every waiter re-checks at once."""
-        with self.mutex:
+    def set_rate_limiter(self, spec: RateLimiterSpec, timeout: float | None = None) -> None:
+        """Replace the limiter's parameters (counters stay); every waiter re-checks at once.
+        Waits at most ``timeout`` seconds (None: forever) for the table lock (LockTimeout)."""
+        with self.mutex.held(_lock_wait(timeout)):
             RateLimiter.initialize(spec, self.params)
         if self.events is not None:
             waiting = self.chan[:, Chan.WAIT_SAMPLE] | self.chan[:, Chan.WAIT_INSERT]
@@ -882,16 +892,37 @@ class TableCore:
 
     # -- statistics ----------------------------------------------------------------------------
 
-    def info(self, timeout: float | None = None) -> TableInfo:
+    def info(self, timeout: float | None = None, max_age: float | None = None) -> TableInfo:
+        """The table's statistics. Counters are read together under the table lock (waiting at
+        most ``timeout`` seconds, None: forever, then LockTimeout), which costs O(1). The
+        priority extremes and episode counts need a scan of every slot (~5-30 ms per million
+        items): with ``max_age``, the scan this process made of a table of SCAN_REUSE_SLOTS
+        slots or more is reused for ``max_age`` seconds, so that frequent callers (the daemon's
+        ``info``, metrics scrapes) cost O(1) and at most one scan per ``max_age``; those three
+        values are then up to ``max_age`` seconds old. A smaller table is always scanned."""
         # Under the lock: a consistent snapshot (a commit briefly holds max_size + k items).
         with self.mutex.held(_lock_wait(timeout)):
             c = self.ctrl.copy()
             limiter = self.limiter.info()
         layout = self.segment.layout
-        ready = self.state == SlotState.READY
-        present = self.priority[ready]
-        episodes = self.episode[ready]
-        num_episodes = len(np.unique(episodes[episodes != 0]))
+        scan = self._scan
+        now = time.monotonic()
+        if (
+            max_age is None
+            or scan is None
+            or self.num_slots < SCAN_REUSE_SLOTS  # cheaper to scan again than to be stale
+            or now - scan[0] > max_age
+        ):
+            ready = self.state == SlotState.READY
+            present = self.priority[ready]
+            episodes = self.episode[ready]
+            extremes = (
+                float(present.max()) if len(present) else None,
+                float(present.min()) if len(present) else None,
+                len(np.unique(episodes[episodes != 0])),
+            )
+            scan = self._scan = (now, *extremes)
+        _, max_priority, min_priority, num_episodes = scan
         return TableInfo(
             name=self.name,
             max_size=self.spec.max_size,
@@ -908,8 +939,8 @@ class TableCore:
             resets=int(c[Ctrl.RESETS]),
             repairs=int(c[Ctrl.REPAIRS]),
             clients=int(np.count_nonzero(self.chan[:, Chan.PID])),
-            max_priority=float(present.max()) if len(present) else None,
-            min_priority=float(present.min()) if len(present) else None,
+            max_priority=max_priority,
+            min_priority=min_priority,
             num_episodes=num_episodes,
             num_deleted_episodes=max(0, int(c[Ctrl.EPISODES]) - num_episodes),
             segment_bytes=layout.total_size,

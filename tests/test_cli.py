@@ -123,3 +123,25 @@ def test_info_watch_shows_rates_and_reset_empties_a_table(daemon_factory):
         assert t.info().current_size == 0 and t.info().rate_limiter.inserts == 0
         r = shmreplay_cli("reset", "nope", "--name", d.name, "--yes")
         assert r.returncode == 1 and "no table 'nope'" in r.stderr and "replay" in r.stderr
+
+
+def test_commands_give_up_on_a_stopped_daemon_after_their_timeout(daemon_factory):
+    """A daemon that does not answer (here SIGSTOPped) is not reported as "no daemon running":
+    info, checkpoint and stop give up after --timeout and say it is alive but not answering
+    (and may still carry the request out: here the shutdown, once resumed)."""
+    import time
+
+    d = daemon_factory(table_toml())
+    os.kill(d.proc.pid, signal.SIGSTOP)
+    try:
+        for args in (("info",), ("checkpoint",), ("stop",)):
+            t0 = time.monotonic()
+            r = shmreplay_cli(*args, "--name", d.name, "--timeout", "1")
+            took = time.monotonic() - t0
+            assert r.returncode == 1 and took < 8, (args, took, r.stderr)
+            assert "within 1.0 s" in r.stderr and "alive but" in r.stderr, (args, r.stderr)
+            assert "no shmreplay daemon" not in r.stderr and "Traceback" not in r.stderr
+            assert "may still carry the request out" in r.stderr
+    finally:
+        os.kill(d.proc.pid, signal.SIGCONT)
+    assert d.proc.wait(10) == 0  # the shutdown that timed out is carried out once resumed

@@ -29,6 +29,7 @@ def test_all_is_pinned():
             "RateLimiterTimeout",
             "LockTimeout",
             "DaemonNotRunning",
+            "DaemonBusy",
             "DaemonAlreadyRunning",
             "ClientClosedError",
             "SegmentError",
@@ -53,6 +54,7 @@ def test_errors_inherit_the_matching_builtins():
     assert issubclass(shmreplay.RateLimiterTimeout, TimeoutError)
     assert issubclass(shmreplay.SignatureError, ValueError)
     assert issubclass(shmreplay.DaemonNotRunning, ConnectionError)
+    assert issubclass(shmreplay.DaemonBusy, TimeoutError)
     assert issubclass(shmreplay.PermissionDenied, PermissionError)
     assert issubclass(shmreplay.TooManyOpenFiles, OSError)
     assert issubclass(shmreplay.MissingDependencyError, ImportError)
