@@ -33,6 +33,7 @@ from .errors import (
     ShmReplayError,
     SignatureError,
     TableNotFoundError,
+    TableQuarantined,
 )
 from .events import Event
 from .instance import (
@@ -149,6 +150,7 @@ class Client:
                 self._events.extend(evs.values())
                 core = TableCore(seg, TableEvents(daemon=wake, **evs))
                 core.daemon_pid = self.daemon_pid
+                core.channel = self.channel
                 core.rng = np.random.default_rng(
                     None if seed is None else [seed, len(self._tables)]
                 )
@@ -256,7 +258,7 @@ class Client:
                 for t in self._tables.values():
                     try:
                         t.flush(timeout=timeout)
-                    except (DaemonNotRunning, RateLimiterTimeout):
+                    except (DaemonNotRunning, RateLimiterTimeout, TableQuarantined):
                         pass  # nothing to wait for any more, or the caller's deadline passed
                 try:
                     self._control.request("bye")
@@ -444,13 +446,19 @@ class Table:
         self._spare: list[int] = []
         self._writing = False
 
-    def _check(self) -> None:
+    def _check(self, writing: bool = False) -> None:
         if self._closed:
             raise ClientClosedError(f"table {self.name!r}: its client is closed")
         self.client._check()
         ctrl = self.core.ctrl
-        if ctrl[Ctrl.SHUTDOWN] or ctrl[Ctrl.DAEMON_PID] != self.core.daemon_pid:
-            self.core.check_open()  # raises: the daemon went away or was replaced
+        if (
+            ctrl[Ctrl.SHUTDOWN]
+            or ctrl[Ctrl.DAEMON_PID] != self.core.daemon_pid
+            or self._chan[Chan.PID] != self.client._pid
+            or (writing and ctrl[Ctrl.TABLE_STATE])
+        ):
+            # Raises: the daemon went away or was replaced, cut us off, or quarantined the table
+            self.core.check_open(writing)
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -470,7 +478,7 @@ class Table:
         step, last step) records which steps of which episode the item holds (trajectory
         writers pass it; ``info()`` counts episodes from it).
         """
-        self._check()
+        self._check(writing=True)
         row = self._validate_row(data)
         return self._write_row(row, check_priority(priority), timeout, _check_episode(episode))
 
@@ -536,7 +544,7 @@ class Table:
         first step, last step) row per item, as for :meth:`insert`. All of the batch is
         validated before any of it is written; it is copied into leased slots chunk by chunk.
         """
-        self._check()
+        self._check(writing=True)
         if not isinstance(data, Mapping):
             raise SignatureError(f"table {self.name!r}: data must be a mapping of field to array")
         if len(data) != len(self._fields) or not all(k in self._field_names for k in data):
@@ -583,7 +591,7 @@ class Table:
 
         Published on a clean exit; discarded (never visible) if the block raises.
         """
-        self._check()
+        self._check(writing=True)
         return _Reservation(self, check_priority(priority), timeout, _check_episode(episode))
 
     def _take_one(self, timeout: float | None) -> int:
@@ -646,7 +654,7 @@ class Table:
                         f"max_diff {lim.max_diff:g}); pass a longer timeout"
                     )
                 core.events.insert.wait(0.5 if remaining is None else remaining)
-                core.check_open()
+                core.check_open(writing=True)
         finally:
             chan[Chan.WAIT_INSERT] = 0
 
@@ -714,7 +722,7 @@ class Table:
                         f"{upto - self._pub_head} item(s) not yet committed by the daemon"
                     )
                 core.events.insert.wait(0.5 if remaining is None else remaining)
-                core.check_open()
+                core.check_open(writing=True)
         finally:
             chan[Chan.WAIT_INSERT] = 0
 

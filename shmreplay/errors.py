@@ -12,6 +12,8 @@ working for code that does not know about shmreplay::
     ├── RateLimiterTimeout       (TimeoutError)     a blocked insert or sample ran out of time
     ├── LockTimeout              (TimeoutError)     a table lock stayed held past its timeout
     ├── DaemonNotRunning         (ConnectionError)  no daemon serves the instance, or it went away
+    │   └── ClientCutOff                            ... for this client: it wrote a bad value
+    ├── TableQuarantined         (RuntimeError)     the daemon stopped serving writes to a table
     ├── DaemonAlreadyRunning     (RuntimeError)     ``serve`` found a live daemon with that name
     ├── ClientClosedError        (RuntimeError)     a handle was used after ``close()``
     ├── SegmentError             (RuntimeError)     corrupt header or other format
@@ -37,6 +39,8 @@ __all__ = [
     "LockTimeout",
     "DaemonNotRunning",
     "DaemonAlreadyRunning",
+    "ClientCutOff",
+    "TableQuarantined",
     "ClientClosedError",
     "SegmentError",
     "FormatVersionError",
@@ -95,6 +99,18 @@ class LockTimeout(ShmReplayError, TimeoutError):
 
 class DaemonNotRunning(ShmReplayError, ConnectionError):
     """No daemon serves the instance, or the daemon shut down while the call waited."""
+
+
+class ClientCutOff(DaemonNotRunning):
+    """The daemon cut this client off: it wrote a value into the table's shared memory that
+    makes no sense (a slot it does not hold, a ring position out of range, a priority that is
+    not finite...). The daemon's log names its pid, channel and the value. Attach again."""
+
+
+class TableQuarantined(ShmReplayError, RuntimeError):
+    """The daemon stopped serving writes to a table that cannot go on (its lock is corrupt, or
+    committing to it failed); the daemon's log says why. Samplers may still read it; it stays
+    in /dev/shm, and restarting the daemon adopts it and repairs it."""
 
 
 class DaemonAlreadyRunning(ShmReplayError, RuntimeError):

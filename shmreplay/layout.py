@@ -75,6 +75,7 @@ class Ctrl:
     TOTAL_EVICTED = 17
     SAMPLER_WAITING = 18  # hint: a sampler sleeps waiting for items; writers wake the daemon
     EPISODES = 19  # episodes that have had items in the table (since the last reset)
+    TABLE_STATE = 21  # TableState: the daemon quarantined the table (writes are refused)
     COUNT = 24
 
 
@@ -90,6 +91,13 @@ class Sleep:
     AWAKE = 0
     NAP = 1
     IDLE = 2
+
+
+class TableState:
+    """Values of Ctrl.TABLE_STATE, written by the daemon only (see Daemon._quarantine)."""
+
+    OK = 0
+    QUARANTINED = 1  # cannot go on: reads work if its lock does, writes raise TableQuarantined
 
 
 class Param:

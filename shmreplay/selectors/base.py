@@ -77,6 +77,15 @@ class Selector(ABC):
         """The selector's options, for table info."""
         return {"kind": self.kind}
 
+    def check(self, size: int) -> str | None:
+        """What is wrong with the selector's own counts for a table of ``size`` items, in O(1),
+        or None. The table rebuilds the selector (:meth:`rebuild`) if something is: its arrays
+        live in memory every sampler can write. This one checks every DenseSet it keeps."""
+        for name, value in vars(self).items():
+            if isinstance(value, DenseSet) and value.count != size:
+                return f"its {name} set counts {value.count} items, the table holds {size}"
+        return None
+
 
 class Deterministic(Selector):
     """A selector that picks items in an order (insertion order, priority order) rather than at
