@@ -845,7 +845,8 @@ class Daemon:
                 start = None
             self._clients[c] = _Client(c, pid, start, conn)
         for t in self.tables.values():
-            t.core.chan[c, :] = 0
+            if t.broken is None:  # (a quarantined table's channels wait for adoption)
+                t.core.chan[c, :] = 0
             t.outstanding[c] = 0
             t.pub_head[c] = 0
             t.lease_tail[c] = 0
@@ -900,7 +901,8 @@ class Daemon:
             t.core.chan[channel, Chan.WANT_LEASE] = 0
             t.outstanding[channel] = 0
             if t.broken is not None:
-                t.core.chan[channel, :] = 0  # its slots wait for the next daemon's adoption
+                # What it leased and published waits for the next daemon: adopt() commits
+                # what was published and frees the rest.
                 continue
             repairs = int(t.core.ctrl[Ctrl.REPAIRS])
             try:
@@ -1196,15 +1198,15 @@ class Daemon:
         }
 
     def _table_info(self, t: _TableState) -> dict:
-        """A table's info, with its state: "ok", or "quarantined" and why."""
+        """A table's info, with its state: "ok", or "quarantined" and why. Waits at most
+        STALL_WARN_S for its lock (it may be what broke), then reports only the state."""
         state = {"state": "ok" if t.broken is None else "quarantined"}
         if t.broken is not None:
             state["quarantined_because"] = t.broken
-            try:
-                return {**_plain(t.core.info(timeout=STALL_WARN_S).to_dict()), **state}
-            except Exception:  # its lock may be what broke
-                return {"name": t.core.name, **state}
-        return {**_plain(t.core.info().to_dict()), **state}
+        try:
+            return {**_plain(t.core.info(timeout=STALL_WARN_S).to_dict()), **state}
+        except ShmReplayError as exc:
+            return {"name": t.core.name, **state, "info_error": str(exc)}
 
 
 def _create_event(name: str, mode: int, gid: int | None) -> Event:
