@@ -39,6 +39,7 @@ from .mutex import RobustMutex
 from .ratelimit import RateLimiter, RateLimiterInfo
 from .rings import ring_get, ring_put
 from .selectors import selector_class
+from .selectors.base import CorruptStructure
 from .shm import Segment
 from .sumtree import last_wins
 
@@ -479,8 +480,14 @@ class TableCore:
         still copies them, to RELEASING until it releases them."""
         if len(slots) == 0:
             return
-        self.sampler.remove(slots)
-        self.remover.remove(slots)
+        try:
+            self.sampler.remove(slots)
+            self.remover.remove(slots)
+        except CorruptStructure as exc:
+            # The slots are still READY: rebuilt, both selectors hold them again.
+            self._repair_counts(str(exc))
+            self.sampler.remove(slots)
+            self.remover.remove(slots)
         # The slots' state first, the counters after (as in commit): repair() trusts the states
         # and the deletes, and derives the inserts from them.
         if releasing_owner is None:

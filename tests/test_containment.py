@@ -27,7 +27,7 @@ from shmreplay.errors import (
     TableQuarantined,
 )
 from shmreplay.instance import remove_shm_objects, segment_name
-from shmreplay.layout import LEASE_CAPACITY, PUBLISH_CAPACITY, Chan
+from shmreplay.layout import LEASE_CAPACITY, PUBLISH_CAPACITY, Chan, Ctrl
 from shmreplay.shm import SHM_DIR
 from shmreplay.testing import (
     STAMPED_SIGNATURE,
@@ -312,24 +312,35 @@ def test_a_weight_sum_overflow_costs_neither_the_daemon_nor_the_other_tables(dae
         remove_shm_objects(d.name)  # a quarantined table outlives its daemon's stop
 
 
-def test_a_garbage_count_in_the_samplers_dense_set_is_repaired(daemon_factory):
-    """The uniform sampler's item count is in memory every sampler can write. On c7003f0 a
-    garbage count made the next commit raise and the daemon unlink every table; now the commit
-    checks it against the table's size and rebuilds the structures from the per-slot metadata."""
-    d = daemon_factory(table_toml(signature=STAMPED_SIGNATURE))
+def _garbage_count(core) -> None:
+    core.sampler.items._count[0] = 10**12
+    core.ctrl[Ctrl.FREE_HEAD] = -(10**9)
+
+
+def _garbage_positions(core) -> None:
+    core.sampler.items.pos[:] = -5
+
+
+@pytest.mark.parametrize("corrupt", [_garbage_count, _garbage_positions])
+def test_garbage_in_the_samplers_dense_set_is_repaired(daemon_factory, corrupt):
+    """The uniform sampler's dense set (its count, its positions) and the free ring's ends are
+    in memory every sampler can write. On c7003f0 a garbage count made the next commit raise
+    and the daemon unlink every table, garbage positions made evictions scramble the set; now
+    the commit checks the counts and the removal checks the positions, and the structures are
+    rebuilt from the per-slot metadata."""
+    d = daemon_factory(table_toml(max_size=100, signature=STAMPED_SIGNATURE))
     with shmreplay.attach(d.name) as client:
         t = client.table("replay")
         t.insert_batch(stamped_batch(np.arange(100)))
         t.flush(timeout=5)
-        t.core.sampler.items._count[0] = 10**12
-        t.core.ctrl[5] = -(10**9)  # the free ring's head too
-        t.insert_batch(stamped_batch(np.arange(100, 110)))
+        corrupt(t.core)
+        t.insert_batch(stamped_batch(np.arange(100, 110)))  # evicts the 10 oldest
         t.flush(timeout=5)
-        assert t.info().current_size == 110
-        assert t.core.sampler.items.count == 110
-        s = t.sample(3000, timeout=5)  # each item is missed with probability 1.4e-12
+        assert t.info().current_size == 100
+        assert t.core.sampler.items.count == 100
+        s = t.sample(3000, timeout=5)  # each item is missed with probability 1e-13
         assert verify_stamped(s.data).all()
-        assert set(s.data["uid"].tolist()) == set(range(110))
+        assert set(s.data["uid"].tolist()) == set(range(10, 110))
     assert "rebuilt its structures from the per-slot metadata" in d.log()
     assert d.running()
 
