@@ -7,6 +7,13 @@ posts it. A second thread serves the control socket (``hello``/``bye``/``info``/
 notices a client's death by its connection closing; the main thread then reclaims what that
 client held. SIGTERM and SIGINT shut down cleanly: waiters are woken with an error, segments and
 semaphores are unlinked, the socket and the instance record removed.
+
+Faults are contained (see :meth:`Daemon.run`): only a requested stop removes the tables. Every
+value the commit loop reads from memory a client can write (ring positions, slots, lease
+requests, priorities) is checked first; a client that wrote nonsense is cut off alone
+(:meth:`Daemon._cut_off`). A table whose commit or lease fails is quarantined alone
+(:meth:`Daemon._quarantine`). Any other error ends the daemon with status 1 and leaves every
+table in /dev/shm for the next daemon to adopt.
 """
 
 from __future__ import annotations
