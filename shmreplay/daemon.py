@@ -643,9 +643,15 @@ class Daemon:
             t.core.mutex.release()
 
     def _end_quarantines(self, now: float) -> None:
+        """Free the slots a dead daemon's clients held, once they must have noticed (the
+        post-adoption hold, not a quarantined table: see _quarantine)."""
         for name, t in self.tables.items():
-            if t.quarantine is not None and now >= t.quarantine[0]:
-                freed = t.core.release_quarantined(t.quarantine[1])
+            if t.quarantine is not None and t.broken is None and now >= t.quarantine[0]:
+                try:
+                    freed = t.core.release_quarantined(t.quarantine[1])
+                except Exception as exc:
+                    self._quarantine(t, f"{type(exc).__name__}: {exc}", exc)
+                    continue
                 t.quarantine = None
                 if freed:
                     log.info("table %r: %d slot(s) held before the restart freed", name, freed)

@@ -321,10 +321,14 @@ def _garbage_positions(core) -> None:
     core.sampler.items.pos[:] = -5
 
 
-@pytest.mark.parametrize("corrupt", [_garbage_count, _garbage_positions])
+def _garbage_fifo_head(core) -> None:
+    core.remover.ends[0] = 10**12
+
+
+@pytest.mark.parametrize("corrupt", [_garbage_count, _garbage_positions, _garbage_fifo_head])
 def test_garbage_in_the_samplers_dense_set_is_repaired(daemon_factory, corrupt):
-    """The uniform sampler's dense set (its count, its positions) and the free ring's ends are
-    in memory every sampler can write. On c7003f0 a garbage count made the next commit raise
+    """The uniform sampler's dense set (its count, its positions), the free ring's ends and the
+    Fifo remover's are in memory every sampler can write. On c7003f0 a garbage count made the next commit raise
     and the daemon unlink every table, garbage positions made evictions scramble the set; now
     the commit checks the counts and the removal checks the positions, and the structures are
     rebuilt from the per-slot metadata."""
