@@ -97,6 +97,7 @@ ACTIVE_WINDOW_S = 0.05  # writers quiet for this long: sleep until woken instead
 IDLE_SLEEP_S = 0.1
 LIVENESS_CHECK_S = 0.1  # how often client pids are checked (connection EOF is the fast path)
 EVENT_KINDS = ("sample", "insert")
+FAULT_ENV = "SHMREPLAY_INJECT_FAULT"  # see _injected_fault
 
 
 def check_fits(config: Config, present: frozenset[str] = frozenset()) -> int:
@@ -597,10 +598,16 @@ class Daemon:
     # -- the commit loop -------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
+        """The commit loop, until a stop is requested. An exception out of it is a bug of the
+        daemon's own (tables and clients are contained in _service and _cut_off): run() then
+        keeps every table for the next daemon."""
         next_liveness = time.monotonic() + LIVENESS_CHECK_S
         last_work = 0.0
+        fault_after = _injected_fault()
         while not self._stop.is_set():
             self.notifier.watchdog_tick()  # here, not in a thread: a stuck loop gets restarted
+            if fault_after is not None and self._committed_total() >= fault_after:
+                raise RuntimeError(f"{FAULT_ENV}: injected fault after {fault_after} item(s)")
             worked = False
             for t in self.tables.values():
                 worked |= self._service(t)
@@ -616,6 +623,9 @@ class Daemon:
                 last_work = now
             else:
                 self._sleep(active=now - last_work < ACTIVE_WINDOW_S)
+
+    def _committed_total(self) -> int:
+        return sum(int(t.core.ctrl[Ctrl.TOTAL_INSERTED]) for t in self.tables.values())
 
     @contextlib.contextmanager
     def _locked(self, t: _TableState, what: str):
@@ -1235,6 +1245,16 @@ def _create_event(name: str, mode: int, gid: int | None) -> Event:
             f"there (shmreplay gc removes what dead daemons left) or enlarge it "
             f"(mount -o remount,size=... {SHM_DIR})"
         ) from exc
+
+
+def _injected_fault() -> int | None:
+    """For the tests of what an unexpected error keeps: ``SHMREPLAY_INJECT_FAULT=commit-loop:N``
+    makes the commit loop raise once N items were committed. Not for production use."""
+    value = os.environ.get(FAULT_ENV, "")
+    kind, _, count = value.partition(":")
+    if kind != "commit-loop":
+        return None
+    return int(count or 0)
 
 
 def _shutdown(conn: socket.socket | None) -> None:

@@ -24,6 +24,7 @@ from shmreplay.errors import (
     CheckpointError,
     ClientCutOff,
     InvalidArgumentError,
+    ShmReplayError,
     TableQuarantined,
 )
 from shmreplay.instance import remove_shm_objects, segment_name
@@ -328,9 +329,10 @@ def _garbage_fifo_head(core) -> None:
 @pytest.mark.parametrize("corrupt", [_garbage_count, _garbage_positions, _garbage_fifo_head])
 def test_garbage_in_the_samplers_dense_set_is_repaired(daemon_factory, corrupt):
     """The uniform sampler's dense set (its count, its positions), the free ring's ends and the
-    Fifo remover's are in memory every sampler can write. On c7003f0 a garbage count made the next commit raise
-    and the daemon unlink every table, garbage positions made evictions scramble the set; now
-    the commit checks the counts and the removal checks the positions, and the structures are
+    Fifo remover's are in memory every sampler can write. On c7003f0 a garbage count made the
+    next commit raise and the daemon unlink every table, garbage positions made evictions
+    scramble the set, a garbage Fifo head stopped evictions; now the commit checks the counts
+    and the removal checks the positions, and the structures are
     rebuilt from the per-slot metadata."""
     d = daemon_factory(table_toml(max_size=100, signature=STAMPED_SIGNATURE))
     with shmreplay.attach(d.name) as client:
@@ -384,3 +386,35 @@ def test_a_taken_metrics_port_at_a_restart_keeps_the_adopted_tables(daemon_facto
         assert t.info().current_size == 700
         assert verify_stamped(t.sample(100, timeout=5).data).all()
     assert second.running()
+
+
+def test_an_unexpected_error_keeps_every_table_and_writes_a_final_checkpoint(
+    daemon_factory, tmp_path, monkeypatch
+):
+    """An exception out of the commit loop itself (injected: the daemon's own bug, not a
+    table's or a client's). On c7003f0 the daemon unlinked every table and wrote no final
+    checkpoint. Now it exits with status 1 after a final checkpoint, leaves the tables in
+    /dev/shm, and the next daemon adopts them with every item."""
+    monkeypatch.setenv("SHMREPLAY_INJECT_FAULT", "commit-loop:300")
+    toml = f'[server]\ncheckpoint_dir = "{tmp_path}"\n' + table_toml(signature=STAMPED_SIGNATURE)
+    d = daemon_factory(toml)
+    monkeypatch.delenv("SHMREPLAY_INJECT_FAULT")
+    with shmreplay.attach(d.name) as client:
+        t = client.table("replay")
+        t.insert_batch(stamped_batch(np.arange(300)))
+        with contextlib.suppress(ShmReplayError):
+            t.flush(timeout=10)
+    assert d.wait(10) == 1
+    log = d.log()
+    assert "unexpected error in the commit loop" in log and "injected fault" in log
+    assert "left 1 table(s) in /dev/shm for the next daemon to adopt" in log
+    assert _segment(d).exists()
+    checkpoints = [p for p in tmp_path.iterdir() if p.name.startswith("checkpoint-")]
+    assert len(checkpoints) == 1
+    daemon_factory(toml, name=d.name)
+    with shmreplay.attach(d.name) as client:
+        t = client.table("replay")
+        assert t.info().current_size == 300
+        s = t.sample(3000, timeout=5)
+        assert verify_stamped(s.data).all()
+        assert set(s.data["uid"].tolist()) == set(range(300))
