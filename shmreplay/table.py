@@ -185,7 +185,7 @@ class TableCore:
         self.channel: int | None = None  # a client's: its channel (check_open checks it)
         # What adopt() found published but could not commit (bad values), for the daemon's log.
         self.skipped_at_adoption: list[str] = []
-        self._max_priority: float | None = None  # see max_priority()
+        self._max_priority: float | None = None  # see priority_limit()
         # Items a timed-out sample() had already taken (and counted): the next call gets them.
         self._carry: list[tuple[dict[str, np.ndarray], SampleInfo]] = []
         mts = self.spec.max_times_sampled
@@ -218,6 +218,7 @@ class TableCore:
         try:
             # The dead daemon may have died half-way through anything, not only holding the
             # lock (an exception): rebuild from the per-slot metadata before trusting anything.
+            repairs = int(self.ctrl[Ctrl.REPAIRS])  # (adoption's own repairs are not counted)
             self.repair()
             slots, priorities = [], []
             for c, (h, t) in enumerate(self.chan[:, [Chan.PUB_HEAD, Chan.PUB_TAIL]]):
@@ -235,7 +236,6 @@ class TableCore:
             )
             self.owner[held] = QUARANTINED
             self.chan[:] = 0
-            repairs = int(self.ctrl[Ctrl.REPAIRS])
             self.repair()
             self.ctrl[Ctrl.REPAIRS] = repairs
             for c in (
@@ -334,13 +334,15 @@ class TableCore:
 
     # -- daemon side (mutex held) -------------------------------------------------------------
 
-    def max_priority(self) -> float:
-        """The largest priority both selectors accept (a selector says so by ``max_priority``)."""
+    def priority_limit(self) -> float:
+        """The largest priority both selectors accept (a selector says so by ``max_priority``,
+        a number or a method returning one)."""
         if self._max_priority is None:
-            self._max_priority = min(
-                float(getattr(self.sampler, "max_priority", _FLOAT_MAX)),
-                float(getattr(self.remover, "max_priority", _FLOAT_MAX)),
-            )
+            limits = []
+            for selector in (self.sampler, self.remover):
+                limit = getattr(selector, "max_priority", _FLOAT_MAX)
+                limits.append(float(limit() if callable(limit) else limit))
+            self._max_priority = min(limits)
         return self._max_priority
 
     def check_published(
@@ -384,7 +386,7 @@ class TableCore:
             if np.count_nonzero(twice):
                 return f"it published slot {int(ordered[1:][twice][0])} twice"
         priorities = self.priority[slots]
-        limit = self.max_priority()
+        limit = self.priority_limit()
         # NaN fails both comparisons (min and max propagate it): one check for all three.
         if not (priorities.min() >= 0.0 and priorities.max() <= limit):
             bad = ~(np.isfinite(priorities) & (priorities >= 0) & (priorities <= limit))
@@ -399,8 +401,8 @@ class TableCore:
         """Take up to ``n`` free slots for ``channel``, give them fresh keys; mutex held."""
         self.check_counts()
         slots = self._free_pop(n)
-        if len(slots) and not (self.state[slots] == SlotState.FREE).all():
-            # The free ring lists a slot that is not free: it is not to be trusted.
+        if len(slots) and not self._all_free(slots):
+            # The free ring lists a slot that is not one, or not free, or twice: rebuild it.
             self._repair_counts("its free ring lists slots that are not free")
             slots = self._free_pop(n)
         if len(slots):
@@ -409,6 +411,15 @@ class TableCore:
             self.owner[slots] = channel
             self.state[slots] = SlotState.LEASED
         return slots
+
+    def _all_free(self, slots: np.ndarray) -> bool:
+        """Whether ``slots`` (taken from the free ring) are distinct free slots."""
+        if int(slots.min()) < 0 or int(slots.max()) >= self.num_slots:
+            return False
+        if np.count_nonzero(self.state[slots] != SlotState.FREE):
+            return False
+        ordered = np.sort(slots)
+        return not np.count_nonzero(ordered[1:] == ordered[:-1])
 
     def commit(self, slots: np.ndarray, priorities: np.ndarray | None = None) -> int:
         """Make published slots sampleable, then evict what exceeds max_size; mutex held.

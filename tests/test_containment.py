@@ -326,27 +326,35 @@ def _garbage_fifo_head(core) -> None:
     core.remover.ends[0] = 10**12
 
 
-@pytest.mark.parametrize("corrupt", [_garbage_count, _garbage_positions, _garbage_fifo_head])
+def _garbage_free_ring(core) -> None:
+    head = int(core.ctrl[Ctrl.FREE_HEAD]) % len(core.free)
+    core.free[head : head + 64] = 50  # a slot holding an item, over and over
+
+
+@pytest.mark.parametrize(
+    "corrupt", [_garbage_count, _garbage_positions, _garbage_fifo_head, _garbage_free_ring]
+)
 def test_garbage_in_the_samplers_dense_set_is_repaired(daemon_factory, corrupt):
-    """The uniform sampler's dense set (its count, its positions), the free ring's ends and the
-    Fifo remover's are in memory every sampler can write. On c7003f0 a garbage count made the
-    next commit raise and the daemon unlink every table, garbage positions made evictions
-    scramble the set, a garbage Fifo head stopped evictions; now the commit checks the counts
-    and the removal checks the positions, and the structures are
-    rebuilt from the per-slot metadata."""
+    """The uniform sampler's dense set (its count, its positions), the free ring (its ends,
+    its entries) and the Fifo remover's ends are in memory every sampler can write. On c7003f0
+    a garbage count made the next commit raise and the daemon unlink every table, garbage
+    positions made evictions scramble the set, a garbage Fifo head stopped evictions, a free
+    ring listing a full slot had it leased and overwritten. Now the commit and the lease check
+    the counts, the lease the slots it hands out, the removal the positions, and the
+    structures are rebuilt from the per-slot metadata."""
     d = daemon_factory(table_toml(max_size=100, signature=STAMPED_SIGNATURE))
     with shmreplay.attach(d.name) as client:
         t = client.table("replay")
         t.insert_batch(stamped_batch(np.arange(100)))
         t.flush(timeout=5)
         corrupt(t.core)
-        t.insert_batch(stamped_batch(np.arange(100, 110)))  # evicts the 10 oldest
+        t.insert_batch(stamped_batch(np.arange(100, 400)))  # more than one lease: evicts
         t.flush(timeout=5)
         assert t.info().current_size == 100
         assert t.core.sampler.items.count == 100
         s = t.sample(3000, timeout=5)  # each item is missed with probability 1e-13
         assert verify_stamped(s.data).all()
-        assert set(s.data["uid"].tolist()) == set(range(10, 110))
+        assert set(s.data["uid"].tolist()) == set(range(300, 400))
     assert "rebuilt its structures from the per-slot metadata" in d.log()
     assert d.running()
 
