@@ -348,7 +348,7 @@ def test_garbage_in_the_samplers_dense_set_is_repaired(daemon_factory, corrupt):
         t.insert_batch(stamped_batch(np.arange(100)))
         t.flush(timeout=5)
         corrupt(t.core)
-        t.insert_batch(stamped_batch(np.arange(100, 400)))  # more than one lease: evicts
+        t.insert_batch(stamped_batch(np.arange(100, 400)), timeout=10)  # several leases
         t.flush(timeout=5)
         assert t.info().current_size == 100
         assert t.core.sampler.items.count == 100
