@@ -129,6 +129,7 @@ class _Client:
     # What it held was taken back (it died, or was cut off); its channel stays reserved until
     # the control thread reports its connection closed (see Daemon._reclaim).
     reclaimed: bool = False
+    leaving: bool = False  # its reclaim has begun
 
 
 @dataclass
@@ -895,6 +896,7 @@ class Daemon:
             client = self._clients.get(channel)
         if client is None:
             return
+        client.leaving = True
         if not client.reclaimed:
             self._take_back(client, reason)
         with self._clients_lock:
@@ -1210,8 +1212,15 @@ class Daemon:
         return self.tables[name]
 
     def info(self) -> dict:
+        # Attached clients: not those that left, whose channel waits for its reclaim (queued
+        # by the control thread, which answers this request after queueing it).
+        leaving = {channel for channel, _ in list(self._dead.queue)}
         with self._clients_lock:
-            clients = [{"pid": c.pid, "channel": c.channel} for c in self._clients.values()]
+            clients = [
+                {"pid": c.pid, "channel": c.channel}
+                for c in self._clients.values()
+                if not (c.reclaimed or c.leaving or c.channel in leaving)
+            ]
         return {
             "name": self.name,
             "pid": os.getpid(),

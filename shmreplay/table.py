@@ -220,17 +220,11 @@ class TableCore:
             # lock (an exception): rebuild from the per-slot metadata before trusting anything.
             repairs = int(self.ctrl[Ctrl.REPAIRS])  # (adoption's own repairs are not counted)
             self.repair()
-            slots, priorities = [], []
-            for c, (h, t) in enumerate(self.chan[:, [Chan.PUB_HEAD, Chan.PUB_TAIL]]):
-                checked = self.check_published(c, int(h), int(t), PUBLISH_CAPACITY)
-                if isinstance(checked, str):
-                    self.skipped_at_adoption.append(f"channel {c}: {checked}")
-                elif len(checked[0]):
-                    slots.append(checked[0])
-                    priorities.append(checked[1])
-            committed = 0
-            if slots:
-                committed = self.commit(np.concatenate(slots), np.concatenate(priorities))
+            slots = [
+                self._adoptable(c, int(h), int(t))
+                for c, (h, t) in enumerate(self.chan[:, [Chan.PUB_HEAD, Chan.PUB_TAIL]])
+            ]
+            committed = self.commit(np.concatenate(slots)) if slots else 0
             held = np.flatnonzero(
                 (self.state == SlotState.LEASED) | (self.state == SlotState.RELEASING)
             )
@@ -249,6 +243,31 @@ class TableCore:
         finally:
             self.mutex.release()
         return committed, held
+
+    def _adoptable(self, c: int, head: int, tail: int) -> np.ndarray:
+        """What channel ``c`` published that adopt() may commit. Unlike the running daemon's
+        check (check_published), lenient: the dead daemon may have died between a commit and
+        moving the ring's head, so slots committed already are skipped, and so is what makes
+        no sense (noted in ``skipped_at_adoption``); the rest is committed."""
+        n = tail - head
+        if n <= 0 or n > PUBLISH_CAPACITY:
+            if n != 0:
+                self.skipped_at_adoption.append(f"channel {c}: ring head {head}, tail {tail}")
+            return np.empty(0, np.int64)
+        slots = ring_get(self.publish_ring[c], head, n)
+        ok = (slots >= 0) & (slots < self.num_slots)
+        safe = np.where(ok, slots, 0)
+        p = self.priority[safe]
+        ok &= (self.owner[safe] == c) & (self.state[safe] == SlotState.LEASED)
+        ok &= np.isfinite(p) & (p >= 0) & (p <= self.priority_limit())
+        once = np.zeros(int(np.count_nonzero(ok)), dtype=bool)  # a slot published twice: once
+        once[np.unique(slots[ok], return_index=True)[1]] = True
+        ok[np.flatnonzero(ok)] = once
+        if not ok.all():
+            self.skipped_at_adoption.append(
+                f"channel {c}: {int(np.count_nonzero(~ok))} of {n} published slot(s)"
+            )
+        return slots[ok]
 
     def release_quarantined(self, slots: np.ndarray) -> int:
         """Free slots adopt() held back; mutex taken here. Returns how many were freed."""

@@ -23,12 +23,13 @@ import shmreplay
 from shmreplay.errors import (
     CheckpointError,
     ClientCutOff,
+    DaemonNotRunning,
     InvalidArgumentError,
     ShmReplayError,
     TableQuarantined,
 )
 from shmreplay.instance import remove_shm_objects, segment_name
-from shmreplay.layout import LEASE_CAPACITY, PUBLISH_CAPACITY, Chan, Ctrl
+from shmreplay.layout import LEASE_CAPACITY, PUBLISH_CAPACITY, Chan, Ctrl, SlotState
 from shmreplay.shm import SHM_DIR
 from shmreplay.testing import (
     STAMPED_SIGNATURE,
@@ -206,6 +207,10 @@ def test_a_client_writing_nonsense_into_its_channel_is_cut_off_alone(daemon_fact
             b.insert(stamped_row(1))
         with pytest.raises(ClientCutOff):
             b.sample(1, timeout=1)
+        with pytest.raises(DaemonNotRunning):  # its control connection was closed
+            bad.server_info()
+        core = g.core  # what it held was taken back: no slot is left leased to its channel
+        assert np.count_nonzero((core.owner == bad.channel) & (core.state == SlotState.LEASED)) == 0
         # Everyone else goes on, with every item.
         g.insert_batch(stamped_batch(np.arange(200, 250)))
         g.flush(timeout=5)
