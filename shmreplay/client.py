@@ -37,6 +37,7 @@ from .errors import (
     ShmReplayError,
     SignatureError,
     TableNotFoundError,
+    TableQuarantined,
 )
 from .events import Event
 from .instance import (
@@ -217,6 +218,7 @@ class Client:
                 self._events.extend(evs.values())
                 core = TableCore(seg, TableEvents(daemon=wake, **evs))
                 core.daemon_pid = self.daemon_pid
+                core.channel = self.channel
                 core.rng = np.random.default_rng(
                     None if seed is None else [seed, len(self._tables)]
                 )
@@ -346,7 +348,7 @@ class Client:
                 for t in self._tables.values():
                     try:
                         t.flush(timeout=timeout)
-                    except (DaemonNotRunning, RateLimiterTimeout):
+                    except (DaemonNotRunning, RateLimiterTimeout, TableQuarantined):
                         pass  # nothing to wait for any more, or the caller's deadline passed
                 try:
                     # Not worth a long wait on a busy or stopped daemon: closing our end of
@@ -600,13 +602,19 @@ class Table:
         self._spare: list[int] = []
         self._writing = False
 
-    def _check(self) -> None:
+    def _check(self, writing: bool = False) -> None:
         if self._closed:
             raise ClientClosedError(f"table {self.name!r}: its client is closed")
         self.client._check()
         ctrl = self.core.ctrl
-        if ctrl[Ctrl.SHUTDOWN] or ctrl[Ctrl.DAEMON_PID] != self.core.daemon_pid:
-            self.core.check_open()  # raises: the daemon went away or was replaced
+        if (
+            ctrl[Ctrl.SHUTDOWN]
+            or ctrl[Ctrl.DAEMON_PID] != self.core.daemon_pid
+            or self._chan[Chan.PID] != self.client._pid
+            or (writing and ctrl[Ctrl.TABLE_STATE])
+        ):
+            # Raises: the daemon went away or was replaced, cut us off, or quarantined the table
+            self.core.check_open(writing)
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -626,7 +634,7 @@ class Table:
         step, last step) records which steps of which episode the item holds (trajectory
         writers pass it; ``info()`` counts episodes from it).
         """
-        self._check()
+        self._check(writing=True)
         row = self._validate_row(data)
         prio = check_priority(priority, self.core.max_priority, self.name)
         timeout = _check_timeout(timeout)
@@ -706,7 +714,7 @@ class Table:
             except shmreplay.RateLimiterTimeout as exc:
                 done = len(exc.keys)   # items [0, done) are in; retry items [done, n)
         """
-        self._check()
+        self._check(writing=True)
         timeout = _check_timeout(timeout)
         if not isinstance(data, Mapping):
             raise SignatureError(f"table {self.name!r}: data must be a mapping of field to array")
@@ -765,7 +773,7 @@ class Table:
 
         Published on a clean exit; discarded (never visible) if the block raises.
         """
-        self._check()
+        self._check(writing=True)
         prio = check_priority(priority, self.core.max_priority, self.name)
         return _Reservation(self, prio, _check_timeout(timeout), _check_episode(episode))
 
@@ -829,7 +837,7 @@ class Table:
                         f"max_diff {lim.max_diff:g}); pass a longer timeout"
                     )
                 core.events.insert.wait(0.5 if remaining is None else remaining)
-                core.check_open()
+                core.check_open(writing=True)
         finally:
             chan[Chan.WAIT_INSERT] = 0
 
@@ -897,7 +905,7 @@ class Table:
                         f"{upto - self._pub_head} item(s) not yet committed by the daemon"
                     )
                 core.events.insert.wait(0.5 if remaining is None else remaining)
-                core.check_open()
+                core.check_open(writing=True)
         finally:
             chan[Chan.WAIT_INSERT] = 0
 

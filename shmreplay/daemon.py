@@ -7,6 +7,13 @@ posts it. A second thread serves the control socket (``hello``/``bye``/``info``/
 notices a client's death by its connection closing; the main thread then reclaims what that
 client held. SIGTERM and SIGINT shut down cleanly: waiters are woken with an error, segments and
 semaphores are unlinked, the socket and the instance record removed.
+
+Faults are contained (see :meth:`Daemon.run`): only a requested stop removes the tables. Every
+value the commit loop reads from memory a client can write (ring positions, slots, lease
+requests, priorities) is checked first; a client that wrote nonsense is cut off alone
+(:meth:`Daemon._cut_off`). A table whose commit or lease fails is quarantined alone
+(:meth:`Daemon._quarantine`). Any other error ends the daemon with status 1 and leaves every
+table in /dev/shm for the next daemon to adopt.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from .config import (
 from .control import encode
 from .control_server import CONTROL_LOCK_TIMEOUT_S, ControlServer, progress_update
 from .errors import (
+    CheckpointError,
     ConfigError,
     DaemonAlreadyRunning,
     DaemonNotRunning,
@@ -73,11 +81,12 @@ from .layout import (
     Chan,
     Ctrl,
     Sleep,
+    TableState,
     compute_layout,
 )
 from .metrics import MetricsServer
 from .notify import Notifier
-from .rings import ring_get, ring_put
+from .rings import ring_put
 from .shm import SHM_DIR, Segment, format_bytes, shm_free_bytes
 from .table import TableCore, TableEvents
 
@@ -101,6 +110,7 @@ UNIX_PATH_MAX = 107  # sun_path holds 108 bytes, with the terminating NUL
 # info() (shmreplay info, metrics scrapes) reuses a big table's priority-extremes and episode
 # scan this recent: a scraper at full speed costs O(tables), plus one O(size) scan per second.
 STATS_MAX_AGE_S = 1.0
+FAULT_ENV = "SHMREPLAY_INJECT_FAULT"  # see _injected_fault
 
 
 def check_fits(config: Config, present: frozenset[str] = frozenset()) -> int:
@@ -129,6 +139,10 @@ class _Client:
     pid: int
     start_time: float | None
     conn: socket.socket | None = None
+    # What it held was taken back (it died, or was cut off); its channel stays reserved until
+    # the control thread reports its connection closed (see Daemon._reclaim).
+    reclaimed: bool = False
+    leaving: bool = False  # its reclaim has begun
 
 
 @dataclass
@@ -142,6 +156,18 @@ class _TableState:
     # delete, reset or limiter change) can change that, and each of those posts the daemon:
     # no need to nap and re-check every ACTIVE_SLEEP_S meanwhile.
     starved: bool = False
+    # The daemon's own copies of the ring indices it owns (the copies in shared memory are only
+    # published for the writers: a client may overwrite them, the daemon never reads them back).
+    pub_head: np.ndarray | None = None
+    lease_tail: np.ndarray | None = None
+    # Why the table was quarantined (see Daemon._quarantine), None while it is sound.
+    broken: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.pub_head is None:
+            self.pub_head = np.zeros(len(self.outstanding), np.int64)
+        if self.lease_tail is None:
+            self.lease_tail = np.zeros(len(self.outstanding), np.int64)
 
 
 class Daemon:
@@ -175,6 +201,10 @@ class Daemon:
         self._clients: dict[int, _Client] = {}
         self._clients_lock = threading.Lock()
         self._dead: queue.Queue[tuple[int, str]] = queue.Queue()
+        # Channels whose rings the commit loop reads: registered, not yet reclaimed or cut off.
+        # Only this decides, never the PID a client could write into its channel line.
+        self._active = np.zeros(self.max_clients, dtype=bool)
+        self._serve_started = False  # past start-up: an error now keeps every table
         self._thread: threading.Thread | None = None
         self._owns_files = False
         self._fd_refusing = False  # refusing connections for want of descriptors (logged once)
@@ -184,8 +214,18 @@ class Daemon:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def run(self, ready: callable | None = None) -> int:
-        """Create everything, serve until asked to stop, clean up. Returns an exit status."""
+        """Create everything, serve until asked to stop, clean up. Returns an exit status: 0
+        after a requested stop (SIGTERM, SIGINT, the ``shutdown`` request), 1 after an
+        unexpected error; a failed start raises.
+
+        Only a requested stop removes the tables. Whenever the daemon exits with checkpoint_dir
+        set, it first attempts a final checkpoint (none while a table is quarantined, see
+        :meth:`_quarantine`). After an unexpected error it logs it and leaves every table in
+        /dev/shm for the next daemon to adopt; a failed start (a metrics port taken, a bad
+        config, anything) never removes a table it adopted.
+        """
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        status = 1
         try:
             self.start()
             self._start_metrics()
@@ -193,17 +233,26 @@ class Daemon:
                 ready()
             # READY only now: every table is allocated (or adopted) and restored.
             self.notifier.ready(f"serving {len(self.tables)} table(s)")
-            self.serve_forever()
-            self.notifier.stopping()
-            self._final_checkpoint()
+            self._serve_started = True
+            try:
+                self.serve_forever()
+                status = 0
+            except Exception:
+                log.exception(
+                    "instance %r: unexpected error in the commit loop; its tables stay in "
+                    "/dev/shm for the next daemon to adopt (start it again)",
+                    self.name,
+                )
         finally:
             self.notifier.stopping()
+            if self._serving:  # every table exists (a failed start may still checkpoint)
+                self._final_checkpoint()
             if self.metrics is not None:
                 self.metrics.close()
             for s, h in old.items():
                 signal.signal(s, h)
-            self.cleanup()
-        return 0
+            self.cleanup(remove_tables=status == 0)
+        return status
 
     def _start_metrics(self) -> None:
         """Serve [server] metrics_port; if it cannot be bound (another process holds it), the
@@ -240,6 +289,13 @@ class Daemon:
             raise ConfigError(
                 f"instance {self.name!r} has no checkpoint_dir; set it in [server] of tables.toml"
             )
+        broken = self._broken_tables()
+        if broken:
+            raise CheckpointError(
+                f"instance {self.name!r} writes no checkpoint while a table is quarantined: "
+                f"{broken}; the latest checkpoint keeps its last sound state. Restart the "
+                "daemon: it adopts the table and repairs it from its per-slot metadata"
+            )
         with self._checkpoint_lock:
             # Until its first progress line, those waiting hear this, not an older operation's.
             self._control.progress(progress_update("checkpoint: started"))
@@ -262,16 +318,36 @@ class Daemon:
         }
 
     def _final_checkpoint(self) -> None:
-        """At shutdown, with checkpoint_dir set: commit what was published, then checkpoint."""
+        """At exit, with checkpoint_dir set (whatever the reason of the exit): commit what was
+        published, then checkpoint. Not while a table is quarantined: its structures are not
+        to be trusted, and the latest checkpoint keeps its last sound state."""
         if self.config.server.checkpoint_dir is None:
+            return
+        broken = self._broken_tables()
+        if broken:
+            log.error(
+                "no final checkpoint: %s; the latest checkpoint in %s stays the newest, and "
+                "every table stays in /dev/shm for the next daemon to adopt",
+                broken,
+                self.config.server.checkpoint_dir,
+            )
             return
         for t in self.tables.values():
             t.core.ctrl[Ctrl.SHUTDOWN] = 1  # writers stop here; what they published is kept
-            self._service(t)
+            if self._serve_started:
+                self._service(t)
         try:
             self.checkpoint()
         except Exception:
             log.exception("the final checkpoint failed; the previous one is intact")
+
+    def _broken_tables(self) -> str:
+        """Which tables are quarantined and why, as a phrase ('' if none)."""
+        return "; ".join(
+            f"table {n!r} is quarantined ({t.broken})"
+            for n, t in self.tables.items()
+            if t.broken is not None
+        )
 
     def _maybe_periodic_checkpoint(self, now: float) -> None:
         interval = self.config.server.checkpoint_interval_s
@@ -279,6 +355,8 @@ class Daemon:
             return
         if now < self._next_checkpoint or self._checkpoint_lock.locked():
             return
+        if any(t.broken is not None for t in self.tables.values()):
+            return  # see checkpoint(): the latest checkpoint keeps the table's sound state
         self._next_checkpoint = now + interval
 
         def run() -> None:
@@ -516,7 +594,14 @@ class Daemon:
         if adopt is None:
             core.initialize(os.getpid())
         else:
-            committed, held = core.adopt(os.getpid())
+            try:
+                committed, held = core.adopt(os.getpid())
+            except Exception as exc:  # a table that cannot be taken over costs only itself
+                self.tables[spec.name] = state
+                self._quarantine(state, f"adopting it failed: {type(exc).__name__}: {exc}", exc)
+                return
+            for skipped in core.skipped_at_adoption:
+                log.error("table %r: not committed at adoption: %s", spec.name, skipped)
             state.quarantine = (time.monotonic() + QUARANTINE_S, held)
             log.warning(
                 "table %r: adopted the segment a dead daemon left: %d item(s) kept, %d published "
@@ -558,8 +643,14 @@ class Daemon:
         if self.wake is not None and self.wake.sem is not None:
             self.wake.sem.release()
 
-    def cleanup(self) -> None:
-        """Wake every waiter with an error, unlink every object, remove our files. Idempotent."""
+    def cleanup(self, remove_tables: bool = True) -> None:
+        """Wake every waiter with an error, unlink the semaphores, remove our files, and the
+        tables' segments only if ``remove_tables`` and no table is quarantined. Idempotent.
+
+        Tables that stay are adopted by the next daemon of the instance. A daemon that failed
+        before serving removes only the tables it created (empty, or restored from a checkpoint
+        that is still there), never one it adopted."""
+        keep_all = self._serve_started and (not remove_tables or bool(self._broken_tables()))
         for t in self.tables.values():
             t.core.ctrl[Ctrl.SHUTDOWN] = 1
         for ev in self.events:
@@ -575,10 +666,20 @@ class Daemon:
             if t.core.events is not None:
                 t.core.events = None
         self.tables.clear()
+        kept = []
         for seg in self.segments:
-            if self._serving or seg.name not in self._adopted:
-                Segment.unlink(seg.name)  # else a failed start must not destroy adopted items
+            if keep_all or (not remove_tables and seg.name in self._adopted):
+                kept.append(seg.name)  # for the next daemon to adopt
+            else:
+                Segment.unlink(seg.name)
             seg.close()
+        if kept:
+            log.warning(
+                "instance %r: left %d table(s) in /dev/shm for the next daemon to adopt: %s",
+                self.name,
+                len(kept),
+                " ".join(kept),
+            )
         for ev in self.events:
             Event.unlink(ev.name)
             ev.close()
@@ -589,17 +690,30 @@ class Daemon:
                     path.unlink()
             self._owns_files = False
         if self._lock_fd is not None:
+            # Unlinked while still held, so no stale .lock file accumulates; a daemon that
+            # opened it meanwhile finds it gone and opens a new one (_take_instance_lock).
+            with contextlib.suppress(OSError):
+                lock_path(self.name).unlink()
             os.close(self._lock_fd)  # releases the flock: another daemon may start now
             self._lock_fd = None
-            log.info("instance %r stopped; shared memory released", self.name)
+            if kept:
+                log.info("instance %r stopped; its tables stay in /dev/shm", self.name)
+            else:
+                log.info("instance %r stopped; shared memory released", self.name)
 
     # -- the commit loop -------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
+        """The commit loop, until a stop is requested. An exception out of it is a bug of the
+        daemon's own (tables and clients are contained in _service and _cut_off): run() then
+        keeps every table for the next daemon."""
         next_liveness = time.monotonic() + LIVENESS_CHECK_S
         last_work = 0.0
+        fault_after = _injected_fault()
         while not self._stop.is_set():
             self.notifier.watchdog_tick()  # here, not in a thread: a stuck loop gets restarted
+            if fault_after is not None and self._committed_total() >= fault_after:
+                raise RuntimeError(f"{FAULT_ENV}: injected fault after {fault_after} item(s)")
             worked = False
             for t in self.tables.values():
                 worked |= self._service(t)
@@ -615,6 +729,9 @@ class Daemon:
                 last_work = now
             else:
                 self._sleep(active=now - last_work < ACTIVE_WINDOW_S)
+
+    def _committed_total(self) -> int:
+        return sum(int(t.core.ctrl[Ctrl.TOTAL_INSERTED]) for t in self.tables.values())
 
     @contextlib.contextmanager
     def _locked(self, t: _TableState, what: str):
@@ -642,9 +759,15 @@ class Daemon:
             t.core.mutex.release()
 
     def _end_quarantines(self, now: float) -> None:
+        """Free the slots a dead daemon's clients held, once they must have noticed (the
+        post-adoption hold, not a quarantined table: see _quarantine)."""
         for name, t in self.tables.items():
-            if t.quarantine is not None and now >= t.quarantine[0]:
-                freed = t.core.release_quarantined(t.quarantine[1])
+            if t.quarantine is not None and t.broken is None and now >= t.quarantine[0]:
+                try:
+                    freed = t.core.release_quarantined(t.quarantine[1])
+                except Exception as exc:
+                    self._quarantine(t, f"{type(exc).__name__}: {exc}", exc)
+                    continue
                 t.quarantine = None
                 if freed:
                     log.info("table %r: %d slot(s) held before the restart freed", name, freed)
@@ -652,42 +775,62 @@ class Daemon:
     def _sleep(self, active: bool) -> None:
         """Nap while writers are busy (they need not wake us per item); sleep long once they
         have been quiet for ACTIVE_WINDOW_S (the next publish wakes us)."""
+        tables = [t for t in self.tables.values() if t.broken is None]
         writers = active and any(
-            not t.starved and bool(t.core.chan[:, Chan.WANT_LEASE].any())
-            for t in self.tables.values()
+            not t.starved and bool((self._active & (t.core.chan[:, Chan.WANT_LEASE] > 0)).any())
+            for t in tables
         )
-        for t in self.tables.values():
+        for t in tables:
             t.core.ctrl[Ctrl.DAEMON_SLEEPING] = Sleep.NAP if writers else Sleep.IDLE
         # Re-check after raising the flag: a writer that published before seeing it did not post.
-        if not any(self._has_work(t) for t in self.tables.values()):
+        if not any(self._has_work(t) for t in tables):
             self.wake.wait(ACTIVE_SLEEP_S if writers else IDLE_SLEEP_S)
-        for t in self.tables.values():
+        for t in tables:
             t.core.ctrl[Ctrl.DAEMON_SLEEPING] = Sleep.AWAKE
 
-    @staticmethod
-    def _has_work(t: _TableState) -> bool:
-        chan = t.core.chan
-        return bool((chan[:, Chan.PUB_TAIL] != chan[:, Chan.PUB_HEAD]).any())
+    def _has_work(self, t: _TableState) -> bool:
+        tails = t.core.chan[:, Chan.PUB_TAIL]
+        return bool((self._active & (tails != t.pub_head)).any())
 
     def _service(self, t: _TableState) -> bool:
-        """Commit what was published, refill leases, wake waiters. True if anything happened."""
+        """Commit what was published, refill leases, wake waiters. True if anything happened.
+
+        Raises nothing on a table's account: a value a client wrote that makes no sense cuts
+        that client off (:meth:`_cut_off`); any other error quarantines the table
+        (:meth:`_quarantine`). Blocks only while another process holds the table's lock."""
+        if t.broken is not None:
+            return False
+        try:
+            return self._commit_and_lease(t)
+        except Exception as exc:
+            self._quarantine(t, f"{type(exc).__name__}: {exc}", exc)
+            return True
+
+    def _commit_and_lease(self, t: _TableState) -> bool:
         core = t.core
         chan = core.chan
-        tails = chan[:, Chan.PUB_TAIL].copy()
-        heads = chan[:, Chan.PUB_HEAD]
-        pending = np.flatnonzero(tails != heads)
+        tails = chan[:, Chan.PUB_TAIL].copy()  # a writer may move it on meanwhile: one read
+        heads = t.pub_head
+        pending = np.flatnonzero(self._active & (tails != heads))
         committed = 0
         if len(pending):
-            parts = [
-                ring_get(core.publish_ring[c], int(heads[c]), int(tails[c] - heads[c]))
-                for c in pending
-            ]
-            slots = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            with self._locked(t, "committing"):
-                committed = core.commit(slots)
+            channels, parts, prios = [], [], []
             for c in pending:
-                t.outstanding[c] -= tails[c] - heads[c]
-                chan[c, Chan.PUB_HEAD] = tails[c]
+                checked = self._published(t, int(c), int(heads[c]), int(tails[c]))
+                if checked is not None:
+                    channels.append(int(c))
+                    parts.append(checked[0])
+                    prios.append(checked[1])
+            if parts:
+                one = len(parts) == 1
+                slots = parts[0] if one else np.concatenate(parts)
+                priorities = prios[0] if one else np.concatenate(prios)
+                with self._locked(t, "committing"):
+                    committed = core.commit(slots, priorities)
+                for c in channels:
+                    t.outstanding[c] -= tails[c] - heads[c]
+                    t.pub_head[c] = tails[c]
+                    chan[c, Chan.PUB_HEAD] = tails[c]
         if committed:  # before refilling leases: a waiting sampler is on the critical path
             waiting = int(np.count_nonzero(chan[:, Chan.WAIT_SAMPLE]))
             core.events.sample.post(waiting)
@@ -701,13 +844,40 @@ class Daemon:
             core.events.insert.post(int(np.count_nonzero(chan[:, Chan.WAIT_INSERT])))
         return bool(len(pending) or leased)
 
+    def _published(
+        self, t: _TableState, c: int, head: int, tail: int
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The slots and priorities channel ``c`` published, checked (TableCore.check_published);
+        None if it wrote something that makes no sense, and then it is cut off."""
+        checked = t.core.check_published(c, head, tail, int(t.outstanding[c]))
+        if isinstance(checked, str):
+            self._cut_off(c, f"table {t.core.name!r}: {checked}")
+            return None
+        return checked
+
     def _refill(self, t: _TableState) -> int:
         core = t.core
         chan = core.chan
-        wanting = np.flatnonzero((chan[:, Chan.WANT_LEASE] > 0) & (chan[:, Chan.PID] != 0))
+        want = chan[:, Chan.WANT_LEASE].copy()
+        for c in np.flatnonzero(self._active & (want < 0)):
+            self._cut_off(int(c), f"table {core.name!r}: it asked for {want[c]} slots")
+        wanting = np.flatnonzero((want > 0) & self._active)
         t.starved = False
         if len(wanting) == 0:
             return 0
+        # The writers move their lease heads: one read, checked against the tails we wrote.
+        have = t.lease_tail[wanting] - chan[wanting, Chan.LEASE_HEAD]
+        bad = (have < 0) | (have > LEASE_CAPACITY)
+        if bad.any():
+            for c, h in zip(wanting[bad], have[bad], strict=True):
+                self._cut_off(
+                    int(c),
+                    f"table {core.name!r}: its lease ring's head is {int(h)} slot(s) behind "
+                    f"the tail {int(t.lease_tail[c])} (capacity {LEASE_CAPACITY})",
+                )
+            wanting, have = wanting[~bad], have[~bad]
+            if len(wanting) == 0:
+                return 0
         limited = core.limiter.blocks_inserts
         if limited and core.limiter.insert_allowance(1, int(t.outstanding.sum())) == 0:
             # Read without the lock, as a hint: counters only move towards more budget through
@@ -716,7 +886,6 @@ class Daemon:
             return 0
         # Scalars in Python, not numpy: this runs at every wake-up of the commit loop.
         headroom = min(max(int(core.spec.headroom) // (2 * len(wanting)), 1), LEASE_CAPACITY)
-        have = chan[wanting, Chan.LEASE_TAIL] - chan[wanting, Chan.LEASE_HEAD]
         if not limited:  # keep every writer's lease ring filled, refilling at half
             need = np.where(have <= headroom // 2, headroom - have, 0)
             if not need.any():
@@ -738,8 +907,8 @@ class Daemon:
                 # allows now is shared out ahead, so a writer going idle cannot hoard it.
                 free = core.limiter.insert_allowance(LEASE_CAPACITY * len(wanting), pending)
                 ahead = min(headroom, free // (4 * len(wanting)))
-                asked = np.minimum(chan[wanting, Chan.WANT_LEASE], LEASE_CAPACITY)
-                need = np.maximum(np.maximum(asked, ahead) - have, 0)
+                asked = np.minimum(want[wanting], LEASE_CAPACITY)
+                need = np.minimum(np.maximum(np.maximum(asked, ahead) - have, 0), LEASE_CAPACITY)
             budget = core.limiter.insert_allowance(int(need.sum()), pending)
             t.starved = limited and budget <= 0 < int(need.sum())
             for c, n in zip(wanting, need, strict=True):
@@ -750,17 +919,46 @@ class Daemon:
                 k = len(slots)
                 if k == 0:
                     break
-                tail = int(chan[c, Chan.LEASE_TAIL])
+                tail = int(t.lease_tail[c])
                 ring_put(core.lease_ring[c], tail, slots)
+                t.lease_tail[c] = tail + k
                 chan[c, Chan.LEASE_TAIL] = tail + k
                 t.outstanding[c] += k
                 budget -= k
                 total += k
         return total
 
+    def _quarantine(self, t: _TableState, why: str, exc: BaseException | None = None) -> None:
+        """Stop serving a table that cannot go on (its lock is corrupt, or committing to it or
+        leasing from it raised), not the instance. Its structures are rebuilt from the per-slot
+        metadata if its lock still works, so samplers keep reading it; writers get
+        TableQuarantined; it is written to no checkpoint and stays in /dev/shm at exit, for
+        the next daemon to adopt (and repair)."""
+        if t.broken is not None:
+            return
+        t.broken = why
+        core = t.core
+        core.ctrl[Ctrl.TABLE_STATE] = TableState.QUARANTINED
+        log.error(
+            "table %r quarantined: %s; samplers may still read it, writers are refused, and it "
+            "stays in /dev/shm for the next daemon to adopt (restart the daemon to repair it)",
+            core.name,
+            why,
+            exc_info=exc,
+        )
+        try:
+            with core.mutex.held(STALL_WARN_S):
+                core.repair()
+        except Exception as repair_exc:
+            log.error("table %r: could not rebuild its structures: %s", core.name, repair_exc)
+        # Writers waiting for a lease or a commit look again, and raise.
+        core.events.insert.post(int(np.count_nonzero(core.chan[:, Chan.WAIT_INSERT])) + 1)
+
     # -- clients ---------------------------------------------------------------------------------
 
     def _register(self, pid: int, conn: socket.socket) -> int:
+        """Give a new client a channel (control thread). A channel is free again only once the
+        previous client's connection was reported closed and its reclaim finished."""
         with self._clients_lock:
             used = set(self._clients)
             free = [c for c in range(self.max_clients) if c not in used]
@@ -776,38 +974,47 @@ class Daemon:
                 start = None
             self._clients[c] = _Client(c, pid, start, conn)
         for t in self.tables.values():
-            t.core.chan[c, :] = 0
+            if t.broken is None:  # (a quarantined table's channels wait for adoption)
+                t.core.chan[c, :] = 0
             t.outstanding[c] = 0
+            t.pub_head[c] = 0
+            t.lease_tail[c] = 0
             t.core.chan[c, Chan.PID] = pid
+        self._active[c] = True  # last: the commit loop reads the channel from now on
         log.info("client pid %d attached (channel %d)", pid, c)
         return c
 
     def _check_clients(self) -> None:
         with self._clients_lock:
-            clients = list(self._clients.values())
+            clients = [c for c in self._clients.values() if not c.reclaimed]
         for cl in clients:
             if not process_alive(cl.pid, cl.start_time):
-                self._reclaim(cl.channel, reason="died")
+                self._take_back(cl, "died")
+                # Its connection reports the death too, unless a child inherited it: close it
+                # on our side so that the control thread frees the channel either way.
+                _shutdown(cl.conn)
 
     def _reclaim(self, channel: int, reason: str = "disconnected") -> None:
+        """The control thread reported ``channel``'s connection closed (once per attach): take
+        back what its client held, if not done already, and free the channel."""
         with self._clients_lock:
-            client = self._clients.pop(channel, None)
+            client = self._clients.get(channel)
         if client is None:
             return
-        freed = 0
-        for name, t in self.tables.items():
+        client.leaving = True
+        if not client.reclaimed:
+            self._take_back(client, reason)
+        with self._clients_lock:
+            self._clients.pop(channel, None)  # last: _register may hand the channel out now
+
+    def _take_back(self, client: _Client, reason: str) -> None:
+        """Commit what a departed client published, then free the slots it still held."""
+        channel = client.channel
+        for t in self.tables.values():
             self._service(t)  # commit what it published before it went away: nothing is lost
-            t.core.chan[channel, Chan.WANT_LEASE] = 0
-            repairs = int(t.core.ctrl[Ctrl.REPAIRS])
-            with t.core.mutex:  # a holder that died is detected here, and repaired first
-                freed += t.core.reclaim_channel(channel)
-            t.outstanding[channel] = 0
-            if int(t.core.ctrl[Ctrl.REPAIRS]) != repairs:
-                log.warning(
-                    "table %r: a process died holding its lock; rebuilt its structures from "
-                    "the per-slot metadata",
-                    name,
-                )
+        self._active[channel] = False
+        client.reclaimed = True
+        freed = self._free_channel(channel)
         log.info(
             "client pid %d (channel %d) %s; %d unused leased slot(s) returned",
             client.pid,
@@ -815,6 +1022,59 @@ class Daemon:
             reason,
             freed,
         )
+
+    def _free_channel(self, channel: int) -> int:
+        """Free every slot leased to (or being released by) ``channel`` in every table, and
+        clear its channel lines; the channel is inactive already. Returns the slots freed."""
+        freed = 0
+        for name, t in self.tables.items():
+            t.core.chan[channel, Chan.WANT_LEASE] = 0
+            t.outstanding[channel] = 0
+            if t.broken is not None:
+                # What it leased and published waits for the next daemon: adopt() commits
+                # what was published and frees the rest.
+                continue
+            repairs = int(t.core.ctrl[Ctrl.REPAIRS])
+            try:
+                with self._locked(t, "reclaiming a client's slots"):
+                    # A holder that died is detected here, and repaired first.
+                    freed += t.core.reclaim_channel(channel)
+            except Exception as exc:
+                self._quarantine(t, f"{type(exc).__name__}: {exc}", exc)
+                continue
+            if int(t.core.ctrl[Ctrl.REPAIRS]) != repairs:
+                log.warning(
+                    "table %r: a process died holding its lock; rebuilt its structures from "
+                    "the per-slot metadata",
+                    name,
+                )
+        return freed
+
+    def _cut_off(self, channel: int, why: str) -> None:
+        """A client wrote a value that makes no sense where only it writes: stop reading its
+        channel, take back what it held (what it published and was not committed is dropped),
+        close its connection. Its next call raises ClientCutOff; other clients go on."""
+        if not self._active[channel]:
+            return
+        self._active[channel] = False
+        with self._clients_lock:
+            client = self._clients.get(channel)
+        pid = client.pid if client is not None else 0
+        log.error(
+            "client pid %d (channel %d) cut off: %s; its connection is closed and the slots it "
+            "held are taken back (its uncommitted items are dropped)",
+            pid,
+            channel,
+            why,
+        )
+        if client is not None:
+            client.reclaimed = True
+        self._free_channel(channel)
+        for t in self.tables.values():
+            t.core.events.insert.post(1)  # it may wait for a lease: it looks again, and raises
+            t.core.events.sample.post(1)
+        if client is not None:
+            _shutdown(client.conn)
 
     # -- control socket (its own thread) ------------------------------------------------------
 
@@ -931,26 +1191,23 @@ class Daemon:
         return self.tables[name]
 
     def info(self) -> dict:
-        """The instance's state, clients and each table's statistics (O(1) per table). Waits
-        at most CONTROL_LOCK_TIMEOUT_S for a table's lock, then raises LockTimeout naming the
-        table and the pid holding it. While restoring, ``tables`` is empty and ``progress``
-        tells how far the restore is."""
+        """The instance's state, clients and each table's statistics (O(1) per table) with its
+        state ("ok", or "quarantined" and why). Waits at most CONTROL_LOCK_TIMEOUT_S for a
+        healthy table's lock, then raises LockTimeout naming the table and the pid holding it.
+        While restoring, ``tables`` is empty and ``progress`` tells how far the restore is."""
+        # Attached clients: not those that left, whose channel waits for its reclaim (queued
+        # by the control thread, which answers this request after queueing it).
+        leaving = {channel for channel, _ in list(self._dead.queue)}
         with self._clients_lock:
-            clients = [{"pid": c.pid, "channel": c.channel} for c in self._clients.values()]
+            clients = [
+                {"pid": c.pid, "channel": c.channel}
+                for c in self._clients.values()
+                if not (c.reclaimed or c.leaving or c.channel in leaving)
+            ]
         state = self.state
         tables = {}
         if state != "restoring":
-            for n, t in list(self.tables.items()):
-                try:
-                    stats = t.core.info(timeout=CONTROL_LOCK_TIMEOUT_S, max_age=STATS_MAX_AGE_S)
-                    tables[n] = _plain(stats.to_dict())
-                except LockTimeout:
-                    raise LockTimeout(
-                        f"table {n!r} of instance {self.name!r}: its lock has been held by pid "
-                        f"{t.core.mutex.owner_pid} for more than {CONTROL_LOCK_TIMEOUT_S} s (a "
-                        "stopped process, a debugger?); resume or end that process, then ask "
-                        "again"
-                    ) from None
+            tables = {n: self._table_info(t) for n, t in list(self.tables.items())}
         return {
             "name": self.name,
             "pid": os.getpid(),
@@ -960,6 +1217,27 @@ class Daemon:
             "clients": clients,
             "tables": tables,
         }
+
+    def _table_info(self, t: _TableState) -> dict:
+        """A table's info, with its state: "ok", or "quarantined" and why. A quarantined table
+        (its lock may be what broke) whose lock does not come within CONTROL_LOCK_TIMEOUT_S
+        reports only its state; a healthy one raises LockTimeout naming the holder."""
+        state = {"state": "ok" if t.broken is None else "quarantined"}
+        if t.broken is not None:
+            state["quarantined_because"] = t.broken
+        try:
+            stats = t.core.info(timeout=CONTROL_LOCK_TIMEOUT_S, max_age=STATS_MAX_AGE_S)
+            return {**_plain(stats.to_dict()), **state}
+        except ShmReplayError as exc:
+            if t.broken is not None:
+                return {"name": t.core.name, **state, "info_error": str(exc)}
+            if isinstance(exc, LockTimeout):
+                raise LockTimeout(
+                    f"table {t.core.name!r} of instance {self.name!r}: its lock has been held by "
+                    f"pid {t.core.mutex.owner_pid} for more than {CONTROL_LOCK_TIMEOUT_S} s (a "
+                    "stopped process, a debugger?); resume or end that process, then ask again"
+                ) from None
+            raise
 
 
 def _create_event(name: str, mode: int, gid: int | None) -> Event:
@@ -977,6 +1255,24 @@ def _create_event(name: str, mode: int, gid: int | None) -> Event:
             f"there (shmreplay gc removes what dead daemons left) or enlarge it "
             f"(mount -o remount,size=... {SHM_DIR})"
         ) from exc
+
+
+def _injected_fault() -> int | None:
+    """For the tests of what an unexpected error keeps: ``SHMREPLAY_INJECT_FAULT=commit-loop:N``
+    makes the commit loop raise once N items were committed. Not for production use."""
+    value = os.environ.get(FAULT_ENV, "")
+    kind, _, count = value.partition(":")
+    if kind != "commit-loop":
+        return None
+    return int(count or 0)
+
+
+def _shutdown(conn: socket.socket | None) -> None:
+    """End a client's control connection from our side: the control thread then sees it
+    closed, reports it and frees its channel (see Daemon._reclaim)."""
+    if conn is not None:
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_RDWR)
 
 
 def _error(kind: str, message: str) -> dict:

@@ -12,7 +12,9 @@ working for code that does not know about shmreplay::
     ├── RateLimiterTimeout       (TimeoutError)     a blocked insert or sample ran out of time
     ├── LockTimeout              (TimeoutError)     a table lock stayed held past its timeout
     ├── DaemonNotRunning         (ConnectionError)  no daemon serves the instance, or it went away
+    │   └── ClientCutOff                            ... for this client: it wrote a bad value
     ├── DaemonBusy               (TimeoutError)     the daemon is alive but did not answer in time
+    ├── TableQuarantined         (RuntimeError)     the daemon stopped serving writes to a table
     ├── DaemonAlreadyRunning     (RuntimeError)     ``serve`` found a live daemon with that name
     ├── ClientClosedError        (RuntimeError)     a handle was used after ``close()``
     ├── SegmentError             (RuntimeError)     corrupt header or other format
@@ -40,6 +42,8 @@ __all__ = [
     "DaemonNotRunning",
     "DaemonBusy",
     "DaemonAlreadyRunning",
+    "ClientCutOff",
+    "TableQuarantined",
     "ClientClosedError",
     "SegmentError",
     "FormatVersionError",
@@ -116,6 +120,18 @@ class DaemonBusy(ShmReplayError, TimeoutError):
     """The daemon is alive but did not answer within the timeout: it is restoring a checkpoint
     (the message gives its progress), it is stopped (SIGSTOP, a debugger) or overloaded. Not
     :class:`DaemonNotRunning`: waiting longer, or looking at the daemon, is what helps."""
+
+
+class ClientCutOff(DaemonNotRunning):
+    """The daemon cut this client off: it wrote a value into the table's shared memory that
+    makes no sense (a slot it does not hold, a ring position out of range, a priority that is
+    not finite...). The daemon's log names its pid, channel and the value. Attach again."""
+
+
+class TableQuarantined(ShmReplayError, RuntimeError):
+    """The daemon stopped serving writes to a table that cannot go on (its lock is corrupt, or
+    committing to it failed); the daemon's log says why. Samplers may still read it; it stays
+    in /dev/shm, and restarting the daemon adopts it and repairs it."""
 
 
 class DaemonAlreadyRunning(ShmReplayError, RuntimeError):

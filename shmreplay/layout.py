@@ -80,6 +80,7 @@ class Ctrl:
     # it, anyone who can read the segment tells a live daemon from a dead one whose pid was
     # reused, whatever runtime directory it used (gc, a second daemon of the same name).
     DAEMON_START = 20
+    TABLE_STATE = 21  # TableState: the daemon quarantined the table (writes are refused)
     COUNT = 24
 
 
@@ -95,6 +96,13 @@ class Sleep:
     AWAKE = 0
     NAP = 1
     IDLE = 2
+
+
+class TableState:
+    """Values of Ctrl.TABLE_STATE, written by the daemon only (see Daemon._quarantine)."""
+
+    OK = 0
+    QUARANTINED = 1  # cannot go on: reads work if its lock does, writes raise TableQuarantined
 
 
 class Param:

@@ -122,6 +122,12 @@ class RobustMutex:
                 rc = self._wait(timeout)
         if rc == errno.EOWNERDEAD:
             self._recover()
+        elif rc == errno.EINVAL:
+            raise SegmentError(
+                f"{self.name} is corrupt (pthread_mutex_lock failed: EINVAL): its bytes in "
+                "shared memory are not a mutex any more; restart the daemon, which adopts the "
+                "table and makes it a new lock"
+            )
         elif rc != 0:
             _check(rc, "pthread_mutex_lock")
 

@@ -11,8 +11,10 @@ import numpy as np
 
 
 def ring_get(ring: np.ndarray, start: int, count: int) -> np.ndarray:
-    """A copy of positions ``start .. start+count-1`` of ``ring``."""
+    """A copy of positions ``start .. start+count-1`` of ``ring`` (0 <= count <= its size)."""
     size = len(ring)
+    if not 0 <= count <= size:
+        raise ValueError(f"cannot read {count} positions of a ring of {size}")
     i = start % size
     if i + count <= size:
         return ring[i : i + count].copy()
@@ -23,6 +25,8 @@ def ring_get(ring: np.ndarray, start: int, count: int) -> np.ndarray:
 def ring_put(ring: np.ndarray, start: int, values: np.ndarray) -> None:
     """Write ``values`` at positions ``start ..`` of ``ring``."""
     size, count = len(ring), len(values)
+    if count > size:
+        raise ValueError(f"cannot write {count} positions of a ring of {size}")
     i = start % size
     if i + count <= size:
         ring[i : i + count] = values

@@ -19,10 +19,16 @@ from typing import ClassVar
 import numpy as np
 
 from ..config import SelectorSpec
+from ..errors import SegmentError
 
 ArraySpecs = list[tuple[str, str, tuple[int, ...]]]
 # Given slots, how many more times each may be sampled (None: no max_times_sampled).
 TimesLeft = Callable[[np.ndarray], np.ndarray] | None
+
+
+class CorruptStructure(SegmentError):
+    """A selector's shared arrays contradict themselves (they live in memory every sampler can
+    write). The table rebuilds them from the per-slot metadata (TableCore.repair)."""
 
 
 class Selector(ABC):
@@ -84,6 +90,15 @@ class Selector(ABC):
         priorities against the smaller of a table's sampler's and remover's limits."""
         return float(np.finfo(np.float64).max)
 
+    def check(self, size: int) -> str | None:
+        """What is wrong with the selector's own counts for a table of ``size`` items, in O(1),
+        or None. The table rebuilds the selector (:meth:`rebuild`) if something is: its arrays
+        live in memory every sampler can write. This one checks every DenseSet it keeps."""
+        for name, value in vars(self).items():
+            if isinstance(value, DenseSet) and value.count != size:
+                return f"its {name} set counts {value.count} items, the table holds {size}"
+        return None
+
 
 class Deterministic(Selector):
     """A selector that picks items in an order (insertion order, priority order) rather than at
@@ -141,12 +156,18 @@ class DenseSet:
         self._count[0] = n + k
 
     def remove(self, slots: np.ndarray) -> None:
+        """Remove distinct members. Raises CorruptStructure (changing nothing) if the arrays
+        say they are not members."""
         # Fill the holes that lie below the new end with the survivors from the tail.
         n, k = self.count, len(slots)
         if k == 0:
             return
         end = n - k
         p = self.pos[slots]
+        if end < 0 or not ((p >= 0) & (p < n)).all() or not (self.live[p] == slots).all():
+            raise CorruptStructure(
+                f"a set of {n} items does not hold {k} of its members where it says"
+            )
         in_tail = p >= end
         holes = p[~in_tail]
         keep = np.ones(k, dtype=bool)

@@ -58,6 +58,15 @@ class InsertionOrder(Deterministic):
     def update(self, slots: np.ndarray, priorities: np.ndarray) -> None:
         pass  # order does not depend on priority
 
+    def check(self, size: int) -> str | None:
+        head, tail = int(self.ends[_HEAD]), int(self.ends[_TAIL])
+        if head < 0 or not size <= tail - head <= len(self.order):
+            return (
+                f"its order ring's head {head} and tail {tail} cannot hold {size} items in "
+                f"{len(self.order)} entries"
+            )
+        return None
+
     def remove(self, slots: np.ndarray) -> None:
         self.order[self.pos[slots] % len(self.order)] = HOLE
 
