@@ -1219,9 +1219,10 @@ class Daemon:
         }
 
     def _table_info(self, t: _TableState) -> dict:
-        """A table's info, with its state: "ok", or "quarantined" and why. A quarantined table
-        (its lock may be what broke) whose lock does not come within CONTROL_LOCK_TIMEOUT_S
-        reports only its state; a healthy one raises LockTimeout naming the holder."""
+        """A table's info, with its state: "ok", or "quarantined" and why. A healthy table whose
+        lock stays held past CONTROL_LOCK_TIMEOUT_S raises LockTimeout naming the holder; a
+        table whose statistics cannot be read otherwise (its lock corrupt, or quarantined)
+        reports its state and ``info_error``."""
         state = {"state": "ok" if t.broken is None else "quarantined"}
         if t.broken is not None:
             state["quarantined_because"] = t.broken
@@ -1229,15 +1230,15 @@ class Daemon:
             stats = t.core.info(timeout=CONTROL_LOCK_TIMEOUT_S, max_age=STATS_MAX_AGE_S)
             return {**_plain(stats.to_dict()), **state}
         except ShmReplayError as exc:
-            if t.broken is not None:
-                return {"name": t.core.name, **state, "info_error": str(exc)}
-            if isinstance(exc, LockTimeout):
+            if t.broken is None and isinstance(exc, LockTimeout):
                 raise LockTimeout(
                     f"table {t.core.name!r} of instance {self.name!r}: its lock has been held by "
                     f"pid {t.core.mutex.owner_pid} for more than {CONTROL_LOCK_TIMEOUT_S} s (a "
                     "stopped process, a debugger?); resume or end that process, then ask again"
                 ) from None
-            raise
+            # A corrupt lock (the commit loop quarantines the table at its next round): the
+            # other tables are still reported.
+            return {"name": t.core.name, **state, "info_error": str(exc)}
 
 
 def _create_event(name: str, mode: int, gid: int | None) -> Event:
