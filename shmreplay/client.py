@@ -102,6 +102,12 @@ def attach(
     ``name`` is checked as ``[server] name`` is (InvalidArgumentError).
     """
     check_instance_name(name, "attach(name)", InvalidArgumentError)
+    timeout = _check_timeout(timeout, "attach(timeout)")
+    if timeout is None:
+        raise InvalidArgumentError(
+            "attach(timeout) must be a number of seconds (the wait for the daemon to come up "
+            "and answer), got None"
+        )
     deadline = time.monotonic() + timeout
     busy: DaemonBusy | None = None
     while True:

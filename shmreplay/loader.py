@@ -276,6 +276,14 @@ class Prefetcher(Iterator[Sample]):
         self._wait_s = 0.0
         count = prefetch + (0 if copy else keep + extra_buffers)
         fields = table.spec.signature
+        # Refused before a single buffer is made: a count no memory can hold would hang here.
+        try:
+            table.core._check_batch_fits(self.batch_size * count)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(
+                f"as_iterator(batch_size={batch_size}, prefetch={prefetch}, keep={keep}) keeps "
+                f"{count:,} batches in memory at once: {exc}; lower prefetch or keep"
+            ) from None
         make = allocate or numpy_buffers
         buffers = [None if copy else make(fields, self.batch_size) for _ in range(count)]
         # After the buffers: a failed allocation (pinned memory refused, ...) leaves no client.

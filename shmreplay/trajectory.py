@@ -97,6 +97,16 @@ DIRECT_MIN_BYTES = 64 << 10
 # items were slower, not faster), and hold at most MAX_BATCH_ITEMS items.
 STAGING_BYTES = 1 << 20
 MAX_BATCH_ITEMS = 128
+
+
+def _physical_memory() -> int | None:
+    """This machine's memory in bytes (None if the system does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
 # Rows a field's ring holds beyond num_keep_alive_refs, so that pending items keep their steps
 # while a batch fills: STAGING_BYTES worth of steps, within these bounds.
 MIN_SLACK, MAX_SLACK = 8, 128
@@ -164,7 +174,20 @@ class _Column:
         step_bytes = max(1, arr.nbytes)
         slack = min(MAX_SLACK, max(MIN_SLACK, STAGING_BYTES // step_bytes))
         self.rows = writer.num_keep_alive_refs + slack
-        self.ring = np.empty((self.rows, *arr.shape), arr.dtype)
+        need, have = self.rows * step_bytes, _physical_memory()
+        if have is not None and need > have:
+            raise InvalidArgumentError(
+                f"field {name!r}: num_keep_alive_refs={writer.num_keep_alive_refs:,} steps of "
+                f"{arr.nbytes:,} bytes need {need:,} bytes of history, more than this machine's "
+                f"{have:,} bytes of memory; keep fewer steps alive"
+            )
+        try:
+            self.ring = np.empty((self.rows, *arr.shape), arr.dtype)
+        except MemoryError:
+            raise InvalidArgumentError(
+                f"field {name!r}: cannot allocate the history of {self.rows:,} steps "
+                f"({need:,} bytes); keep fewer steps alive (num_keep_alive_refs)"
+            ) from None
         self.born = step  # steps before this one have no value for this field
         self.complete_since = step  # every step from here on has a value, as far as closed
         self.missing: deque[int] = deque()  # closed steps without a value (recent ones)

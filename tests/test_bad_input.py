@@ -176,6 +176,19 @@ EXTREME_ARGUMENTS = [
     ("delete timeout nan", lambda t: t.delete([1], timeout=NAN), "timeout"),
     ("delete key 1.5", lambda t: t.delete([1.5]), "integers"),
     ("update key 1.5", lambda t: t.update_priorities([1.5], [1.0]), "integers"),
+    (
+        "as_iterator prefetch 10**12",
+        lambda t: t.as_iterator(1, prefetch=10**12, timeout=0.1),
+        "lower prefetch",
+    ),
+    (
+        "trajectory_writer keeping 10**12 steps",
+        lambda t: t.client.trajectory_writer(10**12).append(GOOD),
+        "keep fewer steps",
+    ),
+    ("attach timeout nan", lambda t: shmreplay.attach(t.client.instance, timeout=NAN), "timeout"),
+    ("attach timeout str", lambda t: shmreplay.attach(t.client.instance, timeout="3"), "timeout"),
+    ("attach timeout None", lambda t: shmreplay.attach(t.client.instance, timeout=None), "timeout"),
 ]
 
 
