@@ -90,7 +90,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import TableSpec
-from .errors import CheckpointError, InvalidArgumentError
+from .errors import CheckpointError, InvalidArgumentError, LockTimeout
 from .layout import Ctrl, SlotState
 from .selectors.heap import Heap
 from .shm import format_bytes
@@ -102,6 +102,9 @@ FORMAT = "shmreplay-checkpoint"
 FORMAT_VERSION = 2  # 2: episode metadata and counter
 MANIFEST = "manifest.json"
 LOCK_FILE = ".lock"
+# A checkpoint waits this long at most for each table's lock: a process stopped while holding
+# it (SIGSTOP, a debugger) fails the checkpoint, naming its pid, instead of holding up a stop.
+LOCK_TIMEOUT_S = 10.0
 TMP_PREFIX = ".tmp-"
 _NAME_RE = re.compile(r"^checkpoint-(\d{8}T\d{6}Z)-(\d{6,})$")
 # Rows are copied in chunks of about this many bytes: a recycled slot costs only its own row,
@@ -435,7 +438,17 @@ def _snapshot(core: TableCore) -> _Snapshot:
         sources["touch"] = heap.touch[:n]  # the leaves: slot s's touch
     copies = {k: np.ones(n, v.dtype) for k, v in sources.items()}  # ones: faults the pages in
     ready = np.ones(n, bool)
-    with core.mutex, _short_gil_slices():
+    try:
+        core.mutex.acquire(LOCK_TIMEOUT_S)
+    except LockTimeout:
+        raise LockTimeout(
+            f"checkpoint of table {core.name!r}: its lock has been held by pid "
+            f"{core.mutex.owner_pid} for more than {LOCK_TIMEOUT_S:.0f} s (a stopped process, "
+            "a debugger?); resume or end that process; the previous checkpoint is intact"
+        ) from None
+    with contextlib.ExitStack() as held:
+        held.callback(core.mutex.release)
+        held.enter_context(_short_gil_slices())
         t0 = time.perf_counter()
         for k, src in sources.items():
             np.copyto(copies[k], src)

@@ -153,6 +153,29 @@ def test_a_client_stopped_holding_a_table_lock_stalls_only_what_needs_that_lock(
     assert r.returncode == 0, r.stderr
 
 
+def test_a_checkpoint_waits_a_bounded_time_for_a_stopped_lock_holder(daemon_factory, tmp_path):
+    """On c7003f0 a checkpoint waited without limit for the lock of a stopped client (and so
+    did a stop's final checkpoint). Now it gives up after checkpoint.LOCK_TIMEOUT_S, naming the
+    holder; the previous checkpoint stays the latest, and once the holder is gone a checkpoint
+    succeeds."""
+    from shmreplay.checkpoint import LOCK_TIMEOUT_S
+
+    d = daemon_factory(f'[server]\ncheckpoint_dir = "{tmp_path}"\n' + table_toml())
+    assert cli("checkpoint", "--name", d.name).returncode == 0
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with holding_the_lock(d.name) as holder, stopped(holder.pid):
+        t0 = time.monotonic()
+        r = cli("checkpoint", "--name", d.name, "--timeout", str(LOCK_TIMEOUT_S + 20))
+        took = time.monotonic() - t0
+        assert r.returncode == 1, r.stderr
+        assert LOCK_TIMEOUT_S <= took < LOCK_TIMEOUT_S + 10, took
+        assert f"pid {holder.pid}" in r.stderr and "checkpoint" in r.stderr, r.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+    r = cli("checkpoint", "--name", d.name)
+    assert r.returncode == 0, r.stderr
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("checkpoint-")]) == 2
+
+
 def test_slow_and_silent_peers_are_closed_and_cost_little_memory(daemon_factory):
     """On c7003f0 each connection could hold a partial frame of up to 1 MiB forever (300 of
     them took the daemon from 43 to 344 MiB). Now a request frame is at most 64 KiB (a bigger
