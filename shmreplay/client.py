@@ -1012,8 +1012,8 @@ class Table:
         self._check()
         k = check_keys(keys)
         d = None if deletes is None else check_keys(deletes, "deletes")
-        p = _check_priorities(priorities, len(k), self.core)
-        return self.core.update_priorities(k, p, d, timeout=_check_timeout(timeout))
+        # TableCore.update_priorities checks the priorities (once: ~6 µs a call).
+        return self.core.update_priorities(k, priorities, d, timeout=_check_timeout(timeout))
 
     def delete(self, keys, *, timeout: float | None = None) -> int:
         """Delete items by key; returns how many keys were not present. ``keys`` as for

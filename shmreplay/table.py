@@ -167,6 +167,11 @@ class TableCore:
     # episodes). Per process: a scan only reads the segment.
     _scan: tuple[float, float | None, float | None, int] | None = None
 
+    # The daemon's duplicate check (_repeated): a private scratch array, made on first use, and
+    # the positions 0..n-1 of a publish run, made once.
+    _scratch: np.ndarray | None = None
+    _positions = np.arange(PUBLISH_CAPACITY, dtype=np.int32)
+
     def __init__(self, segment: Segment, events: TableEvents | None = None) -> None:
         layout = segment.layout
         a = segment.arrays
@@ -421,10 +426,9 @@ class TableCore:
                 f"{int(self.state[s])}, owner channel {int(self.owner[s])})"
             )
         if n > 1:
-            ordered = np.sort(slots)
-            twice = ordered[1:] == ordered[:-1]
-            if np.count_nonzero(twice):
-                return f"it published slot {int(ordered[1:][twice][0])} twice"
+            twice = self._repeated(slots)
+            if twice is not None:
+                return f"it published slot {twice} twice"
         priorities = self.priority[slots]
         limit = self.priority_limit()
         # NaN fails both comparisons (min and max propagate it): one check for all three.
@@ -458,8 +462,23 @@ class TableCore:
             return False
         if np.count_nonzero(self.state[slots] != SlotState.FREE):
             return False
-        ordered = np.sort(slots)
-        return not np.count_nonzero(ordered[1:] == ordered[:-1])
+        return self._repeated(slots) is None
+
+    def _repeated(self, slots: np.ndarray) -> int | None:
+        """A slot that ``slots`` (in range) lists more than once, or None. O(n), no sort (a sort
+        of a 2,048-slot lease cost ~20 µs per commit round): each position writes its index
+        into a private scratch array at its slot; a slot listed twice keeps only the last."""
+        n = len(slots)
+        if n < 2:
+            return None
+        if self._scratch is None:  # private to this process: nobody else can write it
+            self._scratch = np.empty(self.num_slots, np.int32)
+        positions = self._positions[:n] if n <= len(self._positions) else np.arange(n)
+        self._scratch[slots] = positions
+        lost = self._scratch[slots] != positions
+        if not np.count_nonzero(lost):
+            return None
+        return int(slots[np.argmax(lost)])
 
     def commit(self, slots: np.ndarray, priorities: np.ndarray | None = None) -> int:
         """Make published slots sampleable, then evict what exceeds max_size; mutex held.
