@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import multiprocessing as mp
 import os
+import pwd
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -339,3 +341,36 @@ def local_table(spec: TableSpec, prefix: str = "t") -> Iterator[TableCore]:
     finally:
         Segment.unlink(name)
         seg.close()
+
+
+def _as_user_child(fn: Callable[[], object], user: str | int, out) -> None:
+    """In a forked child: become ``user`` (its uid, primary group and supplementary groups),
+    run ``fn`` and send back ("ok", value) or ("error", class names, message).
+
+    The child cannot import what the parent has not: the interpreter's files may be closed to
+    other users (a Python under /root), so the parent has run the same code paths first."""
+    try:
+        pw = pwd.getpwnam(user) if isinstance(user, str) else pwd.getpwuid(user)
+        os.setgroups([])
+        os.initgroups(pw.pw_name, pw.pw_gid)
+        os.setgid(pw.pw_gid)
+        os.setuid(pw.pw_uid)
+        out.put(("ok", fn()))
+    except BaseException as exc:  # noqa: BLE001 (reported to the parent, which asserts)
+        out.put(("error", [c.__name__ for c in type(exc).__mro__], str(exc)))
+
+
+def as_user(user: str | int, fn: Callable[[], object]) -> tuple:
+    """Run ``fn`` in a forked child as ``user`` (name or uid; root only): ("ok", value) or
+    ("error", the exception's class names (its MRO), message). Waits at most 30 s."""
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    p = ctx.Process(target=_as_user_child, args=(fn, user, out))
+    p.start()
+    try:
+        return out.get(timeout=30)
+    finally:
+        p.join(10)
+        if p.is_alive():
+            p.kill()
+            p.join()

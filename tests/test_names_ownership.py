@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import multiprocessing as mp
 import os
 import shutil
 import signal
@@ -53,6 +52,7 @@ from shmreplay.shm import Segment
 from shmreplay.testing import (
     STAMPED_SIGNATURE,
     DaemonProcess,
+    as_user,
     stamped_batch,
     table_toml,
     unique_name,
@@ -402,31 +402,6 @@ def in_private_namespace(scenario: str) -> dict:
     return out
 
 
-def _child(fn: Callable[[], object], uid: int, out) -> None:
-    try:
-        os.setgroups([])
-        os.setgid(uid)
-        os.setuid(uid)
-        out.put(("ok", fn()))
-    except BaseException as exc:  # noqa: BLE001 (reported to the parent, which asserts)
-        out.put(("error", type(exc).__name__, str(exc)))
-
-
-def as_user(uid: int, fn: Callable[[], object]) -> tuple:
-    """Run ``fn`` in a forked child as ``uid``; ("ok", value) or ("error", class, message)."""
-    ctx = mp.get_context("fork")
-    out = ctx.Queue()
-    p = ctx.Process(target=_child, args=(fn, uid, out))
-    p.start()
-    try:
-        return out.get(timeout=30)
-    finally:
-        p.join(10)
-        if p.is_alive():
-            p.kill()
-            p.join()
-
-
 def serve(name: str, *extra: str, env: dict | None = None) -> dict:
     """``shmreplay serve`` of TOML as ``name``: its exit status and stderr, or "served" (then
     stopped) if it was still serving after 15 s."""
@@ -628,8 +603,8 @@ def test_dev_shm_objects_of_another_user_are_neither_adopted_nor_removed():
     assert "left alone: /dev/shm/shmreplay." in out["gc"] and "uid 65534" in out["gc"]
     assert out["garbage_planted"] == ["ok", True]
     assert out["warm"] == "started"
-    kind, cls, msg = out["nobody_daemon"]
-    assert (kind, cls) == ("error", "PermissionDenied"), out["nobody_daemon"]
+    kind, classes, msg = out["nobody_daemon"]
+    assert (kind, classes[0]) == ("error", "PermissionDenied"), out["nobody_daemon"]
     assert "/dev/shm/sem.shmreplay." in msg and "uid 0 (root)" in msg, msg
     assert out["sem_kept"]
     assert out["nobody_daemon_after"] == ["ok", "started"]

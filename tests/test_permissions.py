@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import grp
-import multiprocessing as mp
 import os
-import pwd
 import stat
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,13 @@ import pytest
 
 import shmreplay
 from shmreplay.instance import InstanceRecord, event_name, segment_name
-from shmreplay.testing import STAMPED_SIGNATURE, stamped_batch, table_toml, verify_stamped
+from shmreplay.testing import (
+    STAMPED_SIGNATURE,
+    as_user,
+    stamped_batch,
+    table_toml,
+    verify_stamped,
+)
 
 NOBODY = 65534
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
@@ -50,37 +54,6 @@ def checkpoint_entries(top: Path) -> list[Path]:
             found.extend(d.iterdir())
     assert found, f"no checkpoint in {top}"
     return found
-
-
-def _child(fn: Callable[[], object], user: str | int, out) -> None:
-    """In a forked child: become ``user`` (its uid, primary group and supplementary groups),
-    run ``fn`` and send back ("ok", value) or ("error", class names, message).
-
-    The child cannot import what the parent has not: the interpreter's files may be closed to
-    other users (a Python under /root), so the parent has run the same code paths first."""
-    try:
-        pw = pwd.getpwnam(user) if isinstance(user, str) else pwd.getpwuid(user)
-        os.setgroups([])
-        os.initgroups(pw.pw_name, pw.pw_gid)
-        os.setgid(pw.pw_gid)
-        os.setuid(pw.pw_uid)
-        out.put(("ok", fn()))
-    except BaseException as exc:  # noqa: BLE001 (reported to the parent, which asserts)
-        out.put(("error", [c.__name__ for c in type(exc).__mro__], str(exc)))
-
-
-def as_user(user: str | int, fn: Callable[[], object]) -> tuple:
-    ctx = mp.get_context("fork")
-    out = ctx.Queue()
-    p = ctx.Process(target=_child, args=(fn, user, out))
-    p.start()
-    try:
-        return out.get(timeout=30)
-    finally:
-        p.join(10)
-        if p.is_alive():
-            p.kill()
-            p.join()
 
 
 def assert_denied(result: tuple, *words: str) -> str:
@@ -252,7 +225,7 @@ def test_a_member_of_server_group_can_attach_sample_and_read_checkpoints(
         t.insert_batch(stamped_batch(np.arange(100)))
         t.flush()
         ckpt = Path(client.checkpoint()["path"])
-        t.sample(64, timeout=10)  # imports what the child will need (see _child)
+        t.sample(64, timeout=10)  # imports what the child will need (see shmreplay.testing.as_user)
         t.info()
     rundir = os.path.dirname(InstanceRecord.read(d.name).socket)
 
