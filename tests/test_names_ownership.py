@@ -381,9 +381,22 @@ def in_private_namespace(scenario: str) -> dict:
         "import json, sys; sys.path.insert(0, sys.argv[1]); import test_names_ownership as m; "
         "print(json.dumps(getattr(m, sys.argv[2])()))"
     )
+    # The interpreter, a venv or this checkout may live under /tmp (a CI clone): the host's /tmp
+    # stays reachable at /mnt (inside the namespace only) and those paths are bound back.
+    keep = sorted(
+        {
+            str(Path(p).resolve())
+            for p in (sys.prefix, sys.base_prefix, HERE.parent, Path(shmreplay.__file__).parent)
+            if Path(p).resolve().is_relative_to("/tmp")
+        }
+    )
+    rebind = "".join(
+        f'mkdir -p "{p}" && mount --bind "/mnt/{Path(p).relative_to("/tmp")}" "{p}" && '
+        for p in keep
+    )
     shell = (
-        "mount -t tmpfs -o size=64m tmpfs /dev/shm && mount -t tmpfs tmpfs /tmp && "
-        'exec "$0" -c "$@"'
+        "mount -t tmpfs -o size=64m tmpfs /dev/shm && mount --bind /tmp /mnt && "
+        f'mount -t tmpfs tmpfs /tmp && {rebind}exec "$0" -c "$@"'
     )
     env = {k: v for k, v in os.environ.items() if k not in ("SHMREPLAY_RUNTIME_DIR", "TMPDIR")}
     env.pop("XDG_RUNTIME_DIR", None)
