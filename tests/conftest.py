@@ -4,6 +4,7 @@ a check that nothing the tests started is left in /dev/shm or running."""
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 
 import psutil
@@ -11,6 +12,22 @@ import pytest
 
 from shmreplay.instance import shm_objects
 from shmreplay.testing import DaemonProcess
+
+
+def pytest_configure(config):
+    """A run ended by SIGTERM (``timeout``, a CI time limit) tears down as Ctrl-C does: every
+    fixture's daemons are stopped and their objects removed, instead of being left running
+    (they run in their own session, so the signal does not reach them)."""
+    main_pid = os.getpid()
+
+    def interrupt(signum, frame):
+        if os.getpid() != main_pid:  # a forked child of a test: die of the signal as usual
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt(f"{signal.Signals(signum).name} received")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 @pytest.fixture(scope="session", autouse=True)
