@@ -394,13 +394,6 @@ class Client:
                 pass
 
 
-def _check_priorities(p, n: int, core: TableCore | None = None) -> np.ndarray:
-    """``p`` (one number or one per item) as float64[n], within ``core``'s priority limit."""
-    if core is None:
-        return check_priorities(p, n)
-    return check_priorities(p, n, core.max_priority, core.name)
-
-
 # An episode id is stored as an int64 and its first/last steps as int32 (meta.episode*).
 _EPISODE_ID_RANGE = (-(2**63), 2**63 - 1)
 _EPISODE_STEP_RANGE = (-(2**31), 2**31 - 1)
@@ -733,7 +726,7 @@ class Table:
                 f"field {self._fields[0].name!r}: expected a batch with a leading axis"
             )
         cols = [_coerce(f, data[f.name], n) for f in self._fields]
-        prios = _check_priorities(priorities, n, self.core)
+        prios = check_priorities(priorities, n, self.core.max_priority, self.name)
         eps = np.zeros((n, 3), np.int64) if episodes is None else _check_episodes(episodes, n)
         keys = np.empty(n, np.uint64)
         core = self.core
@@ -981,11 +974,6 @@ class Table:
         """
         from .loader import Prefetcher  # the loader builds on this module
 
-        # a batch no memory holds is refused before any buffer is allocated; other bad values
-        # are the Prefetcher's to refuse
-        is_int = isinstance(batch_size, (int, np.integer)) and not isinstance(batch_size, bool)
-        if is_int and batch_size >= 1:
-            self.core._check_batch_fits(int(batch_size))
         return Prefetcher(
             self, batch_size, prefetch=prefetch, timeout=timeout, keep=keep, copy=copy, seed=seed
         )

@@ -19,6 +19,7 @@ a stale key never matches a reused slot and finding a key's item costs one array
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from .shm import Segment
 from .sumtree import last_wins
 from .values import check_priorities
 
+log = logging.getLogger("shmreplay")
 SLOT_MASK = np.uint64(0xFFFFFFFF)
 TAG_SHIFT = np.uint64(32)
 # A sampled row whose slot was recycled while we copied it is drawn again; after this many
@@ -55,7 +57,6 @@ MAX_REDRAW_ROUNDS = 100
 MAX_BATCH_SIZE = 2**31 - 1
 SAMPLE_INFO_BYTES = 8 + 8 + 8 + 4 + 8  # key, probability, priority, times_sampled, table_size
 QUARANTINED = -2  # owner of slots a dead daemon's clients held, until they are freed
-_FLOAT_MAX = float(np.finfo(np.float64).max)  # the priority limit of a selector that sets none
 
 # Test hook: called as ``before_copy_hook(core, slots)`` in the sample path after the table lock
 # is released and before the selected rows are copied and their generations checked, so that a
@@ -211,7 +212,6 @@ class TableCore:
         self.channel: int | None = None  # a client's: its channel (check_open checks it)
         # What adopt() found published but could not commit (bad values), for the daemon's log.
         self.skipped_at_adoption: list[str] = []
-        self._max_priority: float | None = None  # see priority_limit()
         # Items a timed-out sample() had already taken (and counted): the next call gets them.
         self._carry: list[tuple[dict[str, np.ndarray], SampleInfo]] = []
         mts = self.spec.max_times_sampled
@@ -285,7 +285,7 @@ class TableCore:
         safe = np.where(ok, slots, 0)
         p = self.priority[safe]
         ok &= (self.owner[safe] == c) & (self.state[safe] == SlotState.LEASED)
-        ok &= np.isfinite(p) & (p >= 0) & (p <= self.priority_limit())
+        ok &= np.isfinite(p) & (p >= 0) & (p <= self.max_priority)
         once = np.zeros(int(np.count_nonzero(ok)), dtype=bool)  # a slot published twice: once
         once[np.unique(slots[ok], return_index=True)[1]] = True
         ok[np.flatnonzero(ok)] = once
@@ -379,17 +379,6 @@ class TableCore:
 
     # -- daemon side (mutex held) -------------------------------------------------------------
 
-    def priority_limit(self) -> float:
-        """The largest priority both selectors accept (a selector says so by ``max_priority``,
-        a number or a method returning one)."""
-        if self._max_priority is None:
-            limits = []
-            for selector in (self.sampler, self.remover):
-                limit = getattr(selector, "max_priority", _FLOAT_MAX)
-                limits.append(float(limit() if callable(limit) else limit))
-            self._max_priority = min(limits)
-        return self._max_priority
-
     def check_published(
         self, channel: int, head: int, tail: int, held: int
     ) -> tuple[np.ndarray, np.ndarray] | str:
@@ -430,7 +419,7 @@ class TableCore:
             if twice is not None:
                 return f"it published slot {twice} twice"
         priorities = self.priority[slots]
-        limit = self.priority_limit()
+        limit = self.max_priority
         # NaN fails both comparisons (min and max propagate it): one check for all three.
         if not (priorities.min() >= 0.0 and priorities.max() <= limit):
             bad = ~(np.isfinite(priorities) & (priorities >= 0) & (priorities <= limit))
@@ -606,9 +595,7 @@ class TableCore:
             self._repair_counts(why)
 
     def _repair_counts(self, why: str) -> None:
-        import logging
-
-        logging.getLogger("shmreplay").warning(
+        log.warning(
             "table %r: %s; rebuilt its structures from the per-slot metadata", self.name, why
         )
         self.repair()
