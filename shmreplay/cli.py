@@ -225,7 +225,7 @@ def reset(table: str, name: str, yes: bool) -> None:
 def _request(name: str, op: str, timeout: float | None = 10.0, progress=None, **args) -> dict:
     """One request to the daemon of instance ``name`` over its control socket; waits at most
     ``timeout`` seconds (None: as long as the daemon reports progress) for the answer."""
-    ctl = _connect(name, timeout)
+    ctl, _ = _connect(name, timeout)
     try:
         return ctl.request(op, timeout=timeout, progress=progress, **args)
     finally:
@@ -233,6 +233,8 @@ def _request(name: str, op: str, timeout: float | None = 10.0, progress=None, **
 
 
 def _connect(name: str, timeout: float | None):
+    """A control connection to the daemon of ``name`` whose peer is checked against its
+    record, and that record."""
     from .control import DEFAULT_TIMEOUT_S, ControlClient
     from .errors import DaemonNotRunning
     from .instance import InstanceRecord, check_peer
@@ -249,7 +251,7 @@ def _connect(name: str, timeout: float | None):
     except BaseException:
         ctl.close()
         raise
-    return ctl
+    return ctl, rec
 
 
 _NO_COUNT_FORMAT = "{desc} {elapsed}{postfix}"
@@ -348,11 +350,10 @@ def stop(name: str, timeout: float | None) -> None:
     import time
 
     from .errors import DaemonBusy
-    from .instance import InstanceRecord, process_alive
+    from .instance import process_alive
 
-    rec = InstanceRecord.read(name)
     deadline = None if timeout is None else time.monotonic() + timeout
-    ctl = _connect(name, timeout)
+    ctl, rec = _connect(name, timeout)  # rec: the record whose daemon the socket's peer is
     try:
         with _ProgressBar("final checkpoint") as bar:
             ctl.request("shutdown", timeout=timeout, follow=True)

@@ -39,7 +39,7 @@ from .errors import (
     TableNotFoundError,
     TableQuarantined,
 )
-from .events import Event
+from .events import Event, sem_path
 from .instance import (
     InstanceRecord,
     access_denied,
@@ -51,7 +51,7 @@ from .instance import (
 )
 from .layout import LEASE_CAPACITY, PUBLISH_CAPACITY, Chan, Ctrl, Sleep
 from .rings import ring_get, ring_put
-from .shm import SHM_DIR, Segment
+from .shm import Segment
 from .table import Sample, SampleInfo, TableCore, TableEvents, TableInfo
 from .trajectory import TrajectoryWriter
 from .values import check_keys, check_priorities, check_priority, host_array, python_values_fit
@@ -178,8 +178,7 @@ def _open_event(name: str, owner: int | None = None) -> Event:
     try:
         return Event.open(name, owner)
     except posix_ipc.PermissionsError:
-        path = f"{SHM_DIR}/sem.{name.lstrip('/')}"
-        raise access_denied(path, "a semaphore of the daemon") from None
+        raise access_denied(sem_path(name), "a semaphore of the daemon") from None
     except OSError as exc:
         if is_out_of_descriptors(exc):
             raise out_of_descriptors(f"opening the daemon's semaphore {name}") from exc

@@ -42,8 +42,8 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from .control import MAX_REQUEST, PROTOCOL_VERSION, encode
-from .errors import ShmReplayError
-from .instance import event_name, segment_name
+from .errors import DaemonBusy, InvalidArgumentError, ShmReplayError
+from .instance import TABLE_EVENTS, event_name, segment_name
 from .layout import FORMAT_VERSION
 
 if TYPE_CHECKING:
@@ -294,6 +294,16 @@ class ControlServer:
             if rid is not None and not isinstance(rid, int):
                 raise ValueError("a request id must be an integer")
             op = req.get("op")
+            if (
+                op in ("reset", "set_rate_limiter", "checkpoint")
+                and self.daemon.state == "restoring"
+            ):
+                # The tables are being filled: a checkpoint now would save them half-restored
+                # (and prune the one being restored), a reset would race the restore.
+                raise DaemonBusy(
+                    f"the daemon of instance {self.daemon.name!r} is restoring a checkpoint; ask "
+                    f"for {op} again once `shmreplay info --name {self.daemon.name}` says serving"
+                )
             if op in ("info", "reset", "set_rate_limiter"):
                 conn.in_flight += 1
                 self._pool.submit(self._run, conn, rid, op, req)
@@ -327,14 +337,17 @@ class ControlServer:
                 return _not_serving(d, state, self.latest_progress())
             if conn.channel is not None:
                 return {"ok": True, "channel": conn.channel, "tables": list(d.tables)}
-            from .daemon import EVENT_KINDS
-
-            c = conn.channel = d._register(int(req["pid"]), conn.sock)
+            pid = req.get("pid")
+            if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < 1 << 31:
+                raise InvalidArgumentError(f"hello: pid must be a process id, not {pid!r}")
+            c = conn.channel = d._register(pid, conn.sock)
             return {
                 "ok": True,
                 "channel": c,
                 "tables": {n: segment_name(d.name, n) for n in d.tables},
-                "events": {n: {k: event_name(d.name, n, k) for k in EVENT_KINDS} for n in d.tables},
+                "events": {
+                    n: {k: event_name(d.name, n, k) for k in TABLE_EVENTS} for n in d.tables
+                },
                 "wake": event_name(d.name, None, "daemon"),
                 "pid": os.getpid(),
                 "format_version": FORMAT_VERSION,
@@ -469,6 +482,7 @@ class ControlServer:
             elif (
                 conn.channel is None
                 and conn.in_flight == 0
+                and not conn.watching  # following a long operation (stop's final checkpoint)
                 and conn.last_request is not None
                 and now - conn.last_request > IDLE_S
             ):
@@ -498,6 +512,10 @@ class ControlServer:
         """The commit loop reclaims what an attached client held (see Daemon._reclaim)."""
         c, conn.channel = conn.channel, None
         if c is not None:
+            with self.daemon._clients_lock:
+                client = self.daemon._clients.get(c)
+                if client is not None:
+                    client.leaving = True  # info() lists it no more, before its reclaim
             self.daemon._dead.put((c, reason))
             self.daemon.wake.sem.release()
 
@@ -577,6 +595,3 @@ def progress_update(line: str) -> dict:
     if m:
         update["done"], update["total"] = int(m.group(1)), int(m.group(2))
     return update
-
-
-ProgressCallback = Callable[[dict], None]

@@ -142,7 +142,7 @@ class _Client:
     # What it held was taken back (it died, or was cut off); its channel stays reserved until
     # the control thread reports its connection closed (see Daemon._reclaim).
     reclaimed: bool = False
-    leaving: bool = False  # its reclaim has begun
+    leaving: bool = False  # the control thread reported its connection closed (bye, EOF)
 
 
 @dataclass
@@ -1001,7 +1001,6 @@ class Daemon:
             client = self._clients.get(channel)
         if client is None:
             return
-        client.leaving = True
         if not client.reclaimed:
             self._take_back(client, reason)
         with self._clients_lock:
@@ -1195,14 +1194,13 @@ class Daemon:
         state ("ok", or "quarantined" and why). Waits at most CONTROL_LOCK_TIMEOUT_S for a
         healthy table's lock, then raises LockTimeout naming the table and the pid holding it.
         While restoring, ``tables`` is empty and ``progress`` tells how far the restore is."""
-        # Attached clients: not those that left, whose channel waits for its reclaim (queued
-        # by the control thread, which answers this request after queueing it).
-        leaving = {channel for channel, _ in list(self._dead.queue)}
+        # Attached clients: not those that left, whose channel waits for its reclaim (marked
+        # leaving by the control thread before it answers their bye).
         with self._clients_lock:
             clients = [
                 {"pid": c.pid, "channel": c.channel}
                 for c in self._clients.values()
-                if not (c.reclaimed or c.leaving or c.channel in leaving)
+                if not (c.reclaimed or c.leaving)
             ]
         state = self.state
         tables = {}

@@ -13,6 +13,8 @@ import os
 
 import posix_ipc
 
+from .shm import SHM_DIR
+
 # Long enough to cost nothing while idle, short enough that Ctrl-C, a dead daemon or a lost post
 # is noticed within half a second.
 WAIT_SLICE_S = 0.5
@@ -20,7 +22,7 @@ WAIT_SLICE_S = 0.5
 
 def sem_path(name: str) -> str:
     """Where Linux keeps the named semaphore ``name``."""
-    return f"/dev/shm/sem.{name.lstrip('/')}"
+    return f"{SHM_DIR}/sem.{name.lstrip('/')}"
 
 
 class Event:
@@ -39,42 +41,44 @@ class Event:
         sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=mode, initial_value=0)
         try:
             fd = os.open(sem_path(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                # On the descriptor, not the path: the umask strips bits from mode= at creation.
+                os.fchmod(fd, mode)
+                if gid is not None:
+                    os.fchown(fd, -1, gid)
+            finally:
+                os.close(fd)
         except FileNotFoundError:
-            return cls(sem)  # not on Linux's /dev/shm layout; mode= stands
+            pass  # not on Linux's /dev/shm layout; mode= stands
         except BaseException:
             sem.close()
             posix_ipc.unlink_semaphore(name)
             raise
-        try:
-            # On the descriptor, not the path: the umask strips bits from mode= at creation.
-            os.fchmod(fd, mode)
-            if gid is not None:
-                os.fchown(fd, -1, gid)
-        except BaseException:
-            sem.close()
-            posix_ipc.unlink_semaphore(name)
-            raise
-        finally:
-            os.close(fd)
         return cls(sem)
 
     @classmethod
     def open(cls, name: str, owner: int | None = None) -> Event:
         """Open an existing semaphore. With ``owner``, it must be a regular file of that user
         (the daemon's: a semaphore someone else planted under the daemon's name is refused
-        with PermissionDenied); /dev/shm is sticky, so a file of the daemon's user seen here
-        cannot be swapped by another user before it is opened."""
+        with PermissionDenied). Checked after the open, so a name freed and planted between a
+        check and the open cannot slip through; /dev/shm is sticky, so the daemon's file seen
+        then cannot be swapped by another user."""
+        sem = posix_ipc.Semaphore(name)
         if owner is not None:
-            from .instance import check_owner
+            from .instance import check_owner, planted
 
             path = sem_path(name)
             try:
-                st = os.lstat(path)
+                check_owner(path, os.lstat(path), owner, "a semaphore of the daemon")
             except FileNotFoundError:
-                pass  # posix_ipc says so below
-            else:
-                check_owner(path, st, owner, "a semaphore of the daemon")
-        return cls(posix_ipc.Semaphore(name))
+                sem.close()
+                raise planted(
+                    path, "a semaphore of the daemon", "it was removed while being opened"
+                ) from None
+            except BaseException:
+                sem.close()
+                raise
+        return cls(sem)
 
     def wait(self, timeout: float) -> bool:
         """Sleep until posted or ``timeout`` seconds pass (capped at WAIT_SLICE_S).

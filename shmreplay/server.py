@@ -317,7 +317,6 @@ def _serving(socket_path: str) -> bool:
     """Whether the daemon behind ``socket_path`` serves its tables: its control socket answers
     during a restore too, with state "restoring"."""
     from .control import ControlClient
-    from .errors import ShmReplayError
 
     try:
         ctl = ControlClient(socket_path, timeout=POLL_S * 20)

@@ -203,3 +203,26 @@ def test_attaching_over_and_over_leaks_no_descriptor_mapping_or_channel(daemon):
     assert after[0] <= before[0] + 2 and after[1] <= before[1] + 2, (before, after)
     with shmreplay.attach(daemon.name) as c:
         assert c.server_info()["clients"] == [{"pid": os.getpid(), "channel": 0}]
+
+
+def test_a_hello_with_a_pid_no_process_has_costs_no_channel(daemon_factory):
+    """A pid that does not fit the channel's int64 line (1e30, 2**63) used to fail after the
+    client was registered: its channel stayed taken for good, and max_clients such frames
+    locked everyone out. Now the hello is refused before anything is registered."""
+    from shmreplay.control import PROTOCOL_VERSION
+
+    d = daemon_factory("[server]\nmax_clients = 2\n" + table_toml())
+    for pid in (1e30, 2**63, -1, 0, "1", 1.5):
+        s = connect(d.name)
+        try:
+            s.sendall(
+                frame(msgpack.packb({"op": "hello", "protocol": PROTOCOL_VERSION, "pid": pid}))
+            )
+            reply = answer_or_close(s)
+            assert reply is not None and reply["ok"] is False, (pid, reply)
+            assert reply["type"] == "InvalidArgumentError" and "pid" in reply["error"], reply
+        finally:
+            s.close()
+    with shmreplay.attach(d.name, timeout=5) as a, shmreplay.attach(d.name, timeout=5) as b:
+        assert {c["pid"] for c in a.server_info()["clients"]} == {os.getpid()}
+        assert len(b.server_info()["clients"]) == 2
