@@ -248,10 +248,6 @@ class TableCheckpoint:
                 return np.empty(entry.shape, np.dtype(entry.dtype))
             return np.memmap(fh, np.dtype(entry.dtype), "r", offset, entry.shape)
 
-    @property
-    def has_touch(self) -> bool:
-        return "meta.touch" in self.files
-
 
 @dataclass(frozen=True)
 class Checkpoint:
@@ -935,9 +931,20 @@ def _load_meta(t: TableCheckpoint) -> dict[str, np.ndarray]:
     meta = {}
     for what in t.files:
         if what.startswith("meta."):
-            arr = np.array(t.array(what))
-            _check_crc(t.directory, t.files[what], _crc(arr))
-            meta[what[len("meta.") :]] = arr
+            # read(), not a memory map: a file truncated under a mapping raises SIGBUS, which
+            # no except clause catches (whoever owns a planted file can truncate it)
+            entry = t.files[what]
+            buf = bytearray()
+            for piece in _read_payload(t.directory / entry.file, entry):
+                buf += piece
+            if len(buf) != entry.nbytes:
+                raise CheckpointError(
+                    f"checkpoint {t.directory}: {entry.file} changed while it was read"
+                )
+            _check_crc(t.directory, entry, zlib.crc32(buf))
+            meta[what[len("meta.") :]] = np.frombuffer(buf, np.dtype(entry.dtype)).reshape(
+                entry.shape
+            )
     where = f"checkpoint {t.directory}: table {t.name!r}"
 
     def refuse(what: str, bad: np.ndarray, values: np.ndarray) -> None:
@@ -1165,7 +1172,7 @@ def restore_table(
         core.ctrl[Ctrl.SEQ] = max(c["seq"], top)
         core.sampler.clear()
         core.remover.clear()
-        if tc.has_touch and _restore_touches(core, tc, slots, first):
+        if "touch" in meta and _restore_touches(core, meta["touch"], slots):
             restored.append("heap order")
         core.repair()  # selectors, free ring, size, unique_sampled from the per-slot truth
         core.ctrl[Ctrl.REPAIRS] = repairs
@@ -1277,10 +1284,10 @@ def _scatter(dest: np.ndarray, slots: np.ndarray, rows: np.ndarray) -> None:
         dest[slots] = rows
 
 
-def _restore_touches(core: TableCore, tc: TableCheckpoint, slots: np.ndarray, first: int) -> bool:
+def _restore_touches(core: TableCore, touch: np.ndarray, slots: np.ndarray) -> bool:
     """Give heap selectors the saved tie-break order (ranks 1..n, the clock at n), which their
-    rebuild() keeps; mutex held, selectors cleared. False if the table has no heap."""
-    touch = np.asarray(tc.array("meta.touch")[first:])
+    rebuild() keeps; mutex held, selectors cleared. ``touch``: the checked metadata's, cut as
+    ``slots`` are. False if the table has no heap."""
     ranks = np.empty(len(touch), np.int64)
     ranks[np.argsort(touch, kind="stable")] = np.arange(1, len(touch) + 1)
     found = False

@@ -39,6 +39,15 @@ def shm_free_bytes() -> int:
     return shutil.disk_usage(SHM_DIR).free
 
 
+def physical_memory() -> int | None:
+    """This machine's memory in bytes (None if the system does not say): the bound of any
+    buffer a call may allocate."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
 def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":

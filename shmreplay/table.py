@@ -43,7 +43,7 @@ from .ratelimit import RateLimiter, RateLimiterInfo
 from .rings import ring_get, ring_put
 from .selectors import selector_class
 from .selectors.base import CorruptStructure
-from .shm import Segment
+from .shm import Segment, physical_memory
 from .sumtree import last_wins
 from .values import check_priorities
 
@@ -379,6 +379,12 @@ class TableCore:
 
     # -- daemon side (mutex held) -------------------------------------------------------------
 
+    def sane_priorities(self, p: np.ndarray) -> np.ndarray:
+        """Priorities read back from shared memory (unchecked: any process may have written
+        them), clamped into 0..max_priority: NaN and negative ones become 0. The selectors take
+        checked priorities only, so one bad value cannot poison a sum-tree."""
+        return np.where(p >= 0.0, np.minimum(p, self.max_priority), 0.0)  # NaN fails p >= 0
+
     def check_published(
         self, channel: int, head: int, tail: int, held: int
     ) -> tuple[np.ndarray, np.ndarray] | str:
@@ -482,11 +488,11 @@ class TableCore:
         k = len(slots)
         if k == 0:
             return 0
-        if priorities is None:
-            priorities = self.priority[slots]
+        if priorities is None:  # (adoption) read back from shared memory: clamped
+            priorities = self.sane_priorities(self.priority[slots])
         else:
             priorities = priorities[keep]
-            self.priority[slots] = priorities  # the per-slot truth holds what was checked
+        self.priority[slots] = priorities  # the per-slot truth holds what was checked
         self._count_episodes(slots)
         seq0 = int(self.ctrl[Ctrl.SEQ])
         self.seq[slots] = np.arange(seq0, seq0 + k)
@@ -608,7 +614,8 @@ class TableCore:
         """
         ready = np.flatnonzero(self.state == SlotState.READY)
         ready = ready[np.argsort(self.seq[ready], kind="stable")]
-        priorities = self.priority[ready]
+        priorities = self.sane_priorities(self.priority[ready])
+        self.priority[ready] = priorities
         self.sampler.rebuild(ready, priorities)
         self.remover.rebuild(ready, priorities)
         free = np.flatnonzero(self.state == SlotState.FREE)
@@ -950,10 +957,7 @@ class TableCore:
     def _check_batch_fits(self, n: int) -> None:
         """Refuse a batch whose rows and info cannot be held in this machine's memory."""
         need = n * (self.spec.row_bytes + SAMPLE_INFO_BYTES)
-        try:
-            have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError):
-            have = None
+        have = physical_memory()
         if n > MAX_BATCH_SIZE:
             raise InvalidArgumentError(
                 f"table {self.name!r}: batch_size {n:,} is above the largest batch, "

@@ -81,6 +81,7 @@ import numpy as np
 
 from .config import FieldSpec
 from .errors import ClientClosedError, InvalidArgumentError, RateLimiterTimeout, SignatureError
+from .shm import physical_memory
 from .values import check_priority, python_values_fit
 
 if TYPE_CHECKING:
@@ -97,14 +98,6 @@ DIRECT_MIN_BYTES = 64 << 10
 # items were slower, not faster), and hold at most MAX_BATCH_ITEMS items.
 STAGING_BYTES = 1 << 20
 MAX_BATCH_ITEMS = 128
-
-
-def _physical_memory() -> int | None:
-    """This machine's memory in bytes (None if the system does not say)."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return None
 
 
 # Rows a field's ring holds beyond num_keep_alive_refs, so that pending items keep their steps
@@ -174,7 +167,7 @@ class _Column:
         step_bytes = max(1, arr.nbytes)
         slack = min(MAX_SLACK, max(MIN_SLACK, STAGING_BYTES // step_bytes))
         self.rows = writer.num_keep_alive_refs + slack
-        need, have = self.rows * step_bytes, _physical_memory()
+        need, have = self.rows * step_bytes, physical_memory()
         if have is not None and need > have:
             raise InvalidArgumentError(
                 f"field {name!r}: num_keep_alive_refs={writer.num_keep_alive_refs:,} steps of "

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..config import SelectorSpec
 from ..errors import SegmentError
+from ..values import DBL_MAX
 
 ArraySpecs = list[tuple[str, str, tuple[int, ...]]]
 # Given slots, how many more times each may be sampled (None: no max_times_sampled).
@@ -88,7 +89,7 @@ class Selector(ABC):
         """The largest priority this selector accepts: any finite one (the largest float64),
         unless it computes with priorities (Prioritized overrides it). The client checks
         priorities against the smaller of a table's sampler's and remover's limits."""
-        return float(np.finfo(np.float64).max)
+        return DBL_MAX
 
     def check(self, size: int) -> str | None:
         """What is wrong with the selector's own counts for a table of ``size`` items, in O(1),

@@ -17,9 +17,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..sumtree import SumTree, sumtree_capacity
+from ..values import DBL_MAX
 from .base import ArraySpecs, DenseSet, Selector, TimesLeft
 
-DBL_MAX = float(np.finfo(np.float64).max)
 # The smallest positive normal float64: a reported probability below it (an item whose weight
 # is below total·2**-1022: 0 or a subnormal, whose reciprocal overflows) is raised to it, so
 # that 1/probability (importance weights) stays finite.
@@ -91,11 +91,11 @@ class Prioritized(Selector):
         return self._max_priority
 
     def weights(self, priorities: np.ndarray) -> np.ndarray:
-        """pᵢ^α, 0 for pᵢ = 0. Callers validate priorities; as a last line of defence a NaN or
-        negative one (written into shared memory by a faulty process) weighs 0 and one above
-        max_priority weighs as max_priority, so one bad value cannot poison the whole tree."""
+        """pᵢ^α, 0 for pᵢ = 0. The priorities are checked already (0 <= p <= max_priority):
+        by the client and TableCore.update_priorities, by the daemon's commit
+        (check_published), and clamped by TableCore when it reads them back from shared memory
+        to rebuild (see TableCore.sane_priorities)."""
         p = np.asarray(priorities, dtype=np.float64)
-        p = np.where(p >= 0.0, np.minimum(p, self._max_priority), 0.0)  # NaN fails p >= 0
         if self.exponent == 1.0:
             return p
         with np.errstate(under="ignore"):  # a tiny priority weighs 0: it is never drawn
@@ -123,7 +123,18 @@ class Prioritized(Selector):
             return self.items.draw(n, rng), np.full(n, 1.0 / count)
         slots = self.tree.sample(rng.random(n))
         # Only leaves of weight > 0 are drawn; their weight/total is > 0 unless it underflows.
-        return slots, np.maximum(self.tree.get(slots) / total, _TINY)
+        prob = self.tree.get(slots)  # a new array: divided in place
+        prob /= total
+        np.maximum(prob, _TINY, out=prob)
+        return slots, prob
+
+    def check(self, size: int) -> str | None:
+        # The tree lives in shared memory: a total that is not a finite number >= 0 would make
+        # every draw and eviction fail; the table rebuilds it from the per-slot priorities.
+        total = float(self.tree.total)
+        if not 0.0 <= total < np.inf:
+            return f"its sum-tree total is {total}"
+        return super().check(size)
 
     def victims(self, n: int, rng: np.random.Generator) -> np.ndarray:
         live = self.items.live[: self.items.count]
