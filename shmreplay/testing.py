@@ -374,3 +374,9 @@ def as_user(user: str | int, fn: Callable[[], object]) -> tuple:
         if p.is_alive():
             p.kill()
             p.join()
+
+
+def chi_square(observed: np.ndarray, expected_p: np.ndarray) -> float:
+    """Pearson's statistic of ``observed`` counts against probabilities ``expected_p``."""
+    expected = expected_p * observed.sum()
+    return float(((observed - expected) ** 2 / expected).sum())

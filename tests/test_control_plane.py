@@ -19,13 +19,14 @@ import subprocess
 import sys
 import time
 
-import msgpack
 import numpy as np
 import psutil
 import pytest
+from test_hostile_input import connect as raw  # a bare control connection
 
 import shmreplay
 from shmreplay.control import ControlClient
+from shmreplay.control import encode as frame  # a request frame
 from shmreplay.errors import DaemonBusy, DaemonNotRunning
 from shmreplay.instance import InstanceRecord
 from shmreplay.testing import lock_holder, table_toml, unique_name
@@ -38,18 +39,6 @@ def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "shmreplay", *args], capture_output=True, text=True, timeout=timeout
     )
-
-
-def raw(name: str) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(5)
-    s.connect(InstanceRecord.read(name).socket)
-    return s
-
-
-def frame(obj: dict) -> bytes:
-    body = msgpack.packb(obj)
-    return struct.pack(">I", len(body)) + body
 
 
 def closed_by_daemon(s: socket.socket, within: float) -> bool:

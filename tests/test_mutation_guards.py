@@ -20,17 +20,12 @@ import pytest
 import shmreplay
 import shmreplay.table
 from shmreplay.table import SLOT_MASK
-from shmreplay.testing import STAMPED_SIGNATURE, verify_stamped
+from shmreplay.testing import STAMPED_SIGNATURE, chi_square, verify_stamped
 
 # chi2.ppf(0.9999, dof)
 CHI2_Q9999 = {1: 15.137, 4: 23.513, 31: 69.106}
 
 UID_SIGNATURE = '[table.signature]\nuid = { dtype = "int64" }\n'
-
-
-def chi_square(observed: np.ndarray, expected_p: np.ndarray) -> float:
-    expected = expected_p * observed.sum()
-    return float(((observed - expected) ** 2 / expected).sum())
 
 
 def uid_table(max_size: int, sampler: str, remover: str, extra: str = "") -> str:

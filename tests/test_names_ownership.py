@@ -370,7 +370,8 @@ def _mount_namespaces_work() -> bool:
 
 
 needs_namespace = pytest.mark.skipif(
-    not _mount_namespaces_work(), reason="needs root and mount namespaces (unshare)"
+    not (_mount_namespaces_work() and _pid_namespaces_work()),
+    reason="needs root, mount and PID namespaces (unshare)",
 )
 
 
@@ -401,13 +402,16 @@ def in_private_namespace(scenario: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("SHMREPLAY_RUNTIME_DIR", "TMPDIR")}
     env.pop("XDG_RUNTIME_DIR", None)
     r = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", shell, sys.executable]
+        # A PID namespace of its own too (--kill-child): if the timeout kills the scenario, the
+        # kernel kills the daemons it started (in sessions of their own) with it.
+        ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child"]
+        + ["--mount-proc", "sh", "-c", shell, sys.executable]
         + [script, str(HERE), scenario],
         capture_output=True,
         text=True,
         timeout=180,
         env=env,
-        start_new_session=True,  # its daemons die with it if the timeout kills it
+        start_new_session=True,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])

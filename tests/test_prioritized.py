@@ -5,15 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 import shmreplay
-from shmreplay.testing import table_toml
+from shmreplay.testing import chi_square, table_toml
 
 # 0.999 quantile of the chi-square distribution with 7 degrees of freedom (8 items).
 CHI2_7DOF_Q999 = 24.322
-
-
-def chi_square(observed: np.ndarray, expected_p: np.ndarray) -> float:
-    expected = expected_p * observed.sum()
-    return float(((observed - expected) ** 2 / expected).sum())
 
 
 def test_prioritized_frequencies_match_p_alpha(daemon_factory):
