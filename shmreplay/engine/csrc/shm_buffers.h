@@ -1,0 +1,39 @@
+/* Thin-binding helpers: borrow a numpy array's memory through the buffer protocol, checked.
+ *
+ * A binding takes its arrays as objects exporting the buffer protocol (numpy arrays, views of a
+ * shared-memory segment), checks item size and contiguity once, and hands plain pointers to the
+ * plain C functions. No numpy C API: the extension builds without numpy's headers.
+ */
+#ifndef SHM_BUFFERS_H
+#define SHM_BUFFERS_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+/* Fill ``view`` with the C-contiguous memory of ``obj`` whose items are ``itemsize`` bytes
+ * (``writable``: it will be written). On failure sets a TypeError/ValueError naming ``what``
+ * and returns -1 (nothing to release). Release with PyBuffer_Release. */
+static inline int shm_get_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t itemsize,
+                                 int writable, const char *what) {
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, view, flags) < 0) {
+        PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous%s array", what,
+                     writable ? " writable" : "");
+        return -1;
+    }
+    if (view->itemsize != itemsize) {
+        PyErr_Format(PyExc_TypeError, "%s must have %zd-byte items, got %zd-byte items", what,
+                     itemsize, view->itemsize);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+/* Items in a buffer filled by shm_get_buffer. */
+static inline Py_ssize_t shm_buffer_len(const Py_buffer *view) {
+    return view->len / view->itemsize;
+}
+
+#endif
