@@ -30,8 +30,8 @@ PyMODINIT_FUNC PyInit__native(void) {
     PyObject *m = PyModule_Create(&native_module);
     if (m == NULL)
         return NULL;
-    if (shm_bind_random(m) < 0 || shm_bind_ordered(m) < 0 || shm_bind_rings(m) < 0 ||
-        shm_bind_sample(m) < 0) {
+    if (shm_bind_random(m) < 0 || shm_bind_ordered(m) < 0 || shm_bind_writer(m) < 0 ||
+        shm_bind_commit(m) < 0 || shm_bind_sample(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -8,7 +8,8 @@
 /* Each returns 0, or -1 with an exception set. Defined in bind_<concern>.c. */
 int shm_bind_random(PyObject *module);   /* sum-tree, dense set, Uniform, Prioritized */
 int shm_bind_ordered(PyObject *module);  /* Fifo/Lifo order ring, Min/MaxHeap */
-int shm_bind_rings(PyObject *module);    /* lease and publish rings, row publication */
+int shm_bind_writer(PyObject *module);   /* a client's lease and publish rings, row copies */
+int shm_bind_commit(PyObject *module);   /* the daemon's commit round: drain, check, commit, lease */
 int shm_bind_sample(PyObject *module);   /* sample bookkeeping, row copies with seqlock */
 
 #endif
