@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import glob
 import os
-import sys
+import shutil
+import sysconfig
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -17,20 +18,25 @@ CSRC = os.path.join("shmreplay", "engine", "csrc")
 
 
 class BuildEngine(build_ext):
-    """build_ext that turns 'no compiler' into an instruction."""
+    """build_ext that says what to install when the compiler or the Python headers are missing,
+    instead of a compiler's stack trace."""
 
-    def run(self) -> None:
-        try:
-            super().run()
-        except Exception as exc:  # distutils' CompileError, CCompilerError, PlatformError, ...
-            if "compiler" in type(exc).__name__.lower() or "command" in str(exc).lower():
-                sys.stderr.write(
-                    "\nshmreplay: building its C engine failed: " + str(exc) + "\n"
-                    "shmreplay needs a C11 compiler and the Python headers to install: "
-                    "on Debian/Ubuntu `apt install build-essential python3-dev`, on Fedora "
-                    "`dnf install gcc python3-devel`, on macOS `xcode-select --install`.\n"
-                )
-            raise
+    def build_extensions(self) -> None:
+        compiler = self.compiler.compiler_so[0] if hasattr(self.compiler, "compiler_so") else None
+        problem = None
+        include = sysconfig.get_paths()["include"]
+        if compiler is not None and shutil.which(compiler) is None:
+            problem = f"no C compiler found (tried {compiler!r}; set CC to use another)"
+        elif not os.path.exists(os.path.join(include, "Python.h")):
+            problem = f"the Python headers are missing (no Python.h in {include})"
+        if problem is not None:
+            raise SystemExit(
+                f"shmreplay: cannot build its C engine: {problem}. shmreplay needs a C11 compiler "
+                "and the Python headers to install: on Debian/Ubuntu `apt install build-essential "
+                "python3-dev`, on Fedora `dnf install gcc python3-devel`, on macOS "
+                "`xcode-select --install`."
+            )
+        super().build_extensions()
 
 
 engine = Extension(
