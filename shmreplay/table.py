@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import FieldSpec, RateLimiterSpec, TableSpec
+from .engine._native import SampleCore
 from .errors import (
     ClientCutOff,
     DaemonNotRunning,
@@ -37,14 +38,13 @@ from .errors import (
     TableQuarantined,
 )
 from .events import Event
-from .layout import PUBLISH_CAPACITY, Chan, Ctrl, SlotState, TableState
+from .layout import LINE, PUBLISH_CAPACITY, Chan, Ctrl, SlotState, TableState
 from .mutex import RobustMutex
 from .ratelimit import RateLimiter, RateLimiterInfo
 from .rings import ring_get, ring_put
 from .selectors import selector_class
 from .selectors.base import CorruptStructure
 from .shm import Segment, physical_memory
-from .sumtree import last_wins
 from .values import check_priorities
 
 log = logging.getLogger("shmreplay")
@@ -630,6 +630,23 @@ class TableCore:
 
     # -- sampling ------------------------------------------------------------------------------
 
+    @functools.cached_property  # built on first use, over the segment's arrays
+    def _engine(self) -> SampleCore:
+        """The compiled sample path over this table's shared arrays (csrc/sample.c)."""
+        return SampleCore(
+            self.times_sampled,
+            self.key,
+            self.priority,
+            self.gen,
+            self.state,
+            self.segment.arrays["ctrl"],
+            Ctrl.SAMPLES * LINE,
+            Ctrl.TOTAL_SAMPLED * LINE,
+            Ctrl.UNIQUE_SAMPLED * LINE,
+            self.spec.max_times_sampled,
+            list(self.data.values()),
+        )
+
     def _select(self, n: int, channel: int, count_samples: bool) -> _Selection | None:
         """Choose up to ``n`` items and do their bookkeeping; mutex held. None if blocked."""
         size = int(self.ctrl[Ctrl.SIZE])
@@ -637,108 +654,74 @@ class TableCore:
             n = self.limiter.sample_allowance(n)
         if n <= 0 or size <= 0:
             return None
+        # The draw is the sampler's (a later step calls it from C in the same call as the
+        # bookkeeping: the seam is here).
         slots, probability = self.sampler.sample(n, self.rng, self._times_left)
-        k = len(slots)
-        if k == 0:
+        if len(slots) == 0:
             return None
-        fast = self._select_distinct(slots, probability, size, channel, count_samples)
-        if fast is not None:
-            return fast
-        # Rank of each draw among the draws of the same item, as if sampled one at a time.
-        order = np.argsort(slots, kind="stable")
-        s_sorted = slots[order]
-        first = np.empty(k, dtype=bool)
-        first[0] = True
-        np.not_equal(s_sorted[1:], s_sorted[:-1], out=first[1:])
-        starts = np.flatnonzero(first)
-        group = np.cumsum(first) - 1
-        before = self.times_sampled[s_sorted].astype(np.int64)
-        times_sorted = before + (np.arange(k) - starts[group]) + 1
-        mts = self.spec.max_times_sampled
-        exhausted = np.empty(0, np.int64)
-        if mts > 0:
-            keep_sorted = times_sorted <= mts
-            keep = np.empty(k, dtype=bool)
-            keep[order] = keep_sorted
-            if not keep_sorted.all():
-                kept_counts = np.add.reduceat(keep_sorted.astype(np.int64), starts)
-            else:
-                kept_counts = np.diff(np.append(starts, k))
-            new_times = before[starts] + kept_counts
-            uniq = s_sorted[starts]
-            exhausted = uniq[new_times >= mts]
-        else:
-            keep = None
-            uniq = s_sorted[starts]
-            new_times = before[starts] + np.diff(np.append(starts, k))
-        times = np.empty(k, dtype=np.int32)
-        times[order] = times_sorted
-        self.ctrl[Ctrl.UNIQUE_SAMPLED] += int(np.count_nonzero(before[starts] == 0))
-        self.times_sampled[uniq] = new_times
-        if keep is not None:
-            slots, probability, times = slots[keep], probability[keep], times[keep]
-        return self._selected(slots, probability, times, size, exhausted, channel, count_samples)
+        try:
+            return self._selected(slots, probability, size, channel, count_samples)
+        except CorruptStructure as exc:
+            # A slot outside the table: the sampler's structures are corrupt. Nothing was
+            # written; rebuild them and draw again once.
+            self._repair_counts(str(exc))
+            slots, probability = self.sampler.sample(n, self.rng, self._times_left)
+            if len(slots) == 0:
+                return None
+            return self._selected(slots, probability, size, channel, count_samples)
 
     def _selected(
         self,
         slots: np.ndarray,
         probability: np.ndarray,
-        times: np.ndarray,
         size: int,
-        exhausted: np.ndarray,
         channel: int,
         count_samples: bool,
     ) -> _Selection:
-        """Count the draw, snapshot its info and delete the items it exhausted; mutex held."""
-        taken = len(slots)
-        if count_samples:
-            self.ctrl[Ctrl.SAMPLES] += taken
-        self.ctrl[Ctrl.TOTAL_SAMPLED] += taken
-        selection = _Selection(
-            slots=slots,
-            probability=probability,
-            key=self.key[slots],
-            priority=self.priority[slots],
-            times_sampled=times,
-            gen=self.gen[slots],
-            table_size=self._table_sizes(times, size),
-            releasing=exhausted,
-        )
-        if len(exhausted):
-            self._remove(exhausted, releasing_owner=channel)
-        return selection
-
-    def _table_sizes(self, times: np.ndarray, size: int) -> np.ndarray:
-        """The table size each draw saw, as if drawn one at a time: a draw that reaches
-        max_times_sampled deletes its item for the draws after it."""
-        mts = self.spec.max_times_sampled
-        if mts <= 0:
-            return np.full(len(times), size, dtype=np.int64)
-        ends = (times == mts).astype(np.int64)
-        return size - (np.cumsum(ends) - ends)
-
-    def _select_distinct(
-        self,
-        slots: np.ndarray,
-        probability: np.ndarray,
-        size: int,
-        channel: int,
-        count_samples: bool,
-    ) -> _Selection | None:
-        """The common case of a draw without repeated items: no ranks to compute. None if the
-        draw repeats an item (the general path handles it)."""
+        """The draw's bookkeeping in C (times sampled as if drawn one at a time, draws past
+        max_times_sampled dropped, per-draw table size, counters, the snapshot of key, priority
+        and generation), then the deletion of the items it exhausted; mutex held."""
+        slots = np.require(slots, np.int64, "CW")
+        probability = np.require(probability, np.float64, "CW")
         k = len(slots)
-        if k > 1:
-            ordered = np.sort(slots)
-            if (ordered[1:] == ordered[:-1]).any():
-                return None
-        before = self.times_sampled[slots]
-        times = before + np.int32(1)
-        self.times_sampled[slots] = times
-        self.ctrl[Ctrl.UNIQUE_SAMPLED] += int(np.count_nonzero(before == 0))
-        mts = self.spec.max_times_sampled
-        exhausted = slots[times >= mts] if mts > 0 else slots[:0]
-        return self._selected(slots, probability, times, size, exhausted, channel, count_samples)
+        key = np.empty(k, np.uint64)
+        priority = np.empty(k, np.float64)
+        times = np.empty(k, np.int32)
+        gen = np.empty(k, np.int64)
+        table_size = np.empty(k, np.int64)
+        exhausted = np.empty(k, np.int64)
+        try:
+            taken, n_exhausted = self._engine.select(
+                slots,
+                probability,
+                key,
+                priority,
+                times,
+                gen,
+                table_size,
+                exhausted,
+                size,
+                count_samples,
+            )
+        except ValueError as exc:
+            raise CorruptStructure(f"its sampler drew a slot outside the table ({exc})") from None
+        selection = _Selection(
+            slots, probability, key, priority, times, gen, table_size, exhausted[:n_exhausted]
+        )
+        if taken < k:
+            for f in (
+                "slots",
+                "probability",
+                "key",
+                "priority",
+                "times_sampled",
+                "gen",
+                "table_size",
+            ):
+                setattr(selection, f, getattr(selection, f)[:taken])
+        if n_exhausted:
+            self._remove(selection.releasing, releasing_owner=channel)
+        return selection
 
     def _release(self, slots: np.ndarray, channel: int) -> None:
         if len(slots) == 0:
@@ -791,10 +774,11 @@ class TableCore:
             # The common case: one draw, copied intact. Its arrays become the sample info.
             if before_copy_hook is not None:
                 before_copy_hook(self, sel.slots)
-            self._gather(sel.slots, out, None)
-            intact = self.gen[sel.slots] == sel.gen
-            self._release(sel.releasing, channel)
-            if intact.all():
+            intact = np.empty(n, np.bool_)
+            copied = self._gather(sel, out, None, intact)
+            if len(sel.releasing):
+                self._release(sel.releasing, channel)
+            if copied == n:
                 info = SampleInfo(
                     sel.key,
                     sel.probability,
@@ -911,8 +895,8 @@ class TableCore:
             if intact is None:
                 if before_copy_hook is not None:
                     before_copy_hook(self, sel.slots)
-                self._gather(sel.slots, out, positions)
-                intact = self.gen[sel.slots] == sel.gen
+                intact = np.empty(len(sel.slots), np.bool_)
+                self._gather(sel, out, positions, intact)
                 self._release(sel.releasing, channel)
             done = positions[intact]
             info.key[done] = sel.key[intact]
@@ -940,19 +924,19 @@ class TableCore:
             self.check_open()
 
     def _gather(
-        self, slots: np.ndarray, out: dict[str, np.ndarray], positions: np.ndarray | None
-    ) -> None:
-        """Copy rows ``slots`` to ``out[...][positions]`` (None: to the first len(slots) rows)."""
-        contiguous = positions is None or positions[-1] - positions[0] == len(positions) - 1
-        for name, array in self.data.items():
-            if contiguous:
-                first = 0 if positions is None else int(positions[0])
-                # mode="clip": with "raise" numpy buffers ``out`` (an extra copy: 3x slower for
-                # Atari rows); the slots are valid indices
-                dest = out[name][first : first + len(slots)]
-                np.take(array, slots, axis=0, out=dest, mode="clip")
-            else:
-                out[name][positions] = array[slots]
+        self,
+        sel: _Selection,
+        out: dict[str, np.ndarray],
+        positions: np.ndarray | None,
+        intact: np.ndarray,
+    ) -> int:
+        """Copy rows ``sel.slots`` to ``out[...][positions]`` (None: to the first len(slots)
+        rows), GIL released, then check their generations against the selection's snapshot
+        (the seqlock read): ``intact`` says which rows were copied intact; returns how many."""
+        outs = tuple(out[name] for name in self.data)
+        if positions is not None:
+            positions = np.require(positions, np.int64, "C")
+        return self._engine.gather(sel.slots, sel.gen, outs, positions, intact)
 
     def _check_batch_fits(self, n: int) -> None:
         """Refuse a batch whose rows and info cannot be held in this machine's memory."""
@@ -1033,19 +1017,24 @@ class TableCore:
         InvalidArgumentError, changing nothing, unless every priority is a number with
         0 <= p <= :attr:`max_priority` (one per key)."""
         priorities = check_priorities(priorities, len(keys), self.max_priority, self.name)
-        keys, priorities = last_wins(keys, priorities)  # outside the lock: it only sorts
+        keys = np.require(keys, np.uint64, "C")
+        priorities = np.require(priorities, np.float64, "C")
+        n = len(keys)
+        slots, stored = np.empty(n, np.int64), np.empty(n, np.float64)
         deleted = 0
         with self.mutex.held(_lock_wait(timeout)):
             if deletes is not None and len(deletes):
                 deleted = self._delete_present(deletes)
-            slots, present = self._slots_of(keys)
-            s, p = slots[present], priorities[present]
-            self.priority[s] = p
-            self.sampler.update(s, p)
-            self.remover.update(s, p)
+            # In C: key -> slot lookup, duplicates last-wins, the priority stores; the present
+            # items' (slot, priority) in call order for the selectors.
+            present, missing = self._engine.update(keys, priorities, slots, stored)
+            if present:
+                s, p = slots[:present], stored[:present]
+                self.sampler.update(s, p)
+                self.remover.update(s, p)
         if deleted and self.events is not None:
             self.events.daemon.post(1)  # deletions may let blocked inserts in
-        return int(len(keys) - np.count_nonzero(present))
+        return missing
 
     def delete(self, keys: np.ndarray, timeout: float | None = None) -> int:
         """Delete present items. Returns how many keys were missing."""
@@ -1057,10 +1046,11 @@ class TableCore:
 
     def _delete_present(self, keys: np.ndarray) -> int:
         """Delete the items of ``keys`` still present; how many there were. Mutex held."""
-        slots, present = self._slots_of(keys)
-        victims = np.unique(slots[present])
-        self._remove(victims)
-        return len(victims)
+        keys = np.require(keys, np.uint64, "C")
+        victims = np.empty(len(keys), np.int64)
+        k = self._engine.present(keys, victims)  # distinct slots of present keys, ascending
+        self._remove(victims[:k])
+        return k
 
     def set_rate_limiter(self, spec: RateLimiterSpec, timeout: float | None = None) -> None:
         """Replace the limiter's parameters (counters stay); every waiter re-checks at once.

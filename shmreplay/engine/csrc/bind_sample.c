@@ -1,7 +1,341 @@
-/* Bindings of the sample concern (filled in by its implementation). */
+/* Bindings of the sample concern: SampleCore, built once per table over its shared arrays,
+ * whose methods run the sample path's bookkeeping, row copies and mutations (sample.c). */
 #include "shm_bind.h"
 
+#include "sample.h"
+#include "shm_buffers.h"
+
+#define MAX_FIELDS 64
+
+typedef struct {
+    PyObject_HEAD
+    shm_sample_table t;
+    Py_buffer times_sampled, key, priority, gen, state, ctrl;
+    Py_buffer data[MAX_FIELDS];
+    int nfields;
+    int64_t row_bytes[MAX_FIELDS];
+    int held; /* buffers filled so far (dealloc releases them) */
+    int ndata;
+} SampleCore;
+
+static void core_dealloc(SampleCore *self) {
+    Py_buffer *fixed[] = {&self->times_sampled, &self->key, &self->priority,
+                          &self->gen, &self->state, &self->ctrl};
+    for (int i = 0; i < self->held && i < 6; i++)
+        PyBuffer_Release(fixed[i]);
+    for (int i = 0; i < self->ndata; i++)
+        PyBuffer_Release(&self->data[i]);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int set_error(int rc, const char *what) {
+    switch (rc) {
+    case SHM_SAMPLE_ECORRUPT:
+        PyErr_Format(PyExc_ValueError, "corrupt: %s: a slot index outside the table", what);
+        break;
+    case SHM_SAMPLE_ENOMEM:
+        PyErr_NoMemory();
+        break;
+    default:
+        PyErr_Format(PyExc_ValueError, "%s: a position outside the output", what);
+    }
+    return -1;
+}
+
+/* SampleCore(times_sampled, key, priority, gen, state, ctrl, samples, total_sampled,
+ *            unique_sampled, max_times_sampled, data) */
+static int core_init(SampleCore *self, PyObject *args, PyObject *kwds) {
+    PyObject *ts, *key, *prio, *gen, *state, *ctrl, *data;
+    Py_ssize_t i_samples, i_total, i_unique;
+    long long mts;
+    static char *kwlist[] = {"times_sampled", "key", "priority", "gen", "state", "ctrl",
+                             "samples", "total_sampled", "unique_sampled",
+                             "max_times_sampled", "data", NULL};
+    if (self->held || self->ndata) {
+        PyErr_SetString(PyExc_TypeError, "SampleCore is initialized once");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOnnnLO", kwlist, &ts, &key, &prio, &gen,
+                                     &state, &ctrl, &i_samples, &i_total, &i_unique, &mts,
+                                     &data))
+        return -1;
+    struct {
+        PyObject *obj;
+        Py_buffer *view;
+        Py_ssize_t itemsize;
+        const char *what;
+    } want[] = {{ts, &self->times_sampled, 4, "times_sampled"},
+                {key, &self->key, 8, "key"},
+                {prio, &self->priority, 8, "priority"},
+                {gen, &self->gen, 8, "gen"},
+                {state, &self->state, 1, "state"},
+                {ctrl, &self->ctrl, 8, "ctrl"}};
+    for (int i = 0; i < 6; i++) {
+        if (shm_get_buffer(want[i].obj, want[i].view, want[i].itemsize, 1, want[i].what) < 0)
+            return -1;
+        self->held++;
+    }
+    Py_ssize_t n = shm_buffer_len(&self->key);
+    if (shm_buffer_len(&self->times_sampled) != n || shm_buffer_len(&self->priority) != n ||
+        shm_buffer_len(&self->gen) != n || shm_buffer_len(&self->state) != n) {
+        PyErr_SetString(PyExc_ValueError, "the per-slot arrays differ in length");
+        return -1;
+    }
+    Py_ssize_t nctrl = shm_buffer_len(&self->ctrl);
+    if (i_samples < 0 || i_samples >= nctrl || i_total < 0 || i_total >= nctrl ||
+        i_unique < 0 || i_unique >= nctrl) {
+        PyErr_SetString(PyExc_ValueError, "a counter index outside ctrl");
+        return -1;
+    }
+    PyObject *seq = PySequence_Fast(data, "data must be a sequence of arrays");
+    if (seq == NULL)
+        return -1;
+    Py_ssize_t nf = PySequence_Fast_GET_SIZE(seq);
+    if (nf > MAX_FIELDS) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "at most %d fields", MAX_FIELDS);
+        return -1;
+    }
+    for (Py_ssize_t f = 0; f < nf; f++) {
+        Py_buffer *v = &self->data[f];
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, f), v, PyBUF_C_CONTIGUOUS) < 0) {
+            Py_DECREF(seq);
+            return -1;
+        }
+        self->ndata++;
+        if (n == 0 || v->len % n != 0) {
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_ValueError, "a data array is not num_slots rows");
+            return -1;
+        }
+        self->row_bytes[f] = v->len / n;
+    }
+    Py_DECREF(seq);
+    self->nfields = (int)nf;
+    int64_t *c = self->ctrl.buf;
+    self->t = (shm_sample_table){
+        .times_sampled = self->times_sampled.buf,
+        .key = self->key.buf,
+        .priority = self->priority.buf,
+        .gen = self->gen.buf,
+        .state = self->state.buf,
+        .priority_w = self->priority.buf,
+        .samples = c + i_samples,
+        .total_sampled = c + i_total,
+        .unique_sampled = c + i_unique,
+        .num_slots = n,
+        .max_times_sampled = mts,
+    };
+    return 0;
+}
+
+/* Borrow nargs buffers of the given item sizes (writable); releases what it took on error. */
+static int borrow(PyObject *const *args, Py_buffer *views, const Py_ssize_t *itemsize,
+                  const int *writable, const char *const *what, int n) {
+    for (int i = 0; i < n; i++) {
+        if (shm_get_buffer(args[i], &views[i], itemsize[i], writable[i], what[i]) < 0) {
+            for (int j = 0; j < i; j++)
+                PyBuffer_Release(&views[j]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static void release(Py_buffer *views, int n) {
+    for (int i = 0; i < n; i++)
+        PyBuffer_Release(&views[i]);
+}
+
+/* select(slots, probability, key, priority, times_sampled, gen, table_size, exhausted, size,
+ *        count_samples) -> (taken, n_exhausted) */
+static PyObject *core_select(SampleCore *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "select takes 10 arguments");
+        return NULL;
+    }
+    static const Py_ssize_t isz[] = {8, 8, 8, 8, 4, 8, 8, 8};
+    static const int wr[] = {1, 1, 1, 1, 1, 1, 1, 1};
+    static const char *const what[] = {"slots", "probability", "key", "priority",
+                                       "times_sampled", "gen", "table_size", "exhausted"};
+    long long size = PyLong_AsLongLong(args[8]);
+    if (size == -1 && PyErr_Occurred())
+        return NULL;
+    int count = PyObject_IsTrue(args[9]);
+    if (count < 0)
+        return NULL;
+    Py_buffer v[8];
+    if (borrow(args, v, isz, wr, what, 8) < 0)
+        return NULL;
+    Py_ssize_t k = shm_buffer_len(&v[0]);
+    for (int i = 1; i < 8; i++) {
+        if (shm_buffer_len(&v[i]) < k) {
+            release(v, 8);
+            return PyErr_Format(PyExc_ValueError, "%s is shorter than slots", what[i]);
+        }
+    }
+    shm_selection sel = {v[2].buf, v[3].buf, v[4].buf, v[5].buf, v[6].buf, v[7].buf};
+    int64_t taken, nex;
+    int rc = shm_sample_select(&self->t, size, count, v[0].buf, v[1].buf, k, &sel, &taken, &nex);
+    release(v, 8);
+    if (rc != SHM_SAMPLE_OK) {
+        set_error(rc, "sample selection");
+        return NULL;
+    }
+    return Py_BuildValue("(LL)", (long long)taken, (long long)nex);
+}
+
+/* gather(slots, gen_snapshot, outs, positions, intact) -> n_intact: outs holds one array per
+ * field, in the data order given at construction; positions None: rows 0..k-1. */
+static PyObject *core_gather(SampleCore *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "gather takes 5 arguments");
+        return NULL;
+    }
+    PyObject *outs = args[2];
+    if (!PyTuple_Check(outs) || PyTuple_GET_SIZE(outs) != self->nfields) {
+        PyErr_Format(PyExc_TypeError, "outs must be a tuple of %d arrays", self->nfields);
+        return NULL;
+    }
+    Py_buffer slots, snap, pos, intact;
+    Py_buffer out[MAX_FIELDS];
+    shm_sample_field fields[MAX_FIELDS];
+    int have_pos = args[3] != Py_None, nout = 0;
+    PyObject *result = NULL;
+    if (shm_get_buffer(args[0], &slots, 8, 0, "slots") < 0)
+        return NULL;
+    if (shm_get_buffer(args[1], &snap, 8, 0, "gen_snapshot") < 0)
+        goto free_slots;
+    if (have_pos && shm_get_buffer(args[3], &pos, 8, 0, "positions") < 0)
+        goto free_snap;
+    if (shm_get_buffer(args[4], &intact, 1, 1, "intact") < 0)
+        goto free_pos;
+    Py_ssize_t k = shm_buffer_len(&slots);
+    if (shm_buffer_len(&snap) < k || shm_buffer_len(&intact) < k ||
+        (have_pos && shm_buffer_len(&pos) < k)) {
+        PyErr_SetString(PyExc_ValueError, "gen_snapshot, positions and intact need len(slots)");
+        goto free_out;
+    }
+    for (; nout < self->nfields; nout++) {
+        Py_buffer *o = &out[nout];
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(outs, nout), o,
+                               PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
+            goto free_out;
+        int64_t rb = self->row_bytes[nout];
+        fields[nout] = (shm_sample_field){self->data[nout].buf, o->buf, rb,
+                                          rb ? o->len / rb : INT64_MAX};
+    }
+    int64_t good;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS;
+    rc = shm_sample_gather(fields, self->nfields, self->t.gen, self->t.num_slots, slots.buf,
+                           have_pos ? pos.buf : NULL, k, snap.buf, intact.buf, &good);
+    Py_END_ALLOW_THREADS;
+    if (rc != SHM_SAMPLE_OK)
+        set_error(rc, "sample copy");
+    else
+        result = PyLong_FromLongLong(good);
+free_out:
+    release(out, nout);
+    PyBuffer_Release(&intact);
+free_pos:
+    if (have_pos)
+        PyBuffer_Release(&pos);
+free_snap:
+    PyBuffer_Release(&snap);
+free_slots:
+    PyBuffer_Release(&slots);
+    return result;
+}
+
+/* update(keys, priorities, slots_out, priorities_out) -> (n_present, n_missing) */
+static PyObject *core_update(SampleCore *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "update takes 4 arguments");
+        return NULL;
+    }
+    static const Py_ssize_t isz[] = {8, 8, 8, 8};
+    static const int wr[] = {0, 0, 1, 1};
+    static const char *const what[] = {"keys", "priorities", "slots_out", "priorities_out"};
+    Py_buffer v[4];
+    if (borrow(args, v, isz, wr, what, 4) < 0)
+        return NULL;
+    Py_ssize_t n = shm_buffer_len(&v[0]);
+    if (shm_buffer_len(&v[1]) != n || shm_buffer_len(&v[2]) < n || shm_buffer_len(&v[3]) < n) {
+        release(v, 4);
+        PyErr_SetString(PyExc_ValueError, "update needs len(keys) of each array");
+        return NULL;
+    }
+    int64_t found, missing;
+    int rc = shm_sample_update(&self->t, v[0].buf, v[1].buf, n, v[2].buf, v[3].buf, &found,
+                               &missing);
+    release(v, 4);
+    if (rc != SHM_SAMPLE_OK) {
+        set_error(rc, "update_priorities");
+        return NULL;
+    }
+    return Py_BuildValue("(LL)", (long long)found, (long long)missing);
+}
+
+/* present(keys, slots_out) -> n: the distinct slots of the present keys, ascending. */
+static PyObject *core_present(SampleCore *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "present takes 2 arguments");
+        return NULL;
+    }
+    static const Py_ssize_t isz[] = {8, 8};
+    static const int wr[] = {0, 1};
+    static const char *const what[] = {"keys", "slots_out"};
+    Py_buffer v[2];
+    if (borrow(args, v, isz, wr, what, 2) < 0)
+        return NULL;
+    Py_ssize_t n = shm_buffer_len(&v[0]);
+    if (shm_buffer_len(&v[1]) < n) {
+        release(v, 2);
+        PyErr_SetString(PyExc_ValueError, "slots_out needs len(keys) entries");
+        return NULL;
+    }
+    int64_t found;
+    shm_sample_present(&self->t, v[0].buf, n, v[1].buf, &found);
+    release(v, 2);
+    return PyLong_FromLongLong(found);
+}
+
+static PyMethodDef core_methods[] = {
+    {"select", (PyCFunction)(void (*)(void))core_select, METH_FASTCALL,
+     "select(slots, probability, key, priority, times_sampled, gen, table_size, exhausted, "
+     "size, count_samples) -> (taken, n_exhausted): a draw's bookkeeping (mutex held)."},
+    {"gather", (PyCFunction)(void (*)(void))core_gather, METH_FASTCALL,
+     "gather(slots, gen_snapshot, outs, positions, intact) -> n_intact: copy rows, then the "
+     "seqlock check."},
+    {"update", (PyCFunction)(void (*)(void))core_update, METH_FASTCALL,
+     "update(keys, priorities, slots_out, priorities_out) -> (n_present, n_missing) (mutex "
+     "held)."},
+    {"present", (PyCFunction)(void (*)(void))core_present, METH_FASTCALL,
+     "present(keys, slots_out) -> n: distinct slots of present keys, ascending (mutex held)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject SampleCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmreplay.engine._native.SampleCore",
+    .tp_basicsize = sizeof(SampleCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "SampleCore(times_sampled, key, priority, gen, state, ctrl, samples, "
+              "total_sampled, unique_sampled, max_times_sampled, data): a table's sample path "
+              "over its shared arrays.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)core_init,
+    .tp_dealloc = (destructor)core_dealloc,
+    .tp_methods = core_methods,
+};
+
 int shm_bind_sample(PyObject *module) {
-    (void)module;
+    if (PyType_Ready(&SampleCoreType) < 0)
+        return -1;
+    Py_INCREF(&SampleCoreType);
+    if (PyModule_AddObject(module, "SampleCore", (PyObject *)&SampleCoreType) < 0) {
+        Py_DECREF(&SampleCoreType);
+        return -1;
+    }
     return 0;
 }
