@@ -681,8 +681,12 @@ class TableCore:
         """The draw's bookkeeping in C (times sampled as if drawn one at a time, draws past
         max_times_sampled dropped, per-draw table size, counters, the snapshot of key, priority
         and generation), then the deletion of the items it exhausted; mutex held."""
-        slots = np.require(slots, np.int64, "CW")
-        probability = np.require(probability, np.float64, "CW")
+        # The engine writes both in place (it compacts the kept draws): fresh arrays of the
+        # sampler, converted only if a sampler hands something else.
+        if slots.dtype != np.int64 or not slots.flags.carray:
+            slots = np.array(slots, np.int64)
+        if probability.dtype != np.float64 or not probability.flags.carray:
+            probability = np.array(probability, np.float64)
         k = len(slots)
         key = np.empty(k, np.uint64)
         priority = np.empty(k, np.float64)
@@ -933,9 +937,9 @@ class TableCore:
         """Copy rows ``sel.slots`` to ``out[...][positions]`` (None: to the first len(slots)
         rows), GIL released, then check their generations against the selection's snapshot
         (the seqlock read): ``intact`` says which rows were copied intact; returns how many."""
-        outs = tuple(out[name] for name in self.data)
-        if positions is not None:
-            positions = np.require(positions, np.int64, "C")
+        outs = tuple([out[name] for name in self.data])
+        if positions is not None:  # the rare path (_deliver): arange/concatenate, int64
+            positions = np.ascontiguousarray(positions, np.int64)
         return self._engine.gather(sel.slots, sel.gen, outs, positions, intact)
 
     def _check_batch_fits(self, n: int) -> None:
@@ -965,16 +969,21 @@ class TableCore:
                     f"table {self.name!r}: cannot allocate a batch of {n} items "
                     f"({n * self.spec.row_bytes:,} bytes of rows); sample smaller batches"
                 ) from None
-        for f in self.spec.signature:
-            buf = out.get(f.name)
-            if buf is None or buf.shape != (n, *f.shape) or buf.dtype != f.np_dtype:
+        for name, shape, dtype in self._out_fields:
+            buf = out.get(name)
+            if buf is None or buf.shape != (n, *shape) or buf.dtype != dtype:
                 raise InvalidArgumentError(
-                    f"out[{f.name!r}] must be a {f.dtype} array of shape {(n, *f.shape)}, "
+                    f"out[{name!r}] must be a {dtype} array of shape {(n, *shape)}, "
                     f"got {None if buf is None else (buf.dtype, buf.shape)}"
                 )
-            if not buf.flags.c_contiguous or not buf.flags.writeable:
-                raise InvalidArgumentError(f"out[{f.name!r}] must be C-contiguous and writable")
+            flags = buf.flags
+            if not (flags.c_contiguous and flags.writeable):
+                raise InvalidArgumentError(f"out[{name!r}] must be C-contiguous and writable")
         return out
+
+    @functools.cached_property  # fixed for the table's life; checked on every sample(out=...)
+    def _out_fields(self) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+        return [(f.name, tuple(f.shape), f.np_dtype) for f in self.spec.signature]
 
     def _blocked_message(self, side: str, n: int, filled: int, timeout: float | None) -> str:
         lim = self.limiter.info()
