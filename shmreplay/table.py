@@ -561,16 +561,11 @@ class TableCore:
             self._repair_counts(str(exc))
             self.sampler.remove(slots)
             self.remover.remove(slots)
-        # The slots' state first, the counters after (as in commit): repair() trusts the states
-        # and the deletes, and derives the inserts from them.
-        if releasing_owner is None:
-            self.state[slots] = SlotState.FREE
-        else:
-            self.owner[slots] = releasing_owner
-            self.state[slots] = SlotState.RELEASING
-        self.ctrl[Ctrl.UNIQUE_SAMPLED] -= int(np.count_nonzero(self.times_sampled[slots]))
-        self.ctrl[Ctrl.SIZE] -= len(slots)
-        self.ctrl[Ctrl.DELETES] += len(slots)
+        # In C: the slots' state first, the counters after (as in commit): repair() trusts the
+        # states and the deletes, and derives the inserts from them. The slots are in range:
+        # the selectors removed them.
+        slots = np.ascontiguousarray(slots, np.int64)
+        self._engine.removed(slots, -1 if releasing_owner is None else releasing_owner)
         if releasing_owner is None:
             self._free_push(slots)
 
@@ -639,10 +634,13 @@ class TableCore:
             self.priority,
             self.gen,
             self.state,
+            self.owner,
             self.segment.arrays["ctrl"],
             Ctrl.SAMPLES * LINE,
             Ctrl.TOTAL_SAMPLED * LINE,
             Ctrl.UNIQUE_SAMPLED * LINE,
+            Ctrl.SIZE * LINE,
+            Ctrl.DELETES * LINE,
             self.spec.max_times_sampled,
             list(self.data.values()),
         )
@@ -764,17 +762,32 @@ class TableCore:
         out = self._output_buffers(n, out)
         if self._carry:
             return self._sample_slowly(n, None, None, out, channel, timeout, partial)
-        # A holder that is stopped, not dead, keeps the lock: waiting for it honours the
-        # timeout and names its pid (LockTimeout).
-        self.mutex.acquire(_lock_wait(timeout))
-        try:
-            self.chan[channel, Chan.WAIT_SAMPLE] = 0
-            sel = self._select(n, channel, count_samples=True)
-        finally:
-            self.mutex.release()
-        if sel is not None:
-            self._wake_blocked_writers()
-        if sel is not None and len(sel.slots) == n:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        wait = timeout
+        while True:
+            # A holder that is stopped, not dead, keeps the lock: waiting for it honours the
+            # timeout and names its pid (LockTimeout).
+            self.mutex.acquire(_lock_wait(wait))
+            try:
+                self.chan[channel, Chan.WAIT_SAMPLE] = 0
+                sel = self._select(n, channel, count_samples=True)
+                if sel is None:
+                    self.chan[channel, Chan.WAIT_SAMPLE] = 1  # registered before we unlock
+                    self.ctrl[Ctrl.SAMPLER_WAITING] = 1
+            finally:
+                self.mutex.release()
+            if sel is not None:
+                break
+            # Blocked with nothing taken: wait here and draw again, so that a woken sampler
+            # takes the short path below (the wake-to-sample latency is mostly Python run cold).
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                self.chan[channel, Chan.WAIT_SAMPLE] = 0
+                raise RateLimiterTimeout(self._blocked_message("sample", n, 0, timeout))
+            self.events.sample.wait(0.5 if wait is None else wait)
+            self.check_open()
+        self._wake_blocked_writers()
+        if len(sel.slots) == n:
             # The common case: one draw, copied intact. Its arrays become the sample info.
             if before_copy_hook is not None:
                 before_copy_hook(self, sel.slots)
@@ -793,7 +806,7 @@ class TableCore:
                 return Sample(out, info)
         else:
             intact = None
-        return self._sample_slowly(n, sel, intact, out, channel, timeout, partial)
+        return self._sample_slowly(n, sel, intact, out, channel, timeout, partial, deadline)
 
     def _sample_slowly(
         self,
@@ -804,9 +817,11 @@ class TableCore:
         channel: int,
         timeout: float | None,
         partial: bool,
+        deadline: float | None = None,
     ) -> Sample:
         """Blocking, short draws and recycled rows. ``first`` is the draw already made (None if
-        blocked); ``first_intact`` says which of its rows were copied intact, if it was."""
+        blocked); ``first_intact`` says which of its rows were copied intact, if it was;
+        ``deadline`` (time.monotonic) the end of ``timeout`` if the call already waited."""
         info = SampleInfo(
             key=np.empty(n, np.uint64),
             probability=np.empty(n, np.float64),
@@ -814,7 +829,8 @@ class TableCore:
             times_sampled=np.empty(n, np.int32),
             table_size=np.empty(n, np.int64),
         )
-        deadline = None if timeout is None else time.monotonic() + timeout
+        if deadline is None and timeout is not None:
+            deadline = time.monotonic() + timeout
         filled = self._take_carry(out, info, n)
         if first is not None:
             self._deliver(first, out, info, 0, channel, first_intact)

@@ -33,6 +33,7 @@ def make_table(rng, num_slots: int, mts: int, ready_fraction: float = 0.9):
     priority = rng.random(num_slots)
     gen = rng.integers(0, 1000, num_slots).astype(np.int64) * 2
     state = np.where(rng.random(num_slots) < ready_fraction, 2, 1).astype(np.uint8)
+    owner = np.full(num_slots, -1, np.int32)
     ctrl = np.zeros((CTRL_ROWS, LINE), np.int64)
     data = [
         rng.random((num_slots, 3)).astype(np.float32),
@@ -40,11 +41,14 @@ def make_table(rng, num_slots: int, mts: int, ready_fraction: float = 0.9):
         (rng.random((num_slots, 2, 5)) < 0.5),
     ]
     core = SampleCore(
-        times, key, priority, gen, state, ctrl,
-        Ctrl.SAMPLES * LINE, Ctrl.TOTAL_SAMPLED * LINE, Ctrl.UNIQUE_SAMPLED * LINE, mts, data,
+        times, key, priority, gen, state, owner, ctrl,
+        Ctrl.SAMPLES * LINE, Ctrl.TOTAL_SAMPLED * LINE, Ctrl.UNIQUE_SAMPLED * LINE,
+        Ctrl.SIZE * LINE, Ctrl.DELETES * LINE, mts, data,
     )  # fmt: skip
-    model = ref.Table(times.copy(), key.copy(), priority.copy(), gen.copy(), state.copy(), mts)
-    return core, model, (times, key, priority, gen, state, ctrl, data)
+    model = ref.Table(
+        times.copy(), key.copy(), priority.copy(), gen.copy(), state.copy(), owner.copy(), mts
+    )
+    return core, model, (times, key, priority, gen, state, ctrl, data, owner)
 
 
 def engine_select(core, slots, probability, size, count):
@@ -60,7 +64,7 @@ def engine_select(core, slots, probability, size, count):
 
 
 def assert_same(model, arrays):
-    times, key, priority, gen, state, ctrl, _ = arrays
+    times, key, priority, gen, state, ctrl, _, owner = arrays
     assert np.array_equal(times, model.times_sampled)
     assert np.array_equal(key, model.key)
     assert np.array_equal(priority, model.priority)
@@ -69,6 +73,8 @@ def assert_same(model, arrays):
     assert ctrl[Ctrl.SAMPLES, 0] == model.samples
     assert ctrl[Ctrl.TOTAL_SAMPLED, 0] == model.total_sampled
     assert ctrl[Ctrl.UNIQUE_SAMPLED, 0] == model.unique_sampled
+    assert np.array_equal(owner, model.owner)
+    assert ctrl[Ctrl.SIZE, 0] == model.size and ctrl[Ctrl.DELETES, 0] == model.deletes
 
 
 @pytest.mark.parametrize("num_slots", [1, 2, 7, 100, 1000])
@@ -90,6 +96,10 @@ def test_select_matches_the_reference(num_slots, mts):
             a, b = getattr(got, f), getattr(want, f)
             assert a.dtype == b.dtype and np.array_equal(a, b), (step, f)
         assert np.array_equal(got.exhausted, want.exhausted), step
+        assert_same(model, arrays)
+        # The exhausted items are removed, RELEASING for this sampler (channel 5).
+        core.removed(got.exhausted, 5)
+        ref.removed(model, want.exhausted, 5)
         assert_same(model, arrays)
         if mts > 0 and step % 5 == 0:  # a sampler never draws exhausted items: reset them
             arrays[0][arrays[0] >= mts] = 0
@@ -155,7 +165,12 @@ def test_update_and_present_match_the_reference(num_slots):
         assert_same(model, arrays)
         victims = np.empty(n, np.int64)
         k = core.present(keys, victims)
-        assert np.array_equal(victims[:k], ref.present(model, keys))
+        want_victims = ref.present(model, keys)
+        assert np.array_equal(victims[:k], want_victims)
+        if rng.random() < 0.3:  # delete them: FREE
+            core.removed(victims[:k], -1)
+            ref.removed(model, want_victims, None)
+            assert_same(model, arrays)
 
 
 def test_a_generation_moved_before_the_copy_is_drawn_again(daemon_factory, monkeypatch):
@@ -213,12 +228,14 @@ HOSTILE = textwrap.dedent(
     key[:8] = np.arange(8, dtype=np.uint64) | (np.uint64(7) << np.uint64(32))
     priority = rng.standard_normal(n) * 1e300
     gen = rng.integers(-2**63, 2**63 - 1, n)
+    owner = rng.integers(-2**31, 2**31, n).astype(np.int32)
     state = rng.integers(0, 256, n).astype(np.uint8)
     state[:8] = 2
     ctrl = rng.integers(-2**63, 2**63 - 1, (16, LINE))
     data = [rng.random((n, 4))]
-    core = SampleCore(times, key, priority, gen, state, ctrl, Ctrl.SAMPLES * LINE,
-                      Ctrl.TOTAL_SAMPLED * LINE, Ctrl.UNIQUE_SAMPLED * LINE, 3, data)
+    core = SampleCore(times, key, priority, gen, state, owner, ctrl, Ctrl.SAMPLES * LINE,
+                      Ctrl.TOTAL_SAMPLED * LINE, Ctrl.UNIQUE_SAMPLED * LINE, Ctrl.SIZE * LINE,
+                      Ctrl.DELETES * LINE, 3, data)
     k = 300
     outs = [np.empty(k, d) for d in (np.uint64, np.float64, np.int32, np.int64, np.int64)]
     for bad in (-1, n, 2**62, -2**63):
@@ -257,6 +274,12 @@ HOSTILE = textwrap.dedent(
                                  np.empty(len(keys)))
     assert found == 8, found
     assert core.present(keys, np.empty(len(keys), np.int64)) == 8
+    try:
+        core.removed(np.array([0, n]), 1)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("removed accepted a slot outside the table")
     print("ok")
     """
 )

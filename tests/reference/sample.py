@@ -26,7 +26,10 @@ class Table:
     priority: np.ndarray  # float64
     gen: np.ndarray  # int64
     state: np.ndarray  # uint8
+    owner: np.ndarray  # int32
     max_times_sampled: int
+    size: int = 0
+    deletes: int = 0
     samples: int = 0
     total_sampled: int = 0
     unique_sampled: int = 0
@@ -149,3 +152,16 @@ def present(t: Table, keys: np.ndarray) -> np.ndarray:
     """delete's victims: the distinct slots of present keys, ascending."""
     slots, mask = slots_of(t, keys)
     return np.unique(slots[mask])
+
+
+def removed(t: Table, slots: np.ndarray, releasing_owner: int | None) -> None:
+    """The bookkeeping of removing distinct READY items (TableCore._remove, after the
+    selectors): state, owner, then the counters."""
+    if releasing_owner is None:
+        t.state[slots] = 0  # FREE
+    else:
+        t.owner[slots] = releasing_owner
+        t.state[slots] = 3  # RELEASING
+    t.unique_sampled -= int(np.count_nonzero(t.times_sampled[slots]))
+    t.size -= len(slots)
+    t.deletes += len(slots)

@@ -10,7 +10,7 @@
 typedef struct {
     PyObject_HEAD
     shm_sample_table t;
-    Py_buffer times_sampled, key, priority, gen, state, ctrl;
+    Py_buffer times_sampled, key, priority, gen, state, owner, ctrl;
     Py_buffer data[MAX_FIELDS];
     int nfields;
     int64_t row_bytes[MAX_FIELDS];
@@ -20,8 +20,8 @@ typedef struct {
 
 static void core_dealloc(SampleCore *self) {
     Py_buffer *fixed[] = {&self->times_sampled, &self->key, &self->priority,
-                          &self->gen, &self->state, &self->ctrl};
-    for (int i = 0; i < self->held && i < 6; i++)
+                          &self->gen, &self->state, &self->owner, &self->ctrl};
+    for (int i = 0; i < self->held && i < 7; i++)
         PyBuffer_Release(fixed[i]);
     for (int i = 0; i < self->ndata; i++)
         PyBuffer_Release(&self->data[i]);
@@ -42,22 +42,23 @@ static int set_error(int rc, const char *what) {
     return -1;
 }
 
-/* SampleCore(times_sampled, key, priority, gen, state, ctrl, samples, total_sampled,
- *            unique_sampled, max_times_sampled, data) */
+/* SampleCore(times_sampled, key, priority, gen, state, owner, ctrl, samples, total_sampled,
+ *            unique_sampled, size, deletes, max_times_sampled, data): counters are indices
+ * into ctrl's int64 items. */
 static int core_init(SampleCore *self, PyObject *args, PyObject *kwds) {
-    PyObject *ts, *key, *prio, *gen, *state, *ctrl, *data;
-    Py_ssize_t i_samples, i_total, i_unique;
+    PyObject *ts, *key, *prio, *gen, *state, *owner, *ctrl, *data;
+    Py_ssize_t i_samples, i_total, i_unique, i_size, i_deletes;
     long long mts;
-    static char *kwlist[] = {"times_sampled", "key", "priority", "gen", "state", "ctrl",
-                             "samples", "total_sampled", "unique_sampled",
-                             "max_times_sampled", "data", NULL};
+    static char *kwlist[] = {"times_sampled", "key", "priority", "gen", "state", "owner",
+                             "ctrl", "samples", "total_sampled", "unique_sampled", "size",
+                             "deletes", "max_times_sampled", "data", NULL};
     if (self->held || self->ndata) {
         PyErr_SetString(PyExc_TypeError, "SampleCore is initialized once");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOnnnLO", kwlist, &ts, &key, &prio, &gen,
-                                     &state, &ctrl, &i_samples, &i_total, &i_unique, &mts,
-                                     &data))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOnnnnnLO", kwlist, &ts, &key, &prio,
+                                     &gen, &state, &owner, &ctrl, &i_samples, &i_total,
+                                     &i_unique, &i_size, &i_deletes, &mts, &data))
         return -1;
     struct {
         PyObject *obj;
@@ -69,23 +70,27 @@ static int core_init(SampleCore *self, PyObject *args, PyObject *kwds) {
                 {prio, &self->priority, 8, "priority"},
                 {gen, &self->gen, 8, "gen"},
                 {state, &self->state, 1, "state"},
+                {owner, &self->owner, 4, "owner"},
                 {ctrl, &self->ctrl, 8, "ctrl"}};
-    for (int i = 0; i < 6; i++) {
+    for (int i = 0; i < 7; i++) {
         if (shm_get_buffer(want[i].obj, want[i].view, want[i].itemsize, 1, want[i].what) < 0)
             return -1;
         self->held++;
     }
     Py_ssize_t n = shm_buffer_len(&self->key);
     if (shm_buffer_len(&self->times_sampled) != n || shm_buffer_len(&self->priority) != n ||
-        shm_buffer_len(&self->gen) != n || shm_buffer_len(&self->state) != n) {
+        shm_buffer_len(&self->gen) != n || shm_buffer_len(&self->state) != n ||
+        shm_buffer_len(&self->owner) != n) {
         PyErr_SetString(PyExc_ValueError, "the per-slot arrays differ in length");
         return -1;
     }
     Py_ssize_t nctrl = shm_buffer_len(&self->ctrl);
-    if (i_samples < 0 || i_samples >= nctrl || i_total < 0 || i_total >= nctrl ||
-        i_unique < 0 || i_unique >= nctrl) {
-        PyErr_SetString(PyExc_ValueError, "a counter index outside ctrl");
-        return -1;
+    Py_ssize_t counters[] = {i_samples, i_total, i_unique, i_size, i_deletes};
+    for (int i = 0; i < 5; i++) {
+        if (counters[i] < 0 || counters[i] >= nctrl) {
+            PyErr_SetString(PyExc_ValueError, "a counter index outside ctrl");
+            return -1;
+        }
     }
     PyObject *seq = PySequence_Fast(data, "data must be a sequence of arrays");
     if (seq == NULL)
@@ -123,6 +128,10 @@ static int core_init(SampleCore *self, PyObject *args, PyObject *kwds) {
         .samples = c + i_samples,
         .total_sampled = c + i_total,
         .unique_sampled = c + i_unique,
+        .size = c + i_size,
+        .deletes = c + i_deletes,
+        .state_w = self->state.buf,
+        .owner = self->owner.buf,
         .num_slots = n,
         .max_times_sampled = mts,
     };
@@ -301,7 +310,35 @@ static PyObject *core_present(SampleCore *self, PyObject *const *args, Py_ssize_
     return PyLong_FromLongLong(found);
 }
 
+/* removed(slots, releasing_owner) -> None: the bookkeeping of removed items (-1: FREE). */
+static PyObject *core_removed(SampleCore *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "removed takes 2 arguments");
+        return NULL;
+    }
+    long owner = PyLong_AsLong(args[1]);
+    if (owner == -1 && PyErr_Occurred())
+        return NULL;
+    if (owner < -1 || owner > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "releasing_owner must be a channel or -1");
+        return NULL;
+    }
+    Py_buffer v;
+    if (shm_get_buffer(args[0], &v, 8, 0, "slots") < 0)
+        return NULL;
+    int rc = shm_sample_removed(&self->t, v.buf, shm_buffer_len(&v), (int32_t)owner);
+    PyBuffer_Release(&v);
+    if (rc != SHM_SAMPLE_OK) {
+        set_error(rc, "removal");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef core_methods[] = {
+    {"removed", (PyCFunction)(void (*)(void))core_removed, METH_FASTCALL,
+     "removed(slots, releasing_owner) -> None: state and counters of removed items (mutex "
+     "held; -1: the slots become FREE, else RELEASING for that channel)."},
     {"select", (PyCFunction)(void (*)(void))core_select, METH_FASTCALL,
      "select(slots, probability, key, priority, times_sampled, gen, table_size, exhausted, "
      "size, count_samples) -> (taken, n_exhausted): a draw's bookkeeping (mutex held)."},
@@ -320,9 +357,9 @@ static PyTypeObject SampleCoreType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmreplay.engine._native.SampleCore",
     .tp_basicsize = sizeof(SampleCore),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "SampleCore(times_sampled, key, priority, gen, state, ctrl, samples, "
-              "total_sampled, unique_sampled, max_times_sampled, data): a table's sample path "
-              "over its shared arrays.",
+    .tp_doc = "SampleCore(times_sampled, key, priority, gen, state, owner, ctrl, samples, "
+              "total_sampled, unique_sampled, size, deletes, max_times_sampled, data): a "
+              "table's sample path over its shared arrays.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)core_init,
     .tp_dealloc = (destructor)core_dealloc,

@@ -240,3 +240,26 @@ int shm_sample_present(const shm_sample_table *t, const uint64_t *keys, int64_t 
     *n_present = u;
     return SHM_SAMPLE_OK;
 }
+
+int shm_sample_removed(const shm_sample_table *t, const int64_t *slots, int64_t n,
+                       int32_t releasing_owner) {
+    for (int64_t i = 0; i < n; i++)
+        if (slots[i] < 0 || slots[i] >= t->num_slots)
+            return SHM_SAMPLE_ECORRUPT;
+    int64_t sampled = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t s = slots[i];
+        if (releasing_owner >= 0) {
+            t->owner[s] = releasing_owner;
+            t->state_w[s] = SHM_SLOT_RELEASING;
+        } else {
+            t->state_w[s] = SHM_SLOT_FREE;
+        }
+        sampled += t->times_sampled[s] != 0;
+    }
+    /* The counters live in ctrl; every writer of them holds the mutex. */
+    *t->unique_sampled -= sampled;
+    *t->size -= n;
+    *t->deletes += n;
+    return SHM_SAMPLE_OK;
+}

@@ -16,7 +16,9 @@
 #define SHM_SAMPLE_ENOMEM (-2)   /* scratch for a large batch could not be allocated */
 #define SHM_SAMPLE_EINVAL (-3)   /* a caller's position outside its output */
 
-#define SHM_SLOT_READY 2 /* layout.SlotState.READY */
+#define SHM_SLOT_FREE 0      /* layout.SlotState.FREE */
+#define SHM_SLOT_READY 2     /* layout.SlotState.READY */
+#define SHM_SLOT_RELEASING 3 /* layout.SlotState.RELEASING */
 
 /* The per-slot arrays and counters a selection reads and writes (views of the segment). */
 typedef struct {
@@ -29,6 +31,10 @@ typedef struct {
     int64_t *samples;        /* &ctrl[Ctrl.SAMPLES, 0]: the rate limiter's count */
     int64_t *total_sampled;  /* &ctrl[Ctrl.TOTAL_SAMPLED, 0] */
     int64_t *unique_sampled; /* &ctrl[Ctrl.UNIQUE_SAMPLED, 0] */
+    int64_t *size;           /* &ctrl[Ctrl.SIZE, 0] */
+    int64_t *deletes;        /* &ctrl[Ctrl.DELETES, 0]: the rate limiter's count */
+    uint8_t *state_w;        /* meta.state, written by removals */
+    int32_t *owner;          /* meta.owner */
     int64_t num_slots;
     int64_t max_times_sampled; /* <= 0: unlimited */
 } shm_sample_table;
@@ -91,5 +97,14 @@ int shm_sample_update(const shm_sample_table *t, const uint64_t *keys, const dou
  * *n_present of them. */
 int shm_sample_present(const shm_sample_table *t, const uint64_t *keys, int64_t n,
                        int64_t *slots_out, int64_t *n_present);
+
+/* The bookkeeping of removing distinct READY items slots[0..n-1] (mutex held; the caller
+ * removed them from the selectors): their state becomes FREE, or RELEASING with owner
+ * releasing_owner when releasing_owner >= 0 (a sampler still copies them); then UNIQUE_SAMPLED
+ * drops by those sampled at least once, SIZE by n, DELETES grows by n (states first, counters
+ * after: repair() trusts the states). The caller pushes FREE slots on the free ring. Every slot
+ * is checked first: SHM_SAMPLE_ECORRUPT changes nothing. */
+int shm_sample_removed(const shm_sample_table *t, const int64_t *slots, int64_t n,
+                       int32_t releasing_owner);
 
 #endif
