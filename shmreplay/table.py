@@ -635,12 +635,14 @@ class TableCore:
             self.gen,
             self.state,
             self.owner,
+            self.free,
             self.segment.arrays["ctrl"],
             Ctrl.SAMPLES * LINE,
             Ctrl.TOTAL_SAMPLED * LINE,
             Ctrl.UNIQUE_SAMPLED * LINE,
             Ctrl.SIZE * LINE,
             Ctrl.DELETES * LINE,
+            Ctrl.FREE_TAIL * LINE,
             self.spec.max_times_sampled,
             list(self.data.values()),
         )
@@ -729,13 +731,9 @@ class TableCore:
         if len(slots) == 0:
             return
         with self.mutex:
-            mine = slots[
-                (self.state[slots] == SlotState.RELEASING) & (self.owner[slots] == channel)
-            ]
-            self.state[mine] = SlotState.FREE
-            self.owner[mine] = -1
-            self._free_push(mine)
-        if self.events is not None and len(mine):
+            # In C: those still RELEASING for us become FREE and go on the free ring.
+            freed = self._engine.release(slots, channel)
+        if self.events is not None and freed:
             self.events.daemon.post(1)  # free slots may unblock a writer waiting for a lease
 
     def sample(

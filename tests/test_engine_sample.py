@@ -34,6 +34,7 @@ def make_table(rng, num_slots: int, mts: int, ready_fraction: float = 0.9):
     gen = rng.integers(0, 1000, num_slots).astype(np.int64) * 2
     state = np.where(rng.random(num_slots) < ready_fraction, 2, 1).astype(np.uint8)
     owner = np.full(num_slots, -1, np.int32)
+    free = np.full(num_slots, -7, np.int64)
     ctrl = np.zeros((CTRL_ROWS, LINE), np.int64)
     data = [
         rng.random((num_slots, 3)).astype(np.float32),
@@ -41,14 +42,15 @@ def make_table(rng, num_slots: int, mts: int, ready_fraction: float = 0.9):
         (rng.random((num_slots, 2, 5)) < 0.5),
     ]
     core = SampleCore(
-        times, key, priority, gen, state, owner, ctrl,
+        times, key, priority, gen, state, owner, free, ctrl,
         Ctrl.SAMPLES * LINE, Ctrl.TOTAL_SAMPLED * LINE, Ctrl.UNIQUE_SAMPLED * LINE,
-        Ctrl.SIZE * LINE, Ctrl.DELETES * LINE, mts, data,
+        Ctrl.SIZE * LINE, Ctrl.DELETES * LINE, Ctrl.FREE_TAIL * LINE, mts, data,
     )  # fmt: skip
     model = ref.Table(
         times.copy(), key.copy(), priority.copy(), gen.copy(), state.copy(), owner.copy(), mts
     )
-    return core, model, (times, key, priority, gen, state, ctrl, data, owner)
+    model.free = free.copy()
+    return core, model, (times, key, priority, gen, state, ctrl, data, owner, free)
 
 
 def engine_select(core, slots, probability, size, count):
@@ -64,7 +66,7 @@ def engine_select(core, slots, probability, size, count):
 
 
 def assert_same(model, arrays):
-    times, key, priority, gen, state, ctrl, _, owner = arrays
+    times, key, priority, gen, state, ctrl, _, owner, free = arrays
     assert np.array_equal(times, model.times_sampled)
     assert np.array_equal(key, model.key)
     assert np.array_equal(priority, model.priority)
@@ -73,7 +75,8 @@ def assert_same(model, arrays):
     assert ctrl[Ctrl.SAMPLES, 0] == model.samples
     assert ctrl[Ctrl.TOTAL_SAMPLED, 0] == model.total_sampled
     assert ctrl[Ctrl.UNIQUE_SAMPLED, 0] == model.unique_sampled
-    assert np.array_equal(owner, model.owner)
+    assert np.array_equal(owner, model.owner) and np.array_equal(free, model.free)
+    assert ctrl[Ctrl.FREE_TAIL, 0] == model.free_tail
     assert ctrl[Ctrl.SIZE, 0] == model.size and ctrl[Ctrl.DELETES, 0] == model.deletes
 
 
@@ -100,6 +103,12 @@ def test_select_matches_the_reference(num_slots, mts):
         # The exhausted items are removed, RELEASING for this sampler (channel 5).
         core.removed(got.exhausted, 5)
         ref.removed(model, want.exhausted, 5)
+        assert_same(model, arrays)
+        # After the copy, it releases them (some taken back meanwhile by another channel).
+        if len(want.exhausted) and step % 4 == 0:
+            stolen = want.exhausted[: len(want.exhausted) // 3]
+            arrays[7][stolen] = model.owner[stolen] = 9
+        assert core.release(got.exhausted, 5) == ref.release(model, want.exhausted, 5)
         assert_same(model, arrays)
         if mts > 0 and step % 5 == 0:  # a sampler never draws exhausted items: reset them
             arrays[0][arrays[0] >= mts] = 0
@@ -229,13 +238,15 @@ HOSTILE = textwrap.dedent(
     priority = rng.standard_normal(n) * 1e300
     gen = rng.integers(-2**63, 2**63 - 1, n)
     owner = rng.integers(-2**31, 2**31, n).astype(np.int32)
+    owner[:32] = 1
+    free = np.zeros(n, np.int64)
     state = rng.integers(0, 256, n).astype(np.uint8)
     state[:8] = 2
     ctrl = rng.integers(-2**63, 2**63 - 1, (16, LINE))
     data = [rng.random((n, 4))]
-    core = SampleCore(times, key, priority, gen, state, owner, ctrl, Ctrl.SAMPLES * LINE,
+    core = SampleCore(times, key, priority, gen, state, owner, free, ctrl, Ctrl.SAMPLES * LINE,
                       Ctrl.TOTAL_SAMPLED * LINE, Ctrl.UNIQUE_SAMPLED * LINE, Ctrl.SIZE * LINE,
-                      Ctrl.DELETES * LINE, 3, data)
+                      Ctrl.DELETES * LINE, Ctrl.FREE_TAIL * LINE, 3, data)
     k = 300
     outs = [np.empty(k, d) for d in (np.uint64, np.float64, np.int32, np.int64, np.int64)]
     for bad in (-1, n, 2**62, -2**63):
@@ -280,6 +291,19 @@ HOSTILE = textwrap.dedent(
         pass
     else:
         raise AssertionError("removed accepted a slot outside the table")
+    # A free ring's tail of any value: the pushes stay inside the ring.
+    state[:32] = 3
+    for tail in (-2**63, -1, -65, 2**63 - 1, 12345):
+        ctrl[Ctrl.FREE_TAIL, 0] = tail
+        state[:4] = 3
+        owner[:4] = 1
+        assert core.release(np.arange(4), 1) == 4
+    try:
+        core.release(np.array([-1]), 1)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("release accepted a slot outside the table")
     print("ok")
     """
 )

@@ -30,6 +30,8 @@ class Table:
     max_times_sampled: int
     size: int = 0
     deletes: int = 0
+    free: np.ndarray | None = None  # int64 ring of len(key) entries
+    free_tail: int = 0
     samples: int = 0
     total_sampled: int = 0
     unique_sampled: int = 0
@@ -165,3 +167,16 @@ def removed(t: Table, slots: np.ndarray, releasing_owner: int | None) -> None:
     t.unique_sampled -= int(np.count_nonzero(t.times_sampled[slots]))
     t.size -= len(slots)
     t.deletes += len(slots)
+
+
+def release(t: Table, slots: np.ndarray, channel: int) -> int:
+    """After the copy (TableCore._release): slots still RELEASING for ``channel`` become FREE
+    and go on the free ring at free_tail (rings.ring_put); how many."""
+    mine = slots[(t.state[slots] == 3) & (t.owner[slots] == channel)]
+    t.state[mine] = 0
+    t.owner[mine] = -1
+    size = len(t.free)
+    for j, s in enumerate(mine):
+        t.free[(t.free_tail + j) % size] = s
+    t.free_tail += len(mine)
+    return len(mine)

@@ -10,7 +10,7 @@
 typedef struct {
     PyObject_HEAD
     shm_sample_table t;
-    Py_buffer times_sampled, key, priority, gen, state, owner, ctrl;
+    Py_buffer times_sampled, key, priority, gen, state, owner, free, ctrl;
     Py_buffer data[MAX_FIELDS];
     int nfields;
     int64_t row_bytes[MAX_FIELDS];
@@ -20,8 +20,8 @@ typedef struct {
 
 static void core_dealloc(SampleCore *self) {
     Py_buffer *fixed[] = {&self->times_sampled, &self->key, &self->priority,
-                          &self->gen, &self->state, &self->owner, &self->ctrl};
-    for (int i = 0; i < self->held && i < 7; i++)
+                          &self->gen, &self->state, &self->owner, &self->free, &self->ctrl};
+    for (int i = 0; i < self->held && i < 8; i++)
         PyBuffer_Release(fixed[i]);
     for (int i = 0; i < self->ndata; i++)
         PyBuffer_Release(&self->data[i]);
@@ -42,23 +42,23 @@ static int set_error(int rc, const char *what) {
     return -1;
 }
 
-/* SampleCore(times_sampled, key, priority, gen, state, owner, ctrl, samples, total_sampled,
- *            unique_sampled, size, deletes, max_times_sampled, data): counters are indices
- * into ctrl's int64 items. */
+/* SampleCore(times_sampled, key, priority, gen, state, owner, free, ctrl, samples,
+ *            total_sampled, unique_sampled, size, deletes, free_tail, max_times_sampled, data):
+ * counters are indices into ctrl's int64 items. */
 static int core_init(SampleCore *self, PyObject *args, PyObject *kwds) {
-    PyObject *ts, *key, *prio, *gen, *state, *owner, *ctrl, *data;
-    Py_ssize_t i_samples, i_total, i_unique, i_size, i_deletes;
+    PyObject *ts, *key, *prio, *gen, *state, *owner, *free, *ctrl, *data;
+    Py_ssize_t i_samples, i_total, i_unique, i_size, i_deletes, i_free_tail;
     long long mts;
     static char *kwlist[] = {"times_sampled", "key", "priority", "gen", "state", "owner",
-                             "ctrl", "samples", "total_sampled", "unique_sampled", "size",
-                             "deletes", "max_times_sampled", "data", NULL};
+                             "free", "ctrl", "samples", "total_sampled", "unique_sampled",
+                             "size", "deletes", "free_tail", "max_times_sampled", "data", NULL};
     if (self->held || self->ndata) {
         PyErr_SetString(PyExc_TypeError, "SampleCore is initialized once");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOnnnnnLO", kwlist, &ts, &key, &prio,
-                                     &gen, &state, &owner, &ctrl, &i_samples, &i_total,
-                                     &i_unique, &i_size, &i_deletes, &mts, &data))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOOnnnnnnLO", kwlist, &ts, &key, &prio,
+                                     &gen, &state, &owner, &free, &ctrl, &i_samples, &i_total,
+                                     &i_unique, &i_size, &i_deletes, &i_free_tail, &mts, &data))
         return -1;
     struct {
         PyObject *obj;
@@ -71,8 +71,9 @@ static int core_init(SampleCore *self, PyObject *args, PyObject *kwds) {
                 {gen, &self->gen, 8, "gen"},
                 {state, &self->state, 1, "state"},
                 {owner, &self->owner, 4, "owner"},
+                {free, &self->free, 8, "free"},
                 {ctrl, &self->ctrl, 8, "ctrl"}};
-    for (int i = 0; i < 7; i++) {
+    for (int i = 0; i < 8; i++) {
         if (shm_get_buffer(want[i].obj, want[i].view, want[i].itemsize, 1, want[i].what) < 0)
             return -1;
         self->held++;
@@ -80,13 +81,13 @@ static int core_init(SampleCore *self, PyObject *args, PyObject *kwds) {
     Py_ssize_t n = shm_buffer_len(&self->key);
     if (shm_buffer_len(&self->times_sampled) != n || shm_buffer_len(&self->priority) != n ||
         shm_buffer_len(&self->gen) != n || shm_buffer_len(&self->state) != n ||
-        shm_buffer_len(&self->owner) != n) {
+        shm_buffer_len(&self->owner) != n || shm_buffer_len(&self->free) != n) {
         PyErr_SetString(PyExc_ValueError, "the per-slot arrays differ in length");
         return -1;
     }
     Py_ssize_t nctrl = shm_buffer_len(&self->ctrl);
-    Py_ssize_t counters[] = {i_samples, i_total, i_unique, i_size, i_deletes};
-    for (int i = 0; i < 5; i++) {
+    Py_ssize_t counters[] = {i_samples, i_total, i_unique, i_size, i_deletes, i_free_tail};
+    for (int i = 0; i < 6; i++) {
         if (counters[i] < 0 || counters[i] >= nctrl) {
             PyErr_SetString(PyExc_ValueError, "a counter index outside ctrl");
             return -1;
@@ -132,6 +133,8 @@ static int core_init(SampleCore *self, PyObject *args, PyObject *kwds) {
         .deletes = c + i_deletes,
         .state_w = self->state.buf,
         .owner = self->owner.buf,
+        .free = self->free.buf,
+        .free_tail = c + i_free_tail,
         .num_slots = n,
         .max_times_sampled = mts,
     };
@@ -335,7 +338,36 @@ static PyObject *core_removed(SampleCore *self, PyObject *const *args, Py_ssize_
     Py_RETURN_NONE;
 }
 
+/* release(slots, channel) -> freed: the sampler's RELEASING slots become FREE, on the ring. */
+static PyObject *core_release(SampleCore *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "release takes 2 arguments");
+        return NULL;
+    }
+    long channel = PyLong_AsLong(args[1]);
+    if (channel == -1 && PyErr_Occurred())
+        return NULL;
+    if (channel < 0 || channel > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "channel must be >= 0");
+        return NULL;
+    }
+    Py_buffer v;
+    if (shm_get_buffer(args[0], &v, 8, 0, "slots") < 0)
+        return NULL;
+    int64_t freed;
+    int rc = shm_sample_release(&self->t, v.buf, shm_buffer_len(&v), (int32_t)channel, &freed);
+    PyBuffer_Release(&v);
+    if (rc != SHM_SAMPLE_OK) {
+        set_error(rc, "release");
+        return NULL;
+    }
+    return PyLong_FromLongLong(freed);
+}
+
 static PyMethodDef core_methods[] = {
+    {"release", (PyCFunction)(void (*)(void))core_release, METH_FASTCALL,
+     "release(slots, channel) -> freed: slots still RELEASING for channel become FREE and go "
+     "on the free ring (mutex held)."},
     {"removed", (PyCFunction)(void (*)(void))core_removed, METH_FASTCALL,
      "removed(slots, releasing_owner) -> None: state and counters of removed items (mutex "
      "held; -1: the slots become FREE, else RELEASING for that channel)."},
@@ -357,9 +389,9 @@ static PyTypeObject SampleCoreType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmreplay.engine._native.SampleCore",
     .tp_basicsize = sizeof(SampleCore),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "SampleCore(times_sampled, key, priority, gen, state, owner, ctrl, samples, "
-              "total_sampled, unique_sampled, size, deletes, max_times_sampled, data): a "
-              "table's sample path over its shared arrays.",
+    .tp_doc = "SampleCore(times_sampled, key, priority, gen, state, owner, free, ctrl, "
+              "samples, total_sampled, unique_sampled, size, deletes, free_tail, "
+              "max_times_sampled, data): a table's sample path over its shared arrays.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)core_init,
     .tp_dealloc = (destructor)core_dealloc,

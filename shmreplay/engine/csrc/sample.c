@@ -263,3 +263,32 @@ int shm_sample_removed(const shm_sample_table *t, const int64_t *slots, int64_t 
     *t->deletes += n;
     return SHM_SAMPLE_OK;
 }
+
+int shm_sample_release(const shm_sample_table *t, const int64_t *slots, int64_t n,
+                       int32_t channel, int64_t *freed) {
+    *freed = 0;
+    for (int64_t i = 0; i < n; i++)
+        if (slots[i] < 0 || slots[i] >= t->num_slots)
+            return SHM_SAMPLE_ECORRUPT;
+    /* FREE_TAIL is read from shared memory: any value. Its position in the ring is taken as
+     * Python's % does (never negative), in unsigned arithmetic (no overflow). */
+    const uint64_t size = (uint64_t)t->num_slots;
+    const int64_t tail = *t->free_tail;
+    uint64_t pos = tail >= 0 ? (uint64_t)tail % size
+                             : (size - (uint64_t)(-(tail + 1)) % size - 1) % size;
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t s = slots[i];
+        if (t->state_w[s] != SHM_SLOT_RELEASING || t->owner[s] != channel)
+            continue; /* not ours any more (a repair or a reset took it back) */
+        t->state_w[s] = SHM_SLOT_FREE;
+        t->owner[s] = -1;
+        t->free[pos] = s;
+        pos = pos + 1 == size ? 0 : pos + 1;
+        m++;
+    }
+    /* The ring's tail after its entries; both are read by the daemon under the mutex. */
+    *t->free_tail = (int64_t)((uint64_t)tail + (uint64_t)m);
+    *freed = m;
+    return SHM_SAMPLE_OK;
+}

@@ -35,6 +35,8 @@ typedef struct {
     int64_t *deletes;        /* &ctrl[Ctrl.DELETES, 0]: the rate limiter's count */
     uint8_t *state_w;        /* meta.state, written by removals */
     int32_t *owner;          /* meta.owner */
+    int64_t *free;           /* the free ring: num_slots entries, positions taken % num_slots */
+    int64_t *free_tail;      /* &ctrl[Ctrl.FREE_TAIL, 0] */
     int64_t num_slots;
     int64_t max_times_sampled; /* <= 0: unlimited */
 } shm_sample_table;
@@ -106,5 +108,12 @@ int shm_sample_present(const shm_sample_table *t, const uint64_t *keys, int64_t 
  * is checked first: SHM_SAMPLE_ECORRUPT changes nothing. */
 int shm_sample_removed(const shm_sample_table *t, const int64_t *slots, int64_t n,
                        int32_t releasing_owner);
+
+/* After a sampler copied the items its draw exhausted (mutex held): those of slots[0..n-1]
+ * still RELEASING for ``channel`` become FREE (owner -1) and are pushed on the free ring at
+ * FREE_TAIL (position % num_slots, as rings.ring_put), which then grows by their number,
+ * *freed. Every slot is checked first: SHM_SAMPLE_ECORRUPT changes nothing. */
+int shm_sample_release(const shm_sample_table *t, const int64_t *slots, int64_t n,
+                       int32_t channel, int64_t *freed);
 
 #endif
