@@ -681,13 +681,13 @@ class TableCore:
         """The draw's bookkeeping in C (times sampled as if drawn one at a time, draws past
         max_times_sampled dropped, per-draw table size, counters, the snapshot of key, priority
         and generation), then the deletion of the items it exhausted; mutex held."""
-        # The engine writes both in place (it compacts the kept draws): fresh arrays of the
-        # sampler, converted only if a sampler hands something else.
-        if slots.dtype != np.int64 or not slots.flags.carray:
-            slots = np.array(slots, np.int64)
-        if probability.dtype != np.float64 or not probability.flags.carray:
-            probability = np.array(probability, np.float64)
+        # Read only (a sampler may hand out a view of its arrays); converted only if needed.
+        if slots.dtype != np.int64 or not slots.flags.c_contiguous:
+            slots = np.ascontiguousarray(slots, np.int64)
+        if probability.dtype != np.float64 or not probability.flags.c_contiguous:
+            probability = np.ascontiguousarray(probability, np.float64)
         k = len(slots)
+        kept, kept_probability = np.empty(k, np.int64), np.empty(k, np.float64)
         key = np.empty(k, np.uint64)
         priority = np.empty(k, np.float64)
         times = np.empty(k, np.int32)
@@ -698,6 +698,8 @@ class TableCore:
             taken, n_exhausted = self._engine.select(
                 slots,
                 probability,
+                kept,
+                kept_probability,
                 key,
                 priority,
                 times,
@@ -710,7 +712,7 @@ class TableCore:
         except ValueError as exc:
             raise CorruptStructure(f"its sampler drew a slot outside the table ({exc})") from None
         selection = _Selection(
-            slots, probability, key, priority, times, gen, table_size, exhausted[:n_exhausted]
+            kept, kept_probability, key, priority, times, gen, table_size, exhausted[:n_exhausted]
         )
         if taken < k:
             for f in (

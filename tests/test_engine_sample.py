@@ -55,13 +55,24 @@ def make_table(rng, num_slots: int, mts: int, ready_fraction: float = 0.9):
 
 def engine_select(core, slots, probability, size, count):
     k = len(slots)
-    slots, probability = slots.copy(), probability.copy()
+    kept, kept_probability = np.empty(k, np.int64), np.empty(k)
     outs = [np.empty(k, d) for d in (np.uint64, np.float64, np.int32, np.int64, np.int64)]
     exhausted = np.empty(k, np.int64)
-    taken, nex = core.select(slots, probability, *outs, exhausted, size, count)
+    slots.flags.writeable = probability.flags.writeable = False  # only read
+    taken, nex = core.select(
+        slots, probability, kept, kept_probability, *outs, exhausted, size, count
+    )
+    slots.flags.writeable = probability.flags.writeable = True
     key, priority, times, gen, table_size = (o[:taken] for o in outs)
     return ref.Selection(
-        slots[:taken], probability[:taken], key, priority, times, gen, table_size, exhausted[:nex]
+        kept[:taken],
+        kept_probability[:taken],
+        key,
+        priority,
+        times,
+        gen,
+        table_size,
+        exhausted[:nex],
     )
 
 
@@ -248,7 +259,8 @@ HOSTILE = textwrap.dedent(
                       Ctrl.TOTAL_SAMPLED * LINE, Ctrl.UNIQUE_SAMPLED * LINE, Ctrl.SIZE * LINE,
                       Ctrl.DELETES * LINE, Ctrl.FREE_TAIL * LINE, 3, data)
     k = 300
-    outs = [np.empty(k, d) for d in (np.uint64, np.float64, np.int32, np.int64, np.int64)]
+    outs = [np.empty(k, d) for d in
+            (np.int64, np.float64, np.uint64, np.float64, np.int32, np.int64, np.int64)]
     for bad in (-1, n, 2**62, -2**63):
         slots = rng.integers(0, n, k)
         slots[rng.integers(k)] = bad

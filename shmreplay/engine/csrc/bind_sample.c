@@ -159,37 +159,39 @@ static void release(Py_buffer *views, int n) {
         PyBuffer_Release(&views[i]);
 }
 
-/* select(slots, probability, key, priority, times_sampled, gen, table_size, exhausted, size,
- *        count_samples) -> (taken, n_exhausted) */
+/* select(slots, probability, slots_out, probability_out, key, priority, times_sampled, gen,
+ *        table_size, exhausted, size, count_samples) -> (taken, n_exhausted) */
 static PyObject *core_select(SampleCore *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 10) {
-        PyErr_SetString(PyExc_TypeError, "select takes 10 arguments");
+    if (nargs != 12) {
+        PyErr_SetString(PyExc_TypeError, "select takes 12 arguments");
         return NULL;
     }
-    static const Py_ssize_t isz[] = {8, 8, 8, 8, 4, 8, 8, 8};
-    static const int wr[] = {1, 1, 1, 1, 1, 1, 1, 1};
-    static const char *const what[] = {"slots", "probability", "key", "priority",
-                                       "times_sampled", "gen", "table_size", "exhausted"};
-    long long size = PyLong_AsLongLong(args[8]);
+    static const Py_ssize_t isz[] = {8, 8, 8, 8, 8, 8, 4, 8, 8, 8};
+    static const int wr[] = {0, 0, 1, 1, 1, 1, 1, 1, 1, 1};
+    static const char *const what[] = {"slots", "probability", "slots_out", "probability_out",
+                                       "key", "priority", "times_sampled", "gen",
+                                       "table_size", "exhausted"};
+    long long size = PyLong_AsLongLong(args[10]);
     if (size == -1 && PyErr_Occurred())
         return NULL;
-    int count = PyObject_IsTrue(args[9]);
+    int count = PyObject_IsTrue(args[11]);
     if (count < 0)
         return NULL;
-    Py_buffer v[8];
-    if (borrow(args, v, isz, wr, what, 8) < 0)
+    Py_buffer v[10];
+    if (borrow(args, v, isz, wr, what, 10) < 0)
         return NULL;
     Py_ssize_t k = shm_buffer_len(&v[0]);
-    for (int i = 1; i < 8; i++) {
+    for (int i = 1; i < 10; i++) {
         if (shm_buffer_len(&v[i]) < k) {
-            release(v, 8);
+            release(v, 10);
             return PyErr_Format(PyExc_ValueError, "%s is shorter than slots", what[i]);
         }
     }
-    shm_selection sel = {v[2].buf, v[3].buf, v[4].buf, v[5].buf, v[6].buf, v[7].buf};
+    shm_selection sel = {v[2].buf, v[3].buf, v[4].buf, v[5].buf,
+                         v[6].buf, v[7].buf, v[8].buf, v[9].buf};
     int64_t taken, nex;
     int rc = shm_sample_select(&self->t, size, count, v[0].buf, v[1].buf, k, &sel, &taken, &nex);
-    release(v, 8);
+    release(v, 10);
     if (rc != SHM_SAMPLE_OK) {
         set_error(rc, "sample selection");
         return NULL;
@@ -372,8 +374,9 @@ static PyMethodDef core_methods[] = {
      "removed(slots, releasing_owner) -> None: state and counters of removed items (mutex "
      "held; -1: the slots become FREE, else RELEASING for that channel)."},
     {"select", (PyCFunction)(void (*)(void))core_select, METH_FASTCALL,
-     "select(slots, probability, key, priority, times_sampled, gen, table_size, exhausted, "
-     "size, count_samples) -> (taken, n_exhausted): a draw's bookkeeping (mutex held)."},
+     "select(slots, probability, slots_out, probability_out, key, priority, times_sampled, gen, "
+     "table_size, exhausted, size, count_samples) -> (taken, n_exhausted): a draw's "
+     "bookkeeping (mutex held)."},
     {"gather", (PyCFunction)(void (*)(void))core_gather, METH_FASTCALL,
      "gather(slots, gen_snapshot, outs, positions, intact) -> n_intact: copy rows, then the "
      "seqlock check."},

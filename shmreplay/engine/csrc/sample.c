@@ -68,7 +68,8 @@ static entry *map_find(const map *m, uint64_t word) {
 /* -- selection bookkeeping ------------------------------------------------------------------ */
 
 int shm_sample_select(const shm_sample_table *t, int64_t size, int count_samples,
-                      int64_t *slots, double *probability, int64_t k, const shm_selection *sel,
+                      const int64_t *slots, const double *probability, int64_t k,
+                      const shm_selection *sel,
                       int64_t *taken, int64_t *n_exhausted) {
     *taken = 0;
     *n_exhausted = 0;
@@ -103,8 +104,8 @@ int shm_sample_select(const shm_sample_table *t, int64_t size, int count_samples
         if (mts > 0 && times > mts)
             continue; /* dropped: the item was exhausted by an earlier draw of the batch */
         e->kept++;
-        slots[kept] = s;
-        probability[kept] = probability[i];
+        sel->slots[kept] = s;
+        sel->probability[kept] = probability[i];
         sel->times_sampled[kept] = (int32_t)times;
         sel->key[kept] = t->key[s];
         sel->priority[kept] = t->priority[s];

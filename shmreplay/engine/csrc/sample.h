@@ -44,6 +44,8 @@ typedef struct {
 /* The outputs of one selection, k entries each (k = number of draws), filled for the first
  * *taken of them. */
 typedef struct {
+    int64_t *slots; /* the kept draws, in draw order */
+    double *probability;
     uint64_t *key;
     double *priority;
     int32_t *times_sampled;
@@ -56,7 +58,8 @@ typedef struct {
  * if they were drawn one at a time (mutex held):
  * - draw i of an item drawn r times before it in this batch, whose times_sampled was b before
  *   the batch, gets times = b + r + 1; with max_times_sampled m > 0 a draw with times > m is
- *   dropped (slots and probability are compacted in place: the kept draws, in draw order);
+ *   dropped (sel->slots and sel->probability get the kept draws, in draw order; the inputs
+ *   are only read: a selector may hand out a view of its own arrays);
  * - each item's times_sampled becomes b + (its kept draws); an item that reaches m goes to
  *   sel->exhausted (in the order of its first draw in the batch); *n_exhausted of them;
  * - table_size of a kept draw is size minus the kept draws before it that reached m;
@@ -66,7 +69,8 @@ typedef struct {
  *   generation is stable while the mutex is held).
  * Every slot is checked before anything is written: SHM_SAMPLE_ECORRUPT changes nothing. */
 int shm_sample_select(const shm_sample_table *t, int64_t size, int count_samples,
-                      int64_t *slots, double *probability, int64_t k, const shm_selection *sel,
+                      const int64_t *slots, const double *probability, int64_t k,
+                      const shm_selection *sel,
                       int64_t *taken, int64_t *n_exhausted);
 
 /* One field's rows: rows of row_bytes bytes, num_slots of them in the segment. */
