@@ -327,3 +327,55 @@ def test_hostile_shared_arrays_give_errors_not_crashes():
     run in a subprocess so that a segfault fails this test instead of killing pytest."""
     r = subprocess.run([sys.executable, "-c", HOSTILE], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_rows_rewritten_during_the_copy_are_never_reported_intact():
+    """A writer thread rewrites rows with the seqlock protocol (gen odd, row, gen even) while
+    gather copies them with the GIL released: every row reported intact is one whole row (all
+    its values equal), whatever the interleaving. (x86 orders the writer's numpy stores; the
+    C writer uses the release fence of protocol.md.)"""
+    import threading
+
+    num_slots, width = 8, 512
+    rng = np.random.default_rng(9)
+    core, _, arrays = make_table(rng, num_slots, 0)
+    gen = arrays[3]
+    gen[:] = 0
+    rows = np.zeros((num_slots, width))
+    core = SampleCore(
+        *arrays[:5], arrays[7], arrays[8], arrays[5],
+        Ctrl.SAMPLES * LINE, Ctrl.TOTAL_SAMPLED * LINE, Ctrl.UNIQUE_SAMPLED * LINE,
+        Ctrl.SIZE * LINE, Ctrl.DELETES * LINE, Ctrl.FREE_TAIL * LINE, 0, [rows],
+    )  # fmt: skip
+    stop = threading.Event()
+
+    def writer():
+        v = 0.0
+        while not stop.is_set():
+            for s in range(num_slots):
+                v += 1.0
+                gen[s] += 1
+                rows[s] = v
+                gen[s] += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    torn_seen = intact_seen = 0
+    try:
+        k = 4096
+        slots = np.tile(np.arange(num_slots), k // num_slots).astype(np.int64)
+        out = np.empty((k, width))
+        intact = np.empty(k, np.bool_)
+        for _ in range(200):
+            snap = gen[slots].copy()
+            even = snap % 2 == 0  # a READY slot's generation is even when selected
+            core.gather(slots, snap, (out,), None, intact)
+            ok = intact & even
+            whole = (out == out[:, :1]).all(axis=1)
+            assert whole[ok].all(), "a torn row was reported intact"
+            torn_seen += int((~whole).sum())
+            intact_seen += int(ok.sum())
+    finally:
+        stop.set()
+        thread.join()
+    assert intact_seen > 0
