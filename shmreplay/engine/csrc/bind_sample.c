@@ -6,6 +6,11 @@
 #include "shm_buffers.h"
 
 #define MAX_FIELDS 64
+/* Copies of at least this many bytes (tens of µs) run with the GIL released, so that the
+ * process's other threads (a training loop beside a prefetching sampler) run meanwhile; a
+ * smaller one keeps it: taking it back may wait for another thread's switch interval (5 ms),
+ * far longer than the copy. */
+#define GIL_RELEASE_BYTES (256 * 1024)
 
 typedef struct {
     PyObject_HEAD
@@ -239,12 +244,19 @@ static PyObject *core_gather(SampleCore *self, PyObject *const *args, Py_ssize_t
         fields[nout] = (shm_sample_field){self->data[nout].buf, o->buf, rb,
                                           rb ? o->len / rb : INT64_MAX};
     }
-    int64_t good;
+    int64_t good, bytes = 0;
     int rc;
-    Py_BEGIN_ALLOW_THREADS;
-    rc = shm_sample_gather(fields, self->nfields, self->t.gen, self->t.num_slots, slots.buf,
-                           have_pos ? pos.buf : NULL, k, snap.buf, intact.buf, &good);
-    Py_END_ALLOW_THREADS;
+    for (int f = 0; f < self->nfields; f++)
+        bytes += self->row_bytes[f] * k;
+    if (bytes >= GIL_RELEASE_BYTES) {
+        Py_BEGIN_ALLOW_THREADS;
+        rc = shm_sample_gather(fields, self->nfields, self->t.gen, self->t.num_slots, slots.buf,
+                               have_pos ? pos.buf : NULL, k, snap.buf, intact.buf, &good);
+        Py_END_ALLOW_THREADS;
+    } else {
+        rc = shm_sample_gather(fields, self->nfields, self->t.gen, self->t.num_slots, slots.buf,
+                               have_pos ? pos.buf : NULL, k, snap.buf, intact.buf, &good);
+    }
     if (rc != SHM_SAMPLE_OK)
         set_error(rc, "sample copy");
     else
