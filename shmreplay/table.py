@@ -960,8 +960,8 @@ class TableCore:
 
     def _check_batch_fits(self, n: int) -> None:
         """Refuse a batch whose rows and info cannot be held in this machine's memory."""
-        need = n * (self.spec.row_bytes + SAMPLE_INFO_BYTES)
-        have = physical_memory()
+        item_bytes, have = self._batch_limits
+        need = n * item_bytes
         if n > MAX_BATCH_SIZE:
             raise InvalidArgumentError(
                 f"table {self.name!r}: batch_size {n:,} is above the largest batch, "
@@ -974,11 +974,17 @@ class TableCore:
                 "batches"
             )
 
+    @functools.cached_property  # fixed for the table's life; read on every sample()
+    def _batch_limits(self) -> tuple[int, int | None]:
+        """(bytes of one sampled item's row and info, this machine's memory)."""
+        return self.spec.row_bytes + SAMPLE_INFO_BYTES, physical_memory()
+
     def _output_buffers(self, n: int, out: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
         if out is None:
             try:
                 return {
-                    f.name: np.empty((n, *f.shape), dtype=f.np_dtype) for f in self.spec.signature
+                    name: np.empty((n, *shape), dtype=dtype)
+                    for name, shape, dtype in self._out_fields
                 }
             except MemoryError:
                 raise InvalidArgumentError(
