@@ -379,3 +379,38 @@ def test_rows_rewritten_during_the_copy_are_never_reported_intact():
         stop.set()
         thread.join()
     assert intact_seen > 0
+
+
+def test_a_draw_outside_the_table_rebuilds_the_selectors_and_draws_again(daemon_factory):
+    """A sampler whose (corrupt) structures yield a slot outside the table: the bookkeeping
+    refuses it before writing anything (CorruptStructure), the table rebuilds its selectors
+    from the per-slot metadata (REPAIRS grows) and draws again."""
+    d = daemon_factory(
+        '[[table]]\nname = "t"\nmax_size = 20\nsampler = { kind = "uniform" }\n'
+        'remover = { kind = "fifo" }\n[table.signature]\nuid = { dtype = "int64" }\n'
+    )
+    with shmreplay.attach(d.name, seed=1) as client:
+        t = client.table("t")
+        for i in range(20):
+            t.insert({"uid": i})
+        t.flush()
+        core = t.core
+        draw = core.sampler.sample
+        calls = []
+
+        def corrupt_once(n, rng, times_left):
+            slots, p = draw(n, rng, times_left)
+            if not calls:
+                slots = slots.copy()
+                slots[0] = core.num_slots + 5
+            calls.append(n)
+            return slots, p
+
+        core.sampler.sample = corrupt_once
+        times_before = core.times_sampled.copy()
+        repairs = int(core.ctrl[Ctrl.REPAIRS])
+        s = t.sample(4, timeout=5)
+        assert len(s) == 4 and len(calls) == 2
+        assert int(core.ctrl[Ctrl.REPAIRS]) == repairs + 1
+        # Only the second draw was counted.
+        assert int((core.times_sampled - times_before).sum()) == 4
