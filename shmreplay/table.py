@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import FieldSpec, RateLimiterSpec, TableSpec
+from .engine._native import SampleCore
 from .errors import (
     ClientCutOff,
     DaemonNotRunning,
@@ -37,14 +38,13 @@ from .errors import (
     TableQuarantined,
 )
 from .events import Event
-from .layout import PUBLISH_CAPACITY, Chan, Ctrl, SlotState, TableState
+from .layout import LINE, PUBLISH_CAPACITY, Chan, Ctrl, SlotState, TableState
 from .mutex import RobustMutex
 from .ratelimit import RateLimiter, RateLimiterInfo
 from .rings import ring_get, ring_put
 from .selectors import selector_class
 from .selectors.base import CorruptStructure
 from .shm import Segment, physical_memory
-from .sumtree import last_wins
 from .values import check_priorities
 
 log = logging.getLogger("shmreplay")
@@ -561,16 +561,11 @@ class TableCore:
             self._repair_counts(str(exc))
             self.sampler.remove(slots)
             self.remover.remove(slots)
-        # The slots' state first, the counters after (as in commit): repair() trusts the states
-        # and the deletes, and derives the inserts from them.
-        if releasing_owner is None:
-            self.state[slots] = SlotState.FREE
-        else:
-            self.owner[slots] = releasing_owner
-            self.state[slots] = SlotState.RELEASING
-        self.ctrl[Ctrl.UNIQUE_SAMPLED] -= int(np.count_nonzero(self.times_sampled[slots]))
-        self.ctrl[Ctrl.SIZE] -= len(slots)
-        self.ctrl[Ctrl.DELETES] += len(slots)
+        # In C: the slots' state first, the counters after (as in commit): repair() trusts the
+        # states and the deletes, and derives the inserts from them. The slots are in range:
+        # the selectors removed them.
+        slots = np.ascontiguousarray(slots, np.int64)
+        self._engine.removed(slots, -1 if releasing_owner is None else releasing_owner)
         if releasing_owner is None:
             self._free_push(slots)
 
@@ -630,6 +625,28 @@ class TableCore:
 
     # -- sampling ------------------------------------------------------------------------------
 
+    @functools.cached_property  # built on first use, over the segment's arrays
+    def _engine(self) -> SampleCore:
+        """The compiled sample path over this table's shared arrays (csrc/sample.c)."""
+        return SampleCore(
+            self.times_sampled,
+            self.key,
+            self.priority,
+            self.gen,
+            self.state,
+            self.owner,
+            self.free,
+            self.segment.arrays["ctrl"],
+            Ctrl.SAMPLES * LINE,
+            Ctrl.TOTAL_SAMPLED * LINE,
+            Ctrl.UNIQUE_SAMPLED * LINE,
+            Ctrl.SIZE * LINE,
+            Ctrl.DELETES * LINE,
+            Ctrl.FREE_TAIL * LINE,
+            self.spec.max_times_sampled,
+            list(self.data.values()),
+        )
+
     def _select(self, n: int, channel: int, count_samples: bool) -> _Selection | None:
         """Choose up to ``n`` items and do their bookkeeping; mutex held. None if blocked."""
         size = int(self.ctrl[Ctrl.SIZE])
@@ -637,120 +654,88 @@ class TableCore:
             n = self.limiter.sample_allowance(n)
         if n <= 0 or size <= 0:
             return None
+        # The draw is the sampler's (a later step calls it from C in the same call as the
+        # bookkeeping: the seam is here).
         slots, probability = self.sampler.sample(n, self.rng, self._times_left)
-        k = len(slots)
-        if k == 0:
+        if len(slots) == 0:
             return None
-        fast = self._select_distinct(slots, probability, size, channel, count_samples)
-        if fast is not None:
-            return fast
-        # Rank of each draw among the draws of the same item, as if sampled one at a time.
-        order = np.argsort(slots, kind="stable")
-        s_sorted = slots[order]
-        first = np.empty(k, dtype=bool)
-        first[0] = True
-        np.not_equal(s_sorted[1:], s_sorted[:-1], out=first[1:])
-        starts = np.flatnonzero(first)
-        group = np.cumsum(first) - 1
-        before = self.times_sampled[s_sorted].astype(np.int64)
-        times_sorted = before + (np.arange(k) - starts[group]) + 1
-        mts = self.spec.max_times_sampled
-        exhausted = np.empty(0, np.int64)
-        if mts > 0:
-            keep_sorted = times_sorted <= mts
-            keep = np.empty(k, dtype=bool)
-            keep[order] = keep_sorted
-            if not keep_sorted.all():
-                kept_counts = np.add.reduceat(keep_sorted.astype(np.int64), starts)
-            else:
-                kept_counts = np.diff(np.append(starts, k))
-            new_times = before[starts] + kept_counts
-            uniq = s_sorted[starts]
-            exhausted = uniq[new_times >= mts]
-        else:
-            keep = None
-            uniq = s_sorted[starts]
-            new_times = before[starts] + np.diff(np.append(starts, k))
-        times = np.empty(k, dtype=np.int32)
-        times[order] = times_sorted
-        self.ctrl[Ctrl.UNIQUE_SAMPLED] += int(np.count_nonzero(before[starts] == 0))
-        self.times_sampled[uniq] = new_times
-        if keep is not None:
-            slots, probability, times = slots[keep], probability[keep], times[keep]
-        return self._selected(slots, probability, times, size, exhausted, channel, count_samples)
+        try:
+            return self._selected(slots, probability, size, channel, count_samples)
+        except CorruptStructure as exc:
+            # A slot outside the table: the sampler's structures are corrupt. Nothing was
+            # written; rebuild them and draw again once.
+            self._repair_counts(str(exc))
+            slots, probability = self.sampler.sample(n, self.rng, self._times_left)
+            if len(slots) == 0:
+                return None
+            return self._selected(slots, probability, size, channel, count_samples)
 
     def _selected(
         self,
         slots: np.ndarray,
         probability: np.ndarray,
-        times: np.ndarray,
         size: int,
-        exhausted: np.ndarray,
         channel: int,
         count_samples: bool,
     ) -> _Selection:
-        """Count the draw, snapshot its info and delete the items it exhausted; mutex held."""
-        taken = len(slots)
-        if count_samples:
-            self.ctrl[Ctrl.SAMPLES] += taken
-        self.ctrl[Ctrl.TOTAL_SAMPLED] += taken
-        selection = _Selection(
-            slots=slots,
-            probability=probability,
-            key=self.key[slots],
-            priority=self.priority[slots],
-            times_sampled=times,
-            gen=self.gen[slots],
-            table_size=self._table_sizes(times, size),
-            releasing=exhausted,
-        )
-        if len(exhausted):
-            self._remove(exhausted, releasing_owner=channel)
-        return selection
-
-    def _table_sizes(self, times: np.ndarray, size: int) -> np.ndarray:
-        """The table size each draw saw, as if drawn one at a time: a draw that reaches
-        max_times_sampled deletes its item for the draws after it."""
-        mts = self.spec.max_times_sampled
-        if mts <= 0:
-            return np.full(len(times), size, dtype=np.int64)
-        ends = (times == mts).astype(np.int64)
-        return size - (np.cumsum(ends) - ends)
-
-    def _select_distinct(
-        self,
-        slots: np.ndarray,
-        probability: np.ndarray,
-        size: int,
-        channel: int,
-        count_samples: bool,
-    ) -> _Selection | None:
-        """The common case of a draw without repeated items: no ranks to compute. None if the
-        draw repeats an item (the general path handles it)."""
+        """The draw's bookkeeping in C (times sampled as if drawn one at a time, draws past
+        max_times_sampled dropped, per-draw table size, counters, the snapshot of key, priority
+        and generation), then the deletion of the items it exhausted; mutex held."""
+        # Read only (a sampler may hand out a view of its arrays); converted only if needed.
+        if slots.dtype != np.int64 or not slots.flags.c_contiguous:
+            slots = np.ascontiguousarray(slots, np.int64)
+        if probability.dtype != np.float64 or not probability.flags.c_contiguous:
+            probability = np.ascontiguousarray(probability, np.float64)
         k = len(slots)
-        if k > 1:
-            ordered = np.sort(slots)
-            if (ordered[1:] == ordered[:-1]).any():
-                return None
-        before = self.times_sampled[slots]
-        times = before + np.int32(1)
-        self.times_sampled[slots] = times
-        self.ctrl[Ctrl.UNIQUE_SAMPLED] += int(np.count_nonzero(before == 0))
-        mts = self.spec.max_times_sampled
-        exhausted = slots[times >= mts] if mts > 0 else slots[:0]
-        return self._selected(slots, probability, times, size, exhausted, channel, count_samples)
+        kept, kept_probability = np.empty(k, np.int64), np.empty(k, np.float64)
+        key = np.empty(k, np.uint64)
+        priority = np.empty(k, np.float64)
+        times = np.empty(k, np.int32)
+        gen = np.empty(k, np.int64)
+        table_size = np.empty(k, np.int64)
+        exhausted = np.empty(k, np.int64)
+        try:
+            taken, n_exhausted = self._engine.select(
+                slots,
+                probability,
+                kept,
+                kept_probability,
+                key,
+                priority,
+                times,
+                gen,
+                table_size,
+                exhausted,
+                size,
+                count_samples,
+            )
+        except ValueError as exc:
+            raise CorruptStructure(f"its sampler drew a slot outside the table ({exc})") from None
+        selection = _Selection(
+            kept, kept_probability, key, priority, times, gen, table_size, exhausted[:n_exhausted]
+        )
+        if taken < k:
+            for f in (
+                "slots",
+                "probability",
+                "key",
+                "priority",
+                "times_sampled",
+                "gen",
+                "table_size",
+            ):
+                setattr(selection, f, getattr(selection, f)[:taken])
+        if n_exhausted:
+            self._remove(selection.releasing, releasing_owner=channel)
+        return selection
 
     def _release(self, slots: np.ndarray, channel: int) -> None:
         if len(slots) == 0:
             return
         with self.mutex:
-            mine = slots[
-                (self.state[slots] == SlotState.RELEASING) & (self.owner[slots] == channel)
-            ]
-            self.state[mine] = SlotState.FREE
-            self.owner[mine] = -1
-            self._free_push(mine)
-        if self.events is not None and len(mine):
+            # In C: those still RELEASING for us become FREE and go on the free ring.
+            freed = self._engine.release(slots, channel)
+        if self.events is not None and freed:
             self.events.daemon.post(1)  # free slots may unblock a writer waiting for a lease
 
     def sample(
@@ -777,24 +762,40 @@ class TableCore:
         out = self._output_buffers(n, out)
         if self._carry:
             return self._sample_slowly(n, None, None, out, channel, timeout, partial)
-        # A holder that is stopped, not dead, keeps the lock: waiting for it honours the
-        # timeout and names its pid (LockTimeout).
-        self.mutex.acquire(_lock_wait(timeout))
-        try:
-            self.chan[channel, Chan.WAIT_SAMPLE] = 0
-            sel = self._select(n, channel, count_samples=True)
-        finally:
-            self.mutex.release()
-        if sel is not None:
-            self._wake_blocked_writers()
-        if sel is not None and len(sel.slots) == n:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        wait = timeout
+        while True:
+            # A holder that is stopped, not dead, keeps the lock: waiting for it honours the
+            # timeout and names its pid (LockTimeout).
+            self.mutex.acquire(_lock_wait(wait))
+            try:
+                self.chan[channel, Chan.WAIT_SAMPLE] = 0
+                sel = self._select(n, channel, count_samples=True)
+                if sel is None:
+                    self.chan[channel, Chan.WAIT_SAMPLE] = 1  # registered before we unlock
+                    self.ctrl[Ctrl.SAMPLER_WAITING] = 1
+            finally:
+                self.mutex.release()
+            if sel is not None:
+                break
+            # Blocked with nothing taken: wait here and draw again, so that a woken sampler
+            # takes the short path below (the wake-to-sample latency is mostly Python run cold).
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                self.chan[channel, Chan.WAIT_SAMPLE] = 0
+                raise RateLimiterTimeout(self._blocked_message("sample", n, 0, timeout))
+            self.events.sample.wait(0.5 if wait is None else wait)
+            self.check_open()
+        self._wake_blocked_writers()
+        if len(sel.slots) == n:
             # The common case: one draw, copied intact. Its arrays become the sample info.
             if before_copy_hook is not None:
                 before_copy_hook(self, sel.slots)
-            self._gather(sel.slots, out, None)
-            intact = self.gen[sel.slots] == sel.gen
-            self._release(sel.releasing, channel)
-            if intact.all():
+            intact = np.empty(n, np.bool_)
+            copied = self._gather(sel, out, None, intact)
+            if len(sel.releasing):
+                self._release(sel.releasing, channel)
+            if copied == n:
                 info = SampleInfo(
                     sel.key,
                     sel.probability,
@@ -805,7 +806,7 @@ class TableCore:
                 return Sample(out, info)
         else:
             intact = None
-        return self._sample_slowly(n, sel, intact, out, channel, timeout, partial)
+        return self._sample_slowly(n, sel, intact, out, channel, timeout, partial, deadline)
 
     def _sample_slowly(
         self,
@@ -816,9 +817,11 @@ class TableCore:
         channel: int,
         timeout: float | None,
         partial: bool,
+        deadline: float | None = None,
     ) -> Sample:
         """Blocking, short draws and recycled rows. ``first`` is the draw already made (None if
-        blocked); ``first_intact`` says which of its rows were copied intact, if it was."""
+        blocked); ``first_intact`` says which of its rows were copied intact, if it was;
+        ``deadline`` (time.monotonic) the end of ``timeout`` if the call already waited."""
         info = SampleInfo(
             key=np.empty(n, np.uint64),
             probability=np.empty(n, np.float64),
@@ -826,7 +829,8 @@ class TableCore:
             times_sampled=np.empty(n, np.int32),
             table_size=np.empty(n, np.int64),
         )
-        deadline = None if timeout is None else time.monotonic() + timeout
+        if deadline is None and timeout is not None:
+            deadline = time.monotonic() + timeout
         filled = self._take_carry(out, info, n)
         if first is not None:
             self._deliver(first, out, info, 0, channel, first_intact)
@@ -911,8 +915,8 @@ class TableCore:
             if intact is None:
                 if before_copy_hook is not None:
                     before_copy_hook(self, sel.slots)
-                self._gather(sel.slots, out, positions)
-                intact = self.gen[sel.slots] == sel.gen
+                intact = np.empty(len(sel.slots), np.bool_)
+                self._gather(sel, out, positions, intact)
                 self._release(sel.releasing, channel)
             done = positions[intact]
             info.key[done] = sel.key[intact]
@@ -940,24 +944,24 @@ class TableCore:
             self.check_open()
 
     def _gather(
-        self, slots: np.ndarray, out: dict[str, np.ndarray], positions: np.ndarray | None
-    ) -> None:
-        """Copy rows ``slots`` to ``out[...][positions]`` (None: to the first len(slots) rows)."""
-        contiguous = positions is None or positions[-1] - positions[0] == len(positions) - 1
-        for name, array in self.data.items():
-            if contiguous:
-                first = 0 if positions is None else int(positions[0])
-                # mode="clip": with "raise" numpy buffers ``out`` (an extra copy: 3x slower for
-                # Atari rows); the slots are valid indices
-                dest = out[name][first : first + len(slots)]
-                np.take(array, slots, axis=0, out=dest, mode="clip")
-            else:
-                out[name][positions] = array[slots]
+        self,
+        sel: _Selection,
+        out: dict[str, np.ndarray],
+        positions: np.ndarray | None,
+        intact: np.ndarray,
+    ) -> int:
+        """Copy rows ``sel.slots`` to ``out[...][positions]`` (None: to the first len(slots)
+        rows), GIL released, then check their generations against the selection's snapshot
+        (the seqlock read): ``intact`` says which rows were copied intact; returns how many."""
+        outs = tuple([out[name] for name in self.data])
+        if positions is not None:  # the rare path (_deliver): arange/concatenate, int64
+            positions = np.ascontiguousarray(positions, np.int64)
+        return self._engine.gather(sel.slots, sel.gen, outs, positions, intact)
 
     def _check_batch_fits(self, n: int) -> None:
         """Refuse a batch whose rows and info cannot be held in this machine's memory."""
-        need = n * (self.spec.row_bytes + SAMPLE_INFO_BYTES)
-        have = physical_memory()
+        item_bytes, have = self._batch_limits
+        need = n * item_bytes
         if n > MAX_BATCH_SIZE:
             raise InvalidArgumentError(
                 f"table {self.name!r}: batch_size {n:,} is above the largest batch, "
@@ -970,27 +974,38 @@ class TableCore:
                 "batches"
             )
 
+    @functools.cached_property  # fixed for the table's life; read on every sample()
+    def _batch_limits(self) -> tuple[int, int | None]:
+        """(bytes of one sampled item's row and info, this machine's memory)."""
+        return self.spec.row_bytes + SAMPLE_INFO_BYTES, physical_memory()
+
     def _output_buffers(self, n: int, out: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
         if out is None:
             try:
                 return {
-                    f.name: np.empty((n, *f.shape), dtype=f.np_dtype) for f in self.spec.signature
+                    name: np.empty((n, *shape), dtype=dtype)
+                    for name, shape, dtype in self._out_fields
                 }
             except MemoryError:
                 raise InvalidArgumentError(
                     f"table {self.name!r}: cannot allocate a batch of {n} items "
                     f"({n * self.spec.row_bytes:,} bytes of rows); sample smaller batches"
                 ) from None
-        for f in self.spec.signature:
-            buf = out.get(f.name)
-            if buf is None or buf.shape != (n, *f.shape) or buf.dtype != f.np_dtype:
+        for name, shape, dtype in self._out_fields:
+            buf = out.get(name)
+            if buf is None or buf.shape != (n, *shape) or buf.dtype != dtype:
                 raise InvalidArgumentError(
-                    f"out[{f.name!r}] must be a {f.dtype} array of shape {(n, *f.shape)}, "
+                    f"out[{name!r}] must be a {dtype} array of shape {(n, *shape)}, "
                     f"got {None if buf is None else (buf.dtype, buf.shape)}"
                 )
-            if not buf.flags.c_contiguous or not buf.flags.writeable:
-                raise InvalidArgumentError(f"out[{f.name!r}] must be C-contiguous and writable")
+            flags = buf.flags
+            if not (flags.c_contiguous and flags.writeable):
+                raise InvalidArgumentError(f"out[{name!r}] must be C-contiguous and writable")
         return out
+
+    @functools.cached_property  # fixed for the table's life; checked on every sample(out=...)
+    def _out_fields(self) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+        return [(f.name, tuple(f.shape), f.np_dtype) for f in self.spec.signature]
 
     def _blocked_message(self, side: str, n: int, filled: int, timeout: float | None) -> str:
         lim = self.limiter.info()
@@ -1033,19 +1048,24 @@ class TableCore:
         InvalidArgumentError, changing nothing, unless every priority is a number with
         0 <= p <= :attr:`max_priority` (one per key)."""
         priorities = check_priorities(priorities, len(keys), self.max_priority, self.name)
-        keys, priorities = last_wins(keys, priorities)  # outside the lock: it only sorts
+        keys = np.require(keys, np.uint64, "C")
+        priorities = np.require(priorities, np.float64, "C")
+        n = len(keys)
+        slots, stored = np.empty(n, np.int64), np.empty(n, np.float64)
         deleted = 0
         with self.mutex.held(_lock_wait(timeout)):
             if deletes is not None and len(deletes):
                 deleted = self._delete_present(deletes)
-            slots, present = self._slots_of(keys)
-            s, p = slots[present], priorities[present]
-            self.priority[s] = p
-            self.sampler.update(s, p)
-            self.remover.update(s, p)
+            # In C: key -> slot lookup, duplicates last-wins, the priority stores; the present
+            # items' (slot, priority) in call order for the selectors.
+            present, missing = self._engine.update(keys, priorities, slots, stored)
+            if present:
+                s, p = slots[:present], stored[:present]
+                self.sampler.update(s, p)
+                self.remover.update(s, p)
         if deleted and self.events is not None:
             self.events.daemon.post(1)  # deletions may let blocked inserts in
-        return int(len(keys) - np.count_nonzero(present))
+        return missing
 
     def delete(self, keys: np.ndarray, timeout: float | None = None) -> int:
         """Delete present items. Returns how many keys were missing."""
@@ -1057,10 +1077,11 @@ class TableCore:
 
     def _delete_present(self, keys: np.ndarray) -> int:
         """Delete the items of ``keys`` still present; how many there were. Mutex held."""
-        slots, present = self._slots_of(keys)
-        victims = np.unique(slots[present])
-        self._remove(victims)
-        return len(victims)
+        keys = np.require(keys, np.uint64, "C")
+        victims = np.empty(len(keys), np.int64)
+        k = self._engine.present(keys, victims)  # distinct slots of present keys, ascending
+        self._remove(victims[:k])
+        return k
 
     def set_rate_limiter(self, spec: RateLimiterSpec, timeout: float | None = None) -> None:
         """Replace the limiter's parameters (counters stay); every waiter re-checks at once.

@@ -1,0 +1,295 @@
+/* The learner's sample path and mutations (see sample.h for each function's contract). */
+#include "sample.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "shm_atomics.h"
+
+/* -- a small open-addressing map from a 64-bit word to an entry, private to one call --------- */
+
+/* Batches of up to STACK_ENTRIES / 2 draws use scratch on the stack (the common case: no
+ * allocation on the sample path); larger ones allocate. */
+#define STACK_ENTRIES 1024
+
+typedef struct {
+    uint64_t word;  /* the slot or key */
+    int64_t index;  /* -1: empty; else the first (select) or last (update) position */
+    int64_t before; /* select: times_sampled before the batch */
+    int64_t draws;  /* select: draws so far in the batch */
+    int64_t kept;   /* select: draws kept (times <= max_times_sampled) */
+} entry;
+
+typedef struct {
+    entry *e;
+    uint64_t mask;
+    int shift;
+    entry stack[STACK_ENTRIES];
+} map;
+
+static int map_init(map *m, int64_t n) {
+    uint64_t cap = 16;
+    int bits = 4;
+    while (cap < 2 * (uint64_t)n) {
+        cap <<= 1;
+        bits++;
+    }
+    if (cap <= STACK_ENTRIES) {
+        m->e = m->stack;
+    } else {
+        m->e = malloc(cap * sizeof(entry));
+        if (m->e == NULL)
+            return SHM_SAMPLE_ENOMEM;
+    }
+    m->mask = cap - 1;
+    m->shift = 64 - bits;
+    for (uint64_t i = 0; i < cap; i++)
+        m->e[i].index = -1;
+    return SHM_SAMPLE_OK;
+}
+
+static void map_free(map *m) {
+    if (m->e != m->stack)
+        free(m->e);
+}
+
+/* The entry of ``word``: found, or the empty one where it goes (index -1). Never full: the
+ * capacity is at least twice the number of words inserted. */
+static entry *map_find(const map *m, uint64_t word) {
+    uint64_t h = (word * UINT64_C(0x9E3779B97F4A7C15)) >> m->shift;
+    for (;;) {
+        entry *e = &m->e[h];
+        if (e->index < 0 || e->word == word)
+            return e;
+        h = (h + 1) & m->mask;
+    }
+}
+
+/* -- selection bookkeeping ------------------------------------------------------------------ */
+
+int shm_sample_select(const shm_sample_table *t, int64_t size, int count_samples,
+                      const int64_t *slots, const double *probability, int64_t k,
+                      const shm_selection *sel,
+                      int64_t *taken, int64_t *n_exhausted) {
+    *taken = 0;
+    *n_exhausted = 0;
+    /* The sampler read its structures from shared memory: check every slot before any store,
+     * so that an error leaves the table as it was (the caller rebuilds the selectors). */
+    for (int64_t i = 0; i < k; i++)
+        if (slots[i] < 0 || slots[i] >= t->num_slots)
+            return SHM_SAMPLE_ECORRUPT;
+    map m;
+    if (map_init(&m, k) != SHM_SAMPLE_OK)
+        return SHM_SAMPLE_ENOMEM;
+    const int64_t mts = t->max_times_sampled;
+    int64_t kept = 0, reached = 0, n_uniq = 0;
+    /* The items in first-draw order reuse the exhausted output as scratch: it has k entries and
+     * the exhausted items are a subsequence of them, written after this list is read. */
+    int64_t *uniq = sel->exhausted;
+    for (int64_t i = 0; i < k; i++) {
+        int64_t s = slots[i];
+        entry *e = map_find(&m, (uint64_t)s);
+        if (e->index < 0) {
+            e->word = (uint64_t)s;
+            e->index = i;
+            e->before = t->times_sampled[s];
+            e->draws = 0;
+            e->kept = 0;
+            uniq[n_uniq++] = s;
+        }
+        /* int64 arithmetic, stored as int32 as numpy's assignment does (times_sampled is int32;
+         * a count read from shared memory may be anything). */
+        int64_t times = e->before + e->draws + 1;
+        e->draws++;
+        if (mts > 0 && times > mts)
+            continue; /* dropped: the item was exhausted by an earlier draw of the batch */
+        e->kept++;
+        sel->slots[kept] = s;
+        sel->probability[kept] = probability[i];
+        sel->times_sampled[kept] = (int32_t)times;
+        sel->key[kept] = t->key[s];
+        sel->priority[kept] = t->priority[s];
+        /* gen: owned by the slot's last writer; READY slots are not written (they are leased
+         * only when FREE), and the mutex orders us after the commit that made it READY. */
+        sel->gen[kept] = shm_load_relaxed(&t->gen[s]);
+        sel->table_size[kept] = size - reached;
+        if (mts > 0 && (int32_t)times == mts)
+            reached++;
+        kept++;
+    }
+    int64_t newly = 0, ex = 0;
+    for (int64_t u = 0; u < n_uniq; u++) {
+        int64_t s = uniq[u];
+        entry *e = map_find(&m, (uint64_t)s);
+        int32_t now = (int32_t)(e->before + e->kept);
+        t->times_sampled[s] = now;
+        if (e->before == 0)
+            newly++;
+        if (mts > 0 && now >= mts)
+            uniq[ex++] = s; /* ex <= u: overwrites only entries already read */
+    }
+    map_free(&m);
+    /* The counters live in ctrl; every writer of them holds the mutex. */
+    *t->unique_sampled += newly;
+    *t->total_sampled += kept;
+    if (count_samples)
+        *t->samples += kept;
+    *taken = kept;
+    *n_exhausted = ex;
+    return SHM_SAMPLE_OK;
+}
+
+/* -- row copies with the seqlock check ------------------------------------------------------- */
+
+int shm_sample_gather(const shm_sample_field *fields, int nfields, const int64_t *gen,
+                      int64_t num_slots, const int64_t *slots, const int64_t *positions,
+                      int64_t k, const int64_t *gen_snapshot, uint8_t *intact,
+                      int64_t *n_intact) {
+    *n_intact = 0;
+    for (int64_t i = 0; i < k; i++) {
+        if (slots[i] < 0 || slots[i] >= num_slots)
+            return SHM_SAMPLE_ECORRUPT;
+        int64_t p = positions == NULL ? i : positions[i];
+        for (int f = 0; f < nfields; f++)
+            if (p < 0 || p >= fields[f].dst_rows)
+                return SHM_SAMPLE_EINVAL;
+    }
+    for (int f = 0; f < nfields; f++) {
+        const shm_sample_field *fl = &fields[f];
+        const size_t rb = (size_t)fl->row_bytes;
+        for (int64_t i = 0; i < k; i++) {
+            int64_t p = positions == NULL ? i : positions[i];
+            /* A row being rewritten by a writer who leased the recycled slot races with this
+             * copy: the generation check below detects it and the caller discards the row. */
+            memcpy(fl->dst + (size_t)p * rb, fl->src + (size_t)slots[i] * rb, rb);
+        }
+    }
+    /* Seqlock reader: the acquire fence orders the copies above before the generation loads
+     * below; it pairs with the writer's release fence after it made gen odd (writer.c), so a
+     * copy that saw any byte of a new row sees gen moved. gen is owned by the slot's writer. */
+    shm_fence_acquire();
+    int64_t good = 0;
+    for (int64_t i = 0; i < k; i++) {
+        int ok = shm_load_relaxed(&gen[slots[i]]) == gen_snapshot[i];
+        intact[i] = (uint8_t)ok;
+        good += ok;
+    }
+    *n_intact = good;
+    return SHM_SAMPLE_OK;
+}
+
+/* -- mutations -------------------------------------------------------------------------------- */
+
+static int present(const shm_sample_table *t, uint64_t key, int64_t *slot) {
+    uint64_t s = key & UINT64_C(0xFFFFFFFF);
+    if (s >= (uint64_t)t->num_slots)
+        return 0;
+    *slot = (int64_t)s;
+    return t->key[s] == key && t->state[s] == SHM_SLOT_READY;
+}
+
+int shm_sample_update(const shm_sample_table *t, const uint64_t *keys, const double *priorities,
+                      int64_t n, int64_t *slots_out, double *priorities_out, int64_t *n_present,
+                      int64_t *n_missing) {
+    *n_present = 0;
+    *n_missing = 0;
+    map m;
+    if (map_init(&m, n) != SHM_SAMPLE_OK)
+        return SHM_SAMPLE_ENOMEM;
+    for (int64_t i = 0; i < n; i++) {
+        entry *e = map_find(&m, keys[i]);
+        e->word = keys[i];
+        e->index = i; /* the last occurrence wins */
+    }
+    int64_t found = 0, distinct = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (map_find(&m, keys[i])->index != i)
+            continue;
+        distinct++;
+        int64_t s;
+        if (!present(t, keys[i], &s))
+            continue;
+        t->priority_w[s] = priorities[i];
+        slots_out[found] = s;
+        priorities_out[found] = priorities[i];
+        found++;
+    }
+    map_free(&m);
+    *n_present = found;
+    *n_missing = distinct - found;
+    return SHM_SAMPLE_OK;
+}
+
+static int cmp_int64(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+int shm_sample_present(const shm_sample_table *t, const uint64_t *keys, int64_t n,
+                       int64_t *slots_out, int64_t *n_present) {
+    int64_t found = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t s;
+        if (present(t, keys[i], &s))
+            slots_out[found++] = s;
+    }
+    qsort(slots_out, (size_t)found, sizeof(int64_t), cmp_int64);
+    int64_t u = 0;
+    for (int64_t i = 0; i < found; i++)
+        if (u == 0 || slots_out[u - 1] != slots_out[i])
+            slots_out[u++] = slots_out[i];
+    *n_present = u;
+    return SHM_SAMPLE_OK;
+}
+
+int shm_sample_removed(const shm_sample_table *t, const int64_t *slots, int64_t n,
+                       int32_t releasing_owner) {
+    for (int64_t i = 0; i < n; i++)
+        if (slots[i] < 0 || slots[i] >= t->num_slots)
+            return SHM_SAMPLE_ECORRUPT;
+    int64_t sampled = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t s = slots[i];
+        if (releasing_owner >= 0) {
+            t->owner[s] = releasing_owner;
+            t->state_w[s] = SHM_SLOT_RELEASING;
+        } else {
+            t->state_w[s] = SHM_SLOT_FREE;
+        }
+        sampled += t->times_sampled[s] != 0;
+    }
+    /* The counters live in ctrl; every writer of them holds the mutex. */
+    *t->unique_sampled -= sampled;
+    *t->size -= n;
+    *t->deletes += n;
+    return SHM_SAMPLE_OK;
+}
+
+int shm_sample_release(const shm_sample_table *t, const int64_t *slots, int64_t n,
+                       int32_t channel, int64_t *freed) {
+    *freed = 0;
+    for (int64_t i = 0; i < n; i++)
+        if (slots[i] < 0 || slots[i] >= t->num_slots)
+            return SHM_SAMPLE_ECORRUPT;
+    /* FREE_TAIL is read from shared memory: any value. Its position in the ring is taken as
+     * Python's % does (never negative), in unsigned arithmetic (no overflow). */
+    const uint64_t size = (uint64_t)t->num_slots;
+    const int64_t tail = *t->free_tail;
+    uint64_t pos = tail >= 0 ? (uint64_t)tail % size
+                             : (size - (uint64_t)(-(tail + 1)) % size - 1) % size;
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t s = slots[i];
+        if (t->state_w[s] != SHM_SLOT_RELEASING || t->owner[s] != channel)
+            continue; /* not ours any more (a repair or a reset took it back) */
+        t->state_w[s] = SHM_SLOT_FREE;
+        t->owner[s] = -1;
+        t->free[pos] = s;
+        pos = pos + 1 == size ? 0 : pos + 1;
+        m++;
+    }
+    /* The ring's tail after its entries; both are read by the daemon under the mutex. */
+    *t->free_tail = (int64_t)((uint64_t)tail + (uint64_t)m);
+    *freed = m;
+    return SHM_SAMPLE_OK;
+}
