@@ -67,7 +67,7 @@ MIN_ANSWER_S = 0.05
 # A writer with this few leased slots left wakes a napping daemon to refill them.
 LEASE_LOW_WATER = 32  # also SHM_WRITER_LEASE_LOW_WATER in engine/csrc/writer.h
 # What the C writer's insert/take/publish return instead of a key or count (keys are unsigned).
-_NO_LEASE, _NO_ROOM, _BAD_VALUE = -1, -2, -3
+_NO_LEASE, _NO_ROOM, _BAD_VALUE, _CHECK = -1, -2, -3, -4
 
 
 def attach(
@@ -606,6 +606,11 @@ class Table:
             core.episode_steps,
             core.key,
             [column for _, _, _, column in self._columns],
+            [f.name for f in self._fields],
+            [scalar_type for _, _, scalar_type, _ in self._columns],
+            np.ndarray,
+            float(core.max_priority),
+            int(core.daemon_pid) if core.daemon_pid is not None else -1,
         )
         self._writing = False
 
@@ -641,6 +646,15 @@ class Table:
         step, last step) records which steps of which episode the item holds (trajectory
         writers pass it; ``info()`` counts episodes from it).
         """
+        if timeout is None and episode is None and not self._closed and not self.client._closed:
+            # The common case whole in C: exact dtypes and shapes, a float priority in range, an
+            # open table, a leased slot. Anything else (_CHECK) takes the checked path below.
+            w = self._w
+            key = w.insert_mapping(data, priority)
+            if key >= 0:
+                if w.wake_needed:
+                    self.core.events.daemon.post(1)
+                return key
         self._check(writing=True)
         row = self._validate_row(data)
         prio = check_priority(priority, self.core.max_priority, self.name)

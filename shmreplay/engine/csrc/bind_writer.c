@@ -7,7 +7,9 @@
  */
 #include "shm_bind.h"
 
+#include <string.h>
 #include <structmember.h>
+#include <unistd.h>
 
 #include "shm_buffers.h"
 #include "writer.h"
@@ -16,12 +18,31 @@
 #define CODE_EMPTY (-1)     /* no leased slot: Python waits (_wait_for_lease) and retries */
 #define CODE_FULL (-2)      /* no room in the publish ring: Python waits for commits */
 #define CODE_BAD_VALUE (-3) /* a value is not a C-contiguous buffer of the field's row size */
+#define CODE_CHECK (-4)     /* insert_mapping: not the common case; Python checks it all */
+
+#define MAX_FORMAT 16
+#define MAX_DIMS 32
+
+/* What insert_mapping() accepts without Python for one field: exactly the row Python's
+ * _validate_row would pass on as it is (a numpy array of the field's dtype and shape, or the
+ * field's numpy scalar type), recognised by type, buffer format and shape. */
+typedef struct {
+    PyObject *name;        /* the field's name (str) */
+    PyObject *scalar_type; /* numpy scalar type of a 0-d field, else NULL */
+    char format[MAX_FORMAT];
+    int ndim;
+    Py_ssize_t shape[MAX_DIMS];
+} FieldCheck;
 
 enum { B_CHAN, B_CTRL, B_LEASE, B_PUBLISH, B_GEN, B_PRIORITY, B_EPISODE, B_STEPS, B_KEY, NFIXED };
 
 typedef struct {
     PyObject_HEAD shm_writer w;
     int wake; /* the last insert()'s wake rule: 1 = post the daemon's semaphore */
+    double max_priority;
+    int64_t daemon_pid;    /* the daemon this client attached to (TableCore.daemon_pid) */
+    PyObject *array_type;  /* numpy.ndarray */
+    FieldCheck *fields;    /* one per column */
     int nbuffers;
     Py_buffer *buffers; /* NFIXED fixed arrays, then one per data column */
     shm_writer_column *cols;
@@ -47,19 +68,31 @@ static void Writer_dealloc(WriterObject *self) {
         PyBuffer_Release(&self->buffers[i]);
     PyMem_Free(self->buffers);
     PyMem_Free(self->cols);
+    if (self->fields != NULL) {
+        for (int i = 0; i < self->w.ncols; i++) {
+            Py_XDECREF(self->fields[i].name);
+            Py_XDECREF(self->fields[i].scalar_type);
+        }
+        PyMem_Free(self->fields);
+    }
+    Py_XDECREF(self->array_type);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* Writer(chan, ctrl, lease, publish, gen, priority, episode, episode_steps, key, columns):
+/* Writer(chan, ctrl, lease, publish, gen, priority, episode, episode_steps, key, columns,
+ *        names, scalar_types, ndarray, max_priority, daemon_pid):
  * chan = chan.ctrl[c] (8 lines of 8 int64), ctrl = the table's ctrl (24 lines), lease and
- * publish = the channel's rings, columns = the data arrays in signature order. Ring positions
+ * publish = the channel's rings, columns = the data arrays in signature order, names and
+ * scalar_types (None for shaped fields) per column for insert_mapping's checks. Ring positions
  * start from the channel's words. */
 static int Writer_init(WriterObject *self, PyObject *args, PyObject *kwds) {
     static const char *names[NFIXED] = {"chan", "ctrl", "lease", "publish", "gen",
                                         "priority", "episode", "episode_steps", "key"};
     static const Py_ssize_t itemsizes[NFIXED] = {8, 8, 8, 8, 8, 8, 8, 4, 8};
     PyObject *objs[NFIXED];
-    PyObject *columns;
+    PyObject *columns, *fnames, *scalar_types, *array_type;
+    double max_priority;
+    long long daemon_pid;
     if (kwds != NULL && PyDict_GET_SIZE(kwds) != 0) {
         PyErr_SetString(PyExc_TypeError, "Writer() takes positional arguments only");
         return -1;
@@ -68,11 +101,25 @@ static int Writer_init(WriterObject *self, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_RuntimeError, "Writer is already initialised");
         return -1;
     }
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOO!:Writer", &objs[0], &objs[1], &objs[2], &objs[3],
-                          &objs[4], &objs[5], &objs[6], &objs[7], &objs[8], &PyList_Type,
-                          &columns))
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOO!O!O!O!dL:Writer", &objs[0], &objs[1], &objs[2],
+                          &objs[3], &objs[4], &objs[5], &objs[6], &objs[7], &objs[8],
+                          &PyList_Type, &columns, &PyList_Type, &fnames, &PyList_Type,
+                          &scalar_types, &PyType_Type, &array_type, &max_priority, &daemon_pid))
         return -1;
     Py_ssize_t ncols = PyList_GET_SIZE(columns);
+    if (PyList_GET_SIZE(fnames) != ncols || PyList_GET_SIZE(scalar_types) != ncols) {
+        PyErr_SetString(PyExc_ValueError, "Writer: one name and scalar type per column");
+        return -1;
+    }
+    self->fields = PyMem_Calloc(ncols > 0 ? ncols : 1, sizeof(FieldCheck));
+    if (self->fields == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->w.ncols = (int)ncols; /* for dealloc's loop over fields */
+    self->max_priority = max_priority;
+    self->daemon_pid = daemon_pid;
+    self->array_type = Py_NewRef(array_type);
     self->buffers = PyMem_Calloc(NFIXED + ncols, sizeof(Py_buffer));
     self->cols = PyMem_Calloc(ncols > 0 ? ncols : 1, sizeof(shm_writer_column));
     if (self->buffers == NULL || self->cols == NULL) {
@@ -98,13 +145,22 @@ static int Writer_init(WriterObject *self, PyObject *args, PyObject *kwds) {
     for (Py_ssize_t i = 0; i < ncols; i++) {
         Py_buffer *v = &self->buffers[NFIXED + i];
         if (PyObject_GetBuffer(PyList_GET_ITEM(columns, i), v,
-                               PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
+                               PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT) < 0)
             return -1;
         self->nbuffers++;
-        if (slots == 0 || v->len % slots != 0) {
+        if (slots == 0 || v->len % slots != 0 || v->ndim < 1 || v->shape[0] != slots ||
+            v->ndim > MAX_DIMS || v->format == NULL || strlen(v->format) >= MAX_FORMAT) {
             PyErr_SetString(PyExc_ValueError, "Writer: a data column of another length");
             return -1;
         }
+        FieldCheck *fc = &self->fields[i];
+        PyObject *st = PyList_GET_ITEM(scalar_types, i);
+        fc->name = Py_NewRef(PyList_GET_ITEM(fnames, i));
+        fc->scalar_type = st == Py_None ? NULL : Py_NewRef(st);
+        strcpy(fc->format, v->format);
+        fc->ndim = v->ndim - 1;
+        for (int d = 1; d < v->ndim; d++)
+            fc->shape[d - 1] = v->shape[d];
         self->cols[i].base = v->buf;
         self->cols[i].rowsize = (size_t)(v->len / slots);
     }
@@ -204,6 +260,91 @@ static PyObject *Writer_insert(WriterObject *self, PyObject *const *args, Py_ssi
     else
         raise_corrupt("lease or publish ring");
 done:
+    for (int i = 0; i < got; i++)
+        PyBuffer_Release(&views[i]);
+    if (views != stack_views) {
+        PyMem_Free(views);
+        PyMem_Free(ptrs);
+    }
+    return result;
+}
+
+/* insert_mapping(data, priority) -> int: Table.insert's common case whole: a dict with exactly
+ * the fields, each value of the field's exact dtype and shape (a C-contiguous numpy array or
+ * the field's numpy scalar), a float priority in [0, max_priority], an open table, a leased
+ * slot and room to publish. The key, or CODE_CHECK with nothing taken or written (Python then
+ * checks everything, raises its errors, waits). */
+static PyObject *Writer_insert_mapping(WriterObject *self, PyObject *const *args,
+                                       Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "insert_mapping(data, priority)");
+        return NULL;
+    }
+    shm_writer *w = &self->w;
+    PyObject *data = args[0];
+    PyObject *prio = args[1];
+    if (!PyDict_CheckExact(data) || PyDict_GET_SIZE(data) != w->ncols ||
+        !PyFloat_CheckExact(prio))
+        return PyLong_FromLong(CODE_CHECK);
+    double priority = PyFloat_AS_DOUBLE(prio);
+    if (!(priority >= 0.0 && priority <= self->max_priority) || !shm_writer_table_open(w, self->daemon_pid, (int64_t)getpid()))
+        return PyLong_FromLong(CODE_CHECK);
+    enum { STACK = 16 };
+    Py_buffer stack_views[STACK];
+    const void *stack_ptrs[STACK];
+    Py_buffer *views = stack_views;
+    const void **ptrs = stack_ptrs;
+    if (w->ncols > STACK) {
+        views = PyMem_Malloc(sizeof(Py_buffer) * w->ncols);
+        ptrs = PyMem_Malloc(sizeof(void *) * w->ncols);
+        if (views == NULL || ptrs == NULL) {
+            PyMem_Free(views);
+            PyMem_Free(ptrs);
+            return PyErr_NoMemory();
+        }
+    }
+    int got = 0;
+    PyObject *result = NULL;
+    for (; got < w->ncols; got++) {
+        FieldCheck *fc = &self->fields[got];
+        PyObject *v = PyDict_GetItemWithError(data, fc->name); /* borrowed */
+        if (v == NULL) {
+            PyErr_Clear(); /* a missing field, or an unhashable key compared: Python says */
+            goto done;
+        }
+        PyTypeObject *t = Py_TYPE(v);
+        if ((PyObject *)t != self->array_type && (PyObject *)t != fc->scalar_type)
+            goto done;
+        if (PyObject_GetBuffer(v, &views[got], PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+            PyErr_Clear();
+            goto done;
+        }
+        Py_buffer *vb = &views[got];
+        int same = vb->ndim == fc->ndim && vb->format != NULL &&
+                   strcmp(vb->format, fc->format) == 0 &&
+                   (size_t)vb->len == w->cols[got].rowsize;
+        for (int d = 0; same && d < fc->ndim; d++)
+            same = vb->shape[d] == fc->shape[d];
+        if (!same) {
+            got++;
+            goto done;
+        }
+        ptrs[got] = vb->buf;
+    }
+    uint64_t key;
+    int rc = shm_writer_insert(w, ptrs, priority, 0, 0, 0, &key, &self->wake);
+    if (rc == SHM_WRITER_OK) {
+        result = PyLong_FromUnsignedLongLong(key);
+        goto release;
+    }
+    if (rc == SHM_WRITER_CORRUPT) {
+        raise_corrupt("lease or publish ring");
+        goto release;
+    }
+    /* EMPTY or FULL: Python waits */
+done:
+    result = PyLong_FromLong(CODE_CHECK);
+release:
     for (int i = 0; i < got; i++)
         PyBuffer_Release(&views[i]);
     if (views != stack_views) {
@@ -473,6 +614,8 @@ static PyMethodDef Writer_methods[] = {
     {"insert", (PyCFunction)(void (*)(void))Writer_insert, METH_FASTCALL,
      "insert(row, priority, episode, first, last) -> key, or -1 (no lease), -2 (publish ring "
      "full), -3 (a value is not a contiguous buffer of its field's size)."},
+    {"insert_mapping", (PyCFunction)(void (*)(void))Writer_insert_mapping, METH_FASTCALL,
+     "insert_mapping(data, priority) -> key, or -4: Table.insert's common case in C."},
     {"take", (PyCFunction)Writer_take, METH_O, "take(out) -> k leased slots into out, or -1."},
     {"take_one", (PyCFunction)Writer_take_one, METH_NOARGS, "take_one() -> slot, or -1."},
     {"begin", (PyCFunction)Writer_begin, METH_O, "begin(slot) -> generation found (made odd)."},

@@ -99,6 +99,16 @@ void shm_writer_publish(shm_writer *w, const int64_t *slots, int64_t k) {
     shm_store_release(CHAN(w, SHM_CHAN_PUB_TAIL), tail + k);
 }
 
+int shm_writer_table_open(const shm_writer *w, int64_t daemon_pid, int64_t pid) {
+    /* Hints read relaxed (the daemon's words, and the channel's PID the daemon clears when it
+     * cuts us off): a stale read only delays the refusal by one insert, as in Python. */
+    const int64_t *ctrl = w->ctrl;
+    return shm_load_relaxed(&ctrl[SHM_CTRL_SHUTDOWN * SHM_WRITER_LINE]) == 0 &&
+           shm_load_relaxed(&ctrl[SHM_CTRL_DAEMON_PID * SHM_WRITER_LINE]) == daemon_pid &&
+           shm_load_relaxed(&ctrl[SHM_CTRL_TABLE_STATE * SHM_WRITER_LINE]) == 0 &&
+           shm_load_relaxed(&w->chan[SHM_CHAN_PID * SHM_WRITER_LINE]) == pid;
+}
+
 int shm_writer_wake(shm_writer *w, int force) {
     /* Dekker with the daemon: we stored PUB_TAIL, it stores DAEMON_SLEEPING; each fences, then
      * loads the other's word, so at least one of us sees the other's store. */

@@ -102,6 +102,11 @@ int shm_writer_poll_committed(shm_writer *w);
 /* LEASE_TAIL acquired into w->lease_tail: OK, or CORRUPT (behind our head, or beyond a ring). */
 int shm_writer_poll_lease(shm_writer *w);
 
+/* The checks of Table._check for an open table, on the words themselves: no shutdown, the
+ * daemon we attached to (daemon_pid), our channel still ours (its PID is ``pid``, this
+ * process: a forked child fails), the table not quarantined. 1 when all hold. */
+int shm_writer_table_open(const shm_writer *w, int64_t daemon_pid, int64_t pid);
+
 /* After publishing: seq_cst fence, then the wake rule. Returns 1 when the caller must post the
  * daemon's semaphore (and DAEMON_SLEEPING was cleared to AWAKE), else 0. ``force`` always. */
 int shm_writer_wake(shm_writer *w, int force);
