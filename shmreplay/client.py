@@ -744,6 +744,17 @@ class Table:
             except shmreplay.RateLimiterTimeout as exc:
                 done = len(exc.keys)   # items [0, done) are in; retry items [done, n)
         """
+        keys, done = None, 0
+        if (
+            timeout is None
+            and episodes is None
+            and type(data) is dict
+            and not self._closed
+            and not self.client._closed
+        ):
+            keys, done = self._insert_batch_c(data, priorities)
+            if keys is not None and done == len(keys):
+                return keys
         self._check(writing=True)
         timeout = _check_timeout(timeout)
         if not isinstance(data, Mapping):
@@ -762,9 +773,9 @@ class Table:
         )
         eps = np.zeros((n, 3), np.int64) if episodes is None else _check_episodes(episodes, n)
         eps = np.ascontiguousarray(eps, np.int64)
-        keys = np.empty(n, np.uint64)
+        if keys is None or len(keys) != n:
+            keys, done = np.empty(n, np.uint64), 0
         deadline = None if timeout is None else time.monotonic() + timeout
-        done = 0
         while done < n:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
@@ -785,6 +796,29 @@ class Table:
             self._publish_many(slots)
             done += k
         return keys
+
+    def _insert_batch_c(self, data: dict, priorities) -> tuple[np.ndarray | None, int]:
+        """insert_batch's common case in C (exact dtypes and shapes, float priorities in range,
+        no timeout, no episodes): (keys, items written and published). Stops short when it
+        must wait for leases or commits (insert_batch's checked path goes on from there);
+        (None, 0) when it is not the common case."""
+        first = data.get(self._fields[0].name)
+        if type(first) is not np.ndarray or first.ndim == 0:
+            return None, 0
+        w = self._w
+        keys = np.empty(len(first), np.uint64)
+        done = w.insert_batch_mapping(data, priorities, keys, 0)
+        if done < 0:
+            return None, 0
+        while done < len(keys) and w.wake_needed:  # posts between chunks, as _publish_many
+            self.core.events.daemon.post(1)
+            more = w.insert_batch_mapping(data, priorities, keys, done)
+            if more < 0:  # the table was closed or quarantined meanwhile: the checked path
+                return keys, done  # goes on from ``done`` (and raises)
+            done = more
+        if w.wake_needed:
+            self.core.events.daemon.post(1)
+        return keys, done
 
     def reserve(
         self,

@@ -157,7 +157,9 @@ def run_sequence(num_slots: int, steps: int, seed: int, check_every: int = 1) ->
     daemon = Daemon(num_slots, np.random.default_rng(seed + 1))
     open_res = None  # (c slot, c gen) of a reservation in progress
     for step in range(steps):
-        op = rng.choice(["lease", "commit", "insert", "mapping", "batch", "reserve", "wake"])
+        op = rng.choice(
+            ["lease", "commit", "insert", "mapping", "batch", "batchmap", "reserve", "wake"]
+        )
         if op == "lease":
             daemon.lease([a, b], int(rng.integers(0, 40)))
         elif op == "commit" and rng.random() < 0.5:
@@ -200,6 +202,17 @@ def run_sequence(num_slots: int, steps: int, seed: int, check_every: int = 1) ->
             w.write_batch(slots, cols, prios, eps, keys)
             assert np.array_equal(keys, r.write_batch(want, cols, prios, eps))
             assert (w.publish(slots) == 0) == r.publish_slots(want)
+        elif op == "batchmap":
+            n = int(rng.integers(1, 3000 if rng.random() < 0.1 else 60))
+            cols = random_batch(rng, n)
+            data = {name: c for (name, _, _), c in zip(SIGNATURE, cols, strict=True)}
+            prios = float(rng.random()) if rng.random() < 0.5 else rng.random(n)
+            start = int(rng.integers(0, n)) if rng.random() < 0.2 else 0
+            keys_c = np.zeros(n, np.uint64)
+            keys_r = np.zeros(n, np.uint64)
+            done = w.insert_batch_mapping(data, prios, keys_c, start)
+            assert (done, bool(w.wake_needed)) == r.insert_batch(cols, prios, keys_r, start)
+            assert np.array_equal(keys_c, keys_r)
         elif op == "reserve":
             if open_res is None:
                 slot = w.take_one()
@@ -291,6 +304,21 @@ def test_insert_mapping_refuses_all_but_the_common_case_with_nothing_written():
     ]
     for data, prio in cases:
         assert w.insert_mapping(data, prio) == CHECK, (data, prio)
+    keys = np.zeros(2, np.uint64)
+    batch = {name: np.stack([v, v]) for name, v in good.items()}
+    for data, prio in [
+        ({**batch, "obs": batch["obs"].astype(np.float64)}, 1.0),
+        ({**batch, "obs": batch["obs"][:1]}, 1.0),  # another length
+        ({**batch, "obs": batch["obs"][:, :1]}, 1.0),  # another shape
+        ({**batch, "action": [1, 2]}, 1.0),
+        (batch, np.array([1.0, 5.5])),  # one priority above max_priority
+        (batch, np.array([1.0, np.nan])),
+        (batch, np.array([1.0, 2.0], np.float32)),
+        (batch, np.array([1.0, 2.0, 3.0])),
+        (batch, 7.0),
+        (batch, [1.0, 1.0]),
+    ]:
+        assert w.insert_batch_mapping(data, prio, keys, 0) == CHECK, (data, prio)
     for k in before:
         assert np.array_equal(a[k], before[k]), k
     for word, value in [
@@ -303,6 +331,7 @@ def test_insert_mapping_refuses_all_but_the_common_case_with_nothing_written():
         old = arr[idx, 0]
         arr[idx, 0] = value
         assert w.insert_mapping(good, 1.0) == CHECK
+        assert w.insert_batch_mapping(batch, 1.0, keys, 0) == CHECK
         arr[idx, 0] = old
     assert w.insert_mapping(good, 1.0) >= 0
 
@@ -334,6 +363,9 @@ CORRUPT_SCRIPT = textwrap.dedent(
         for call in (
             lambda: w.insert(row, 1.0, 0, 0, 0),
             lambda: w.insert_mapping(data, 1.0),
+            lambda: w.insert_batch_mapping(
+                {n: np.stack([v] * 40) for n, v in data.items()}, 1.0, np.empty(40, np.uint64), 0
+            ),
             lambda: w.take(out),
             lambda: w.take_one(),
             lambda: w.leased(),

@@ -354,6 +354,126 @@ release:
     return result;
 }
 
+/* insert_batch_mapping(data, priorities, keys_out, start) -> int: Table.insert_batch's common
+ * case in C: a dict with exactly the fields, each a C-contiguous numpy array of the field's
+ * dtype with len(keys_out) items of the field's shape, priorities a float or a float64 array
+ * of one per item, all in [0, max_priority], an open table. Writes and publishes items
+ * [start, n) until done, until a chunk's wake rule says to post the daemon (wake_needed), or
+ * until no slot is leased / no room is left; returns the new start (Python posts, waits, or
+ * calls again), or CODE_CHECK with nothing written (Python checks it all). */
+static PyObject *Writer_insert_batch_mapping(WriterObject *self, PyObject *const *args,
+                                             Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError,
+                        "insert_batch_mapping(data, priorities, keys_out, start)");
+        return NULL;
+    }
+    shm_writer *w = &self->w;
+    PyObject *data = args[0];
+    PyObject *prio = args[1];
+    long long start = PyLong_AsLongLong(args[3]);
+    if (start == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer keys;
+    if (shm_get_buffer(args[2], &keys, 8, 1, "keys_out") < 0)
+        return NULL;
+    int64_t n = shm_buffer_len(&keys);
+    Py_buffer prios = {0};
+    int have_prios = 0;
+    int got = 0;
+    PyObject *result = NULL;
+    Py_buffer *views = PyMem_Calloc(w->ncols > 0 ? w->ncols : 1, sizeof(Py_buffer));
+    const char **srcs = PyMem_Calloc(w->ncols > 0 ? w->ncols : 1, sizeof(char *));
+    int64_t *scratch = PyMem_Malloc(sizeof(int64_t) * (SHM_WRITER_PUBLISH_CAPACITY / 2));
+    if (views == NULL || srcs == NULL || scratch == NULL) {
+        PyErr_NoMemory();
+        goto release;
+    }
+    if (start < 0 || start > n) {
+        PyErr_SetString(PyExc_ValueError, "insert_batch_mapping: start outside the batch");
+        goto release;
+    }
+    if (!PyDict_CheckExact(data) || PyDict_GET_SIZE(data) != w->ncols ||
+        !shm_writer_table_open(w, self->daemon_pid, (int64_t)getpid()))
+        goto check;
+    double priority = 0.0;
+    if (PyFloat_CheckExact(prio)) {
+        priority = PyFloat_AS_DOUBLE(prio);
+        if (!(priority >= 0.0 && priority <= self->max_priority))
+            goto check;
+    } else {
+        if ((PyObject *)Py_TYPE(prio) != self->array_type ||
+            PyObject_GetBuffer(prio, &prios, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+            PyErr_Clear();
+            goto check;
+        }
+        have_prios = 1;
+        if (prios.ndim != 1 || prios.shape[0] != n || prios.format == NULL ||
+            strcmp(prios.format, "d") != 0)
+            goto check;
+        const double *p = prios.buf;
+        for (int64_t j = 0; j < n; j++)
+            if (!(p[j] >= 0.0 && p[j] <= self->max_priority))
+                goto check;
+    }
+    for (; got < w->ncols; got++) {
+        FieldCheck *fc = &self->fields[got];
+        PyObject *v = PyDict_GetItemWithError(data, fc->name); /* borrowed */
+        if (v == NULL) {
+            PyErr_Clear();
+            goto check;
+        }
+        if ((PyObject *)Py_TYPE(v) != self->array_type)
+            goto check;
+        if (PyObject_GetBuffer(v, &views[got], PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+            PyErr_Clear();
+            goto check;
+        }
+        Py_buffer *vb = &views[got];
+        int same = vb->ndim == fc->ndim + 1 && vb->shape[0] == n && vb->format != NULL &&
+                   strcmp(vb->format, fc->format) == 0 &&
+                   (size_t)vb->len == (size_t)n * w->cols[got].rowsize;
+        for (int d = 0; same && d < fc->ndim; d++)
+            same = vb->shape[d + 1] == fc->shape[d];
+        if (!same) {
+            got++;
+            goto check;
+        }
+        srcs[got] = vb->buf;
+    }
+    int64_t done;
+    const double *parr = have_prios ? prios.buf : NULL;
+    size_t bytes = 0;
+    for (int i = 0; i < w->ncols; i++)
+        bytes += (size_t)(n - start) * w->cols[i].rowsize;
+    if (bytes >= 65536) { /* a copy this long outweighs dropping and taking the GIL */
+        Py_BEGIN_ALLOW_THREADS;
+        done = shm_writer_insert_batch(w, srcs, n, start, parr, priority, keys.buf,
+                                       &self->wake, scratch);
+        Py_END_ALLOW_THREADS;
+    } else {
+        done = shm_writer_insert_batch(w, srcs, n, start, parr, priority, keys.buf,
+                                       &self->wake, scratch);
+    }
+    if (done < 0)
+        raise_corrupt("lease or publish ring");
+    else
+        result = PyLong_FromLongLong(done);
+    goto release;
+check:
+    result = PyLong_FromLong(CODE_CHECK);
+release:
+    for (int i = 0; i < got; i++)
+        PyBuffer_Release(&views[i]);
+    if (have_prios)
+        PyBuffer_Release(&prios);
+    PyBuffer_Release(&keys);
+    PyMem_Free(views);
+    PyMem_Free(srcs);
+    PyMem_Free(scratch);
+    return result;
+}
+
 /* take(out: int64 array) -> int: up to len(out) leased slots written into out; how many, or
  * CODE_EMPTY. Raises SegmentError for a corrupt lease ring. */
 static PyObject *Writer_take(WriterObject *self, PyObject *out) {
@@ -616,6 +736,10 @@ static PyMethodDef Writer_methods[] = {
      "full), -3 (a value is not a contiguous buffer of its field's size)."},
     {"insert_mapping", (PyCFunction)(void (*)(void))Writer_insert_mapping, METH_FASTCALL,
      "insert_mapping(data, priority) -> key, or -4: Table.insert's common case in C."},
+    {"insert_batch_mapping", (PyCFunction)(void (*)(void))Writer_insert_batch_mapping,
+     METH_FASTCALL,
+     "insert_batch_mapping(data, priorities, keys_out, start) -> new start, or -4: "
+     "Table.insert_batch's common case in C."},
     {"take", (PyCFunction)Writer_take, METH_O, "take(out) -> k leased slots into out, or -1."},
     {"take_one", (PyCFunction)Writer_take_one, METH_NOARGS, "take_one() -> slot, or -1."},
     {"begin", (PyCFunction)Writer_begin, METH_O, "begin(slot) -> generation found (made odd)."},

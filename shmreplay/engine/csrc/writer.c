@@ -191,3 +191,54 @@ void shm_writer_free(shm_writer *w) {
     w->spare = NULL;
     w->nspare = w->spare_cap = 0;
 }
+
+int64_t shm_writer_insert_batch(shm_writer *w, const char *const *srcs, int64_t n,
+                                int64_t start, const double *priorities, double priority,
+                                uint64_t *keys_out, int *wake, int64_t *scratch) {
+    *wake = 0;
+    int64_t done = start;
+    while (done < n) {
+        int64_t want = n - done;
+        if (want > SHM_WRITER_PUBLISH_CAPACITY / 2)
+            want = SHM_WRITER_PUBLISH_CAPACITY / 2;
+        int rc = shm_writer_room(w, want);
+        if (rc == SHM_WRITER_CORRUPT)
+            return SHM_WRITER_CORRUPT;
+        if (rc == SHM_WRITER_FULL)
+            break;
+        int64_t k;
+        rc = shm_writer_take(w, want, scratch, &k);
+        if (rc == SHM_WRITER_CORRUPT)
+            return SHM_WRITER_CORRUPT;
+        if (rc == SHM_WRITER_EMPTY)
+            break;
+        /* The gather of write_batch, from item ``done`` on, with the batch's priorities. */
+        for (int64_t j = 0; j < k; j++)
+            shm_store_relaxed(&w->gen[scratch[j]], shm_load_relaxed(&w->gen[scratch[j]]) + 1);
+        shm_fence_release(); /* every odd generation before any row store (seqlock) */
+        for (int i = 0; i < w->ncols; i++) {
+            size_t size = w->cols[i].rowsize;
+            char *base = w->cols[i].base;
+            const char *src = srcs[i] + (size_t)done * size;
+            for (int64_t j = 0; j < k; j++)
+                memcpy(base + (size_t)scratch[j] * size, src + (size_t)j * size, size);
+        }
+        for (int64_t j = 0; j < k; j++) {
+            int64_t s = scratch[j];
+            w->priority[s] = priorities != NULL ? priorities[done + j] : priority;
+            w->episode[s] = 0;
+            w->steps[2 * s] = 0;
+            w->steps[2 * s + 1] = 0;
+            keys_out[done + j] = w->key[s];
+        }
+        for (int64_t j = 0; j < k; j++) /* even: complete, released after the rows */
+            shm_store_release(&w->gen[scratch[j]], shm_load_relaxed(&w->gen[scratch[j]]) + 1);
+        shm_writer_publish(w, scratch, k);
+        done += k;
+        if (shm_writer_wake(w, 0)) {
+            *wake = 1;
+            break;
+        }
+    }
+    return done;
+}
