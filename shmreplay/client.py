@@ -894,8 +894,11 @@ class Table:
         finally:
             chan[Chan.WAIT_INSERT] = 0
 
-    def _publish_one(self, slot) -> None:
-        self._publish_many(np.array([slot], np.int64))
+    def _publish_one(self, slot: int) -> None:
+        w = self._w
+        while w.publish_one(slot) == _NO_ROOM:
+            self._wait_for_room(1)
+        self._wake_daemon()
 
     def _publish_many(self, slots: np.ndarray) -> None:
         """Publish ``slots`` (int64, contiguous) in runs of half a ring, each with one

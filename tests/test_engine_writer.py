@@ -237,7 +237,7 @@ def run_sequence(num_slots: int, steps: int, seed: int, check_every: int = 1) ->
                 else:
                     w.end(slot, g, 2.5, 7, 1, 3)
                     r.end(slot, g, 2.5, (7, 1, 3))
-                    assert (w.publish(np.array([slot], np.int64)) == 0) == r.publish_slots([slot])
+                    assert (w.publish_one(slot) == 0) == r.publish_slots([slot])
         elif op == "wake":
             for c in (a, b):
                 c["ctrl"][Ctrl.DAEMON_SLEEPING, 0] = [Sleep.AWAKE, Sleep.NAP, Sleep.IDLE][seed % 3]

@@ -603,6 +603,22 @@ done:
     return result;
 }
 
+/* publish_one(slot) -> int: publish(), for one slot without an array. */
+static PyObject *Writer_publish_one(WriterObject *self, PyObject *arg) {
+    int64_t slot;
+    if (slot_arg(self, arg, &slot) < 0)
+        return NULL;
+    int rc = shm_writer_room(&self->w, 1);
+    if (rc == SHM_WRITER_CORRUPT) {
+        raise_corrupt("publish ring head");
+        return NULL;
+    }
+    if (rc == SHM_WRITER_FULL)
+        return PyLong_FromLong(CODE_FULL);
+    shm_writer_publish(&self->w, &slot, 1);
+    return PyLong_FromLong(0);
+}
+
 /* room(k) -> bool: room for k more publish entries (PUB_HEAD re-read if needed). */
 static PyObject *Writer_room(WriterObject *self, PyObject *arg) {
     long long k = PyLong_AsLongLong(arg);
@@ -748,6 +764,8 @@ static PyMethodDef Writer_methods[] = {
     {"abandon", (PyCFunction)(void (*)(void))Writer_abandon, METH_FASTCALL,
      "abandon(slot, gen): a discarded reservation's slot, kept for the next take."},
     {"publish", (PyCFunction)Writer_publish, METH_O, "publish(slots) -> 0, or -2 (full)."},
+    {"publish_one", (PyCFunction)Writer_publish_one, METH_O,
+     "publish_one(slot) -> 0, or -2 (full)."},
     {"room", (PyCFunction)Writer_room, METH_O, "room(k) -> room for k publish entries."},
     {"committed", (PyCFunction)Writer_committed, METH_NOARGS, "committed() -> PUB_HEAD."},
     {"leased", (PyCFunction)Writer_leased, METH_NOARGS, "leased() -> slots left to take."},
