@@ -11,6 +11,7 @@
 #include <structmember.h>
 #include <unistd.h>
 
+#include "shm_atomics.h"
 #include "shm_buffers.h"
 #include "writer.h"
 
@@ -639,6 +640,9 @@ static PyObject *Writer_room(WriterObject *self, PyObject *arg) {
 /* committed() -> int: PUB_HEAD (acquired and range-checked against our tail). */
 static PyObject *Writer_committed(WriterObject *self, PyObject *unused) {
     (void)unused;
+    /* Dekker with the daemon: the caller stored WAIT_INSERT, the daemon stores PUB_HEAD; each
+     * fences, then loads the other's word (a waiter's wake is never lost). */
+    shm_fence_seq_cst();
     if (shm_writer_poll_committed(&self->w) != SHM_WRITER_OK) {
         raise_corrupt("publish ring head");
         return NULL;
@@ -649,6 +653,9 @@ static PyObject *Writer_committed(WriterObject *self, PyObject *unused) {
 /* leased() -> int: slots leased and not yet taken (LEASE_TAIL acquired and checked). */
 static PyObject *Writer_leased(WriterObject *self, PyObject *unused) {
     (void)unused;
+    /* Dekker with the daemon: the caller stored WAIT_INSERT (and WANT_LEASE), the daemon
+     * store-releases LEASE_TAIL; each fences, then loads the other's word. */
+    shm_fence_seq_cst();
     if (shm_writer_poll_lease(&self->w) != SHM_WRITER_OK) {
         raise_corrupt("lease ring tail");
         return NULL;
