@@ -288,7 +288,8 @@ static PyObject *Writer_insert_mapping(WriterObject *self, PyObject *const *args
         !PyFloat_CheckExact(prio))
         return PyLong_FromLong(CODE_CHECK);
     double priority = PyFloat_AS_DOUBLE(prio);
-    if (!(priority >= 0.0 && priority <= self->max_priority) || !shm_writer_table_open(w, self->daemon_pid, (int64_t)getpid()))
+    if (!(priority >= 0.0 && priority <= self->max_priority) ||
+        !shm_writer_table_open(w, self->daemon_pid, (int64_t)getpid()))
         return PyLong_FromLong(CODE_CHECK);
     enum { STACK = 16 };
     Py_buffer stack_views[STACK];

@@ -75,9 +75,9 @@ int shm_writer_abandon(shm_writer *w, int64_t slot, int64_t g);
 /* Frees what shm_writer_abandon allocated. */
 void shm_writer_free(shm_writer *w);
 
-/* Up to n (>= 1) leased slots into out[] (abandoned ones first, last abandoned first); *k gets how many (>= 1 on OK). EMPTY when none are
- * leased (LEASE_TAIL re-read), CORRUPT for a tail out of range or a slot index outside the
- * table (nothing is consumed then). */
+/* Up to n (>= 1) leased slots into out[] (abandoned ones first, the last abandoned first);
+ * *k gets how many (>= 1 on OK). EMPTY when none are leased (LEASE_TAIL re-read), CORRUPT for
+ * a tail out of range or a slot index outside the table (nothing is consumed then). */
 int shm_writer_take(shm_writer *w, int64_t n, int64_t *out, int64_t *k);
 
 /* Seqlock begin of a slot this writer holds leased: makes its generation odd and orders that
