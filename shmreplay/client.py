@@ -28,6 +28,7 @@ import psutil
 
 from .config import FieldSpec, RateLimiterSpec, check_instance_name, parse_rate_limiter
 from .control import DEFAULT_TIMEOUT_S, PROTOCOL_VERSION, ControlClient
+from .engine import _native
 from .errors import (
     ClientClosedError,
     DaemonBusy,
@@ -49,8 +50,7 @@ from .instance import (
     pid_namespace_hint,
     record_path,
 )
-from .layout import LEASE_CAPACITY, PUBLISH_CAPACITY, Chan, Ctrl, Sleep
-from .rings import ring_get, ring_put
+from .layout import LEASE_CAPACITY, PUBLISH_CAPACITY, Chan, Ctrl
 from .shm import Segment
 from .table import Sample, SampleInfo, TableCore, TableEvents, TableInfo
 from .trajectory import TrajectoryWriter
@@ -65,7 +65,9 @@ BYE_TIMEOUT_S = 1.0  # close() waits this long for the daemon to acknowledge a d
 # attach() waits at least this long for the daemon's answer, even with a timeout already spent.
 MIN_ANSWER_S = 0.05
 # A writer with this few leased slots left wakes a napping daemon to refill them.
-LEASE_LOW_WATER = 32
+LEASE_LOW_WATER = 32  # also SHM_WRITER_LEASE_LOW_WATER in engine/csrc/writer.h
+# What the C writer's insert/take/publish return instead of a key or count (keys are unsigned).
+_NO_LEASE, _NO_ROOM, _BAD_VALUE, _CHECK = -1, -2, -3, -4
 
 
 def attach(
@@ -550,8 +552,7 @@ class _Reservation:
         t = self.table
         self.slot = slot = t._take_one(self.timeout)
         core = t.core
-        self.gen = int(core.gen[slot]) + 1
-        core.gen[slot] = self.gen  # odd: being written
+        self.gen = t._w.begin(slot)  # odd while being written
         views = {f.name: column[slot, ...] for f, _, _, column in t._columns}
         self.reserved = ReservedSlot(views, int(core.key[slot]))
         return self.reserved
@@ -563,12 +564,10 @@ class _Reservation:
         core = t.core
         if core is None:
             return
-        core.gen[slot] = self.gen + 1  # even: complete (or abandoned)
         if exc_type is not None:
-            t._spare.append(slot)  # discarded: reused by the next insert, never published
+            t._w.abandon(slot, self.gen)  # discarded: reused by the next insert, never published
             return
-        core.priority[slot] = self.priority
-        core.set_episode(slot, self.episode)
+        t._w.end(slot, self.gen, self.priority, *self.episode)  # even: complete
         t._publish_one(slot)
 
 
@@ -593,11 +592,26 @@ class Table:
         self._chan = core.chan[c]
         self._lease = core.lease_ring[c]
         self._publish = core.publish_ring[c]
-        self._lease_head = int(self._chan[Chan.LEASE_HEAD])
-        self._lease_tail = int(self._chan[Chan.LEASE_TAIL])
-        self._pub_tail = int(self._chan[Chan.PUB_TAIL])
-        self._pub_head = int(self._chan[Chan.PUB_HEAD])
-        self._spare: list[int] = []
+        # The insert path in C: it holds the channel's words and rings, the slot metadata and
+        # the data columns, and the local ring positions (lease_head, pub_tail, ...).
+        arrays = core.segment.arrays
+        self._w = _native.Writer(
+            arrays["chan.ctrl"][c],
+            arrays["ctrl"],
+            self._lease,
+            self._publish,
+            core.gen,
+            core.priority,
+            core.episode,
+            core.episode_steps,
+            core.key,
+            [column for _, _, _, column in self._columns],
+            [f.name for f in self._fields],
+            [scalar_type for _, _, scalar_type, _ in self._columns],
+            np.ndarray,
+            float(core.max_priority),
+            int(core.daemon_pid) if core.daemon_pid is not None else -1,
+        )
         self._writing = False
 
     def _check(self, writing: bool = False) -> None:
@@ -632,6 +646,15 @@ class Table:
         step, last step) records which steps of which episode the item holds (trajectory
         writers pass it; ``info()`` counts episodes from it).
         """
+        if timeout is None and episode is None and not self._closed and not self.client._closed:
+            # The common case whole in C: exact dtypes and shapes, a float priority in range, an
+            # open table, a leased slot. Anything else (_CHECK) takes the checked path below.
+            w = self._w
+            key = w.insert_mapping(data, priority)
+            if key >= 0:
+                if w.wake_needed:
+                    self.core.events.daemon.post(1)
+                return key
         self._check(writing=True)
         row = self._validate_row(data)
         prio = check_priority(priority, self.core.max_priority, self.name)
@@ -672,19 +695,28 @@ class Table:
         timeout: float | None,
         episode: tuple[int, int, int] = (0, 0, 0),
     ) -> int:
-        core = self.core
-        slot = self._take_one(timeout)
-        gen = core.gen
-        g = int(gen[slot])
-        gen[slot] = g + 1  # odd: being written
-        for column, value in zip(self._columns, row, strict=True):
-            column[3][slot] = value
-        core.priority[slot] = priority
-        core.set_episode(slot, episode)
-        gen[slot] = g + 2  # even: complete
-        key = int(core.key[slot])
-        self._publish_one(slot)
-        return key
+        w = self._w
+        key = w.insert(row, priority, *episode)  # take, seqlocked copy, publish, wake rule
+        if key >= 0:
+            if w.wake_needed:
+                self.core.events.daemon.post(1)
+            return key
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if key == _BAD_VALUE:  # another dtype (checked to cast safely), or not contiguous
+                row = [
+                    np.ascontiguousarray(v, c[1]) for c, v in zip(self._columns, row, strict=True)
+                ]
+            elif key == _NO_ROOM:
+                self._wait_for_room(1)
+            else:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                self._wait_for_lease(remaining)
+            key = w.insert(row, priority, *episode)
+            if key >= 0:
+                if w.wake_needed:
+                    self.core.events.daemon.post(1)
+                return key
 
     def insert_batch(
         self,
@@ -712,6 +744,17 @@ class Table:
             except shmreplay.RateLimiterTimeout as exc:
                 done = len(exc.keys)   # items [0, done) are in; retry items [done, n)
         """
+        keys, done = None, 0
+        if (
+            timeout is None
+            and episodes is None
+            and type(data) is dict
+            and not self._closed
+            and not self.client._closed
+        ):
+            keys, done = self._insert_batch_c(data, priorities)
+            if keys is not None and done == len(keys):
+                return keys
         self._check(writing=True)
         timeout = _check_timeout(timeout)
         if not isinstance(data, Mapping):
@@ -724,13 +767,15 @@ class Table:
             raise SignatureError(
                 f"field {self._fields[0].name!r}: expected a batch with a leading axis"
             )
-        cols = [_coerce(f, data[f.name], n) for f in self._fields]
-        prios = check_priorities(priorities, n, self.core.max_priority, self.name)
+        cols = [np.ascontiguousarray(_coerce(f, data[f.name], n), f.np_dtype) for f in self._fields]
+        prios = np.ascontiguousarray(
+            check_priorities(priorities, n, self.core.max_priority, self.name), np.float64
+        )
         eps = np.zeros((n, 3), np.int64) if episodes is None else _check_episodes(episodes, n)
-        keys = np.empty(n, np.uint64)
-        core = self.core
+        eps = np.ascontiguousarray(eps, np.int64)
+        if keys is None or len(keys) != n:
+            keys, done = np.empty(n, np.uint64), 0
         deadline = None if timeout is None else time.monotonic() + timeout
-        done = 0
         while done < n:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
@@ -744,17 +789,36 @@ class Table:
                     keys=keys[:done].copy(),
                 ) from None
             k = len(slots)
-            core.gen[slots] += 1
-            for arr, col in zip(core.data.values(), cols, strict=True):
-                arr[slots] = col[done : done + k]
-            core.priority[slots] = prios[done : done + k]
-            core.episode[slots] = eps[done : done + k, 0]
-            core.episode_steps[slots] = eps[done : done + k, 1:]
-            core.gen[slots] += 1
-            keys[done : done + k] = core.key[slots]
+            end = done + k
+            self._w.write_batch(  # seqlocked gather into the slots (GIL released when large)
+                slots, [c[done:end] for c in cols], prios[done:end], eps[done:end], keys[done:end]
+            )
             self._publish_many(slots)
             done += k
         return keys
+
+    def _insert_batch_c(self, data: dict, priorities) -> tuple[np.ndarray | None, int]:
+        """insert_batch's common case in C (exact dtypes and shapes, float priorities in range,
+        no timeout, no episodes): (keys, items written and published). Stops short when it
+        must wait for leases or commits (insert_batch's checked path goes on from there);
+        (None, 0) when it is not the common case."""
+        first = data.get(self._fields[0].name)
+        if type(first) is not np.ndarray or first.ndim == 0:
+            return None, 0
+        w = self._w
+        keys = np.empty(len(first), np.uint64)
+        done = w.insert_batch_mapping(data, priorities, keys, 0)
+        if done < 0:
+            return None, 0
+        while done < len(keys) and w.wake_needed:  # posts between chunks, as _publish_many
+            self.core.events.daemon.post(1)
+            more = w.insert_batch_mapping(data, priorities, keys, done)
+            if more < 0:  # the table was closed or quarantined meanwhile: the checked path
+                return keys, done  # goes on from ``done`` (and raises)
+            done = more
+        if w.wake_needed:
+            self.core.events.daemon.post(1)
+        return keys, done
 
     def reserve(
         self,
@@ -776,30 +840,22 @@ class Table:
         return _Reservation(self, prio, _check_timeout(timeout), _check_episode(episode))
 
     def _take_one(self, timeout: float | None) -> int:
-        """One leased slot (the single-item path of _take_slots, without arrays)."""
-        head = self._lease_head
-        if self._spare or head == self._lease_tail:
-            return int(self._take_slots(1, timeout)[0])
-        slot = int(self._lease[head % LEASE_CAPACITY])
-        self._lease_head = head + 1
-        self._chan[Chan.LEASE_HEAD] = head + 1
+        """One leased slot (an abandoned reservation's first), waiting for the daemon's lease
+        for at most ``timeout`` seconds."""
+        slot = self._w.take_one()
+        while slot < 0:
+            self._wait_for_lease(timeout, 1)
+            slot = self._w.take_one()
         return slot
 
     def _take_slots(self, n: int, timeout: float | None) -> np.ndarray:
-        if self._spare:
-            k = min(n, len(self._spare))
-            taken, self._spare = self._spare[:k], self._spare[k:]
-            return np.asarray(taken, dtype=np.int64)
-        head = self._lease_head
-        if head == self._lease_tail:
-            self._lease_tail = int(self._chan[Chan.LEASE_TAIL])
-            if head == self._lease_tail:
-                self._wait_for_lease(timeout, n)
-        k = min(n, self._lease_tail - head)
-        slots = ring_get(self._lease, head, k)
-        self._lease_head = head + k
-        self._chan[Chan.LEASE_HEAD] = head + k
-        return slots
+        """1 to n leased slots (at most a lease ring's worth), waiting as _take_one does."""
+        out = np.empty(min(n, LEASE_CAPACITY), np.int64)
+        k = self._w.take(out)
+        while k < 0:
+            self._wait_for_lease(timeout, n)
+            k = self._w.take(out)
+        return out[:k]
 
     def _wait_for_lease(self, timeout: float | None, n: int = 1) -> None:
         """Wait until the daemon leases us a slot. Under a limiter that can block inserts we ask
@@ -816,9 +872,8 @@ class Table:
         try:
             while True:
                 chan[Chan.WAIT_INSERT] = 1
-                self._wake_daemon(force=True)
-                self._lease_tail = int(chan[Chan.LEASE_TAIL])
-                if self._lease_tail > self._lease_head:
+                self._wake_daemon(force=True)  # its seq_cst fence orders the flag before...
+                if self._w.leased() > 0 or self._w.spare:  # ...LEASE_TAIL's load-acquire
                     if on_demand:
                         chan[Chan.WANT_LEASE] = 0
                     return
@@ -839,51 +894,31 @@ class Table:
         finally:
             chan[Chan.WAIT_INSERT] = 0
 
-    def _publish_one(self, slot) -> None:
-        tail = self._pub_tail
-        if tail - self._pub_head >= PUBLISH_CAPACITY:
+    def _publish_one(self, slot: int) -> None:
+        w = self._w
+        while w.publish_one(slot) == _NO_ROOM:
             self._wait_for_room(1)
-        self._publish[tail % PUBLISH_CAPACITY] = slot
-        self._pub_tail = tail + 1
-        self._chan[Chan.PUB_TAIL] = tail + 1
         self._wake_daemon()
 
     def _publish_many(self, slots: np.ndarray) -> None:
+        """Publish ``slots`` (int64, contiguous) in runs of half a ring, each with one
+        store-release of PUB_TAIL, waking the daemon by the wake rule after each."""
+        w = self._w
         for start in range(0, len(slots), PUBLISH_CAPACITY // 2):
             part = slots[start : start + PUBLISH_CAPACITY // 2]
-            k = len(part)
-            tail = self._pub_tail
-            if tail + k - self._pub_head > PUBLISH_CAPACITY:
-                self._wait_for_room(k)
-            ring_put(self._publish, tail, part)
-            self._pub_tail = tail + k
-            self._chan[Chan.PUB_TAIL] = tail + k
+            while w.publish(part) == _NO_ROOM:
+                self._wait_for_room(len(part))
             self._wake_daemon()
 
     def _wait_for_room(self, k: int) -> None:
-        while True:
-            self._pub_head = int(self._chan[Chan.PUB_HEAD])
-            if self._pub_tail + k - self._pub_head <= PUBLISH_CAPACITY:
-                return
-            self._wait_committed(self._pub_tail + k - PUBLISH_CAPACITY, None)
+        w = self._w
+        while not w.room(k):
+            self._wait_committed(w.pub_tail + k - PUBLISH_CAPACITY, None)
 
     def _wake_daemon(self, force: bool = False) -> None:
         """Post the daemon if it sleeps for long, or naps while we are about to need leases or
-        a sampler waits for items."""
-        ctrl = self.core.ctrl
-        sleeping = ctrl[Ctrl.DAEMON_SLEEPING]
-        if (
-            force
-            or sleeping == Sleep.IDLE
-            or (
-                sleeping
-                and (
-                    self._lease_tail - self._lease_head <= LEASE_LOW_WATER
-                    or ctrl[Ctrl.SAMPLER_WAITING]  # it waits for what we just published
-                )
-            )
-        ):
-            ctrl[Ctrl.DAEMON_SLEEPING] = Sleep.AWAKE
+        a sampler waits for items (the rule is shm_writer_wake in engine/csrc/writer.c)."""
+        if self._w.wake(force):
             self.core.events.daemon.post(1)
 
     def _wait_committed(self, upto: int, timeout: float | None) -> None:
@@ -892,15 +927,15 @@ class Table:
         try:
             while True:
                 chan[Chan.WAIT_INSERT] = 1
-                self._pub_head = int(chan[Chan.PUB_HEAD])
-                if self._pub_head >= upto:
+                committed = self._w.committed()
+                if committed >= upto:
                     return
                 self._wake_daemon(force=True)
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise RateLimiterTimeout(
                         f"table {self.name!r}: flush timed out after {timeout} s with "
-                        f"{upto - self._pub_head} item(s) not yet committed by the daemon"
+                        f"{upto - committed} item(s) not yet committed by the daemon"
                     )
                 core.events.insert.wait(0.5 if remaining is None else remaining)
                 core.check_open(writing=True)
@@ -910,7 +945,7 @@ class Table:
     def flush(self, timeout: float | None = None) -> None:
         """Wait until everything this client published to the table is committed."""
         self._check()
-        self._wait_committed(self._pub_tail, _check_timeout(timeout))
+        self._wait_committed(self._w.pub_tail, _check_timeout(timeout))
 
     # -- sampling and mutation ------------------------------------------------------------------
 
