@@ -1,0 +1,412 @@
+/* The 16-ary tournament heap of MinHeap and MaxHeap: see heap.h and heap.py's docstring. */
+#include "heap.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* A clock beyond this is corrupt: it keeps clock + batch from overflowing. */
+#define MAX_CLOCK ((int64_t)1 << 62)
+
+int64_t shm_heap_nodes(int64_t num_slots) {
+    int64_t width = 1, nodes = 0;
+    while (width < num_slots)
+        width <<= 1;
+    for (;;) {
+        nodes += width;
+        if (width == 1)
+            return nodes;
+        width = width >> SHM_HEAP_ARITY_BITS > 0 ? width >> SHM_HEAP_ARITY_BITS : 1;
+    }
+}
+
+int shm_heap_init(shm_heap *h, double *key, int64_t *touch, int64_t *slot, int64_t nodes,
+                  int64_t *clock, int64_t num_slots, double sign) {
+    if (num_slots < 1 || num_slots > ((int64_t)1 << 60) || nodes != shm_heap_nodes(num_slots))
+        return SHM_ORDER_EINVAL;
+    memset(h, 0, sizeof *h);
+    h->key = key;
+    h->touch = touch;
+    h->slot = slot;
+    h->clock = clock;
+    h->sign = sign;
+    h->num_slots = num_slots;
+    int64_t width = 1, offset = 0;
+    while (width < num_slots)
+        width <<= 1;
+    for (int l = 0;; l++) {
+        h->offset[l] = offset;
+        h->width[l] = width;
+        h->bits[l] = 0;
+        if (l > 0) {
+            int64_t ratio = h->width[l - 1] / width;
+            while (((int64_t)1 << h->bits[l]) < ratio)
+                h->bits[l]++;
+        }
+        offset += width;
+        h->num_levels = l + 1;
+        if (width == 1)
+            return SHM_ORDER_OK;
+        width = width >> SHM_HEAP_ARITY_BITS > 0 ? width >> SHM_HEAP_ARITY_BITS : 1;
+    }
+}
+
+/* Node i of inner level l from its children, as heap.py's _Level.recompute: the key is the
+ * lowest child key (NaN if one is NaN, as numpy's min), the winner the first child holding it
+ * with the lowest touch. */
+static inline void recompute(shm_heap *h, int l, int64_t i) {
+    int64_t first = h->offset[l - 1] + (i << h->bits[l]);
+    int arity = 1 << h->bits[l];
+    const double *ck = h->key + first;
+    const int64_t *ct = h->touch + first;
+    double best = ck[0];
+    for (int j = 1; j < arity; j++)
+        if (ck[j] < best || (isnan(ck[j]) && !isnan(best)))
+            best = ck[j];
+    int w = 0;
+    int64_t wt = ck[0] != best ? INT64_MAX : ct[0];
+    for (int j = 1; j < arity; j++) {
+        int64_t t = ck[j] != best ? INT64_MAX : ct[j];
+        if (t < wt) {
+            wt = t;
+            w = j;
+        }
+    }
+    int64_t node = h->offset[l] + i;
+    h->key[node] = best;
+    h->touch[node] = ct[w];
+    h->slot[node] = h->slot[first + w];
+}
+
+static void recompute_from(shm_heap *h, int first_level) {
+    for (int l = first_level; l < h->num_levels; l++)
+        for (int64_t i = 0; i < h->width[l]; i++)
+            recompute(h, l, i);
+}
+
+/* A set of int64 >= 0 for deduplication (open addressing, -1 = free). */
+typedef struct {
+    int64_t *cells;
+    int64_t mask;
+    int shift;
+} idset;
+
+static int idset_init(idset *s, int64_t n) {
+    int64_t cap = 16;
+    int logcap = 4;
+    while (cap < 2 * n) {
+        cap <<= 1;
+        logcap++;
+    }
+    s->cells = malloc((size_t)cap * sizeof *s->cells);
+    if (s->cells == NULL)
+        return SHM_ORDER_ENOMEM;
+    s->mask = cap - 1;
+    s->shift = 64 - logcap;
+    memset(s->cells, 0xff, (size_t)cap * sizeof *s->cells);
+    return SHM_ORDER_OK;
+}
+
+static void idset_reset(idset *s) {
+    memset(s->cells, 0xff, (size_t)(s->mask + 1) * sizeof *s->cells);
+}
+
+/* 1 if x was added, 0 if it was there. */
+static inline int idset_add(idset *s, int64_t x) {
+    int64_t i = (int64_t)(((uint64_t)x * 0x9E3779B97F4A7C15ull) >> s->shift);
+    while (s->cells[i] != -1) {
+        if (s->cells[i] == x)
+            return 0;
+        i = (i + 1) & s->mask;
+    }
+    s->cells[i] = x;
+    return 1;
+}
+
+/* Recompute the ancestors of leaves[0..k), each once per level; a level no wider than
+ * SHM_HEAP_WHOLE_LEVEL_FACTOR * k is recomputed whole, with every level above it (heap.py's
+ * rule, with the same k, so that both give the same arrays). */
+static int refresh(shm_heap *h, const int64_t *leaves, int64_t k) {
+    if (k == 0 || h->num_levels == 1)
+        return SHM_ORDER_OK;
+    if (h->width[1] <= SHM_HEAP_WHOLE_LEVEL_FACTOR * k) {
+        recompute_from(h, 1);
+        return SHM_ORDER_OK;
+    }
+    int64_t *nodes = malloc((size_t)k * sizeof *nodes);
+    idset seen;
+    if (nodes == NULL || idset_init(&seen, k) != SHM_ORDER_OK) {
+        free(nodes);
+        return SHM_ORDER_ENOMEM;
+    }
+    const int64_t *below = leaves;
+    int64_t m = k;
+    for (int l = 1; l < h->num_levels; l++) {
+        if (h->width[l] <= SHM_HEAP_WHOLE_LEVEL_FACTOR * k) {
+            recompute_from(h, l);
+            break;
+        }
+        int64_t distinct = 0;
+        for (int64_t j = 0; j < m; j++) {
+            int64_t parent = below[j] >> h->bits[l];
+            if (idset_add(&seen, parent)) {
+                nodes[distinct++] = parent; /* in place: j >= distinct, read before written */
+                recompute(h, l, parent);
+            }
+        }
+        idset_reset(&seen);
+        below = nodes;
+        m = distinct;
+    }
+    free(nodes);
+    free(seen.cells);
+    return SHM_ORDER_OK;
+}
+
+static int check_slots(const shm_heap *h, const int64_t *slots, int64_t k) {
+    for (int64_t i = 0; i < k; i++)
+        if (slots[i] < 0 || slots[i] >= h->num_slots)
+            return SHM_ORDER_EINVAL;
+    return SHM_ORDER_OK;
+}
+
+/* Keys and fresh touches for slots, in batch order; ECORRUPT for an absurd clock. */
+static int set_keys(shm_heap *h, const int64_t *slots, const double *priorities, int64_t k,
+                    int set_slot) {
+    int64_t t0 = h->clock[0];
+    if (t0 < 0 || t0 > MAX_CLOCK - k)
+        return SHM_ORDER_ECORRUPT;
+    for (int64_t i = 0; i < k; i++) {
+        int64_t s = slots[i];
+        h->key[s] = h->sign * priorities[i];
+        h->touch[s] = t0 + 1 + i;
+        if (set_slot)
+            h->slot[s] = s;
+    }
+    /* The touches before the clock: a process dying in between leaves touches above the clock,
+     * which rebuild recognises as unknown. (The mutex orders both for the next holder.) */
+    h->clock[0] = t0 + k;
+    return SHM_ORDER_OK;
+}
+
+int shm_heap_insert(shm_heap *h, const int64_t *slots, const double *priorities, int64_t k) {
+    if (k < 0 || check_slots(h, slots, k) != SHM_ORDER_OK)
+        return SHM_ORDER_EINVAL;
+    if (k == 0)
+        return SHM_ORDER_OK;
+    int rc = set_keys(h, slots, priorities, k, 1);
+    return rc != SHM_ORDER_OK ? rc : refresh(h, slots, k);
+}
+
+int shm_heap_update(shm_heap *h, const int64_t *slots, const double *priorities, int64_t k) {
+    if (k < 0 || check_slots(h, slots, k) != SHM_ORDER_OK)
+        return SHM_ORDER_EINVAL;
+    if (k == 0)
+        return SHM_ORDER_OK;
+    /* last_wins: keep the last occurrence of each slot, in call order. */
+    int64_t *kept = malloc((size_t)k * sizeof *kept);
+    double *prios = malloc((size_t)k * sizeof *prios);
+    char *keep = malloc((size_t)k);
+    idset seen = {0};
+    if (kept == NULL || prios == NULL || keep == NULL || idset_init(&seen, k) != SHM_ORDER_OK) {
+        free(kept);
+        free(prios);
+        free(keep);
+        return SHM_ORDER_ENOMEM;
+    }
+    for (int64_t i = k - 1; i >= 0; i--)
+        keep[i] = (char)idset_add(&seen, slots[i]);
+    int64_t m = 0;
+    for (int64_t i = 0; i < k; i++)
+        if (keep[i]) {
+            kept[m] = slots[i];
+            prios[m++] = priorities[i];
+        }
+    int rc = set_keys(h, kept, prios, m, 0);
+    if (rc == SHM_ORDER_OK)
+        rc = refresh(h, kept, m);
+    free(kept);
+    free(prios);
+    free(keep);
+    free(seen.cells);
+    return rc;
+}
+
+int shm_heap_remove(shm_heap *h, const int64_t *slots, int64_t k) {
+    if (k < 0 || check_slots(h, slots, k) != SHM_ORDER_OK)
+        return SHM_ORDER_EINVAL;
+    for (int64_t i = 0; i < k; i++) {
+        h->key[slots[i]] = INFINITY;
+        h->slot[slots[i]] = SHM_HEAP_EMPTY;
+    }
+    return refresh(h, slots, k);
+}
+
+void shm_heap_clear(shm_heap *h) {
+    int64_t nodes = h->offset[h->num_levels - 1] + 1;
+    for (int64_t i = 0; i < nodes; i++) {
+        h->key[i] = INFINITY;
+        h->slot[i] = SHM_HEAP_EMPTY;
+    }
+    /* Touches 0, so that stale touches cannot pass for plausible ones later. */
+    memset(h->touch, 0, (size_t)nodes * sizeof *h->touch);
+    h->clock[0] = 0;
+}
+
+int shm_heap_rebuild(shm_heap *h, const int64_t *slots, const double *priorities, int64_t k) {
+    if (k < 0 || check_slots(h, slots, k) != SHM_ORDER_OK)
+        return SHM_ORDER_EINVAL;
+    int64_t clock = h->clock[0];
+    if (clock < 0 || clock > MAX_CLOCK - k)
+        clock = 0; /* corrupt: every touch counts as unknown */
+    int64_t next = clock;
+    for (int64_t i = 0; i < k; i++) {
+        int64_t t = h->touch[slots[i]];
+        if (t < 1 || t > clock)
+            h->touch[slots[i]] = ++next;
+    }
+    h->clock[0] = next;
+    for (int64_t i = 0; i < h->width[0]; i++) {
+        h->key[i] = INFINITY;
+        h->slot[i] = SHM_HEAP_EMPTY;
+    }
+    for (int64_t i = 0; i < k; i++) {
+        h->key[slots[i]] = h->sign * priorities[i];
+        h->slot[slots[i]] = slots[i];
+    }
+    recompute_from(h, 1);
+    return SHM_ORDER_OK;
+}
+
+/* ---- first(n): a pruned descent with a bounded heap ----------------------------------------- */
+
+typedef struct {
+    double key;
+    int64_t touch;
+    int64_t idx; /* node index within its level */
+} entry;
+
+static inline int worse(const entry *a, const entry *b) {
+    if (a->key != b->key)
+        return a->key > b->key;
+    if (a->touch != b->touch)
+        return a->touch > b->touch;
+    return a->idx > b->idx;
+}
+
+/* A max-heap on worse(): the worst kept entry on top. */
+static void sift_down(entry *a, int64_t i, int64_t m) {
+    entry x = a[i];
+    for (;;) {
+        int64_t c = 2 * i + 1;
+        if (c >= m)
+            break;
+        if (c + 1 < m && worse(&a[c + 1], &a[c]))
+            c++;
+        if (!worse(&a[c], &x))
+            break;
+        a[i] = a[c];
+        i = c;
+    }
+    a[i] = x;
+}
+
+static void sift_up(entry *a, int64_t i) {
+    entry x = a[i];
+    while (i > 0) {
+        int64_t p = (i - 1) / 2;
+        if (!worse(&x, &a[p]))
+            break;
+        a[i] = a[p];
+        i = p;
+    }
+    a[i] = x;
+}
+
+/* Offer e to the bounded heap a[0..*m) of at most cap entries. */
+static inline void offer(entry *a, int64_t *m, int64_t cap, const entry *e) {
+    if (*m < cap) {
+        a[*m] = *e;
+        sift_up(a, (*m)++);
+    } else if (worse(&a[0], e)) {
+        a[0] = *e;
+        sift_down(a, 0, *m);
+    }
+}
+
+int shm_heap_first(const shm_heap *h, int64_t n, int64_t *out, int64_t *got) {
+    *got = 0;
+    if (n < 0)
+        return SHM_ORDER_EINVAL;
+    int top = h->num_levels - 1;
+    int64_t root = h->offset[top];
+    if (n == 0)
+        return SHM_ORDER_OK;
+    if (isnan(h->key[root]))
+        return SHM_ORDER_ECORRUPT;
+    if (!(h->key[root] < INFINITY))
+        return SHM_ORDER_OK; /* empty */
+    if (n == 1) {            /* the root's winner (heap.py returns its slot) */
+        int64_t s = h->slot[root];
+        if (s < 0 || s >= h->num_slots)
+            return SHM_ORDER_ECORRUPT;
+        out[0] = s;
+        *got = 1;
+        return SHM_ORDER_OK;
+    }
+    /* The n best items lie below the n best nodes of every level: keep those, level by level.
+     * Candidates no better than the worst kept one are skipped at one comparison each. */
+    int64_t cap = n < h->width[0] ? n : h->width[0];
+    entry *kept = malloc((size_t)cap * sizeof *kept);
+    entry *next = malloc((size_t)cap * sizeof *next);
+    if (kept == NULL || next == NULL) {
+        free(kept);
+        free(next);
+        return SHM_ORDER_ENOMEM;
+    }
+    int rc = SHM_ORDER_OK;
+    int64_t m = 1;
+    kept[0] = (entry){h->key[root], h->touch[root], 0};
+    for (int l = top; l > 0 && rc == SHM_ORDER_OK; l--) {
+        int64_t nm = 0, base = h->offset[l - 1];
+        int arity = 1 << h->bits[l];
+        for (int64_t j = 0; j < m; j++) {
+            int64_t first = kept[j].idx << h->bits[l];
+            for (int c = 0; c < arity; c++) {
+                entry e = {h->key[base + first + c], h->touch[base + first + c], first + c};
+                if (isnan(e.key)) {
+                    rc = SHM_ORDER_ECORRUPT;
+                    break;
+                }
+                if (e.key < INFINITY && (nm < cap || worse(&next[0], &e)))
+                    offer(next, &nm, cap, &e);
+            }
+        }
+        entry *t = kept;
+        kept = next;
+        next = t;
+        m = nm;
+    }
+    if (rc == SHM_ORDER_OK) {
+        /* Heapsort the kept leaves: best first. */
+        for (int64_t end = m - 1; end > 0; end--) {
+            entry t = kept[0];
+            kept[0] = kept[end];
+            kept[end] = t;
+            sift_down(kept, 0, end);
+        }
+        for (int64_t j = 0; j < m; j++) {
+            int64_t s = kept[j].idx;
+            if (s >= h->num_slots || h->slot[s] != s) {
+                rc = SHM_ORDER_ECORRUPT;
+                break;
+            }
+            out[j] = s;
+        }
+        if (rc == SHM_ORDER_OK)
+            *got = m;
+    }
+    free(kept);
+    free(next);
+    return rc;
+}
