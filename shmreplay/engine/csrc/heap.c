@@ -52,30 +52,54 @@ int shm_heap_init(shm_heap *h, double *key, int64_t *touch, int64_t *slot, int64
 }
 
 /* Node i of inner level l from its children, as heap.py's _Level.recompute: the key is the
- * lowest child key (NaN if one is NaN, as numpy's min), the winner the first child holding it
- * with the lowest touch. */
+ * lowest child key, the winner the first child holding it with the lowest touch; a NaN child
+ * key (corruption) makes the key NaN and the first child the winner, as numpy's min and argmin
+ * do. One pass. (The model differs only for a touch of INT64_MAX, which it uses as a marker.) */
 static inline void recompute(shm_heap *h, int l, int64_t i) {
     int64_t first = h->offset[l - 1] + (i << h->bits[l]);
     int arity = 1 << h->bits[l];
     const double *ck = h->key + first;
     const int64_t *ct = h->touch + first;
     double best = ck[0];
-    for (int j = 1; j < arity; j++)
-        if (ck[j] < best || (isnan(ck[j]) && !isnan(best)))
-            best = ck[j];
-    int w = 0;
-    int64_t wt = ck[0] != best ? INT64_MAX : ct[0];
+    int64_t wt = ct[0];
+    int w = 0, nan = isnan(best);
     for (int j = 1; j < arity; j++) {
-        int64_t t = ck[j] != best ? INT64_MAX : ct[j];
-        if (t < wt) {
-            wt = t;
+        double k = ck[j];
+        nan |= isnan(k);
+        if (k < best || (k == best && ct[j] < wt)) {
+            best = k;
+            wt = ct[j];
             w = j;
         }
     }
+    if (nan) {
+        for (int j = 0; j < arity; j++)
+            if (isnan(ck[j])) {
+                best = ck[j];
+                break;
+            }
+        w = 0;
+        wt = ct[0];
+    }
     int64_t node = h->offset[l] + i;
     h->key[node] = best;
-    h->touch[node] = ct[w];
+    h->touch[node] = wt;
     h->slot[node] = h->slot[first + w];
+}
+
+/* Start loading node i's row of children and its own entries: a batch of scattered rows is
+ * mostly cache misses at a million slots, and issuing them all first overlaps them. */
+static inline void prefetch_row(const shm_heap *h, int l, int64_t i) {
+    int64_t first = h->offset[l - 1] + (i << h->bits[l]);
+    __builtin_prefetch(h->key + first, 0, 1);
+    __builtin_prefetch(h->touch + first, 0, 1);
+    if (h->bits[l] == SHM_HEAP_ARITY_BITS) { /* 16 items: two cache lines */
+        __builtin_prefetch(h->key + first + 8, 0, 1);
+        __builtin_prefetch(h->touch + first + 8, 0, 1);
+    }
+    __builtin_prefetch(h->key + h->offset[l] + i, 1, 1);
+    __builtin_prefetch(h->touch + h->offset[l] + i, 1, 1);
+    __builtin_prefetch(h->slot + h->offset[l] + i, 1, 1);
 }
 
 static void recompute_from(shm_heap *h, int first_level) {
@@ -151,9 +175,11 @@ static int refresh(shm_heap *h, const int64_t *leaves, int64_t k) {
             int64_t parent = below[j] >> h->bits[l];
             if (idset_add(&seen, parent)) {
                 nodes[distinct++] = parent; /* in place: j >= distinct, read before written */
-                recompute(h, l, parent);
+                prefetch_row(h, l, parent);
             }
         }
+        for (int64_t j = 0; j < distinct; j++)
+            recompute(h, l, nodes[j]);
         idset_reset(&seen);
         below = nodes;
         m = distinct;
@@ -176,6 +202,12 @@ static int set_keys(shm_heap *h, const int64_t *slots, const double *priorities,
     int64_t t0 = h->clock[0];
     if (t0 < 0 || t0 > MAX_CLOCK - k)
         return SHM_ORDER_ECORRUPT;
+    for (int64_t i = 0; i < k; i++) {
+        __builtin_prefetch(h->key + slots[i], 1, 1);
+        __builtin_prefetch(h->touch + slots[i], 1, 1);
+        if (set_slot)
+            __builtin_prefetch(h->slot + slots[i], 1, 1);
+    }
     for (int64_t i = 0; i < k; i++) {
         int64_t s = slots[i];
         h->key[s] = h->sign * priorities[i];
@@ -235,6 +267,10 @@ int shm_heap_update(shm_heap *h, const int64_t *slots, const double *priorities,
 int shm_heap_remove(shm_heap *h, const int64_t *slots, int64_t k) {
     if (k < 0 || check_slots(h, slots, k) != SHM_ORDER_OK)
         return SHM_ORDER_EINVAL;
+    for (int64_t i = 0; i < k; i++) {
+        __builtin_prefetch(h->key + slots[i], 1, 1);
+        __builtin_prefetch(h->slot + slots[i], 1, 1);
+    }
     for (int64_t i = 0; i < k; i++) {
         h->key[slots[i]] = INFINITY;
         h->slot[slots[i]] = SHM_HEAP_EMPTY;
@@ -371,14 +407,24 @@ int shm_heap_first(const shm_heap *h, int64_t n, int64_t *out, int64_t *got) {
         int64_t nm = 0, base = h->offset[l - 1];
         int arity = 1 << h->bits[l];
         for (int64_t j = 0; j < m; j++) {
+            const double *row = h->key + base + (kept[j].idx << h->bits[l]);
+            __builtin_prefetch(row, 0, 1);
+            if (arity > 8)
+                __builtin_prefetch(row + 8, 0, 1);
+        }
+        for (int64_t j = 0; j < m && rc == SHM_ORDER_OK; j++) {
             int64_t first = kept[j].idx << h->bits[l];
             for (int c = 0; c < arity; c++) {
-                entry e = {h->key[base + first + c], h->touch[base + first + c], first + c};
-                if (isnan(e.key)) {
+                double key = h->key[base + first + c];
+                if (isnan(key)) {
                     rc = SHM_ORDER_ECORRUPT;
                     break;
                 }
-                if (e.key < INFINITY && (nm < cap || worse(&next[0], &e)))
+                /* A key above the worst kept one's is out at one comparison, touch unread. */
+                if (!(key < INFINITY) || (nm == cap && key > next[0].key))
+                    continue;
+                entry e = {key, h->touch[base + first + c], first + c};
+                if (nm < cap || worse(&next[0], &e))
                     offer(next, &nm, cap, &e);
             }
         }
