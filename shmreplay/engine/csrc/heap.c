@@ -5,6 +5,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* How many rows ahead of the one it computes a batch loop asks the memory for: enough misses
+ * in flight to overlap them, few enough that the queues do not drop them. */
+#define PREFETCH_AHEAD 16
+
 /* A clock beyond this is corrupt: it keeps clock + batch from overflowing. */
 #define MAX_CLOCK ((int64_t)1 << 62)
 
@@ -52,38 +56,41 @@ int shm_heap_init(shm_heap *h, double *key, int64_t *touch, int64_t *slot, int64
 }
 
 /* Node i of inner level l from its children, as heap.py's _Level.recompute: the key is the
- * lowest child key, the winner the first child holding it with the lowest touch; a NaN child
- * key (corruption) makes the key NaN and the first child the winner, as numpy's min and argmin
- * do. One pass. (The model differs only for a touch of INT64_MAX, which it uses as a marker.) */
+ * lowest child key (NaN if a child's is: corruption, as numpy's min), the winner the first
+ * child holding it with the lowest touch (the first child when the key is NaN, as numpy's
+ * argmin). Touches are read only for children holding the best key: at a million slots the
+ * touch row is one more cache miss, and ties are rare. (The model differs only for a touch of
+ * INT64_MAX, which it uses as a marker.) */
 static inline void recompute(shm_heap *h, int l, int64_t i) {
     int64_t first = h->offset[l - 1] + (i << h->bits[l]);
     int arity = 1 << h->bits[l];
     const double *ck = h->key + first;
     const int64_t *ct = h->touch + first;
     double best = ck[0];
-    int64_t wt = ct[0];
-    int w = 0, nan = isnan(best);
+    int nan = 0;
     for (int j = 1; j < arity; j++) {
-        double k = ck[j];
-        nan |= isnan(k);
-        if (k < best || (k == best && ct[j] < wt)) {
-            best = k;
-            wt = ct[j];
-            w = j;
-        }
+        best = ck[j] < best ? ck[j] : best;
+        nan |= isnan(ck[j]);
     }
-    if (nan) {
+    int w = 0;
+    if (nan || isnan(ck[0])) {
         for (int j = 0; j < arity; j++)
             if (isnan(ck[j])) {
                 best = ck[j];
                 break;
             }
-        w = 0;
-        wt = ct[0];
+    } else {
+        int64_t wt = INT64_MAX;
+        w = -1;
+        for (int j = 0; j < arity; j++)
+            if (ck[j] == best && (w < 0 || ct[j] < wt)) {
+                wt = ct[j];
+                w = j;
+            }
     }
     int64_t node = h->offset[l] + i;
     h->key[node] = best;
-    h->touch[node] = wt;
+    h->touch[node] = ct[w];
     h->slot[node] = h->slot[first + w];
 }
 
@@ -92,14 +99,56 @@ static inline void recompute(shm_heap *h, int l, int64_t i) {
 static inline void prefetch_row(const shm_heap *h, int l, int64_t i) {
     int64_t first = h->offset[l - 1] + (i << h->bits[l]);
     __builtin_prefetch(h->key + first, 0, 1);
-    __builtin_prefetch(h->touch + first, 0, 1);
-    if (h->bits[l] == SHM_HEAP_ARITY_BITS) { /* 16 items: two cache lines */
+    if (h->bits[l] == SHM_HEAP_ARITY_BITS) /* 16 keys: two cache lines */
         __builtin_prefetch(h->key + first + 8, 0, 1);
-        __builtin_prefetch(h->touch + first + 8, 0, 1);
-    }
     __builtin_prefetch(h->key + h->offset[l] + i, 1, 1);
     __builtin_prefetch(h->touch + h->offset[l] + i, 1, 1);
     __builtin_prefetch(h->slot + h->offset[l] + i, 1, 1);
+}
+
+/* recompute() for distinct nodes[0..m) of level l, in three passes over the batch so that
+ * their cache misses overlap: the key rows (prefetched by the caller), then the touch and slot
+ * of each winner candidate, then the winners. win[] is scratch for m entries. */
+static void recompute_batch(shm_heap *h, int l, const int64_t *nodes, int64_t m, int *win) {
+    int arity = 1 << h->bits[l];
+    for (int64_t n = 0; n < m && n < PREFETCH_AHEAD; n++)
+        prefetch_row(h, l, nodes[n]);
+    for (int64_t n = 0; n < m; n++) {
+        if (n + PREFETCH_AHEAD < m)
+            prefetch_row(h, l, nodes[n + PREFETCH_AHEAD]);
+        int64_t first = h->offset[l - 1] + (nodes[n] << h->bits[l]);
+        const double *ck = h->key + first;
+        double best = ck[0];
+        int nan = isnan(ck[0]);
+        for (int j = 1; j < arity; j++) {
+            best = ck[j] < best ? ck[j] : best;
+            nan |= isnan(ck[j]);
+        }
+        int w = -1, ties = 0;
+        for (int j = 0; j < arity; j++)
+            if (ck[j] == best) {
+                ties++;
+                if (w < 0)
+                    w = j;
+            }
+        /* -1: recompute() decides (a NaN, or a tie that touches break). */
+        win[n] = nan || ties != 1 ? -1 : w;
+        if (win[n] >= 0) {
+            __builtin_prefetch(h->touch + first + w, 0, 1);
+            __builtin_prefetch(h->slot + first + w, 0, 1);
+        }
+    }
+    for (int64_t n = 0; n < m; n++) {
+        if (win[n] < 0) {
+            recompute(h, l, nodes[n]);
+            continue;
+        }
+        int64_t first = h->offset[l - 1] + (nodes[n] << h->bits[l]) + win[n];
+        int64_t node = h->offset[l] + nodes[n];
+        h->key[node] = h->key[first];
+        h->touch[node] = h->touch[first];
+        h->slot[node] = h->slot[first];
+    }
 }
 
 static void recompute_from(shm_heap *h, int first_level) {
@@ -158,9 +207,11 @@ static int refresh(shm_heap *h, const int64_t *leaves, int64_t k) {
         return SHM_ORDER_OK;
     }
     int64_t *nodes = malloc((size_t)k * sizeof *nodes);
+    int *win = malloc((size_t)k * sizeof *win);
     idset seen;
-    if (nodes == NULL || idset_init(&seen, k) != SHM_ORDER_OK) {
+    if (nodes == NULL || win == NULL || idset_init(&seen, k) != SHM_ORDER_OK) {
         free(nodes);
+        free(win);
         return SHM_ORDER_ENOMEM;
     }
     const int64_t *below = leaves;
@@ -175,16 +226,15 @@ static int refresh(shm_heap *h, const int64_t *leaves, int64_t k) {
             int64_t parent = below[j] >> h->bits[l];
             if (idset_add(&seen, parent)) {
                 nodes[distinct++] = parent; /* in place: j >= distinct, read before written */
-                prefetch_row(h, l, parent);
             }
         }
-        for (int64_t j = 0; j < distinct; j++)
-            recompute(h, l, nodes[j]);
+        recompute_batch(h, l, nodes, distinct, win);
         idset_reset(&seen);
         below = nodes;
         m = distinct;
     }
     free(nodes);
+    free(win);
     free(seen.cells);
     return SHM_ORDER_OK;
 }
@@ -406,13 +456,13 @@ int shm_heap_first(const shm_heap *h, int64_t n, int64_t *out, int64_t *got) {
     for (int l = top; l > 0 && rc == SHM_ORDER_OK; l--) {
         int64_t nm = 0, base = h->offset[l - 1];
         int arity = 1 << h->bits[l];
-        for (int64_t j = 0; j < m; j++) {
-            const double *row = h->key + base + (kept[j].idx << h->bits[l]);
-            __builtin_prefetch(row, 0, 1);
-            if (arity > 8)
-                __builtin_prefetch(row + 8, 0, 1);
-        }
         for (int64_t j = 0; j < m && rc == SHM_ORDER_OK; j++) {
+            if (j + PREFETCH_AHEAD < m) {
+                const double *row = h->key + base + (kept[j + PREFETCH_AHEAD].idx << h->bits[l]);
+                __builtin_prefetch(row, 0, 1);
+                if (arity > 8)
+                    __builtin_prefetch(row + 8, 0, 1);
+            }
             int64_t first = kept[j].idx << h->bits[l];
             for (int c = 0; c < arity; c++) {
                 double key = h->key[base + first + c];
