@@ -456,6 +456,12 @@ int shm_heap_first(const shm_heap *h, int64_t n, int64_t *out, int64_t *got) {
     for (int l = top; l > 0 && rc == SHM_ORDER_OK; l--) {
         int64_t nm = 0, base = h->offset[l - 1];
         int arity = 1 << h->bits[l];
+        /* With n nodes kept, their winners are n items no worse than the worst kept one, T:
+         * the n best items, and so the n best children, are no worse than T either. Children
+         * beyond T are skipped before they reach the bounded heap (most of them are). */
+        int bounded = m == cap;
+        double tkey = kept[0].key;
+        int64_t ttouch = kept[0].touch;
         for (int64_t j = 0; j < m && rc == SHM_ORDER_OK; j++) {
             if (j + PREFETCH_AHEAD < m) {
                 const double *row = h->key + base + (kept[j + PREFETCH_AHEAD].idx << h->bits[l]);
@@ -471,9 +477,12 @@ int shm_heap_first(const shm_heap *h, int64_t n, int64_t *out, int64_t *got) {
                     break;
                 }
                 /* A key above the worst kept one's is out at one comparison, touch unread. */
-                if (!(key < INFINITY) || (nm == cap && key > next[0].key))
+                if (!(key < INFINITY) || (nm == cap && key > next[0].key) ||
+                    (bounded && key > tkey))
                     continue;
                 entry e = {key, h->touch[base + first + c], first + c};
+                if (bounded && key == tkey && e.touch > ttouch)
+                    continue;
                 if (nm < cap || worse(&next[0], &e))
                     offer(next, &nm, cap, &e);
             }
