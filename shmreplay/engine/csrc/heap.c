@@ -380,7 +380,18 @@ static inline int worse(const entry *a, const entry *b) {
     return a->idx > b->idx;
 }
 
-/* A max-heap on worse(): the worst kept entry on top. */
+/* Sorting and selection of entries, best first: an introsort (quicksort whose partitions are
+ * Hoare's around a median of three moved to the front, insertion sort for short runs, heapsort
+ * when the recursion grows deep: the keys come from memory anyone can write, and a crafted
+ * sequence must not make this quadratic). */
+
+static inline void swap_entries(entry *a, entry *b) {
+    entry t = *a;
+    *a = *b;
+    *b = t;
+}
+
+/* A max-heap on worse(): heapsort leaves the array best first. */
 static void sift_down(entry *a, int64_t i, int64_t m) {
     entry x = a[i];
     for (;;) {
@@ -397,27 +408,95 @@ static void sift_down(entry *a, int64_t i, int64_t m) {
     a[i] = x;
 }
 
-static void sift_up(entry *a, int64_t i) {
-    entry x = a[i];
-    while (i > 0) {
-        int64_t p = (i - 1) / 2;
-        if (!worse(&x, &a[p]))
-            break;
-        a[i] = a[p];
-        i = p;
+static void heap_sort(entry *a, int64_t n) {
+    for (int64_t i = n / 2 - 1; i >= 0; i--)
+        sift_down(a, i, n);
+    for (int64_t end = n - 1; end > 0; end--) {
+        swap_entries(&a[0], &a[end]);
+        sift_down(a, 0, end);
     }
-    a[i] = x;
 }
 
-/* Offer e to the bounded heap a[0..*m) of at most cap entries. */
-static inline void offer(entry *a, int64_t *m, int64_t cap, const entry *e) {
-    if (*m < cap) {
-        a[*m] = *e;
-        sift_up(a, (*m)++);
-    } else if (worse(&a[0], e)) {
-        a[0] = *e;
-        sift_down(a, 0, *m);
+static void insertion_sort(entry *a, int64_t n) {
+    for (int64_t i = 1; i < n; i++) {
+        entry x = a[i];
+        int64_t j = i;
+        while (j > 0 && worse(&a[j - 1], &x)) {
+            a[j] = a[j - 1];
+            j--;
+        }
+        a[j] = x;
     }
+}
+
+/* Split a[0..n) (n >= 2) into a[0..j] and a[j+1..n), no entry of the first worse than one of
+ * the second; returns j + 1, in 1..n-1. */
+static int64_t partition(entry *a, int64_t n) {
+    int64_t mid = n / 2;
+    /* a[0] <= a[mid] <= a[n-1], then the median to a[0]: Hoare's scheme around a[0] returns
+     * two non-empty parts. */
+    if (worse(&a[0], &a[mid]))
+        swap_entries(&a[0], &a[mid]);
+    if (worse(&a[mid], &a[n - 1]))
+        swap_entries(&a[mid], &a[n - 1]);
+    if (worse(&a[0], &a[mid]))
+        swap_entries(&a[0], &a[mid]);
+    swap_entries(&a[0], &a[mid]);
+    entry p = a[0];
+    int64_t i = -1, j = n;
+    for (;;) {
+        do
+            i++;
+        while (worse(&p, &a[i]));
+        do
+            j--;
+        while (worse(&a[j], &p));
+        if (i >= j)
+            return j + 1;
+        swap_entries(&a[i], &a[j]);
+    }
+}
+
+static void intro_sort(entry *a, int64_t n, int depth) {
+    while (n > 16) {
+        if (depth-- == 0) {
+            heap_sort(a, n);
+            return;
+        }
+        int64_t left = partition(a, n);
+        intro_sort(a, left, depth);
+        a += left;
+        n -= left;
+    }
+    insertion_sort(a, n);
+}
+
+/* Reorder a[0..n) so that a[0..k) are its k best entries (in no order). */
+static void intro_select(entry *a, int64_t n, int64_t k, int depth) {
+    while (n > 16) {
+        if (depth-- == 0) {
+            heap_sort(a, n);
+            return;
+        }
+        int64_t left = partition(a, n);
+        if (k <= left) {
+            n = left;
+        } else {
+            a += left;
+            k -= left;
+            n -= left;
+        }
+    }
+    insertion_sort(a, n);
+}
+
+static int depth_limit(int64_t n) {
+    int d = 0;
+    while (n > 1) {
+        n >>= 1;
+        d++;
+    }
+    return 2 * d + 2;
 }
 
 int shm_heap_first(const shm_heap *h, int64_t n, int64_t *out, int64_t *got) {
@@ -440,28 +519,32 @@ int shm_heap_first(const shm_heap *h, int64_t n, int64_t *out, int64_t *got) {
         *got = 1;
         return SHM_ORDER_OK;
     }
-    /* The n best items lie below the n best nodes of every level: keep those, level by level.
-     * Candidates no better than the worst kept one are skipped at one comparison each. */
+    /* The n best items lie below the n best nodes of every level: keep those, level by level
+     * (gather the children of the kept nodes, select the n best of them). With n nodes kept,
+     * their winners are n items no worse than the worst kept node, T: the n best children are
+     * no worse than T either, and the children beyond T (most of them) are skipped as they are
+     * read. */
     int64_t cap = n < h->width[0] ? n : h->width[0];
+    int64_t room = 4 * cap + 64;
     entry *kept = malloc((size_t)cap * sizeof *kept);
-    entry *next = malloc((size_t)cap * sizeof *next);
-    if (kept == NULL || next == NULL) {
+    entry *cand = malloc((size_t)room * sizeof *cand);
+    if (kept == NULL || cand == NULL) {
         free(kept);
-        free(next);
+        free(cand);
         return SHM_ORDER_ENOMEM;
     }
     int rc = SHM_ORDER_OK;
     int64_t m = 1;
     kept[0] = (entry){h->key[root], h->touch[root], 0};
     for (int l = top; l > 0 && rc == SHM_ORDER_OK; l--) {
-        int64_t nm = 0, base = h->offset[l - 1];
+        int64_t nc = 0, base = h->offset[l - 1];
         int arity = 1 << h->bits[l];
-        /* With n nodes kept, their winners are n items no worse than the worst kept one, T:
-         * the n best items, and so the n best children, are no worse than T either. Children
-         * beyond T are skipped before they reach the bounded heap (most of them are). */
         int bounded = m == cap;
-        double tkey = kept[0].key;
-        int64_t ttouch = kept[0].touch;
+        entry t = kept[0];
+        if (bounded)
+            for (int64_t j = 1; j < m; j++)
+                if (worse(&kept[j], &t))
+                    t = kept[j];
         for (int64_t j = 0; j < m && rc == SHM_ORDER_OK; j++) {
             if (j + PREFETCH_AHEAD < m) {
                 const double *row = h->key + base + (kept[j + PREFETCH_AHEAD].idx << h->bits[l]);
@@ -476,30 +559,35 @@ int shm_heap_first(const shm_heap *h, int64_t n, int64_t *out, int64_t *got) {
                     rc = SHM_ORDER_ECORRUPT;
                     break;
                 }
-                /* A key above the worst kept one's is out at one comparison, touch unread. */
-                if (!(key < INFINITY) || (nm == cap && key > next[0].key) ||
-                    (bounded && key > tkey))
-                    continue;
+                if (!(key < INFINITY) || (bounded && key > t.key))
+                    continue; /* an empty subtree, or one beyond T: its touch is not read */
                 entry e = {key, h->touch[base + first + c], first + c};
-                if (bounded && key == tkey && e.touch > ttouch)
-                    continue;
-                if (nm < cap || worse(&next[0], &e))
-                    offer(next, &nm, cap, &e);
+                if (bounded && key == t.key && e.touch > t.touch)
+                    continue; /* (idx is another level's: not compared) */
+                if (nc == room) {
+                    int64_t bigger = 2 * room;
+                    entry *grown = realloc(cand, (size_t)bigger * sizeof *cand);
+                    if (grown == NULL) {
+                        rc = SHM_ORDER_ENOMEM;
+                        break;
+                    }
+                    cand = grown;
+                    room = bigger;
+                }
+                cand[nc++] = e;
             }
         }
-        entry *t = kept;
-        kept = next;
-        next = t;
-        m = nm;
+        if (rc != SHM_ORDER_OK)
+            break;
+        if (nc > cap) {
+            intro_select(cand, nc, cap, depth_limit(nc));
+            nc = cap;
+        }
+        memcpy(kept, cand, (size_t)nc * sizeof *kept);
+        m = nc;
     }
     if (rc == SHM_ORDER_OK) {
-        /* Heapsort the kept leaves: best first. */
-        for (int64_t end = m - 1; end > 0; end--) {
-            entry t = kept[0];
-            kept[0] = kept[end];
-            kept[end] = t;
-            sift_down(kept, 0, end);
-        }
+        intro_sort(kept, m, depth_limit(m));
         for (int64_t j = 0; j < m; j++) {
             int64_t s = kept[j].idx;
             if (s >= h->num_slots || h->slot[s] != s) {
@@ -512,6 +600,6 @@ int shm_heap_first(const shm_heap *h, int64_t n, int64_t *out, int64_t *got) {
             *got = m;
     }
     free(kept);
-    free(next);
+    free(cand);
     return rc;
 }
