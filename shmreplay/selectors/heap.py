@@ -24,9 +24,11 @@ leaves (C the next power of two ≥ the slots; L = log16 C levels, 5 for a milli
 - the best item: the root, O(1); ``sample(n)`` without max_times_sampled repeats it.
 - the n best, best first (``victims(n)``, ``sample(n)`` with max_times_sampled): a pruned
   descent from the root. A node's winner beats every item below it, so the n best items lie
-  below the n best nodes of every level: keep those in a bounded heap, step to their children,
-  keep the n best again; a child no better than the worst kept node costs one comparison.
-  O(16·n·L·log n) at worst, best first by (key, touch), the leaf index last.
+  below the n best nodes of every level: gather the children of the kept nodes, select the n
+  best (introselect), step down. Once n nodes are kept, a child worse than the worst of them
+  cannot be among the n best and is skipped as it is read, so each level gathers little more
+  than n children: O(16·n·L) reads, then one sort of the n found (introsort). Ties are broken
+  by touch, then by slot.
 
 Everything read from the arrays is checked where it could address memory (a winner's slot, a
 NaN key): CorruptStructure, which makes the table rebuild the selector.

@@ -53,8 +53,10 @@ int shm_heap_update(shm_heap *h, const int64_t *slots, const double *priorities,
 int shm_heap_remove(shm_heap *h, const int64_t *slots, int64_t k);
 
 /* The n best items, best first ((key, touch) lowest first; leaf index last), into out; *got
- * their number (fewer when the heap holds fewer). ECORRUPT for a NaN key or a returned slot out
- * of range. */
+ * their number (fewer when the heap holds fewer): a pruned descent that keeps the n best nodes
+ * of each level (introselect over the children that can still matter), then sorts them. n == 1
+ * returns the root's slot. ECORRUPT for a NaN key met on the way, or a returned slot out of range
+ * or whose leaf does not name it. O(16·n·levels), scratch memory O(n). */
 int shm_heap_first(const shm_heap *h, int64_t n, int64_t *out, int64_t *got);
 
 /* Forget every item: keys +inf, slots -1, touches 0, clock 0. */
