@@ -2,6 +2,7 @@
 #include "heap.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -266,7 +267,9 @@ static int set_keys(shm_heap *h, const int64_t *slots, const double *priorities,
             h->slot[s] = s;
     }
     /* The touches before the clock: a process dying in between leaves touches above the clock,
-     * which rebuild recognises as unknown. (The mutex orders both for the next holder.) */
+     * which rebuild recognises as unknown. The fence keeps the compiler from storing the clock
+     * first; the table mutex (acquired by whoever repairs) orders both for the next holder. */
+    atomic_signal_fence(memory_order_release);
     h->clock[0] = t0 + k;
     return SHM_ORDER_OK;
 }
