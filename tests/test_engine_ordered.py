@@ -314,3 +314,19 @@ def test_garbage_in_every_array_never_crashes():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "'corrupt'" in done.stdout
+
+
+@pytest.mark.parametrize("kind", ["min_heap", "max_heap"])
+def test_first_with_every_key_equal_matches_the_model(kind):
+    """One priority for every item: touches alone order them (the selection's worst case for
+    ties); equal touches too (only corruption makes them) still give n distinct items."""
+    engine, reference = pair(kind, 5000)
+    slots = np.random.default_rng(4).permutation(5000)[:4321]
+    both(engine, reference, "insert", slots, np.ones(len(slots)))
+    for n in (2, 17, 256, 1000, 4321, 5000):
+        got, want = both(engine, reference, "victims", n, None)
+        assert np.array_equal(got, want), n
+    engine.touch[:] = 7
+    engine.arrays["clock"][0] = 10
+    got = engine.victims(1000, None)
+    assert len(got) == 1000 and len(np.unique(got)) == 1000
