@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import SelectorSpec
-from ..rings import ring_get, ring_put
+from ..engine._native import OrderRing
 from .base import ArraySpecs, Deterministic
 
 HOLE = -1
@@ -22,13 +22,18 @@ RING_FACTOR = 2
 
 
 class InsertionOrder(Deterministic):
-    """A selector that picks by insertion order alone; subclasses choose the end it reads."""
+    """A selector that picks by insertion order alone; subclasses choose the end it reads.
+
+    The ring's operations run in C (csrc/order.c, over the same shared arrays); the numpy
+    version they are tested against is tests/reference/ordered_selectors.py. Entries read from
+    the shared arrays are range-checked there: CorruptStructure, never a stray access."""
 
     def __init__(self, arrays: dict[str, np.ndarray], spec: SelectorSpec, num_slots: int) -> None:
         super().__init__(arrays, spec, num_slots)
         self.order = arrays["order"]
         self.pos = arrays["pos"]
         self.ends = arrays["ends"][:, 0]  # absolute head and tail counters, one line each
+        self._ring = OrderRing(self.order, self.pos, arrays["ends"])
 
     @classmethod
     def array_specs(cls, num_slots: int) -> ArraySpecs:
@@ -39,21 +44,7 @@ class InsertionOrder(Deterministic):
         ]
 
     def insert(self, slots: np.ndarray, priorities: np.ndarray) -> None:
-        k = len(slots)
-        head, tail = int(self.ends[_HEAD]), int(self.ends[_TAIL])
-        if tail - head + k > len(self.order):
-            head, tail = self._compact(head, tail)
-        ring_put(self.order, tail, slots)
-        self.pos[slots] = np.arange(tail, tail + k)
-        self.ends[_TAIL] = tail + k
-
-    def _compact(self, head: int, tail: int) -> tuple[int, int]:
-        entries = ring_get(self.order, head, tail - head)
-        live = entries[entries != HOLE]
-        self.order[: len(live)] = live
-        self.pos[live] = np.arange(len(live))
-        self.ends[_HEAD], self.ends[_TAIL] = 0, len(live)
-        return 0, len(live)
+        self._ring.insert(np.ascontiguousarray(slots, dtype=np.int64))
 
     def update(self, slots: np.ndarray, priorities: np.ndarray) -> None:
         pass  # order does not depend on priority
@@ -68,14 +59,13 @@ class InsertionOrder(Deterministic):
         return None
 
     def remove(self, slots: np.ndarray) -> None:
-        self.order[self.pos[slots] % len(self.order)] = HOLE
+        self._ring.remove(np.ascontiguousarray(slots, dtype=np.int64))
 
     def clear(self) -> None:
-        self.ends[_HEAD], self.ends[_TAIL] = 0, 0
+        self._ring.clear()
 
     def rebuild(self, slots: np.ndarray, priorities: np.ndarray) -> None:
-        self.clear()
-        self.insert(slots, priorities)
+        self._ring.rebuild(np.ascontiguousarray(slots, dtype=np.int64))
 
 
 class Fifo(InsertionOrder):
@@ -83,18 +73,5 @@ class Fifo(InsertionOrder):
 
     def _first(self, n: int) -> np.ndarray:
         """The ``n`` oldest items, oldest first, skipping holes (and dropping the leading ones)."""
-        head, tail = int(self.ends[_HEAD]), int(self.ends[_TAIL])
-        found: list[np.ndarray] = []
-        got, start, window = 0, head, max(2 * n, 64)
-        while got < n and start < tail:
-            stop = min(tail, start + window)
-            entries = ring_get(self.order, start, stop - start)
-            live = entries[entries != HOLE]
-            if start == head:  # drop the leading holes for good
-                first = int(np.argmax(entries != HOLE)) if len(live) else stop - start
-                head = start + first
-                self.ends[_HEAD] = head
-            found.append(live[: n - got])
-            got += min(len(live), n - got)
-            start, window = stop, window * 2
-        return np.concatenate(found) if found else np.empty(0, np.int64)
+        out = np.empty(n, np.int64)
+        return out[: self._ring.first_fifo(n, out)]

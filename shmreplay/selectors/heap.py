@@ -14,46 +14,44 @@ Copying the winner's key and touch into its parent, rather than looking them up 
 a node's children one contiguous row: recomputing a node reads two rows instead of gathering
 from random slots, which is what costs at a million items.
 
-Costs for a batch of k over C leaves (C the next power of two ≥ the slots; L = log16 C levels,
-5 for a million slots):
+The tree runs in C (csrc/heap.c, over the same shared arrays); the numpy version it is tested
+against, array for array, is tests/reference/ordered_selectors.py. Costs for a batch of k over C
+leaves (C the next power of two ≥ the slots; L = log16 C levels, 5 for a million slots):
 
-- insert, update, remove: write k leaves, then recompute their ancestors level by level, one
-  row of 16 children per node: O(16·k·L) in about ten numpy calls per level. A level no wider
-  than ``WHOLE_LEVEL_FACTOR``·k is recomputed whole instead, which costs no more.
+- insert, update, remove: write k leaves, then recompute their ancestors level by level, each
+  distinct ancestor once, one row of 16 children per node: O(16·k·L). A level no wider than
+  ``WHOLE_LEVEL_FACTOR``·k is recomputed whole (with the levels above), which costs no more.
 - the best item: the root, O(1); ``sample(n)`` without max_times_sampled repeats it.
 - the n best, best first (``victims(n)``, ``sample(n)`` with max_times_sampled): a pruned
-  descent, one algorithm for every n. A node's winner beats every item below it, so the n best
-  items lie below the n nodes of a level whose winners are best. Starting from a whole level at
-  least max(n, ``START_WIDTH``) wide, keep its n best nodes, step to their 16n children, keep
-  the n best again, and so on: at the leaves the kept n are exactly the n best items, sorted at
-  the end. Each level is one np.partition of ≤ 16n keys (ties at the cut broken by touch):
-  O(16·n·L + n log n). An n near the table's size starts at the leaves: one pass over C.
+  descent from the root. A node's winner beats every item below it, so the n best items lie
+  below the n best nodes of every level: gather the children of the kept nodes, select the n
+  best (introselect), step down. Once n nodes are kept, a child worse than the worst of them
+  cannot be among the n best and is skipped as it is read, so each level gathers little more
+  than n children: O(16·n·L) reads, then one sort of the n found (introsort). Ties are broken
+  by touch, then by slot.
+
+Everything read from the arrays is checked where it could address memory (a winner's slot, a
+NaN key): CorruptStructure, which makes the table rebuild the selector.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
 from ..config import SelectorSpec
-from ..sumtree import last_wins, sumtree_capacity
+from ..engine._native import Heap as _NativeHeap
+from ..sumtree import sumtree_capacity
 from .base import ArraySpecs, Deterministic
 
 EMPTY = -1
-# Each level is 2**ARITY_BITS times narrower than the one below it. Numpy's per-call cost, not
-# the elements, dominates the update of a few paths, so a few wide levels beat many binary ones:
-# updating 256 of a million items took 2.3x as long with binary levels, 1.5x with 4-ary and 1.2x
-# with 8-ary ones; 32-ary saved another 10% but widens every step of the top-n descent.
+# Each level is 2**ARITY_BITS times narrower than the one below it (heap.h has the same).
 ARITY_BITS = 4
-# A level no wider than this many times the number of nodes to recompute on it is recomputed
-# whole: a node costs about the same either way, and slices skip the gathers and the duplicates.
+# A level no wider than this many times the batch is recomputed whole (heap.h has the same).
 WHOLE_LEVEL_FACTOR = 2
-# The top-n descent starts on a level at least this wide: one partition of this many keys is
-# cheaper than descending the levels above it one handful of numpy calls at a time.
-START_WIDTH = 256
-_NO_TOUCH = np.iinfo(np.int64).max  # sorts a child out of a touch comparison
+# A clock beyond this is corrupt (it could overflow): check() reports it, rebuild() resets it.
+MAX_CLOCK = 1 << 62
 
 
 def level_widths(num_slots: int) -> list[int]:
@@ -62,35 +60,6 @@ def level_widths(num_slots: int) -> list[int]:
     while widths[-1] > 1:
         widths.append(max(1, widths[-1] >> ARITY_BITS))
     return widths
-
-
-@dataclass(frozen=True)
-class _Level:
-    """Views of one level of the tree (its nodes) and, for inner levels, of the one below."""
-
-    key: np.ndarray
-    touch: np.ndarray
-    slot: np.ndarray
-    bits: int = 0  # log2 of the arity: node i's children are i << bits ... on the level below
-    below: _Level | None = None
-
-    def recompute(self, nodes: np.ndarray | None) -> None:
-        """Recompute ``nodes`` of this inner level from their children (None: every node)."""
-        below, bits = self.below, self.bits
-        if nodes is None:
-            keys = below.key.reshape(-1, 1 << bits)
-            touches = below.touch.reshape(-1, 1 << bits)
-            first_child = np.arange(0, len(below.key), 1 << bits)
-            nodes = slice(None)
-        else:
-            keys = below.key.reshape(-1, 1 << bits)[nodes]
-            touches = below.touch.reshape(-1, 1 << bits)[nodes]
-            first_child = nodes << bits
-        best = keys.min(axis=1)
-        won = first_child + np.where(keys != best[:, None], _NO_TOUCH, touches).argmin(axis=1)
-        self.key[nodes] = best
-        self.touch[nodes] = below.touch.take(won)
-        self.slot[nodes] = below.slot.take(won)
 
 
 class Heap(Deterministic):
@@ -105,16 +74,10 @@ class Heap(Deterministic):
         super().__init__(arrays, spec, num_slots)
         self.key, self.touch, self.slot = arrays["key"], arrays["touch"], arrays["slot"]
         self._clock = arrays["clock"][:1]  # the last touch handed out (0 = none since clear)
-        levels: list[_Level] = []
-        start = 0
-        for width in level_widths(num_slots):
-            part = slice(start, start + width)
-            below = levels[-1] if levels else None
-            bits = (len(below.key) // width).bit_length() - 1 if below else 0
-            levels.append(_Level(self.key[part], self.touch[part], self.slot[part], bits, below))
-            start += width
-        self._levels = levels  # leaves first, root last
-        self.capacity = len(levels[0].key)
+        self.capacity = sumtree_capacity(num_slots)
+        self._tree = _NativeHeap(
+            self.key, self.touch, self.slot, arrays["clock"], num_slots, self.sign
+        )
 
     @classmethod
     def array_specs(cls, num_slots: int) -> ArraySpecs:
@@ -126,116 +89,49 @@ class Heap(Deterministic):
             ("clock", "int64", (8,)),
         ]
 
-    # -- the tree ------------------------------------------------------------------------------
-
-    def _refresh(self, slots: np.ndarray) -> None:
-        """Recompute the ancestors of the leaves of ``slots``."""
-        nodes = np.array(slots, dtype=np.int64)
-        for i, level in enumerate(self._levels[1:], start=1):
-            nodes >>= level.bits  # repeated parents compute the same winner twice
-            if len(level.key) <= WHOLE_LEVEL_FACTOR * len(nodes):
-                self._recompute_from(i)
-                return
-            level.recompute(nodes)
-
-    def _recompute_from(self, first: int) -> None:
-        """Recompute every node of inner level ``first`` (≥ 1) and of the levels above."""
-        for level in self._levels[first:]:
-            level.recompute(None)
-
-    def _set_keys(self, slots: np.ndarray, priorities: np.ndarray) -> None:
-        """Give ``slots`` their keys and fresh touches, in batch order."""
-        k = len(slots)
-        t0 = int(self._clock[0])
-        self.key[slots] = self.sign * np.asarray(priorities, dtype=np.float64)
-        # Touches before the clock: a process dying in between leaves touches above the clock,
-        # which rebuild() recognises as unknown.
-        self.touch[slots] = np.arange(t0 + 1, t0 + 1 + k)
-        self._clock[0] = t0 + k
-
-    @staticmethod
-    def _top(keys: np.ndarray, touches: np.ndarray, n: int) -> np.ndarray:
-        """Indices of the ``n`` lowest (key, touch) pairs (all if fewer), in no order."""
-        if len(keys) <= n:
-            return np.arange(len(keys))
-        cut = np.partition(keys, n - 1)[n - 1]
-        below = np.flatnonzero(keys < cut)
-        tied = np.flatnonzero(keys == cut)
-        need = n - len(below)
-        if need < len(tied):
-            tied = tied[np.argpartition(touches.take(tied), need - 1)[:need]]
-        return np.concatenate([below, tied])
-
     def _first(self, n: int) -> np.ndarray:
         """The ``n`` best items, best first (fewer if the table has fewer)."""
-        root = self._levels[-1]
-        if n <= 1:
-            return root.slot.copy() if n == 1 and root.key[0] < np.inf else np.empty(0, np.int64)
-        # From the narrowest level at least max(n, START_WIDTH) wide (or the leaves) down.
-        depth = next(
-            i
-            for i in range(len(self._levels) - 1, -1, -1)
-            if i == 0 or len(self._levels[i].key) >= max(n, START_WIDTH)
-        )
-        nodes = np.arange(len(self._levels[depth].key))
-        for i in range(depth, -1, -1):
-            level = self._levels[i]
-            nodes = nodes[self._top(level.key.take(nodes), level.touch.take(nodes), n)]
-            if i:
-                arity = 1 << level.bits
-                nodes = ((nodes << level.bits)[:, None] + np.arange(arity)).ravel()
-        keys, touches = self.key.take(nodes), self.touch.take(nodes)
-        present = keys < np.inf  # empties were kept only when fewer than n items are present
-        order = np.lexsort((touches[present], keys[present]))
-        return nodes[present][order]
+        out = np.empty(n, np.int64)
+        return out[: self._tree.first(n, out)]
 
     # -- the Selector interface ----------------------------------------------------------------
 
     def insert(self, slots: np.ndarray, priorities: np.ndarray) -> None:
-        if len(slots) == 0:
-            return
-        self._set_keys(slots, priorities)
-        self.slot[slots] = slots
-        self._refresh(slots)
+        self._tree.insert(
+            np.ascontiguousarray(slots, dtype=np.int64),
+            np.ascontiguousarray(priorities, dtype=np.float64),
+        )
 
     def update(self, slots: np.ndarray, priorities: np.ndarray) -> None:
-        """New priorities; each updated item counts as touched now (in batch order)."""
-        if len(slots) == 0:
-            return
-        slots, priorities = last_wins(slots, np.asarray(priorities))
-        self._set_keys(slots, priorities)
-        self._refresh(slots)
+        """New priorities; each updated item counts as touched now (in batch order; a repeated
+        slot keeps its last priority and counts as touched there)."""
+        self._tree.update(
+            np.ascontiguousarray(slots, dtype=np.int64),
+            np.ascontiguousarray(priorities, dtype=np.float64),
+        )
 
     def remove(self, slots: np.ndarray) -> None:
-        if len(slots) == 0:
-            return
-        self.key[slots] = np.inf
-        self.slot[slots] = EMPTY
-        self._refresh(slots)
+        self._tree.remove(np.ascontiguousarray(slots, dtype=np.int64))
 
     def clear(self) -> None:
-        self.key[:] = np.inf
-        self.slot[:] = EMPTY
-        self.touch[:] = 0  # so that stale touches cannot pass for plausible ones later
-        self._clock[0] = 0
+        self._tree.clear()
+
+    def check(self, size: int) -> str | None:
+        clock = int(self._clock[0])
+        if not 0 <= clock <= MAX_CLOCK:
+            return f"its clock is {clock}, outside 0..{MAX_CLOCK}"
+        return None
 
     def rebuild(self, slots: np.ndarray, priorities: np.ndarray) -> None:
         """Rebuild the tree from scratch. A present item keeps its touch when it is plausible
         (1 ≤ touch ≤ clock); the others (restored since clear, or caught mid-write) get fresh
         touches after every kept one, in insertion order. A slot caught mid-insert still holding
-        its previous item's touch cannot be told apart and keeps it."""
-        slots = np.asarray(slots, dtype=np.int64)
-        clock = int(self._clock[0])
-        touches = self.touch[slots]
-        unknown = slots[(touches < 1) | (touches > clock)]
-        self.touch[unknown] = np.arange(clock + 1, clock + 1 + len(unknown))
-        self._clock[0] = clock + len(unknown)
-        leaves = self._levels[0]
-        leaves.key[:] = np.inf
-        leaves.slot[:] = EMPTY
-        leaves.key[slots] = self.sign * np.asarray(priorities, dtype=np.float64)
-        leaves.slot[slots] = slots
-        self._recompute_from(1)
+        its previous item's touch cannot be told apart and keeps it. A clock outside
+        0..MAX_CLOCK counts as 0 (every touch unknown)."""
+        self._tree.rebuild(
+            np.ascontiguousarray(slots, dtype=np.int64),
+            np.ascontiguousarray(priorities, dtype=np.float64),
+        )
 
 
 class MinHeap(Heap):
