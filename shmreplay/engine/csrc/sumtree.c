@@ -13,11 +13,9 @@ int64_t shm_sumtree_capacity(int64_t num_leaves) {
     return cap;
 }
 
-/* Recompute the ancestors of one leaf node, bottom up: each from its two children. */
-static inline void fix_up(double *tree, int64_t node) {
-    for (node >>= 1; node >= 1; node >>= 1)
-        tree[node] = tree[2 * node] + tree[2 * node + 1];
-}
+/* Leaves whose paths are walked together (set) and draws that descend together (sample). */
+#define WALK_GROUP 32
+#define DRAW_GROUP 16
 
 void shm_sumtree_recompute(shm_sumtree *t) {
     double *tree = t->tree;
@@ -48,9 +46,22 @@ static void finish_set(shm_sumtree *t, const int64_t *leaves, int64_t n) {
         return;
     }
     /* Every leaf is set before any path is walked: a node on two paths is recomputed by the
-     * later walk from children that are final by then. */
-    for (int64_t i = 0; i < n; i++)
-        fix_up(t->tree, t->capacity + leaves[i]);
+     * later walk from children that are final by then. The paths of a group of leaves are
+     * walked level by level together, so that their cache misses (a large tree is mostly out of
+     * cache) overlap instead of following one another; any order of whole walks gives the same
+     * bits. */
+    double *tree = t->tree;
+    for (int64_t start = 0; start < n; start += WALK_GROUP) {
+        int64_t g = n - start < WALK_GROUP ? n - start : WALK_GROUP;
+        int64_t node[WALK_GROUP];
+        for (int64_t k = 0; k < g; k++)
+            node[k] = t->capacity + leaves[start + k];
+        for (int64_t width = t->capacity; width > 1; width >>= 1)
+            for (int64_t k = 0; k < g; k++) {
+                int64_t p = node[k] >>= 1;
+                tree[p] = tree[2 * p] + tree[2 * p + 1];
+            }
+    }
 }
 
 int shm_sumtree_set(shm_sumtree *t, const int64_t *leaves, int64_t n, const double *values,
@@ -97,39 +108,74 @@ void shm_sumtree_rebuild(shm_sumtree *t, const double *leaf_values) {
     shm_sumtree_recompute(t); /* no node at capacity 1: the root is the one leaf */
 }
 
-int64_t shm_sumtree_draw(const shm_sumtree *t, double u) {
-    const double *tree = t->tree;
-    double total = tree[1];
-    if (!(total > 0.0 && total < INFINITY)) /* an inf total would put every draw on one leaf */
-        return SHM_EEMPTY;
-    double mass = u * total;
-    int64_t node = 1;
-    while (node < t->capacity) {
-        int64_t left = 2 * node;
-        double lw = tree[left];
-        double rw = tree[left + 1];
-        if (lw <= 0.0 || (mass >= lw && rw > 0.0)) {
-            mass -= lw;
-            node = left + 1;
-        } else {
-            mass = mass < lw ? mass : lw;
-            node = left;
-        }
-    }
+/* The descent of shm_sumtree_draw for one step: from node (an inner node) to a child. Without
+ * branches (the direction is a coin flip per level: mispredicted branches cost more than the
+ * loads): both candidate masses are computed and one is selected by a bit mask. */
+static inline int64_t step(const double *tree, int64_t node, double *mass) {
+    int64_t left = 2 * node;
+    double lw = tree[left];
+    double rw = tree[left + 1];
+    double m = *mass;
+    int right = (lw <= 0.0) | ((m >= lw) & (rw > 0.0));
+    double go_right = m - lw;
+    double go_left = m < lw ? m : lw;
+    uint64_t r, l, mask = (uint64_t)0 - (uint64_t)right;
+    memcpy(&r, &go_right, sizeof r);
+    memcpy(&l, &go_left, sizeof l);
+    r = (r & mask) | (l & ~mask);
+    memcpy(mass, &r, sizeof r);
+    return left + right;
+}
+
+/* The leaf a descent ended on, or SHM_ECORRUPT when it is padding or does not weigh > 0: only a
+ * tree whose nodes are not the sums of their children (a stray store into shared memory) ends
+ * there. */
+static inline int64_t landed(const shm_sumtree *t, int64_t node) {
     int64_t leaf = node - t->capacity;
-    /* Only a tree whose nodes are not the sums of their children (a stray store into shared
-     * memory) ends on padding or on a leaf that weighs nothing (or NaN). */
-    if (leaf >= t->num_leaves || !(tree[node] > 0.0))
+    if (leaf >= t->num_leaves || !(t->tree[node] > 0.0))
         return SHM_ECORRUPT;
     return leaf;
 }
 
+static inline int total_is_drawable(double total) {
+    return total > 0.0 && total < INFINITY; /* an inf total would put every draw on one leaf */
+}
+
+int64_t shm_sumtree_draw(const shm_sumtree *t, double u) {
+    double total = t->tree[1];
+    if (!total_is_drawable(total))
+        return SHM_EEMPTY;
+    double mass = u * total;
+    int64_t node = 1;
+    while (node < t->capacity)
+        node = step(t->tree, node, &mass);
+    return landed(t, node);
+}
+
 int shm_sumtree_sample(const shm_sumtree *t, const double *u, int64_t n, int64_t *out) {
-    for (int64_t i = 0; i < n; i++) {
-        int64_t leaf = shm_sumtree_draw(t, u[i]);
-        if (leaf < 0)
-            return (int)leaf;
-        out[i] = leaf;
+    double total = t->tree[1];
+    if (n > 0 && !total_is_drawable(total))
+        return SHM_EEMPTY;
+    /* A group of draws descends level by level together: each level's loads are independent
+     * across the group, so their cache misses overlap. Each draw is the one shm_sumtree_draw
+     * makes. */
+    for (int64_t start = 0; start < n; start += DRAW_GROUP) {
+        int64_t g = n - start < DRAW_GROUP ? n - start : DRAW_GROUP;
+        int64_t node[DRAW_GROUP];
+        double mass[DRAW_GROUP];
+        for (int64_t k = 0; k < g; k++) {
+            node[k] = 1;
+            mass[k] = u[start + k] * total;
+        }
+        for (int64_t width = 1; width < t->capacity; width <<= 1)
+            for (int64_t k = 0; k < g; k++)
+                node[k] = step(t->tree, node[k], &mass[k]);
+        for (int64_t k = 0; k < g; k++) {
+            int64_t leaf = landed(t, node[k]);
+            if (leaf < 0)
+                return (int)leaf;
+            out[start + k] = leaf;
+        }
     }
     return SHM_OK;
 }
