@@ -70,15 +70,14 @@ int shm_prioritized_sample(const shm_prioritized *s, const double *u, int64_t n,
             prob[i] = 1.0 / (double)count;
         return SHM_OK;
     }
+    int rc = shm_sumtree_sample(&s->tree, u, n, slots); /* grouped draws: see sumtree.c */
+    if (rc != SHM_OK)
+        return rc;
     const double *leaves = s->tree.tree + s->tree.capacity;
     for (int64_t i = 0; i < n; i++) {
-        int64_t leaf = shm_sumtree_draw(&s->tree, u[i]);
-        if (leaf < 0)
-            return (int)leaf;
-        slots[i] = leaf;
         /* weight > 0, so weight/total > 0 unless it underflows: raised to the smallest normal
          * so that 1/prob (an importance weight) stays finite */
-        double p = leaves[leaf] / total;
+        double p = leaves[slots[i]] / total;
         prob[i] = p > DBL_MIN ? p : DBL_MIN;
     }
     return SHM_OK;
