@@ -28,14 +28,15 @@ def sumtree_nbytes(num_leaves: int) -> int:
 def last_wins(index: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Drop all but the last of repeated indices, keeping those last occurrences in call order
     (the order one-at-a-time updates would touch them: heaps break ties by it). numpy does not
-    promise which of repeated indices an assignment keeps."""
+    promise which of repeated indices an assignment keeps. O(n) in the engine (a hash set)."""
+    index = np.asarray(index)
     if index.size < 2:
         return index, values
-    ordered = np.sort(index)
-    if not (ordered[1:] == ordered[:-1]).any():
+    keys = np.ascontiguousarray(index).reshape(-1)
+    keys = keys.view(np.int64) if keys.dtype.kind in "iu" and keys.itemsize == 8 else keys
+    keep = np.empty(keys.shape, dtype=bool)
+    if _native.last_wins_mask(np.ascontiguousarray(keys, dtype=np.int64), keep) == keys.size:
         return index, values
-    _, first_from_end = np.unique(index[::-1], return_index=True)
-    keep = np.sort(len(index) - 1 - first_from_end)
     return index[keep], values[keep]
 
 

@@ -17,7 +17,7 @@ from shmreplay.engine import _native
 from shmreplay.selectors.base import CorruptStructure, DenseSet
 from shmreplay.selectors.prioritized import Prioritized, priority_limit, weight_limit
 from shmreplay.selectors.uniform import Uniform
-from shmreplay.sumtree import SumTree, sumtree_capacity
+from shmreplay.sumtree import SumTree, last_wins, sumtree_capacity
 from tests.reference.random_selectors import (
     DenseModel,
     PrioritizedModel,
@@ -25,6 +25,7 @@ from tests.reference.random_selectors import (
     weights,
 )
 from tests.reference.sumtree import SumTreeModel
+from tests.reference.sumtree import last_wins as last_wins_model
 
 SIZES = (1, 2, 3, 5, 17, 100, 1000)
 EXPONENTS = (0.0, 0.5, 0.6, 1.0, 2.0)
@@ -153,6 +154,18 @@ def test_sumtree_over_a_million_leaves_matches_the_model():
     assert np.array_equal(eng.tree, model.tree)
     u = rng.random(100_000)  # runs with the GIL released
     assert np.array_equal(eng.sample(u), model.sample(u))
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64])
+def test_last_wins_matches_the_model(dtype):
+    rng = np.random.default_rng(5)
+    for n in list(range(0, 12)) + [255, 256, 1000, 5000]:  # 5000: a heap-allocated hash set
+        for spread in (1, 3, n + 1, 2**62):
+            idx = rng.integers(0, spread, n).astype(dtype)
+            v = rng.random(n)
+            got, want = last_wins(idx, v), last_wins_model(idx, v)
+            assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+            assert got[0].dtype == idx.dtype
 
 
 # -- dense set -----------------------------------------------------------------------------------

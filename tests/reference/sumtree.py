@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from shmreplay.sumtree import last_wins, sumtree_capacity
+from shmreplay.sumtree import sumtree_capacity
+
+
+def last_wins(index: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All but the last of repeated indices dropped, those last occurrences in call order."""
+    if index.size < 2:
+        return index, values
+    _, first_from_end = np.unique(index[::-1], return_index=True)
+    keep = np.sort(len(index) - 1 - first_from_end)
+    return index[keep], values[keep]
 
 
 class SumTreeModel:

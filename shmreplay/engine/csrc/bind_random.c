@@ -618,7 +618,30 @@ static PyObject *py_priority_limit(PyObject *self, PyObject *const *args, Py_ssi
     return PyFloat_FromDouble(shm_priority_limit(e, w_max));
 }
 
+static PyObject *py_last_wins(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    CHECK_NARGS("last_wins_mask", 2);
+    Py_buffer kv, mv;
+    if (get_array(args[0], &kv, 'i', 0, "keys") < 0)
+        return NULL;
+    if (shm_get_buffer(args[1], &mv, 1, 1, "keep") < 0) {
+        PyBuffer_Release(&kv);
+        return NULL;
+    }
+    int64_t n = shm_buffer_len(&kv), kept = SHM_EINVAL;
+    if (shm_buffer_len(&mv) == n)
+        kept = shm_last_wins(kv.buf, n, mv.buf);
+    PyBuffer_Release(&kv);
+    PyBuffer_Release(&mv);
+    if (kept < 0)
+        return raise_status((int)kept, "last_wins_mask", 0.0);
+    return PyLong_FromLongLong(kept);
+}
+
 static PyMethodDef random_functions[] = {
+    {"last_wins_mask", (PyCFunction)(void (*)(void))py_last_wins, METH_FASTCALL,
+     "last_wins_mask(keys int64[n], keep bool[n]) -> int: keep[i] true for the last occurrence "
+     "of each key; returns how many are kept."},
     {"weight", (PyCFunction)(void (*)(void))py_weight, METH_FASTCALL,
      "weight(p, exponent) -> float: p**exponent as the prioritized selector computes it."},
     {"priority_limit", (PyCFunction)(void (*)(void))py_priority_limit, METH_FASTCALL,

@@ -2,6 +2,7 @@
 #include "sumtree.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "random_selectors.h"
@@ -178,4 +179,47 @@ int shm_sumtree_sample(const shm_sumtree *t, const double *u, int64_t n, int64_t
         }
     }
     return SHM_OK;
+}
+
+/* A hash set of keys for shm_last_wins: 2n to 4n buckets, on the stack for small batches. */
+#define LAST_WINS_STACK 1024
+
+int64_t shm_last_wins(const int64_t *keys, int64_t n, uint8_t *keep) {
+    if (n <= 0)
+        return 0;
+    int64_t nb = 1;
+    while (nb < 2 * n)
+        nb <<= 1;
+    int64_t stack_keys[LAST_WINS_STACK];
+    uint8_t stack_used[LAST_WINS_STACK];
+    int64_t *bucket = stack_keys;
+    uint8_t *used = stack_used;
+    if (nb > LAST_WINS_STACK) {
+        bucket = malloc((size_t)nb * sizeof *bucket);
+        used = malloc((size_t)nb);
+        if (bucket == NULL || used == NULL) {
+            free(bucket);
+            free(used);
+            return SHM_ENOMEM;
+        }
+    }
+    memset(used, 0, (size_t)nb);
+    int64_t kept = 0;
+    for (int64_t i = n - 1; i >= 0; i--) { /* from the end: the first one seen is the last */
+        uint64_t h = (uint64_t)keys[i] * UINT64_C(0x9E3779B97F4A7C15); /* Fibonacci hashing */
+        int64_t b = (int64_t)(h >> 32) & (nb - 1);
+        while (used[b] && bucket[b] != keys[i])
+            b = (b + 1) & (nb - 1);
+        keep[i] = !used[b];
+        if (!used[b]) {
+            used[b] = 1;
+            bucket[b] = keys[i];
+            kept++;
+        }
+    }
+    if (bucket != stack_keys) {
+        free(bucket);
+        free(used);
+    }
+    return kept;
 }

@@ -70,4 +70,9 @@ int64_t shm_sumtree_draw(const shm_sumtree *t, double u);
 /* n draws, out[i] for u[i]; the first error stops it and is returned. */
 int shm_sumtree_sample(const shm_sumtree *t, const double *u, int64_t n, int64_t *out);
 
+/* Which of n 64-bit keys to keep so that a repeated key keeps only its last occurrence:
+ * keep[i] = 1 for those, 0 for the others; returns how many are kept, or SHM_ENOMEM. O(n) with
+ * an open-addressing hash set (the table's update_priorities runs it on every batch). */
+int64_t shm_last_wins(const int64_t *keys, int64_t n, uint8_t *keep);
+
 #endif
