@@ -316,14 +316,21 @@ static PyObject *dense_slots_op(shm_dense *d, PyObject *arg,
     Py_buffer sv;
     if (get_array(arg, &sv, 'i', 0, "slots") < 0)
         return NULL;
-    int rc = f(d, sv.buf, shm_buffer_len(&sv));
+    int64_t n = shm_buffer_len(&sv);
+    int rc;
+    if (n >= NOGIL_MIN) {
+        Py_BEGIN_ALLOW_THREADS rc = f(d, sv.buf, n);
+        Py_END_ALLOW_THREADS
+    } else {
+        rc = f(d, sv.buf, n);
+    }
     PyBuffer_Release(&sv);
     if (rc != SHM_OK) {
         if (rc == SHM_ECORRUPT && f == shm_dense_remove) {
             PyObject *cls = corrupt_structure();
             if (cls != NULL)
-                PyErr_Format(cls, "a set of %lld items does not hold %zd of its members where it says",
-                             (long long)d->count[0], shm_buffer_len(&sv));
+                PyErr_Format(cls, "a set of %lld items does not hold %lld of its members where it "
+                             "says", (long long)d->count[0], (long long)n);
             return NULL;
         }
         return raise_status(rc, what, 0.0);
@@ -343,6 +350,10 @@ static PyObject *Dense_rebuild(DenseObject *self, PyObject *arg) {
     return dense_slots_op(&self->d, arg, shm_dense_rebuild, "dense set rebuild");
 }
 
+static int dense_draw_any(shm_dense *d, const double *u, int64_t n, int64_t *out, int distinct) {
+    return distinct ? shm_dense_draw_distinct(d, u, n, out) : shm_dense_draw(d, u, n, out);
+}
+
 /* draw / draw_distinct(u float64[n], out int64[n]) */
 static PyObject *dense_draw_op(DenseObject *self, PyObject *const *args, Py_ssize_t nargs,
                                int distinct) {
@@ -356,9 +367,14 @@ static PyObject *dense_draw_op(DenseObject *self, PyObject *const *args, Py_ssiz
     }
     int64_t n = shm_buffer_len(&uv);
     int rc = SHM_EINVAL;
-    if (shm_buffer_len(&ov) == n)
-        rc = distinct ? shm_dense_draw_distinct(&self->d, uv.buf, n, ov.buf)
-                      : shm_dense_draw(&self->d, uv.buf, n, ov.buf);
+    if (shm_buffer_len(&ov) == n) {
+        if (n >= NOGIL_MIN) {
+            Py_BEGIN_ALLOW_THREADS rc = dense_draw_any(&self->d, uv.buf, n, ov.buf, distinct);
+            Py_END_ALLOW_THREADS
+        } else {
+            rc = dense_draw_any(&self->d, uv.buf, n, ov.buf, distinct);
+        }
+    }
     PyBuffer_Release(&uv);
     PyBuffer_Release(&ov);
     if (rc != SHM_OK)
