@@ -142,7 +142,8 @@ static PyObject *SumTree_set(SumTreeObject *self, PyObject *const *args, Py_ssiz
     int64_t n = shm_buffer_len(&lv), nv = shm_buffer_len(&vv);
     int rc;
     if (n >= NOGIL_MIN) {
-        Py_BEGIN_ALLOW_THREADS rc = shm_sumtree_set(&self->t, lv.buf, n, vv.buf, nv);
+        Py_BEGIN_ALLOW_THREADS
+        rc = shm_sumtree_set(&self->t, lv.buf, n, vv.buf, nv);
         Py_END_ALLOW_THREADS
     } else {
         rc = shm_sumtree_set(&self->t, lv.buf, n, vv.buf, nv);
@@ -185,7 +186,8 @@ static PyObject *SumTree_sample(SumTreeObject *self, PyObject *const *args, Py_s
     int rc = SHM_EINVAL;
     if (shm_buffer_len(&ov) == n) {
         if (n >= NOGIL_MIN) {
-            Py_BEGIN_ALLOW_THREADS rc = shm_sumtree_sample(&self->t, uv.buf, n, ov.buf);
+            Py_BEGIN_ALLOW_THREADS
+            rc = shm_sumtree_sample(&self->t, uv.buf, n, ov.buf);
             Py_END_ALLOW_THREADS
         } else {
             rc = shm_sumtree_sample(&self->t, uv.buf, n, ov.buf);
@@ -208,8 +210,10 @@ static PyObject *SumTree_rebuild(SumTreeObject *self, PyObject *arg) {
         PyBuffer_Release(&vv);
         return NULL;
     }
-    Py_BEGIN_ALLOW_THREADS shm_sumtree_rebuild(&self->t, vv.buf);
-    Py_END_ALLOW_THREADS PyBuffer_Release(&vv);
+    Py_BEGIN_ALLOW_THREADS
+    shm_sumtree_rebuild(&self->t, vv.buf);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&vv);
     Py_RETURN_NONE;
 }
 
@@ -319,7 +323,8 @@ static PyObject *dense_slots_op(shm_dense *d, PyObject *arg,
     int64_t n = shm_buffer_len(&sv);
     int rc;
     if (n >= NOGIL_MIN) {
-        Py_BEGIN_ALLOW_THREADS rc = f(d, sv.buf, n);
+        Py_BEGIN_ALLOW_THREADS
+        rc = f(d, sv.buf, n);
         Py_END_ALLOW_THREADS
     } else {
         rc = f(d, sv.buf, n);
@@ -369,7 +374,8 @@ static PyObject *dense_draw_op(DenseObject *self, PyObject *const *args, Py_ssiz
     int rc = SHM_EINVAL;
     if (shm_buffer_len(&ov) == n) {
         if (n >= NOGIL_MIN) {
-            Py_BEGIN_ALLOW_THREADS rc = dense_draw_any(&self->d, uv.buf, n, ov.buf, distinct);
+            Py_BEGIN_ALLOW_THREADS
+            rc = dense_draw_any(&self->d, uv.buf, n, ov.buf, distinct);
             Py_END_ALLOW_THREADS
         } else {
             rc = dense_draw_any(&self->d, uv.buf, n, ov.buf, distinct);
@@ -473,7 +479,8 @@ static PyObject *prio_slots_op(PrioritizedObject *self, PyObject *const *args, P
     int rc = SHM_EINVAL;
     if (shm_buffer_len(&pv) == n) {
         if (n >= NOGIL_MIN) {
-            Py_BEGIN_ALLOW_THREADS rc = f(&self->s, sv.buf, pv.buf, n);
+            Py_BEGIN_ALLOW_THREADS
+            rc = f(&self->s, sv.buf, pv.buf, n);
             Py_END_ALLOW_THREADS
         } else {
             rc = f(&self->s, sv.buf, pv.buf, n);
@@ -539,7 +546,8 @@ static PyObject *Prioritized_sample(PrioritizedObject *self, PyObject *const *ar
     int rc = SHM_EINVAL;
     if (shm_buffer_len(&sv) == n && shm_buffer_len(&pv) == n) {
         if (n >= NOGIL_MIN) {
-            Py_BEGIN_ALLOW_THREADS rc = shm_prioritized_sample(&self->s, uv.buf, n, sv.buf, pv.buf);
+            Py_BEGIN_ALLOW_THREADS
+            rc = shm_prioritized_sample(&self->s, uv.buf, n, sv.buf, pv.buf);
             Py_END_ALLOW_THREADS
         } else {
             rc = shm_prioritized_sample(&self->s, uv.buf, n, sv.buf, pv.buf);
@@ -567,7 +575,8 @@ static PyObject *Prioritized_victims(PrioritizedObject *self, PyObject *const *a
     int rc = SHM_EINVAL;
     if (shm_buffer_len(&ov) == n) {
         if (n >= NOGIL_MIN) {
-            Py_BEGIN_ALLOW_THREADS rc = shm_prioritized_victims(&self->s, uv.buf, n, ov.buf);
+            Py_BEGIN_ALLOW_THREADS
+            rc = shm_prioritized_victims(&self->s, uv.buf, n, ov.buf);
             Py_END_ALLOW_THREADS
         } else {
             rc = shm_prioritized_victims(&self->s, uv.buf, n, ov.buf);
@@ -582,8 +591,10 @@ static PyObject *Prioritized_victims(PrioritizedObject *self, PyObject *const *a
 
 static PyObject *Prioritized_clear(PrioritizedObject *self, PyObject *unused) {
     (void)unused;
-    Py_BEGIN_ALLOW_THREADS shm_prioritized_clear(&self->s);
-    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+    Py_BEGIN_ALLOW_THREADS
+    shm_prioritized_clear(&self->s);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef Prioritized_methods[] = {
