@@ -64,15 +64,16 @@ int shm_dense_remove(shm_dense *d, const int64_t *slots, int64_t n) {
      * write the arrays at any time (it only spoils the set, which the table then rebuilds). */
     for (int64_t i = 0; i < n; i++) {
         int64_t s = slots[i];
-        if (!shm_dense_contains(d, count, s)) {
+        int64_t p = read_once(&pos[s]); /* the value checked is the value used */
+        if (p < 0 || p >= count || read_once(&live[p]) != s) {
             for (int64_t k = 0; k < i; k++) {
-                int64_t p = read_once(&pos[slots[k]]);
-                if (p >= 0 && p < count)
-                    live[p] = slots[k];
+                int64_t q = read_once(&pos[slots[k]]);
+                if (q >= 0 && q < count)
+                    live[q] = slots[k];
             }
             return SHM_ECORRUPT;
         }
-        live[read_once(&pos[s])] = ~s; /* pos[s] was just checked in range */
+        live[p] = ~s;
     }
     /* Committed. The marked entries in the tail are the removed ones; every other tail entry
      * moves, in order, into the next hole below the new end. */

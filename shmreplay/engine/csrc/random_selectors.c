@@ -94,7 +94,7 @@ static int zero_weight_picks(shm_prioritized *s, int64_t count, const double *u,
     int64_t z = 0;
     for (int64_t i = 0; i < count; i++) {
         int64_t slot = shm_load_relaxed(&s->items.live[i]);
-        if (slot < 0 || slot >= s->items.num_slots) {
+        if (slot < 0 || slot >= s->items.num_slots || slot >= s->tree.num_leaves) {
             free(cand);
             return SHM_ECORRUPT;
         }
@@ -138,7 +138,8 @@ int shm_prioritized_victims(shm_prioritized *s, const double *u, int64_t n, int6
             rc = (int)leaf;
             break;
         }
-        if (!shm_dense_contains(&s->items, count, leaf)) { /* weight on a slot not in the set */
+        /* weight on a slot not in the set (or beyond it: a caller's mismatched arrays) */
+        if (leaf >= s->items.num_slots || !shm_dense_contains(&s->items, count, leaf)) {
             rc = SHM_ECORRUPT;
             break;
         }
