@@ -46,23 +46,31 @@ static void finish_set(shm_sumtree *t, const int64_t *leaves, int64_t n) {
         shm_sumtree_recompute(t);
         return;
     }
-    /* Every leaf is set before any path is walked: a node on two paths is recomputed by the
-     * later walk from children that are final by then. The paths of a group of leaves are
-     * walked level by level together, so that their cache misses (a large tree is mostly out of
-     * cache) overlap instead of following one another; any order of whole walks gives the same
-     * bits. */
+    /* Near the root the paths of a batch share their nodes: the levels of at most `top` nodes
+     * (top: the largest power of two <= n) are recomputed whole after the walks (fewer than 2n
+     * additions in all instead of n per level). Below them, every leaf is set before any path is
+     * walked: a node on two paths is recomputed by the later walk from children that are final
+     * by then. The paths of a group of leaves are walked level by level together, so that their
+     * cache misses (a large tree is mostly out of cache) overlap instead of following one
+     * another. Any of these orders gives the same bits: a node is the sum of its children. */
     double *tree = t->tree;
+    int64_t top = 1;
+    while (2 * top <= n)
+        top *= 2;
     for (int64_t start = 0; start < n; start += WALK_GROUP) {
         int64_t g = n - start < WALK_GROUP ? n - start : WALK_GROUP;
         int64_t node[WALK_GROUP];
         for (int64_t k = 0; k < g; k++)
             node[k] = t->capacity + leaves[start + k];
-        for (int64_t width = t->capacity; width > 1; width >>= 1)
+        for (int64_t width = t->capacity / 2; width > top; width >>= 1) /* the parents' level */
             for (int64_t k = 0; k < g; k++) {
                 int64_t p = node[k] >>= 1;
                 tree[p] = tree[2 * p] + tree[2 * p + 1];
             }
     }
+    for (int64_t lo = top < t->capacity / 2 ? top : t->capacity / 2; lo >= 1; lo >>= 1)
+        for (int64_t i = lo; i < 2 * lo; i++)
+            tree[i] = tree[2 * i] + tree[2 * i + 1];
 }
 
 int shm_sumtree_set(shm_sumtree *t, const int64_t *leaves, int64_t n, const double *values,
