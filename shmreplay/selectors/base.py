@@ -19,6 +19,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..config import SelectorSpec
+from ..engine import _native
 from ..errors import SegmentError
 from ..values import DBL_MAX
 
@@ -127,12 +128,15 @@ class DenseSet:
     """The set of items as a dense array, for O(1) uniform draws and O(k) batched removal.
 
     ``live[:count]`` holds the slots in no particular order, ``pos[slot]`` a slot's index there.
+    The work is done by the engine (``csrc/dense.c``); every index it reads from these shared
+    arrays is range-checked first. tests/reference/random_selectors.py is its numpy model.
     """
 
     def __init__(self, live: np.ndarray, pos: np.ndarray, count: np.ndarray) -> None:
         self.live = live
         self.pos = pos
         self._count = count  # a 1-element view of an int64 on its own cache line
+        self._c = _native.DenseSet(live, pos, count)
 
     @staticmethod
     def array_specs(num_slots: int, prefix: str = "") -> ArraySpecs:
@@ -151,42 +155,31 @@ class DenseSet:
         return int(self._count[0])
 
     def insert(self, slots: np.ndarray) -> None:
-        n, k = self.count, len(slots)
-        self.live[n : n + k] = slots
-        self.pos[slots] = np.arange(n, n + k)
-        self._count[0] = n + k
+        """Append new members (ValueError for a slot out of range or past the capacity;
+        CorruptStructure for a count out of range)."""
+        self._c.insert(np.ascontiguousarray(slots, dtype=np.int64))
 
     def remove(self, slots: np.ndarray) -> None:
         """Remove distinct members. Raises CorruptStructure (changing nothing) if the arrays
-        say they are not members."""
-        # Fill the holes that lie below the new end with the survivors from the tail.
-        n, k = self.count, len(slots)
-        if k == 0:
-            return
-        end = n - k
-        p = self.pos[slots]
-        if end < 0 or not ((p >= 0) & (p < n)).all() or not (self.live[p] == slots).all():
-            raise CorruptStructure(
-                f"a set of {n} items does not hold {k} of its members where it says"
-            )
-        in_tail = p >= end
-        holes = p[~in_tail]
-        keep = np.ones(k, dtype=bool)
-        keep[p[in_tail] - end] = False
-        movers = self.live[end:n][keep]
-        self.live[holes] = movers
-        self.pos[movers] = holes
-        self._count[0] = end
+        say they are not members, or count is out of range."""
+        self._c.remove(np.ascontiguousarray(slots, dtype=np.int64))
 
     def draw(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        return self.live[rng.integers(0, self.count, size=n)]
+        """``n`` members with replacement: u = rng.random(n), live[min(floor(u·count),
+        count − 1)]."""
+        out = np.empty(n, dtype=np.int64)
+        self._c.draw(rng.random(n), out)
+        return out
 
     def draw_distinct(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        return self.live[rng.choice(self.count, size=n, replace=False)]
+        """``n`` distinct members: u = rng.random(n), a partial Fisher–Yates on live itself
+        (csrc/dense.h), which reorders the set without changing it."""
+        out = np.empty(n, dtype=np.int64)
+        self._c.draw_distinct(rng.random(n), out)
+        return out
 
     def clear(self) -> None:
         self._count[0] = 0
 
     def rebuild(self, slots: np.ndarray) -> None:
-        self.clear()
-        self.insert(slots)
+        self._c.rebuild(np.ascontiguousarray(slots, dtype=np.int64))

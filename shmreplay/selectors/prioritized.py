@@ -1,9 +1,14 @@
 """Prioritized(priority_exponent α): item i drawn with weight pᵢ^α.
 
-A priority of 0 has weight 0 even when α = 0 (numpy's 0**0 is 1, hence the explicit mask); when
+A priority of 0 has weight 0 even when α = 0 (pow(0, 0) is 1, hence the explicit case); when
 every weight is 0 the draw falls back to uniform and reports 1/N. Weights live in a float64
 sum-tree whose inner nodes are recomputed from their children on every update, so no drift
-accumulates however many updates it sees.
+accumulates however many updates it sees. The work is done by the engine
+(``csrc/random_selectors.c``); tests/reference/random_selectors.py is its numpy model.
+
+A reported probability below the smallest positive normal float64 (an item whose weight is below
+total·2**-1022, whose reciprocal overflows) is raised to it, so that 1/probability (importance
+weights) stays finite.
 
 Weights are exact float64 values and must stay finite: priorities above :func:`priority_limit`
 are refused (the client checks them against ``max_priority`` before they reach the table), so
@@ -16,14 +21,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..engine import _native
 from ..sumtree import SumTree, sumtree_capacity
 from ..values import DBL_MAX
 from .base import ArraySpecs, DenseSet, Selector, TimesLeft
-
-# The smallest positive normal float64: a reported probability below it (an item whose weight
-# is below total·2**-1022: 0 or a subnormal, whose reciprocal overflows) is raised to it, so
-# that 1/probability (importance weights) stays finite.
-_TINY = float(np.finfo(np.float64).tiny)
 
 
 def weight_limit(num_slots: int) -> float:
@@ -36,40 +37,21 @@ def weight_limit(num_slots: int) -> float:
     return DBL_MAX / (2 * sumtree_capacity(num_slots))
 
 
-def _weight(p: float, exponent: float) -> float:
-    """The weight of priority ``p`` exactly as :meth:`Prioritized.weights` computes it."""
-    if exponent == 1.0:
-        return p
-    with np.errstate(over="ignore"):
-        return float(np.power(np.float64(p), exponent)) if p > 0 else 0.0
-
-
 def priority_limit(exponent: float, num_slots: int) -> float:
     """The largest priority whose weight ``p ** exponent`` fits :func:`weight_limit`.
 
     DBL_MAX when every finite priority fits (α = 0, or α small enough that DBL_MAX**α does).
     Otherwise found by bisection over the float64 bit patterns (ordered like the values for
-    positive floats), with the weight computed exactly as the sampler computes it, so that
-    exactly the priorities ≤ the result are accepted: no rounding of a root can let one more in.
+    positive floats), in C with the very weight function the selector uses (``shm_weight``:
+    pow(), p itself for α = 1, 0 for p = 0), so that exactly the priorities ≤ the result are
+    accepted: no rounding of a root can let one more in.
     """
-    w_max = weight_limit(num_slots)
-    exponent = float(exponent)
-    if exponent == 0.0 or _weight(DBL_MAX, exponent) <= w_max:
-        return DBL_MAX
-    if exponent == 1.0:
-        return w_max
-    bits = np.array([0.0, DBL_MAX]).view(np.int64)
-    lo, hi = int(bits[0]), int(bits[1])  # weight(lo) <= w_max < weight(hi)
-    while hi - lo > 1:  # 63 steps at most
-        mid = (lo + hi) // 2
-        if _weight(float(np.int64(mid).view(np.float64)), exponent) <= w_max:
-            lo = mid
-        else:
-            hi = mid
-    return float(np.int64(lo).view(np.float64))
+    return _native.priority_limit(float(exponent), weight_limit(num_slots))
 
 
 class Prioritized(Selector):
+    """Thin wrapper over the engine's ``Prioritized`` (csrc/random_selectors.h)."""
+
     kind = "prioritized"
 
     def __init__(self, arrays, spec, num_slots) -> None:
@@ -78,6 +60,13 @@ class Prioritized(Selector):
         self.tree = SumTree(arrays["tree"], num_slots)
         self.items = DenseSet.from_arrays(arrays, "all.")  # for the all-zero fallback
         self._max_priority = priority_limit(self.exponent, num_slots)
+        self._c = _native.Prioritized(
+            arrays["tree"],
+            arrays["all.live"],
+            arrays["all.pos"],
+            arrays["all.count"][:1],
+            self.exponent,
+        )
 
     @classmethod
     def array_specs(cls, num_slots: int) -> ArraySpecs:
@@ -91,41 +80,36 @@ class Prioritized(Selector):
         return self._max_priority
 
     def weights(self, priorities: np.ndarray) -> np.ndarray:
-        """pᵢ^α, 0 for pᵢ = 0. The priorities are checked already (0 <= p <= max_priority):
-        by the client and TableCore.update_priorities, by the daemon's commit
-        (check_published), and clamped by TableCore when it reads them back from shared memory
-        to rebuild (see TableCore.sane_priorities)."""
+        """pᵢ^α, 0 for pᵢ = 0, computed by the engine's weight function (as insert does). The
+        priorities are checked already (0 <= p <= max_priority): by the client and
+        TableCore.update_priorities, by the daemon's commit (check_published), and clamped by
+        TableCore when it reads them back from shared memory to rebuild (see
+        TableCore.sane_priorities)."""
         p = np.asarray(priorities, dtype=np.float64)
-        if self.exponent == 1.0:
-            return p
-        with np.errstate(under="ignore"):  # a tiny priority weighs 0: it is never drawn
-            return np.where(p > 0, np.power(p, self.exponent), 0.0)
+        return np.array([_native.weight(float(x), self.exponent) for x in p.reshape(-1)]).reshape(
+            p.shape
+        )
 
     def insert(self, slots: np.ndarray, priorities: np.ndarray) -> None:
-        self.tree.set(slots, self.weights(priorities))
-        self.items.insert(slots)
+        self._c.insert(_slots(slots), _prios(priorities))
 
     def update(self, slots: np.ndarray, priorities: np.ndarray) -> None:
-        self.tree.set(slots, self.weights(priorities))
+        self._c.update(_slots(slots), _prios(priorities))
 
     def remove(self, slots: np.ndarray) -> None:
-        self.tree.set(slots, np.zeros(len(slots)))
-        self.items.remove(slots)
+        self._c.remove(_slots(slots))
 
     def sample(
         self, n: int, rng: np.random.Generator, times_left: TimesLeft
     ) -> tuple[np.ndarray, np.ndarray]:
-        count = self.items.count
-        if count == 0:
+        """``n`` draws from u = rng.random(n): the sum-tree leaf of each u, with probability
+        max(weight/total, smallest normal); when every weight is 0, live[floor(u·count)] with
+        probability 1/count."""
+        if self.items.count == 0:
             return np.empty(0, np.int64), np.empty(0)
-        total = self.tree.total
-        if not total > 0.0:
-            return self.items.draw(n, rng), np.full(n, 1.0 / count)
-        slots = self.tree.sample(rng.random(n))
-        # Only leaves of weight > 0 are drawn; their weight/total is > 0 unless it underflows.
-        prob = self.tree.get(slots)  # a new array: divided in place
-        prob /= total
-        np.maximum(prob, _TINY, out=prob)
+        slots = np.empty(n, dtype=np.int64)
+        prob = np.empty(n)
+        self._c.sample(rng.random(n), slots, prob)
         return slots, prob
 
     def check(self, size: int) -> str | None:
@@ -137,28 +121,27 @@ class Prioritized(Selector):
         return super().check(size)
 
     def victims(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        live = self.items.live[: self.items.count]
-        w = self.tree.get(live)
-        total = float(w.sum())  # finite: every weight is at most weight_limit
-        # Items count as weighted by their share, not their weight: a weight that is tiny next
-        # to the total has share 0, and rng.choice refuses more picks than non-zero shares.
-        p = w / total if total > 0.0 else np.zeros(len(w))
-        positive = int(np.count_nonzero(p))
-        if positive < n:  # not enough weighted items: take those, then uniform among the rest
-            first = live[p > 0]
-            rest = live[p <= 0]
-            return np.concatenate([first, rng.choice(rest, n - positive, replace=False)])
-        return rng.choice(live, size=n, replace=False, p=p)
+        """``n`` distinct items weighted without replacement, from u = rng.random(n), one per
+        victim in order: successive sum-tree draws, each picked weight set to 0 until the n are
+        chosen, then restored; once no weight is left, uniform distinct picks among the
+        zero-weight items (csrc/random_selectors.h)."""
+        out = np.empty(n, dtype=np.int64)
+        self._c.victims(rng.random(n), out)
+        return out
 
     def clear(self) -> None:
-        self.tree.clear()
-        self.items.clear()
+        self._c.clear()
 
     def rebuild(self, slots: np.ndarray, priorities: np.ndarray) -> None:
-        leaves = np.zeros(self.num_slots)
-        leaves[slots] = self.weights(priorities)
-        self.tree.rebuild(leaves)
-        self.items.rebuild(slots)
+        self._c.rebuild(_slots(slots), _prios(priorities))
 
     def options(self) -> dict[str, object]:
         return {"kind": self.kind, "priority_exponent": self.exponent}
+
+
+def _slots(slots: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(slots, dtype=np.int64).reshape(-1)
+
+
+def _prios(priorities: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(priorities, dtype=np.float64).reshape(-1)

@@ -1,4 +1,7 @@
-"""Uniform: every item equally likely; reported probability 1/N."""
+"""Uniform: every item equally likely; reported probability 1/N.
+
+Draws take u = rng.random(n): item live[min(floor(u·count), count − 1)] of the dense set; victims
+a partial Fisher–Yates on the set's live array (csrc/dense.h)."""
 
 from __future__ import annotations
 
