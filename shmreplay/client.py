@@ -65,7 +65,6 @@ BYE_TIMEOUT_S = 1.0  # close() waits this long for the daemon to acknowledge a d
 # attach() waits at least this long for the daemon's answer, even with a timeout already spent.
 MIN_ANSWER_S = 0.05
 # A writer with this few leased slots left wakes a napping daemon to refill them.
-LEASE_LOW_WATER = 32  # also SHM_WRITER_LEASE_LOW_WATER in engine/csrc/writer.h
 # What the C writer's insert/take/publish return instead of a key or count (keys are unsigned).
 _NO_LEASE, _NO_ROOM, _BAD_VALUE, _CHECK = -1, -2, -3, -4
 

@@ -33,6 +33,7 @@ import msgpack
 import numpy as np
 
 from .config import TableSpec
+from .engine import _native
 from .errors import FormatVersionError, SegmentError
 from .mutex import MUTEX_NBYTES
 from .selectors import selector_class
@@ -46,42 +47,52 @@ PAYLOAD_OFFSET = 128
 _PREFIX = struct.Struct("<8sIIQII32s")
 _PREFIX_CRC = struct.Struct("<I")
 
+# The fixed part of the layout (ring capacities, control-word indices, slot states) is defined
+# once, in the engine's csrc/shm_layout.h, and taken from the compiled module here.
 # Channel rings. A writer holds at most LEASE_CAPACITY leased slots; the publish ring is larger
 # than the lease ring so a writer never waits for room to publish what it was leased.
-LEASE_CAPACITY = 2048
-PUBLISH_CAPACITY = 4096
-LINE = 8  # int64 words per 64-byte line
+LEASE_CAPACITY = _native.LEASE_CAPACITY
+PUBLISH_CAPACITY = _native.PUBLISH_CAPACITY
+LINE = _native.LINE  # int64 words per 64-byte line
+# A writer with this many leased slots left or fewer wakes a napping daemon to refill them.
+LEASE_LOW_WATER = _native.LEASE_LOW_WATER
 
 
 class Ctrl:
     """Indices of the table's control lines (one int64 per 64-byte line)."""
 
-    INSERTS = 0  # rate limiter: committed inserts since the last reset
-    SAMPLES = 1  # rate limiter: samples since the last reset
-    DELETES = 2  # rate limiter: deletions (evictions, max_times_sampled, delete()) since reset
-    SIZE = 3  # items in the table (state READY)
-    SEQ = 4  # next insertion sequence number
-    FREE_HEAD = 5  # free-slot ring: next slot to lease
-    FREE_TAIL = 6  # free-slot ring: where the next freed slot goes
-    SHUTDOWN = 7  # 1 once the daemon shuts down: waiters raise instead of sleeping again
-    DAEMON_PID = 8
-    DAEMON_SLEEPING = 9  # Sleep.NAP or Sleep.IDLE while the daemon waits on its semaphore
-    TOTAL_INSERTED = 10  # never reset: for rates
-    TOTAL_SAMPLED = 11
-    REPAIRS = 12  # times a dead lock holder's damage was repaired
-    RESETS = 13
-    UNIQUE_SAMPLED = 14  # items (still in the table) sampled at least once
-    COMMITS = 15
-    READY = 16  # 1 once the daemon finished initialising the segment
-    TOTAL_EVICTED = 17
-    SAMPLER_WAITING = 18  # hint: a sampler sleeps waiting for items; writers wake the daemon
-    EPISODES = 19  # episodes that have had items in the table (since the last reset)
+    INSERTS = _native.CTRL_INSERTS  # rate limiter: committed inserts since the last reset
+    SAMPLES = _native.CTRL_SAMPLES  # rate limiter: samples since the last reset
+    # rate limiter: deletions (evictions, max_times_sampled, delete()) since reset
+    DELETES = _native.CTRL_DELETES
+    SIZE = _native.CTRL_SIZE  # items in the table (state READY)
+    SEQ = _native.CTRL_SEQ  # next insertion sequence number
+    FREE_HEAD = _native.CTRL_FREE_HEAD  # free-slot ring: next slot to lease
+    FREE_TAIL = _native.CTRL_FREE_TAIL  # free-slot ring: where the next freed slot goes
+    # 1 once the daemon shuts down: waiters raise instead of sleeping again
+    SHUTDOWN = _native.CTRL_SHUTDOWN
+    DAEMON_PID = _native.CTRL_DAEMON_PID
+    # Sleep.NAP or Sleep.IDLE while the daemon waits on its semaphore
+    DAEMON_SLEEPING = _native.CTRL_DAEMON_SLEEPING
+    TOTAL_INSERTED = _native.CTRL_TOTAL_INSERTED  # never reset: for rates
+    TOTAL_SAMPLED = _native.CTRL_TOTAL_SAMPLED
+    REPAIRS = _native.CTRL_REPAIRS  # times a dead lock holder's damage was repaired
+    RESETS = _native.CTRL_RESETS
+    UNIQUE_SAMPLED = _native.CTRL_UNIQUE_SAMPLED  # items (still in the table) sampled at least once
+    COMMITS = _native.CTRL_COMMITS
+    READY = _native.CTRL_READY  # 1 once the daemon finished initialising the segment
+    TOTAL_EVICTED = _native.CTRL_TOTAL_EVICTED
+    # hint: a sampler sleeps waiting for items; writers wake the daemon
+    SAMPLER_WAITING = _native.CTRL_SAMPLER_WAITING
+    # episodes that have had items in the table (since the last reset)
+    EPISODES = _native.CTRL_EPISODES
     # The daemon's start time (ms since the epoch; 0: not recorded) next to DAEMON_PID: with
     # it, anyone who can read the segment tells a live daemon from a dead one whose pid was
     # reused, whatever runtime directory it used (gc, a second daemon of the same name).
-    DAEMON_START = 20
-    TABLE_STATE = 21  # TableState: the daemon quarantined the table (writes are refused)
-    COUNT = 24
+    DAEMON_START = _native.CTRL_DAEMON_START
+    # TableState: the daemon quarantined the table (writes are refused)
+    TABLE_STATE = _native.CTRL_TABLE_STATE
+    COUNT = _native.CTRL_COUNT
 
 
 class Sleep:
@@ -93,16 +104,17 @@ class Sleep:
     low on leased slots; after an idle sleep the first publish posts.
     """
 
-    AWAKE = 0
-    NAP = 1
-    IDLE = 2
+    AWAKE = _native.SLEEP_AWAKE
+    NAP = _native.SLEEP_NAP
+    IDLE = _native.SLEEP_IDLE
 
 
 class TableState:
     """Values of Ctrl.TABLE_STATE, written by the daemon only (see Daemon._quarantine)."""
 
-    OK = 0
-    QUARANTINED = 1  # cannot go on: reads work if its lock does, writes raise TableQuarantined
+    OK = _native.TABLE_OK
+    # cannot go on: reads work if its lock does, writes raise TableQuarantined
+    QUARANTINED = _native.TABLE_QUARANTINED
 
 
 class Param:
@@ -119,22 +131,25 @@ class Param:
 class Chan:
     """Indices of a writer channel's control lines."""
 
-    PID = 0  # owner process, 0 when the channel is free
-    LEASE_HEAD = 1  # consumer (writer) index into the lease ring
-    LEASE_TAIL = 2  # producer (daemon) index into the lease ring
-    PUB_HEAD = 3  # consumer (daemon) index into the publish ring: committed up to here
-    PUB_TAIL = 4  # producer (writer) index into the publish ring
-    WANT_LEASE = 5  # the writer inserts: the daemon keeps its lease ring filled
-    WAIT_SAMPLE = 6  # the channel's process sleeps on the sample event
-    WAIT_INSERT = 7  # the channel's process sleeps on the insert event
-    COUNT = 8
+    PID = _native.CHAN_PID  # owner process, 0 when the channel is free
+    LEASE_HEAD = _native.CHAN_LEASE_HEAD  # consumer (writer) index into the lease ring
+    LEASE_TAIL = _native.CHAN_LEASE_TAIL  # producer (daemon) index into the lease ring
+    # consumer (daemon) index into the publish ring: committed up to here
+    PUB_HEAD = _native.CHAN_PUB_HEAD
+    PUB_TAIL = _native.CHAN_PUB_TAIL  # producer (writer) index into the publish ring
+    # the writer inserts: the daemon keeps its lease ring filled
+    WANT_LEASE = _native.CHAN_WANT_LEASE
+    WAIT_SAMPLE = _native.CHAN_WAIT_SAMPLE  # the channel's process sleeps on the sample event
+    WAIT_INSERT = _native.CHAN_WAIT_INSERT  # the channel's process sleeps on the insert event
+    COUNT = _native.CHAN_COUNT
 
 
 class SlotState:
-    FREE = 0
-    LEASED = 1  # handed to a writer's channel, being written or published
-    READY = 2  # committed: in the selectors, sampleable
-    RELEASING = 3  # deleted by its own sample; freed once that sampler copied it
+    FREE = _native.SLOT_FREE
+    LEASED = _native.SLOT_LEASED  # handed to a writer's channel, being written or published
+    READY = _native.SLOT_READY  # committed: in the selectors, sampleable
+    # deleted by its own sample; freed once that sampler copied it
+    RELEASING = _native.SLOT_RELEASING
 
 
 @dataclass(frozen=True)

@@ -134,10 +134,10 @@ static int Writer_init(WriterObject *self, PyObject *args, PyObject *kwds) {
     }
     Py_buffer *b = self->buffers;
     int64_t slots = shm_buffer_len(&b[B_GEN]);
-    if (shm_buffer_len(&b[B_CHAN]) != 8 * SHM_WRITER_LINE ||
-        shm_buffer_len(&b[B_CTRL]) != SHM_CTRL_COUNT * SHM_WRITER_LINE ||
-        shm_buffer_len(&b[B_LEASE]) != SHM_WRITER_LEASE_CAPACITY ||
-        shm_buffer_len(&b[B_PUBLISH]) != SHM_WRITER_PUBLISH_CAPACITY ||
+    if (shm_buffer_len(&b[B_CHAN]) != 8 * SHM_LINE ||
+        shm_buffer_len(&b[B_CTRL]) != SHM_CTRL_COUNT * SHM_LINE ||
+        shm_buffer_len(&b[B_LEASE]) != SHM_LEASE_CAPACITY ||
+        shm_buffer_len(&b[B_PUBLISH]) != SHM_PUBLISH_CAPACITY ||
         shm_buffer_len(&b[B_PRIORITY]) != slots || shm_buffer_len(&b[B_EPISODE]) != slots ||
         shm_buffer_len(&b[B_STEPS]) != 2 * slots || shm_buffer_len(&b[B_KEY]) != slots) {
         PyErr_SetString(PyExc_ValueError, "Writer: arrays of inconsistent sizes");
@@ -180,8 +180,8 @@ static int Writer_init(WriterObject *self, PyObject *args, PyObject *kwds) {
     w->cols = self->cols;
     /* Starting positions: our own words (LEASE_HEAD, PUB_TAIL) and the daemon's as they are;
      * the next take/room check re-reads and validates the daemon's. */
-    w->lease_head = w->chan[SHM_CHAN_LEASE_HEAD * SHM_WRITER_LINE];
-    w->pub_tail = w->chan[SHM_CHAN_PUB_TAIL * SHM_WRITER_LINE];
+    w->lease_head = w->chan[SHM_CHAN_LEASE_HEAD * SHM_LINE];
+    w->pub_tail = w->chan[SHM_CHAN_PUB_TAIL * SHM_LINE];
     /* Positions only grow from 0 by one per item: beyond 2**62 they are garbage (and would
      * overflow the ring arithmetic). */
     if (w->lease_head < 0 || w->lease_head > ((int64_t)1 << 62) || w->pub_tail < 0 ||
@@ -192,7 +192,7 @@ static int Writer_init(WriterObject *self, PyObject *args, PyObject *kwds) {
     w->lease_tail = w->lease_head;
     /* A head a whole ring behind: the first room check re-reads PUB_HEAD (another handle on
      * this channel may have published entries the daemon has not committed yet). */
-    w->pub_head = w->pub_tail - SHM_WRITER_PUBLISH_CAPACITY;
+    w->pub_head = w->pub_tail - SHM_PUBLISH_CAPACITY;
     return 0;
 }
 
@@ -386,7 +386,7 @@ static PyObject *Writer_insert_batch_mapping(WriterObject *self, PyObject *const
     PyObject *result = NULL;
     Py_buffer *views = PyMem_Calloc(w->ncols > 0 ? w->ncols : 1, sizeof(Py_buffer));
     const char **srcs = PyMem_Calloc(w->ncols > 0 ? w->ncols : 1, sizeof(char *));
-    int64_t *scratch = PyMem_Malloc(sizeof(int64_t) * (SHM_WRITER_PUBLISH_CAPACITY / 2));
+    int64_t *scratch = PyMem_Malloc(sizeof(int64_t) * (SHM_PUBLISH_CAPACITY / 2));
     if (views == NULL || srcs == NULL || scratch == NULL) {
         PyErr_NoMemory();
         goto release;
@@ -585,7 +585,7 @@ static PyObject *Writer_publish(WriterObject *self, PyObject *slots) {
             goto done;
         }
     }
-    if (k > SHM_WRITER_PUBLISH_CAPACITY) {
+    if (k > SHM_PUBLISH_CAPACITY) {
         PyErr_SetString(PyExc_ValueError, "publish: more slots than the ring holds");
         goto done;
     }
@@ -626,7 +626,7 @@ static PyObject *Writer_room(WriterObject *self, PyObject *arg) {
     long long k = PyLong_AsLongLong(arg);
     if (k == -1 && PyErr_Occurred())
         return NULL;
-    if (k < 0 || k > SHM_WRITER_PUBLISH_CAPACITY) {
+    if (k < 0 || k > SHM_PUBLISH_CAPACITY) {
         PyErr_SetString(PyExc_ValueError, "room: k out of range");
         return NULL;
     }

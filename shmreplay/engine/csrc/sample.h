@@ -11,14 +11,13 @@
 
 #include <stdint.h>
 
+#include "shm_layout.h"
+
 #define SHM_SAMPLE_OK 0
 #define SHM_SAMPLE_ECORRUPT (-1) /* a slot index outside 0..num_slots-1 */
 #define SHM_SAMPLE_ENOMEM (-2)   /* scratch for a large batch could not be allocated */
 #define SHM_SAMPLE_EINVAL (-3)   /* a caller's position outside its output */
 
-#define SHM_SLOT_FREE 0      /* layout.SlotState.FREE */
-#define SHM_SLOT_READY 2     /* layout.SlotState.READY */
-#define SHM_SLOT_RELEASING 3 /* layout.SlotState.RELEASING */
 
 /* The per-slot arrays and counters a selection reads and writes (views of the segment). */
 typedef struct {

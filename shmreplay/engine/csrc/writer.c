@@ -6,8 +6,8 @@
 
 #include "shm_atomics.h"
 
-#define CHAN(w, word) (&(w)->chan[(word) * SHM_WRITER_LINE])
-#define CTRL(w, word) (&(w)->ctrl[(word) * SHM_WRITER_LINE])
+#define CHAN(w, word) (&(w)->chan[(word) * SHM_LINE])
+#define CTRL(w, word) (&(w)->ctrl[(word) * SHM_LINE])
 
 int shm_writer_take(shm_writer *w, int64_t n, int64_t *out, int64_t *k) {
     if (w->nspare > 0) {
@@ -29,7 +29,7 @@ int shm_writer_take(shm_writer *w, int64_t n, int64_t *out, int64_t *k) {
     int64_t m = n < avail ? n : avail;
     for (int64_t i = 0; i < m; i++) {
         /* Plain reads: ordered after the acquire of LEASE_TAIL above (or an earlier one). */
-        int64_t slot = w->lease[(uint64_t)(head + i) % SHM_WRITER_LEASE_CAPACITY];
+        int64_t slot = w->lease[(uint64_t)(head + i) % SHM_LEASE_CAPACITY];
         if (slot < 0 || slot >= w->num_slots)
             return SHM_WRITER_CORRUPT; /* nothing consumed: the daemon's entry is garbage */
         out[i] = slot;
@@ -66,7 +66,7 @@ void shm_writer_end(shm_writer *w, int64_t slot, int64_t g, double priority, int
 int shm_writer_poll_committed(shm_writer *w) {
     /* PUB_HEAD is the daemon's: acquiring it orders our reuse of the entries it consumed. */
     int64_t head = shm_load_acquire(CHAN(w, SHM_CHAN_PUB_HEAD));
-    if (head > w->pub_tail || w->pub_tail - head > SHM_WRITER_PUBLISH_CAPACITY)
+    if (head > w->pub_tail || w->pub_tail - head > SHM_PUBLISH_CAPACITY)
         return SHM_WRITER_CORRUPT;
     w->pub_head = head;
     return SHM_WRITER_OK;
@@ -75,25 +75,25 @@ int shm_writer_poll_committed(shm_writer *w) {
 int shm_writer_poll_lease(shm_writer *w) {
     /* LEASE_TAIL is the daemon's: acquiring it makes the entries it wrote before visible. */
     int64_t tail = shm_load_acquire(CHAN(w, SHM_CHAN_LEASE_TAIL));
-    if (tail < w->lease_head || tail - w->lease_head > SHM_WRITER_LEASE_CAPACITY)
+    if (tail < w->lease_head || tail - w->lease_head > SHM_LEASE_CAPACITY)
         return SHM_WRITER_CORRUPT;
     w->lease_tail = tail;
     return SHM_WRITER_OK;
 }
 
 int shm_writer_room(shm_writer *w, int64_t k) {
-    if (w->pub_tail + k - w->pub_head <= SHM_WRITER_PUBLISH_CAPACITY)
+    if (w->pub_tail + k - w->pub_head <= SHM_PUBLISH_CAPACITY)
         return SHM_WRITER_OK;
     if (shm_writer_poll_committed(w) != SHM_WRITER_OK)
         return SHM_WRITER_CORRUPT;
-    return w->pub_tail + k - w->pub_head <= SHM_WRITER_PUBLISH_CAPACITY ? SHM_WRITER_OK
+    return w->pub_tail + k - w->pub_head <= SHM_PUBLISH_CAPACITY ? SHM_WRITER_OK
                                                                          : SHM_WRITER_FULL;
 }
 
 void shm_writer_publish(shm_writer *w, const int64_t *slots, int64_t k) {
     int64_t tail = w->pub_tail;
     for (int64_t i = 0; i < k; i++)
-        w->publish[(uint64_t)(tail + i) % SHM_WRITER_PUBLISH_CAPACITY] = slots[i];
+        w->publish[(uint64_t)(tail + i) % SHM_PUBLISH_CAPACITY] = slots[i];
     w->pub_tail = tail + k;
     /* PUB_TAIL is ours: released after the entries and (earlier) the rows' even generations. */
     shm_store_release(CHAN(w, SHM_CHAN_PUB_TAIL), tail + k);
@@ -103,10 +103,10 @@ int shm_writer_table_open(const shm_writer *w, int64_t daemon_pid, int64_t pid) 
     /* Hints read relaxed (the daemon's words, and the channel's PID the daemon clears when it
      * cuts us off): a stale read only delays the refusal by one insert, as in Python. */
     const int64_t *ctrl = w->ctrl;
-    return shm_load_relaxed(&ctrl[SHM_CTRL_SHUTDOWN * SHM_WRITER_LINE]) == 0 &&
-           shm_load_relaxed(&ctrl[SHM_CTRL_DAEMON_PID * SHM_WRITER_LINE]) == daemon_pid &&
-           shm_load_relaxed(&ctrl[SHM_CTRL_TABLE_STATE * SHM_WRITER_LINE]) == 0 &&
-           shm_load_relaxed(&w->chan[SHM_CHAN_PID * SHM_WRITER_LINE]) == pid;
+    return shm_load_relaxed(&ctrl[SHM_CTRL_SHUTDOWN * SHM_LINE]) == 0 &&
+           shm_load_relaxed(&ctrl[SHM_CTRL_DAEMON_PID * SHM_LINE]) == daemon_pid &&
+           shm_load_relaxed(&ctrl[SHM_CTRL_TABLE_STATE * SHM_LINE]) == 0 &&
+           shm_load_relaxed(&w->chan[SHM_CHAN_PID * SHM_LINE]) == pid;
 }
 
 int shm_writer_wake(shm_writer *w, int force) {
@@ -117,7 +117,7 @@ int shm_writer_wake(shm_writer *w, int force) {
     int64_t sleeping = shm_load_relaxed(sleeping_word);
     if (force || sleeping == SHM_SLEEP_IDLE ||
         (sleeping != SHM_SLEEP_AWAKE &&
-         (w->lease_tail - w->lease_head <= SHM_WRITER_LEASE_LOW_WATER ||
+         (w->lease_tail - w->lease_head <= SHM_LEASE_LOW_WATER ||
           /* SAMPLER_WAITING is a sampler's hint: it waits for what we just published */
           shm_load_relaxed(CTRL(w, SHM_CTRL_SAMPLER_WAITING)) != 0))) {
         shm_store_relaxed(sleeping_word, SHM_SLEEP_AWAKE);
@@ -199,8 +199,8 @@ int64_t shm_writer_insert_batch(shm_writer *w, const char *const *srcs, int64_t 
     int64_t done = start;
     while (done < n) {
         int64_t want = n - done;
-        if (want > SHM_WRITER_PUBLISH_CAPACITY / 2)
-            want = SHM_WRITER_PUBLISH_CAPACITY / 2;
+        if (want > SHM_PUBLISH_CAPACITY / 2)
+            want = SHM_PUBLISH_CAPACITY / 2;
         int rc = shm_writer_room(w, want);
         if (rc == SHM_WRITER_CORRUPT)
             return SHM_WRITER_CORRUPT;

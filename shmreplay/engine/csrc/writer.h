@@ -12,28 +12,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define SHM_WRITER_LEASE_CAPACITY 2048   /* layout.LEASE_CAPACITY */
-#define SHM_WRITER_PUBLISH_CAPACITY 4096 /* layout.PUBLISH_CAPACITY */
-#define SHM_WRITER_LINE 8                /* int64 words per control line (layout.LINE) */
-#define SHM_WRITER_LEASE_LOW_WATER 32    /* client.LEASE_LOW_WATER */
-
-/* Word indices (layout.Chan and layout.Ctrl); each word is the first of its 64-byte line. */
-enum {
-    SHM_CHAN_PID = 0,
-    SHM_CHAN_LEASE_HEAD = 1,
-    SHM_CHAN_LEASE_TAIL = 2,
-    SHM_CHAN_PUB_HEAD = 3,
-    SHM_CHAN_PUB_TAIL = 4,
-};
-enum {
-    SHM_CTRL_SHUTDOWN = 7,
-    SHM_CTRL_DAEMON_PID = 8,
-    SHM_CTRL_DAEMON_SLEEPING = 9,
-    SHM_CTRL_SAMPLER_WAITING = 18,
-    SHM_CTRL_TABLE_STATE = 21,
-    SHM_CTRL_COUNT = 24,
-};
-enum { SHM_SLEEP_AWAKE = 0, SHM_SLEEP_NAP = 1, SHM_SLEEP_IDLE = 2 };
+#include "shm_layout.h"
 
 /* Results. */
 enum {
@@ -49,10 +28,10 @@ typedef struct {
 } shm_writer_column;
 
 typedef struct {
-    int64_t *chan;    /* the channel's control lines: word w at chan[w * SHM_WRITER_LINE] */
-    int64_t *ctrl;    /* the table's control lines: word w at ctrl[w * SHM_WRITER_LINE] */
-    int64_t *lease;   /* the channel's lease ring (SHM_WRITER_LEASE_CAPACITY entries) */
-    int64_t *publish; /* the channel's publish ring (SHM_WRITER_PUBLISH_CAPACITY entries) */
+    int64_t *chan;    /* the channel's control lines: word w at chan[w * SHM_LINE] */
+    int64_t *ctrl;    /* the table's control lines: word w at ctrl[w * SHM_LINE] */
+    int64_t *lease;   /* the channel's lease ring (SHM_LEASE_CAPACITY entries) */
+    int64_t *publish; /* the channel's publish ring (SHM_PUBLISH_CAPACITY entries) */
     int64_t *gen;     /* meta.gen */
     double *priority; /* meta.priority */
     int64_t *episode; /* meta.episode */
@@ -131,7 +110,7 @@ void shm_writer_write_batch(shm_writer *w, const int64_t *slots, int64_t k,
  * keys_out[j]. Stops after a chunk whose wake rule says to post the daemon (*wake = 1: the
  * caller posts, then calls again), when no slot is leased or the ring has no room (the caller
  * waits), or at n. Returns the new start, or CORRUPT (nothing of the failing chunk taken).
- * ``scratch`` holds SHM_WRITER_PUBLISH_CAPACITY / 2 slots. */
+ * ``scratch`` holds SHM_PUBLISH_CAPACITY / 2 slots. */
 int64_t shm_writer_insert_batch(shm_writer *w, const char *const *srcs, int64_t n,
                                 int64_t start, const double *priorities, double priority,
                                 uint64_t *keys_out, int *wake, int64_t *scratch);
