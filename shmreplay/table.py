@@ -656,7 +656,7 @@ class TableCore:
             return None
         # The draw is the sampler's (a later step calls it from C in the same call as the
         # bookkeeping: the seam is here).
-        slots, probability = self.sampler.sample(n, self.rng, self._times_left)
+        slots, probability = self._draw(n)
         if len(slots) == 0:
             return None
         try:
@@ -665,10 +665,20 @@ class TableCore:
             # A slot outside the table: the sampler's structures are corrupt. Nothing was
             # written; rebuild them and draw again once.
             self._repair_counts(str(exc))
-            slots, probability = self.sampler.sample(n, self.rng, self._times_left)
+            slots, probability = self._draw(n)
             if len(slots) == 0:
                 return None
             return self._selected(slots, probability, size, channel, count_samples)
+
+    def _draw(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The sampler's draw; mutex held. The engine refuses to walk selector arrays that
+        contradict themselves (CorruptStructure, nothing changed): rebuild them from the
+        per-slot metadata and draw again."""
+        try:
+            return self.sampler.sample(n, self.rng, self._times_left)
+        except CorruptStructure as exc:
+            self._repair_counts(str(exc))
+            return self.sampler.sample(n, self.rng, self._times_left)
 
     def _selected(
         self,

@@ -364,6 +364,37 @@ def test_garbage_in_the_samplers_dense_set_is_repaired(daemon_factory, corrupt):
     assert d.running()
 
 
+@pytest.mark.parametrize("kind", ["fifo", "lifo", "min_heap", "prioritized"])
+def test_garbage_in_the_samplers_own_arrays_is_repaired_at_the_next_sample(daemon_factory, kind):
+    """The compiled selectors refuse to walk arrays that contradict themselves (an order ring
+    or a heap naming slots outside the table, a sum-tree whose sums do not add up) and raise
+    CorruptStructure, changing nothing: the sample rebuilds them from the per-slot metadata
+    and draws again, and returns only intact items of the table."""
+    sampler = (
+        '{ kind = "prioritized", priority_exponent = 1.0 }'
+        if kind == "prioritized"
+        else (f'{{ kind = "{kind}" }}')
+    )
+    d = daemon_factory(table_toml(max_size=100, sampler=sampler, signature=STAMPED_SIGNATURE))
+    with shmreplay.attach(d.name) as client:
+        t = client.table("replay")
+        t.insert_batch(stamped_batch(np.arange(50)))
+        t.flush(timeout=5)
+        repairs = t.info().repairs
+        sel = t.core.sampler
+        if kind in ("fifo", "lifo"):
+            sel.order[:] = 10**9
+        elif kind == "min_heap":
+            sel.slot[:] = 10**9
+        else:  # a total that is not a number
+            sel.tree.tree[1] = np.nan
+        s = t.sample(20, timeout=5)
+        assert verify_stamped(s.data).all()
+        assert set(s.data["uid"].tolist()) <= set(range(50))
+        assert t.info().repairs > repairs
+    assert d.running()
+
+
 # -- start-up failures and exits -------------------------------------------------------------------
 
 
