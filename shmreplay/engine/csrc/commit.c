@@ -26,7 +26,9 @@ int64_t shm_round_wanting(const shm_round *r, int64_t *channel, int64_t *want, i
         want[k] = w;
         /* LEASE_HEAD: the writer's, released after it read the entries: acquire before the
          * daemon overwrites them. */
-        have[k] = r->lease_tail[c] - shm_load_acquire(chan_word(r, c, SHM_CHAN_LEASE_HEAD));
+        int64_t head = shm_load_acquire(chan_word(r, c, SHM_CHAN_LEASE_HEAD));
+        /* Hostile: subtracted as unsigned (wraps like numpy's int64), the caller checks it. */
+        have[k] = (int64_t)((uint64_t)r->lease_tail[c] - (uint64_t)head);
         k++;
     }
     return k;
@@ -77,11 +79,12 @@ static int64_t first_repeated(int32_t *scratch, const int64_t *run, int64_t n) {
 static int drain_one(shm_round *r, int64_t c, int64_t head, int64_t tail, int64_t *out,
                      double *prios, shm_pub_error *e) {
     shm_table *t = r->t;
-    int64_t n = tail - head, held = r->outstanding[c];
-    if (n < 0) {
+    int64_t held = r->outstanding[c];
+    if (tail < head) { /* compared before subtracting: a hostile tail must not overflow */
         e->a = tail, e->b = head;
         return SHM_PUB_BEHIND;
     }
+    int64_t n = tail - head; /* head >= 0 (ours), tail >= head: no overflow */
     int64_t cap = held < SHM_PUBLISH_CAPACITY ? held : SHM_PUBLISH_CAPACITY;
     if (n > cap) {
         e->a = tail, e->b = n, e->c = head, e->d = held;
