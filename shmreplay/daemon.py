@@ -733,8 +733,9 @@ class Daemon:
                 next_liveness = now + LIVENESS_CHECK_S
             if worked:
                 last_work = now
-            else:
-                self._sleep(active=now - last_work < ACTIVE_WINDOW_S)
+            # Also after a round that worked: while writers are active the daemon naps between
+            # rounds whatever was published meanwhile (see _sleep), instead of a round per item.
+            self._sleep(active=now - last_work < ACTIVE_WINDOW_S)
 
     def _committed_total(self) -> int:
         return sum(int(t.core.ctrl[Ctrl.TOTAL_INSERTED]) for t in self.tables.values())
@@ -811,8 +812,15 @@ class Daemon:
         flag = Sleep.NAP if writers else Sleep.IDLE
         for t in tables:
             t.round.set_sleeping(flag)
-        # Re-check after raising the flag: a writer that published before seeing it did not post.
-        if not any(t.round.pending() for t in tables):
+        # The commit policy. Writers active and nobody waiting on us: nap, even if items were
+        # published meanwhile (they are committed at the nap's end, ACTIVE_SLEEP_S at most: a
+        # round per ACTIVE_SLEEP_S, not per item). A writer low on leases, a flush or a waiting
+        # sampler posts us and ends the nap at once. Otherwise re-check after raising the flag:
+        # a writer that published before seeing it did not post.
+        urgent = not writers or any(
+            t.core.ctrl[Ctrl.SAMPLER_WAITING] or t.round.waiters()[0] for t in tables
+        )
+        if not urgent or not any(t.round.pending() for t in tables):
             self.wake.wait(ACTIVE_SLEEP_S if writers else IDLE_SLEEP_S)
         for t in tables:
             t.core.ctrl[Ctrl.DAEMON_SLEEPING] = Sleep.AWAKE
@@ -845,7 +853,7 @@ class Daemon:
         committed = 0
         if n:
             with self._locked(t, "committing"):
-                committed = core.commit(t.out_slots[:n], t.out_prios[:n])
+                committed = core.commit(t.out_slots[:n], t.out_prios[:n], in_place=True)
             rnd.finish()  # PUB_HEAD store-release per drained channel
         leased = self._refill(t)
         wait_insert, wait_sample = rnd.waiters()  # after a seq_cst fence (Dekker)

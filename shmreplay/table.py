@@ -413,18 +413,23 @@ class TableCore:
                 raise CorruptStructure("the free ring makes no sense even after a repair")
         return out[:k]
 
-    def commit(self, slots: np.ndarray, priorities: np.ndarray | None = None) -> int:
+    def commit(
+        self, slots: np.ndarray, priorities: np.ndarray | None = None, in_place: bool = False
+    ) -> int:
         """Make published slots sampleable, then evict what exceeds max_size; mutex held.
 
-        ``slots`` are distinct and checked (:meth:`check_published`), ``priorities`` theirs as
-        checked (None: read them now). Returns how many items were committed.
+        ``slots`` are distinct and in range, ``priorities`` theirs as checked (None: read them
+        now, clamped); the daemon's round checked both (CommitRound.drain). Returns how many
+        items were committed: those still LEASED with an even generation. ``in_place``: the
+        arrays are the caller's scratch (int64, float64), compacted in place instead of copied.
         Insert-then-evict: the remover chooses among all items including the new ones.
         """
         self.check_counts()
-        slots = np.array(slots, np.int64)  # compacted in place by the engine: our own copy
+        if not in_place:
+            slots = np.array(slots, np.int64)
         if priorities is None:  # (adoption) read back from shared memory: clamped
             priorities = self.sane_priorities(self.priority[slots])
-        else:
+        elif not in_place:
             priorities = np.array(priorities, np.float64)
         k = self._commit_engine().commit(slots, priorities)
         if k == 0:
