@@ -871,7 +871,10 @@ class Daemon:
     def _refill(self, t: _TableState) -> int:
         core = t.core
         t.starved = False
-        wanting = t.round.wanting()  # [(channel, want, have)], active channels only
+        limited = core.limiter.blocks_inserts
+        # [(channel, want, have)], active channels only; unlimited, empty when every writer's
+        # lease ring is more than half full (decided in C: most rounds lease nothing).
+        wanting = t.round.wanting(0 if limited else int(core.spec.headroom))
         if not wanting:
             return 0
         # The writers move their lease heads: checked against the tails we wrote.
@@ -889,7 +892,6 @@ class Daemon:
                 ok.append((c, want, have))
         if not ok:
             return 0
-        limited = core.limiter.blocks_inserts
         if limited and core.limiter.insert_allowance(1, int(t.outstanding.sum())) == 0:
             # Read without the lock, as a hint: counters only move towards more budget through
             # a sample, delete or reset, each of which posts us (see t.starved).

@@ -151,6 +151,21 @@ def run_sequence(seed: int, num_slots: int, clients: int, steps: int) -> None:
                 assert np.array_equal(eng.out_slots[:k], kept)
                 assert np.array_equal(eng.out_prios[:k], kprios)
             assert eng.round.finish() == model.finish()
+        elif op < 0.97:
+            # A cut-off channel is reclaimed and given to a new client (Daemon._free_channel,
+            # _register): its slots freed, its lines and the daemon's copies zeroed.
+            for c in np.flatnonzero(~ea["active"]):
+                for a in (ea, ma):
+                    held = np.flatnonzero((a["owner"] == c) & (a["state"] == SlotState.LEASED))
+                    a["state"][held] = SlotState.FREE
+                    a["owner"][held] = -1
+                    tail = int(a["ctrl"][Ctrl.FREE_TAIL, 0])
+                    a["free"][(tail + np.arange(len(held))) % num_slots] = held
+                    a["ctrl"][Ctrl.FREE_TAIL, 0] = tail + len(held)
+                    a["chan"][c] = 0
+                    for k in ("pub_head", "lease_tail", "outstanding"):
+                        a[k][c] = 0
+                    a["active"][c] = True
         else:
             # Free some READY slots back (as an eviction would), in the same order on both.
             for a in (ea, ma):
@@ -184,8 +199,7 @@ def test_refused_runs_give_check_published_reasons():
     assert refused == [
         (
             0,
-            "it published priority nan for slot 1; priorities must be finite, >= 0 and at "
-            "most 5.0",
+            "it published priority nan for slot 1; priorities must be finite, >= 0 and at most 5.0",
         )
     ]
     a["priority"][1] = 1.0
@@ -305,3 +319,26 @@ def test_garbage_in_every_shared_array_never_crashes(seed):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "ok"
+
+
+def test_wanting_lists_writers_and_decides_the_refill_at_half():
+    a = make_arrays(100, 3)
+    eng = Engine(a)
+    chan = a["chan"][:, :, 0]
+    assert eng.round.wanting() == [] and eng.round.wanting(64) == []
+    chan[0, Chan.WANT_LEASE] = 1
+    chan[2, Chan.WANT_LEASE] = 5
+    a["lease_tail"][[0, 2]] = 20
+    chan[[0, 2], Chan.LEASE_HEAD] = [12, 4]  # they hold 8 and 16
+    assert eng.round.wanting() == [(0, 1, 8), (2, 5, 16)]
+    # headroom 64 over 2 writers: a share of 16, refilled at 8 or less
+    assert eng.round.wanting(64) == [(0, 1, 8), (2, 5, 16)]
+    chan[0, Chan.LEASE_HEAD] = 11  # holds 9
+    assert eng.round.wanting(64) == []
+    chan[2, Chan.LEASE_HEAD] = -(2**63)  # hostile: passed on for the daemon to refuse
+    assert eng.round.wanting(64)[1][0] == 2
+    chan[2, Chan.LEASE_HEAD] = 4
+    chan[0, Chan.WANT_LEASE] = -3
+    assert eng.round.wanting(64)[0] == (0, -3, 9)
+    a["active"][0] = False
+    assert eng.round.wanting() == [(2, 5, 16)]

@@ -400,19 +400,41 @@ static PyObject *round_lease(CommitRound *self, PyObject *const *args, Py_ssize_
 }
 
 PyDoc_STRVAR(round_wanting_doc,
-             "wanting() -> list[(channel, want, have)]: the active channels whose WANT_LEASE "
-             "is not 0, with what they want and how many leased slots their ring holds (the "
-             "daemon's tail minus their head: unchecked). Empty when none.");
+             "wanting(headroom=0) -> list[(channel, want, have)]: the active channels whose "
+             "WANT_LEASE is not 0, with what they want and how many leased slots their ring "
+             "holds (the daemon's tail minus their head: unchecked). Empty when none; with "
+             "headroom > 0 (the table's, no rate limiter blocking inserts) also empty when "
+             "every one wants more than 0, holds 0..LEASE_CAPACITY and more than half of its "
+             "share min(max(headroom // (2 * wanting), 1), LEASE_CAPACITY): nothing to lease.");
 
-static PyObject *round_wanting(CommitRound *self, PyObject *unused) {
-    (void)unused;
+static PyObject *round_wanting(CommitRound *self, PyObject *const *args, Py_ssize_t nargs) {
     if (!round_ready(self))
+        return NULL;
+    long long headroom = 0;
+    if (nargs > 1) {
+        PyErr_SetString(PyExc_TypeError, "wanting(headroom=0)");
+        return NULL;
+    }
+    if (nargs == 1 && (headroom = PyLong_AsLongLong(args[0])) == -1 && PyErr_Occurred())
         return NULL;
     int64_t m = self->r.t->max_clients;
     int64_t *buf = malloc((size_t)(3 * (m > 0 ? m : 1)) * sizeof(int64_t));
     if (buf == NULL)
         return PyErr_NoMemory();
     int64_t k = shm_round_wanting(&self->r, buf, buf + m, buf + 2 * m);
+    if (headroom > 0 && k > 0) {
+        /* The daemon's refill at half, decided here: a round with nothing to lease builds no
+         * list. Anything to refuse (a negative want, a head out of range) goes to Python. */
+        long long share = headroom / (2 * k);
+        share = share < 1 ? 1 : share > SHM_LEASE_CAPACITY ? SHM_LEASE_CAPACITY : share;
+        int needed = 0;
+        for (int64_t i = 0; i < k && !needed; i++) {
+            int64_t want = buf[m + i], have = buf[2 * m + i];
+            needed = want < 0 || have < 0 || have > SHM_LEASE_CAPACITY || have <= share / 2;
+        }
+        if (!needed)
+            k = 0;
+    }
     PyObject *list = PyList_New(k);
     for (int64_t i = 0; list != NULL && i < k; i++) {
         PyObject *item = Py_BuildValue("(LLL)", (long long)buf[i], (long long)buf[m + i],
@@ -455,7 +477,7 @@ static PyObject *round_waiters(CommitRound *self, PyObject *unused) {
 }
 
 static PyMethodDef round_methods[] = {
-    {"wanting", (PyCFunction)round_wanting, METH_NOARGS, round_wanting_doc},
+    {"wanting", (PyCFunction)(void (*)(void))round_wanting, METH_FASTCALL, round_wanting_doc},
     {"set_sleeping", (PyCFunction)round_set_sleeping, METH_O, round_set_sleeping_doc},
     {"waiters", (PyCFunction)round_waiters, METH_NOARGS, round_waiters_doc},
     {"pending", (PyCFunction)round_pending, METH_NOARGS, round_pending_doc},
