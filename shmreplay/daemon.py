@@ -825,9 +825,6 @@ class Daemon:
         for t in tables:
             t.core.ctrl[Ctrl.DAEMON_SLEEPING] = Sleep.AWAKE
 
-    def _has_work(self, t: _TableState) -> bool:
-        return t.round.pending()
-
     def _service(self, t: _TableState) -> bool:
         """Commit what was published, refill leases, wake waiters. True if anything happened.
 

@@ -342,7 +342,9 @@ static PyObject *round_drain(CommitRound *self, PyObject *unused) {
         return NULL;
     for (int64_t i = 0; i < nerr; i++) {
         PyObject *why = pub_reason(&self->errors[i], self->r.t);
-        PyObject *item = why == NULL ? NULL : Py_BuildValue("(LN)", (long long)self->errors[i].channel, why);
+        PyObject *item = why == NULL ? NULL
+                                     : Py_BuildValue("(LN)", (long long)self->errors[i].channel,
+                                                     why);
         if (item == NULL) {
             Py_DECREF(list);
             return NULL;
