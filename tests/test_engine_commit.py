@@ -342,3 +342,31 @@ def test_wanting_lists_writers_and_decides_the_refill_at_half():
     assert eng.round.wanting(64)[0] == (0, -3, 9)
     a["active"][0] = False
     assert eng.round.wanting() == [(2, 5, 16)]
+
+
+def test_items_trickling_in_are_committed_within_a_nap_without_flush(daemon_factory):
+    """The commit policy: while a writer is active the daemon naps between rounds (it is not
+    woken per item), and what was published is still committed within about a nap."""
+    import time
+
+    import shmreplay
+    from shmreplay.daemon import ACTIVE_SLEEP_S
+    from shmreplay.testing import table_toml
+
+    d = daemon_factory("\n" + table_toml(max_size=10_000))
+    with shmreplay.attach(d.name) as client:
+        t = client.table("replay")
+        row = {"obs": np.zeros(8, np.float32), "action": 1, "reward": 0.5, "done": False}
+        t.insert(row)
+        t.flush()
+        worst = []
+        for _ in range(50):
+            t.insert(row)
+            start = time.perf_counter()
+            while int(t._chan[Chan.PUB_HEAD]) < t._pub_tail:
+                time.sleep(50e-6)
+            worst.append(time.perf_counter() - start)
+            time.sleep(0.001)
+        # a nap is ACTIVE_SLEEP_S; generous for a loaded machine, far below IDLE_SLEEP_S
+        assert np.median(worst) < 10 * ACTIVE_SLEEP_S, worst
+        assert t.info().current_size == 51
