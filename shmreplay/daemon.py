@@ -45,6 +45,7 @@ from .config import (
 )
 from .control import encode
 from .control_server import CONTROL_LOCK_TIMEOUT_S, ControlServer, progress_update
+from .engine import _native
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -78,6 +79,7 @@ from .instance import (
 from .layout import (
     FORMAT_VERSION,
     LEASE_CAPACITY,
+    PUBLISH_CAPACITY,
     Chan,
     Ctrl,
     Sleep,
@@ -86,7 +88,6 @@ from .layout import (
 )
 from .metrics import MetricsServer
 from .notify import Notifier
-from .rings import ring_put
 from .shm import SHM_DIR, Segment, format_bytes, shm_free_bytes
 from .table import TableCore, TableEvents
 
@@ -162,6 +163,10 @@ class _TableState:
     lease_tail: np.ndarray | None = None
     # Why the table was quarantined (see Daemon._quarantine), None while it is sound.
     broken: str | None = None
+    # The compiled round over the table's channels (Daemon._round_for): drain, finish, lease.
+    round: _native.CommitRound | None = None
+    out_slots: np.ndarray | None = None  # where the round drains to (slots, priorities)
+    out_prios: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.pub_head is None:
@@ -589,6 +594,7 @@ class Daemon:
             evs[kind] = ev
         core = TableCore(seg, TableEvents(daemon=self.wake, **evs))
         state = _TableState(core, np.zeros(self.max_clients, np.int64))
+        state.round = self._round_for(state)
         # The start time goes in first: a reader that sees our pid sees it too (Ctrl).
         core.ctrl[Ctrl.DAEMON_START] = start_stamp(psutil.Process().create_time())
         if adopt is None:
@@ -727,8 +733,9 @@ class Daemon:
                 next_liveness = now + LIVENESS_CHECK_S
             if worked:
                 last_work = now
-            else:
-                self._sleep(active=now - last_work < ACTIVE_WINDOW_S)
+            # Also after a round that worked: while writers are active the daemon naps between
+            # rounds whatever was published meanwhile (see _sleep), instead of a round per item.
+            self._sleep(active=now - last_work < ACTIVE_WINDOW_S)
 
     def _committed_total(self) -> int:
         return sum(int(t.core.ctrl[Ctrl.TOTAL_INSERTED]) for t in self.tables.values())
@@ -772,25 +779,51 @@ class Daemon:
                 if freed:
                     log.info("table %r: %d slot(s) held before the restart freed", name, freed)
 
+    def _round_for(self, t: _TableState) -> _native.CommitRound:
+        """The compiled round over ``t``'s channels, on the daemon's private arrays (its ring
+        ends, the active channels) and the segment's rings."""
+        a = t.core.segment.arrays
+        size = self.max_clients * PUBLISH_CAPACITY
+        t.out_slots, t.out_prios = np.empty(size, np.int64), np.empty(size, np.float64)
+        return _native.CommitRound(
+            t.core._commit_engine(),
+            a["chan.ctrl"].reshape(-1),
+            a["chan.lease"].reshape(-1),
+            a["chan.publish"].reshape(-1),
+            self._active,
+            t.pub_head,
+            t.lease_tail,
+            t.outstanding,
+            t.out_slots,
+            t.out_prios,
+        )
+
     def _sleep(self, active: bool) -> None:
         """Nap while writers are busy (they need not wake us per item); sleep long once they
-        have been quiet for ACTIVE_WINDOW_S (the next publish wakes us)."""
+        have been quiet for ACTIVE_WINDOW_S (the next publish wakes us).
+
+        The daemon's half of the Dekker pair with a publishing writer: raise the flag (store,
+        seq_cst fence: set_sleeping), then look at every PUB_TAIL (pending); a writer stores
+        its PUB_TAIL, fences, then looks at the flag. One of the two sees the other."""
         tables = [t for t in self.tables.values() if t.broken is None]
         writers = active and any(
-            not t.starved and bool((self._active & (t.core.chan[:, Chan.WANT_LEASE] > 0)).any())
-            for t in tables
+            not t.starved and any(w > 0 for _, w, _ in t.round.wanting()) for t in tables
         )
+        flag = Sleep.NAP if writers else Sleep.IDLE
         for t in tables:
-            t.core.ctrl[Ctrl.DAEMON_SLEEPING] = Sleep.NAP if writers else Sleep.IDLE
-        # Re-check after raising the flag: a writer that published before seeing it did not post.
-        if not any(self._has_work(t) for t in tables):
+            t.round.set_sleeping(flag)
+        # The commit policy. Writers active and nobody waiting on us: nap, even if items were
+        # published meanwhile (they are committed at the nap's end, ACTIVE_SLEEP_S at most: a
+        # round per ACTIVE_SLEEP_S, not per item). A writer low on leases, a flush or a waiting
+        # sampler posts us and ends the nap at once. Otherwise re-check after raising the flag:
+        # a writer that published before seeing it did not post.
+        urgent = not writers or any(
+            t.core.ctrl[Ctrl.SAMPLER_WAITING] or t.round.waiters()[0] for t in tables
+        )
+        if not urgent or not any(t.round.pending() for t in tables):
             self.wake.wait(ACTIVE_SLEEP_S if writers else IDLE_SLEEP_S)
         for t in tables:
             t.core.ctrl[Ctrl.DAEMON_SLEEPING] = Sleep.AWAKE
-
-    def _has_work(self, t: _TableState) -> bool:
-        tails = t.core.chan[:, Chan.PUB_TAIL]
-        return bool((self._active & (tails != t.pub_head)).any())
 
     def _service(self, t: _TableState) -> bool:
         """Commit what was published, refill leases, wake waiters. True if anything happened.
@@ -808,122 +841,99 @@ class Daemon:
 
     def _commit_and_lease(self, t: _TableState) -> bool:
         core = t.core
-        chan = core.chan
-        tails = chan[:, Chan.PUB_TAIL].copy()  # a writer may move it on meanwhile: one read
-        heads = t.pub_head
-        pending = np.flatnonzero(self._active & (tails != heads))
+        rnd = t.round
+        # Every active channel's run, checked and copied once, in one call (drain).
+        n, refused = rnd.drain()
+        if refused:
+            for c, why in refused:
+                self._cut_off(c, f"table {core.name!r}: {why}")
         committed = 0
-        if len(pending):
-            channels, parts, prios = [], [], []
-            for c in pending:
-                checked = self._published(t, int(c), int(heads[c]), int(tails[c]))
-                if checked is not None:
-                    channels.append(int(c))
-                    parts.append(checked[0])
-                    prios.append(checked[1])
-            if parts:
-                one = len(parts) == 1
-                slots = parts[0] if one else np.concatenate(parts)
-                priorities = prios[0] if one else np.concatenate(prios)
-                with self._locked(t, "committing"):
-                    committed = core.commit(slots, priorities)
-                for c in channels:
-                    t.outstanding[c] -= tails[c] - heads[c]
-                    t.pub_head[c] = tails[c]
-                    chan[c, Chan.PUB_HEAD] = tails[c]
-        if committed:  # before refilling leases: a waiting sampler is on the critical path
-            waiting = int(np.count_nonzero(chan[:, Chan.WAIT_SAMPLE]))
-            core.events.sample.post(waiting)
+        if n:
+            with self._locked(t, "committing"):
+                committed = core.commit(t.out_slots[:n], t.out_prios[:n], in_place=True)
+            rnd.finish()  # PUB_HEAD store-release per drained channel
         leased = self._refill(t)
+        wait_insert, wait_sample = rnd.waiters()  # after a seq_cst fence (Dekker)
+        if committed and wait_sample:  # a waiting sampler is on the critical path
+            core.events.sample.post(wait_sample)
         if core.ctrl[Ctrl.SAMPLER_WAITING]:
             # Clear the hint, then re-check: a sampler sets its flag before the hint.
             core.ctrl[Ctrl.SAMPLER_WAITING] = 0
-            if chan[:, Chan.WAIT_SAMPLE].any():
+            if rnd.waiters()[1]:
                 core.ctrl[Ctrl.SAMPLER_WAITING] = 1
-        if committed or leased or len(pending):
-            core.events.insert.post(int(np.count_nonzero(chan[:, Chan.WAIT_INSERT])))
-        return bool(len(pending) or leased)
-
-    def _published(
-        self, t: _TableState, c: int, head: int, tail: int
-    ) -> tuple[np.ndarray, np.ndarray] | None:
-        """The slots and priorities channel ``c`` published, checked (TableCore.check_published);
-        None if it wrote something that makes no sense, and then it is cut off."""
-        checked = t.core.check_published(c, head, tail, int(t.outstanding[c]))
-        if isinstance(checked, str):
-            self._cut_off(c, f"table {t.core.name!r}: {checked}")
-            return None
-        return checked
+        if (n or refused or leased) and wait_insert:
+            core.events.insert.post(wait_insert)
+        return bool(n or refused or leased)
 
     def _refill(self, t: _TableState) -> int:
         core = t.core
-        chan = core.chan
-        want = chan[:, Chan.WANT_LEASE].copy()
-        for c in np.flatnonzero(self._active & (want < 0)):
-            self._cut_off(int(c), f"table {core.name!r}: it asked for {want[c]} slots")
-        wanting = np.flatnonzero((want > 0) & self._active)
         t.starved = False
-        if len(wanting) == 0:
+        limited = core.limiter.blocks_inserts
+        # [(channel, want, have)], active channels only; unlimited, empty when every writer's
+        # lease ring is more than half full (decided in C: most rounds lease nothing).
+        wanting = t.round.wanting(0 if limited else int(core.spec.headroom))
+        if not wanting:
             return 0
-        # The writers move their lease heads: one read, checked against the tails we wrote.
-        have = t.lease_tail[wanting] - chan[wanting, Chan.LEASE_HEAD]
-        bad = (have < 0) | (have > LEASE_CAPACITY)
-        if bad.any():
-            for c, h in zip(wanting[bad], have[bad], strict=True):
+        # The writers move their lease heads: checked against the tails we wrote.
+        ok = []
+        for c, want, have in wanting:
+            if want < 0:
+                self._cut_off(c, f"table {core.name!r}: it asked for {want} slots")
+            elif not 0 <= have <= LEASE_CAPACITY:
                 self._cut_off(
-                    int(c),
-                    f"table {core.name!r}: its lease ring's head is {int(h)} slot(s) behind "
+                    c,
+                    f"table {core.name!r}: its lease ring's head is {have} slot(s) behind "
                     f"the tail {int(t.lease_tail[c])} (capacity {LEASE_CAPACITY})",
                 )
-            wanting, have = wanting[~bad], have[~bad]
-            if len(wanting) == 0:
-                return 0
-        limited = core.limiter.blocks_inserts
+            else:
+                ok.append((c, want, have))
+        if not ok:
+            return 0
         if limited and core.limiter.insert_allowance(1, int(t.outstanding.sum())) == 0:
             # Read without the lock, as a hint: counters only move towards more budget through
             # a sample, delete or reset, each of which posts us (see t.starved).
             t.starved = True
             return 0
         # Scalars in Python, not numpy: this runs at every wake-up of the commit loop.
-        headroom = min(max(int(core.spec.headroom) // (2 * len(wanting)), 1), LEASE_CAPACITY)
+        headroom = min(max(int(core.spec.headroom) // (2 * len(ok)), 1), LEASE_CAPACITY)
         if not limited:  # keep every writer's lease ring filled, refilling at half
-            need = np.where(have <= headroom // 2, headroom - have, 0)
-            if not need.any():
+            ok = [(c, w, h, headroom - h if h <= headroom // 2 else 0) for c, w, h in ok]
+            if not any(x[3] for x in ok):
                 return 0
-        if len(wanting) > 1:
+        if len(ok) > 1:
             # Writers served first get the limiter's budget (or the last free slots) first:
             # rotate who that is.
             t.rotation += 1
-            shift = -(t.rotation % len(wanting))
-            wanting, have = np.roll(wanting, shift), np.roll(have, shift)
-            if not limited:
-                need = np.roll(need, shift)
+            shift = t.rotation % len(ok)
+            ok = ok[shift:] + ok[:shift]
         total = 0
         with self._locked(t, "leasing slots"):
+            core.check_counts()
             pending = int(t.outstanding.sum())
             if limited:
                 # What each writer asked for (see Table._wait_for_lease), and more ahead of
                 # need only out of a wide budget: at most a quarter of what the limiter
                 # allows now is shared out ahead, so a writer going idle cannot hoard it.
-                free = core.limiter.insert_allowance(LEASE_CAPACITY * len(wanting), pending)
-                ahead = min(headroom, free // (4 * len(wanting)))
-                asked = np.minimum(want[wanting], LEASE_CAPACITY)
-                need = np.minimum(np.maximum(np.maximum(asked, ahead) - have, 0), LEASE_CAPACITY)
-            budget = core.limiter.insert_allowance(int(need.sum()), pending)
-            t.starved = limited and budget <= 0 < int(need.sum())
-            for c, n in zip(wanting, need, strict=True):
-                n = min(int(n), budget)
+                free = core.limiter.insert_allowance(LEASE_CAPACITY * len(ok), pending)
+                ahead = min(headroom, free // (4 * len(ok)))
+                ok = [
+                    (c, w, h, min(max(max(min(w, LEASE_CAPACITY), ahead) - h, 0), LEASE_CAPACITY))
+                    for c, w, h in ok
+                ]
+            need = sum(x[3] for x in ok)
+            budget = core.limiter.insert_allowance(need, pending)
+            t.starved = limited and budget <= 0 < need
+            for c, _, _, n in ok:
+                n = min(n, budget)
                 if n <= 0:
                     continue
-                slots = core.lease(int(c), n)
-                k = len(slots)
+                k = t.round.lease(c, n)  # LEASE_TAIL store-release inside
+                if k < 0:
+                    # The free ring lists a slot that is not one, or not free, or twice.
+                    core._repair_counts("its free ring lists slots that are not free")
+                    k = max(t.round.lease(c, n), 0)
                 if k == 0:
                     break
-                tail = int(t.lease_tail[c])
-                ring_put(core.lease_ring[c], tail, slots)
-                t.lease_tail[c] = tail + k
-                chan[c, Chan.LEASE_TAIL] = tail + k
-                t.outstanding[c] += k
                 budget -= k
                 total += k
         return total

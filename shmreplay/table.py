@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import FieldSpec, RateLimiterSpec, TableSpec
+from .engine import _native
 from .engine._native import SampleCore
 from .errors import (
     ClientCutOff,
@@ -168,10 +169,8 @@ class TableCore:
     # episodes). Per process: a scan only reads the segment.
     _scan: tuple[float, float | None, float | None, int] | None = None
 
-    # The daemon's duplicate check (_repeated): a private scratch array, made on first use, and
-    # the positions 0..n-1 of a publish run, made once.
-    _scratch: np.ndarray | None = None
-    _positions = np.arange(PUBLISH_CAPACITY, dtype=np.int32)
+    # The daemon's compiled commit metadata and lease (_commit_engine), made on first use.
+    _commit_table = None
 
     def __init__(self, segment: Segment, events: TableEvents | None = None) -> None:
         layout = segment.layout
@@ -366,13 +365,6 @@ class TableCore:
         ring_put(self.free, tail, slots)
         self.ctrl[Ctrl.FREE_TAIL] = tail + len(slots)
 
-    def _free_pop(self, n: int) -> np.ndarray:
-        head, tail = int(self.ctrl[Ctrl.FREE_HEAD]), int(self.ctrl[Ctrl.FREE_TAIL])
-        k = min(n, tail - head)
-        slots = ring_get(self.free, head, k)
-        self.ctrl[Ctrl.FREE_HEAD] = head + k
-        return slots
-
     @property
     def free_count(self) -> int:
         return int(self.ctrl[Ctrl.FREE_TAIL] - self.ctrl[Ctrl.FREE_HEAD])
@@ -385,127 +377,68 @@ class TableCore:
         checked priorities only, so one bad value cannot poison a sum-tree."""
         return np.where(p >= 0.0, np.minimum(p, self.max_priority), 0.0)  # NaN fails p >= 0
 
-    def check_published(
-        self, channel: int, head: int, tail: int, held: int
-    ) -> tuple[np.ndarray, np.ndarray] | str:
-        """What ``channel`` published from ring position ``head`` to ``tail``, checked before
-        use (the ring, the slots and their priorities live in memory the writer can write):
-        (slots, priorities) to commit, or why they make no sense. ``held``: how many slots it
-        holds leased and uncommitted. The priorities are copied once and checked; commit them
-        as returned, so that the writer cannot change them in between. Mutex not needed: only
-        the daemon moves a LEASED slot. 15-30 µs for 1 to 256 slots here: a few numpy calls,
-        whatever the batch."""
-        n = tail - head
-        if n < 0:
-            return f"its publish ring's tail ({tail}) is behind its head ({head})"
-        if n > min(PUBLISH_CAPACITY, held):
-            return (
-                f"its publish ring's tail ({tail}) is {n} ahead of its head ({head}), but it "
-                f"holds {held} leased slot(s) (ring capacity {PUBLISH_CAPACITY})"
+    def _commit_engine(self):
+        """The compiled commit metadata and free-slot lease over this table's arrays (made on
+        first use: only the daemon commits and leases)."""
+        engine = self._commit_table
+        if engine is None:
+            a = self.segment.arrays
+            engine = self._commit_table = _native.CommitTable(
+                a["ctrl"].reshape(-1),
+                self.key,
+                self.state,
+                self.priority,
+                self.times_sampled,
+                self.seq,
+                self.gen,
+                self.owner,
+                self.episode,
+                self.free,
+                self._last_episode,
+                self.max_priority,
             )
-        slots = ring_get(self.publish_ring[channel], head, n)
-        if n == 0:
-            return slots, self.priority[slots]
-        if int(slots.min()) < 0 or int(slots.max()) >= self.num_slots:
-            outside = (slots < 0) | (slots >= self.num_slots)
-            return (
-                f"it published slot index {int(slots[np.argmax(outside)])}, outside "
-                f"0..{self.num_slots - 1}"
-            )
-        # count_nonzero rather than .all()/.any(): a third of the cost on small batches.
-        foreign = (self.owner[slots] != channel) | (self.state[slots] != SlotState.LEASED)
-        if np.count_nonzero(foreign):
-            s = int(slots[np.argmax(foreign)])
-            return (
-                f"it published slot {s}, which is not leased to it (state "
-                f"{int(self.state[s])}, owner channel {int(self.owner[s])})"
-            )
-        if n > 1:
-            twice = self._repeated(slots)
-            if twice is not None:
-                return f"it published slot {twice} twice"
-        priorities = self.priority[slots]
-        limit = self.max_priority
-        # NaN fails both comparisons (min and max propagate it): one check for all three.
-        if not (priorities.min() >= 0.0 and priorities.max() <= limit):
-            bad = ~(np.isfinite(priorities) & (priorities >= 0) & (priorities <= limit))
-            i = int(np.argmax(bad))
-            return (
-                f"it published priority {float(priorities[i])!r} for slot {int(slots[i])}; "
-                f"priorities must be finite, >= 0 and at most {limit!r}"
-            )
-        return slots, priorities
+        return engine
 
     def lease(self, channel: int, n: int) -> np.ndarray:
         """Take up to ``n`` free slots for ``channel``, give them fresh keys; mutex held."""
         self.check_counts()
-        slots = self._free_pop(n)
-        if len(slots) and not self._all_free(slots):
+        engine = self._commit_engine()
+        out = np.empty(max(n, 0), np.int64)
+        k = engine.lease(channel, len(out), out)
+        if k < 0:
             # The free ring lists a slot that is not one, or not free, or twice: rebuild it.
             self._repair_counts("its free ring lists slots that are not free")
-            slots = self._free_pop(n)
-        if len(slots):
-            tags = (self.key[slots] >> TAG_SHIFT) + np.uint64(1)
-            self.key[slots] = (tags << TAG_SHIFT) | slots.astype(np.uint64)
-            self.owner[slots] = channel
-            self.state[slots] = SlotState.LEASED
-        return slots
+            k = engine.lease(channel, len(out), out)
+            if k < 0:
+                raise CorruptStructure("the free ring makes no sense even after a repair")
+        return out[:k]
 
-    def _all_free(self, slots: np.ndarray) -> bool:
-        """Whether ``slots`` (taken from the free ring) are distinct free slots."""
-        if int(slots.min()) < 0 or int(slots.max()) >= self.num_slots:
-            return False
-        if np.count_nonzero(self.state[slots] != SlotState.FREE):
-            return False
-        return self._repeated(slots) is None
-
-    def _repeated(self, slots: np.ndarray) -> int | None:
-        """A slot that ``slots`` (in range) lists more than once, or None. O(n), no sort (a sort
-        of a 2,048-slot lease cost ~20 µs per commit round): each position writes its index
-        into a private scratch array at its slot; a slot listed twice keeps only the last."""
-        n = len(slots)
-        if n < 2:
-            return None
-        if self._scratch is None:  # private to this process: nobody else can write it
-            self._scratch = np.empty(self.num_slots, np.int32)
-        positions = self._positions[:n] if n <= len(self._positions) else np.arange(n)
-        self._scratch[slots] = positions
-        lost = self._scratch[slots] != positions
-        if not np.count_nonzero(lost):
-            return None
-        return int(slots[np.argmax(lost)])
-
-    def commit(self, slots: np.ndarray, priorities: np.ndarray | None = None) -> int:
+    def commit(
+        self, slots: np.ndarray, priorities: np.ndarray | None = None, in_place: bool = False
+    ) -> int:
         """Make published slots sampleable, then evict what exceeds max_size; mutex held.
 
-        ``slots`` are distinct and checked (:meth:`check_published`), ``priorities`` theirs as
-        checked (None: read them now). Returns how many items were committed.
+        ``slots`` are distinct and in range, ``priorities`` theirs as checked (None: read them
+        now, clamped); the daemon's round checked both (CommitRound.drain). Returns how many
+        items were committed: those still LEASED with an even generation. ``in_place``: the
+        arrays are the caller's scratch (int64, float64), compacted in place instead of copied.
         Insert-then-evict: the remover chooses among all items including the new ones.
         """
         self.check_counts()
-        keep = (self.state[slots] == SlotState.LEASED) & (self.gen[slots] % 2 == 0)
-        slots = slots[keep]
-        k = len(slots)
-        if k == 0:
-            return 0
+        if not in_place:
+            slots = np.array(slots, np.int64)
         if priorities is None:  # (adoption) read back from shared memory: clamped
             priorities = self.sane_priorities(self.priority[slots])
-        else:
-            priorities = priorities[keep]
-        self.priority[slots] = priorities  # the per-slot truth holds what was checked
-        self._count_episodes(slots)
-        seq0 = int(self.ctrl[Ctrl.SEQ])
-        self.seq[slots] = np.arange(seq0, seq0 + k)
-        self.ctrl[Ctrl.SEQ] = seq0 + k
-        self.times_sampled[slots] = 0
-        self.owner[slots] = -1
-        self.state[slots] = SlotState.READY
+        elif not in_place:
+            priorities = np.array(priorities, np.float64)
+        k = self._commit_engine().commit(slots, priorities)
+        if k == 0:
+            return 0
+        slots, priorities = slots[:k], priorities[:k]
+        # The seam: the selectors are still called from Python (a later step inserts them
+        # from C in the same call).
         self.sampler.insert(slots, priorities)
         self.remover.insert(slots, priorities)
-        self.ctrl[Ctrl.INSERTS] += k
-        self.ctrl[Ctrl.TOTAL_INSERTED] += k
-        self.ctrl[Ctrl.SIZE] += k
-        self.ctrl[Ctrl.COMMITS] += 1
         excess = int(self.ctrl[Ctrl.SIZE]) - self.spec.max_size
         if excess > 0:
             victims = self.remover.victims(excess, self.rng)
@@ -520,18 +453,6 @@ class TableCore:
         steps = self.episode_steps
         steps[slot, 0] = episode[1]
         steps[slot, 1] = episode[2]
-
-    def _count_episodes(self, slots: np.ndarray) -> None:
-        episodes = self.episode[slots]
-        if not episodes.any():
-            return
-        channels = self.owner[slots]
-        new = 0
-        for c in np.unique(channels[episodes != 0]):
-            ids = episodes[(channels == c) & (episodes != 0)]
-            new += int(np.count_nonzero(np.unique(ids) != self._last_episode[c]))
-            self._last_episode[c] = ids[-1]
-        self.ctrl[Ctrl.EPISODES] += new
 
     def reclaim_channel(self, channel: int) -> int:
         """Free what a dead client's channel held (leased and releasing slots); mutex held.

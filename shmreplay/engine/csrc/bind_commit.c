@@ -1,7 +1,512 @@
-/* Bindings of the commit concern (filled in by its implementation). */
+/* Bindings of the commit concern: CommitTable (a table's commit metadata and free-slot lease,
+ * TableCore's) and CommitRound (the daemon's drain of every channel, one call per round). The
+ * logic is in commit.c. */
+#include <stddef.h>
+#include <stdlib.h>
+
+#include "commit.h"
 #include "shm_bind.h"
+#include "shm_buffers.h"
+
+/* ---- CommitTable ------------------------------------------------------------------------- */
+
+enum { TB_CTRL, TB_KEY, TB_STATE, TB_PRIORITY, TB_TIMES, TB_SEQ, TB_GEN, TB_OWNER, TB_EPISODE,
+       TB_FREE, TB_LAST_EPISODE, TB_COUNT };
+static const char *const table_names[TB_COUNT] = {
+    "ctrl", "key", "state", "priority", "times_sampled", "seq",
+    "gen", "owner", "episode", "free", "last_episode"};
+static const Py_ssize_t table_items[TB_COUNT] = {8, 8, 1, 8, 4, 8, 8, 4, 8, 8, 8};
+static const int table_writable[TB_COUNT] = {1, 1, 1, 1, 1, 1, 0, 1, 0, 1, 1};
+
+typedef struct {
+    PyObject_HEAD
+    shm_table t;
+    Py_buffer views[TB_COUNT];
+    int nviews;
+} CommitTable;
+
+static void table_dealloc(CommitTable *self) {
+    for (int i = 0; i < self->nviews; i++)
+        PyBuffer_Release(&self->views[i]);
+    free(self->t.scratch);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int table_init(CommitTable *self, PyObject *args, PyObject *kwds) {
+    PyObject *objs[TB_COUNT];
+    double max_priority;
+    (void)kwds;
+    if (self->nviews) {
+        PyErr_SetString(PyExc_RuntimeError, "CommitTable is initialised once");
+        return -1;
+    }
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOd:CommitTable", &objs[0], &objs[1], &objs[2],
+                          &objs[3], &objs[4], &objs[5], &objs[6], &objs[7], &objs[8], &objs[9],
+                          &objs[10], &max_priority))
+        return -1;
+    for (int i = 0; i < TB_COUNT; i++) {
+        if (shm_get_buffer(objs[i], &self->views[i], table_items[i], table_writable[i],
+                           table_names[i]) < 0)
+            return -1;
+        self->nviews = i + 1;
+    }
+    Py_ssize_t slots = shm_buffer_len(&self->views[TB_KEY]);
+    const int per_slot[] = {TB_STATE, TB_PRIORITY, TB_TIMES, TB_SEQ, TB_GEN, TB_OWNER,
+                            TB_EPISODE, TB_FREE};
+    for (size_t i = 0; i < sizeof per_slot / sizeof per_slot[0]; i++) {
+        if (shm_buffer_len(&self->views[per_slot[i]]) != slots) {
+            PyErr_Format(PyExc_ValueError, "%s must have one item per slot (%zd)",
+                         table_names[per_slot[i]], slots);
+            return -1;
+        }
+    }
+    if (shm_buffer_len(&self->views[TB_CTRL]) < (SHM_CTRL_EPISODES + 1) * SHM_LINE) {
+        PyErr_SetString(PyExc_ValueError, "ctrl is too short");
+        return -1;
+    }
+    shm_table *t = &self->t;
+    t->num_slots = slots;
+    t->max_clients = shm_buffer_len(&self->views[TB_LAST_EPISODE]);
+    t->max_priority = max_priority;
+    t->ctrl = self->views[TB_CTRL].buf;
+    t->key = self->views[TB_KEY].buf;
+    t->state = self->views[TB_STATE].buf;
+    t->priority = self->views[TB_PRIORITY].buf;
+    t->times_sampled = self->views[TB_TIMES].buf;
+    t->seq = self->views[TB_SEQ].buf;
+    t->gen = self->views[TB_GEN].buf;
+    t->owner = self->views[TB_OWNER].buf;
+    t->episode = self->views[TB_EPISODE].buf;
+    t->free_ring = self->views[TB_FREE].buf;
+    t->last_episode = self->views[TB_LAST_EPISODE].buf;
+    /* Private to this process (nobody else can write it): the duplicate check's positions. */
+    t->scratch = malloc((size_t)(slots > 0 ? slots : 1) * sizeof(int32_t));
+    if (t->scratch == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static int table_ready(CommitTable *self) {
+    if (self->t.scratch == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "CommitTable is not initialised");
+        return 0;
+    }
+    return 1;
+}
+
+PyDoc_STRVAR(table_commit_doc,
+             "commit(slots, priorities) -> int: commit the metadata of distinct in-range slots "
+             "(int64, writable) with their checked priorities (float64, writable, same length); "
+             "mutex held. Those not LEASED or with an odd generation are dropped: the kept ones "
+             "are compacted to the front of both arrays. Returns how many were kept.");
+
+static PyObject *table_commit(CommitTable *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!table_ready(self))
+        return NULL;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "commit(slots, priorities)");
+        return NULL;
+    }
+    Py_buffer s, p;
+    if (shm_get_buffer(args[0], &s, 8, 1, "slots") < 0)
+        return NULL;
+    if (shm_get_buffer(args[1], &p, 8, 1, "priorities") < 0) {
+        PyBuffer_Release(&s);
+        return NULL;
+    }
+    int64_t n = shm_buffer_len(&s), k = -1;
+    int64_t *slots = s.buf;
+    const char *bad = NULL;
+    if (shm_buffer_len(&p) != n)
+        bad = "slots and priorities differ in length";
+    for (int64_t i = 0; bad == NULL && i < n; i++)
+        if (slots[i] < 0 || slots[i] >= self->t.num_slots)
+            bad = "a slot is out of range";
+    if (bad == NULL)
+        k = shm_commit_meta(&self->t, slots, p.buf, n);
+    PyBuffer_Release(&s);
+    PyBuffer_Release(&p);
+    if (bad != NULL) {
+        PyErr_SetString(PyExc_ValueError, bad);
+        return NULL;
+    }
+    if (k < 0)
+        return PyErr_NoMemory();
+    return PyLong_FromLongLong(k);
+}
+
+PyDoc_STRVAR(table_lease_doc,
+             "lease(channel, n, out) -> int: take up to n free slots into out (int64, writable, "
+             "at least n long), with fresh key tags, owned by channel, LEASED; mutex held. "
+             "Returns how many, or -1 when the free ring makes no sense (nothing changed: "
+             "rebuild it and call again).");
+
+static PyObject *table_lease(CommitTable *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!table_ready(self))
+        return NULL;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "lease(channel, n, out)");
+        return NULL;
+    }
+    long long channel = PyLong_AsLongLong(args[0]);
+    long long n = PyLong_AsLongLong(args[1]);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_buffer o;
+    if (shm_get_buffer(args[2], &o, 8, 1, "out") < 0)
+        return NULL;
+    int64_t k;
+    if (n < 0 || n > shm_buffer_len(&o)) {
+        PyBuffer_Release(&o);
+        PyErr_SetString(PyExc_ValueError, "n must be in 0..len(out)");
+        return NULL;
+    }
+    k = shm_lease_pop(&self->t, channel, n, o.buf);
+    PyBuffer_Release(&o);
+    return PyLong_FromLongLong(k < 0 ? -1 : k);
+}
+
+static PyMethodDef table_methods[] = {
+    {"commit", (PyCFunction)(void (*)(void))table_commit, METH_FASTCALL, table_commit_doc},
+    {"lease", (PyCFunction)(void (*)(void))table_lease, METH_FASTCALL, table_lease_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject CommitTableType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmreplay.engine._native.CommitTable",
+    .tp_doc = PyDoc_STR("CommitTable(ctrl, key, state, priority, times_sampled, seq, gen, owner, "
+                        "episode, free, last_episode, max_priority): a table's commit metadata "
+                        "and free-slot lease over its shared arrays (ctrl flat, int64)."),
+    .tp_basicsize = sizeof(CommitTable),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)table_init,
+    .tp_dealloc = (destructor)table_dealloc,
+    .tp_methods = table_methods,
+};
+
+/* ---- CommitRound ------------------------------------------------------------------------- */
+
+enum { RB_CHAN, RB_LEASE, RB_PUBLISH, RB_ACTIVE, RB_PUB_HEAD, RB_LEASE_TAIL, RB_OUTSTANDING,
+       RB_OUT_SLOTS, RB_OUT_PRIOS, RB_COUNT };
+static const char *const round_names[RB_COUNT] = {
+    "chan", "lease", "publish", "active", "pub_head", "lease_tail", "outstanding",
+    "out_slots", "out_prios"};
+static const Py_ssize_t round_items[RB_COUNT] = {8, 8, 8, 1, 8, 8, 8, 8, 8};
+
+typedef struct {
+    PyObject_HEAD
+    shm_round r;
+    PyObject *table; /* the CommitTable: keeps r.t alive */
+    Py_buffer views[RB_COUNT];
+    int nviews;
+    int64_t *drained_tail;
+    shm_pub_error *errors;
+} CommitRound;
+
+static void round_dealloc(CommitRound *self) {
+    for (int i = 0; i < self->nviews; i++)
+        PyBuffer_Release(&self->views[i]);
+    free(self->drained_tail);
+    free(self->errors);
+    Py_XDECREF(self->table);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int round_init(CommitRound *self, PyObject *args, PyObject *kwds) {
+    PyObject *table, *objs[RB_COUNT];
+    (void)kwds;
+    if (self->table != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "CommitRound is initialised once");
+        return -1;
+    }
+    if (!PyArg_ParseTuple(args, "O!OOOOOOOOO:CommitRound", &CommitTableType, &table, &objs[0],
+                          &objs[1], &objs[2], &objs[3], &objs[4], &objs[5], &objs[6], &objs[7],
+                          &objs[8]))
+        return -1;
+    CommitTable *ct = (CommitTable *)table;
+    if (!table_ready(ct))
+        return -1;
+    Py_INCREF(table);
+    self->table = table;
+    for (int i = 0; i < RB_COUNT; i++) {
+        if (shm_get_buffer(objs[i], &self->views[i], round_items[i], 1, round_names[i]) < 0)
+            return -1;
+        self->nviews = i + 1;
+    }
+    Py_ssize_t clients = ct->t.max_clients;
+    const Py_ssize_t want[RB_COUNT] = {
+        clients * SHM_CHAN_COUNT * SHM_LINE, clients * SHM_LEASE_CAPACITY,
+        clients * SHM_PUBLISH_CAPACITY, clients, clients, clients, clients,
+        clients * SHM_PUBLISH_CAPACITY, clients * SHM_PUBLISH_CAPACITY};
+    for (int i = 0; i < RB_COUNT; i++) {
+        if (shm_buffer_len(&self->views[i]) != want[i]) {
+            PyErr_Format(PyExc_ValueError, "%s must have %zd items for %zd channels",
+                         round_names[i], want[i], clients);
+            return -1;
+        }
+    }
+    self->drained_tail = malloc((size_t)(clients > 0 ? clients : 1) * sizeof(int64_t));
+    self->errors = malloc((size_t)(clients > 0 ? clients : 1) * sizeof(shm_pub_error));
+    if (self->drained_tail == NULL || self->errors == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t c = 0; c < clients; c++)
+        self->drained_tail[c] = -1;
+    shm_round *r = &self->r;
+    r->t = &ct->t;
+    r->chan = self->views[RB_CHAN].buf;
+    r->lease_ring = self->views[RB_LEASE].buf;
+    r->publish_ring = self->views[RB_PUBLISH].buf;
+    r->active = self->views[RB_ACTIVE].buf;
+    r->pub_head = self->views[RB_PUB_HEAD].buf;
+    r->lease_tail = self->views[RB_LEASE_TAIL].buf;
+    r->outstanding = self->views[RB_OUTSTANDING].buf;
+    r->out_slots = self->views[RB_OUT_SLOTS].buf;
+    r->out_prios = self->views[RB_OUT_PRIOS].buf;
+    r->drained_tail = self->drained_tail;
+    return 0;
+}
+
+static int round_ready(CommitRound *self) {
+    if (self->drained_tail == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "CommitRound is not initialised");
+        return 0;
+    }
+    return 1;
+}
+
+/* check_published's text for a refused run. */
+static PyObject *pub_reason(const shm_pub_error *e, const shm_table *t) {
+    long long a = e->a, b = e->b, c = e->c, d = e->d;
+    switch (e->code) {
+    case SHM_PUB_BEHIND:
+        return PyUnicode_FromFormat("its publish ring's tail (%lld) is behind its head (%lld)",
+                                    a, b);
+    case SHM_PUB_AHEAD:
+        return PyUnicode_FromFormat("its publish ring's tail (%lld) is %lld ahead of its head "
+                                    "(%lld), but it holds %lld leased slot(s) (ring capacity %d)",
+                                    a, b, c, d, SHM_PUBLISH_CAPACITY);
+    case SHM_PUB_RANGE:
+        return PyUnicode_FromFormat("it published slot index %lld, outside 0..%lld", a,
+                                    (long long)t->num_slots - 1);
+    case SHM_PUB_FOREIGN:
+        return PyUnicode_FromFormat("it published slot %lld, which is not leased to it (state "
+                                    "%lld, owner channel %lld)",
+                                    a, b, c);
+    case SHM_PUB_TWICE:
+        return PyUnicode_FromFormat("it published slot %lld twice", a);
+    default: {
+        PyObject *p = PyFloat_FromDouble(e->p), *lim = PyFloat_FromDouble(t->max_priority);
+        PyObject *s = NULL;
+        if (p != NULL && lim != NULL)
+            s = PyUnicode_FromFormat("it published priority %R for slot %lld; priorities must be "
+                                     "finite, >= 0 and at most %R",
+                                     p, a, lim);
+        Py_XDECREF(p);
+        Py_XDECREF(lim);
+        return s;
+    }
+    }
+}
+
+PyDoc_STRVAR(round_pending_doc,
+             "pending() -> bool: whether any active channel published past the daemon's head.");
+
+static PyObject *round_pending(CommitRound *self, PyObject *unused) {
+    (void)unused;
+    if (!round_ready(self))
+        return NULL;
+    return PyBool_FromLong(shm_round_pending(&self->r));
+}
+
+PyDoc_STRVAR(round_drain_doc,
+             "drain() -> (n, refused): drain every active channel's publish run, checked, into "
+             "out_slots[:n] and out_prios[:n] (channel after channel); refused: None, or a list "
+             "of (channel, reason) for runs that make no sense (not drained: cut them off). "
+             "Call finish() once the drained items are committed.");
+
+static PyObject *round_drain(CommitRound *self, PyObject *unused) {
+    (void)unused;
+    if (!round_ready(self))
+        return NULL;
+    int64_t nerr = 0;
+    int64_t n = shm_round_drain(&self->r, self->errors, &nerr);
+    if (nerr == 0)
+        return Py_BuildValue("(LO)", (long long)n, Py_None);
+    PyObject *list = PyList_New(nerr);
+    if (list == NULL)
+        return NULL;
+    for (int64_t i = 0; i < nerr; i++) {
+        PyObject *why = pub_reason(&self->errors[i], self->r.t);
+        PyObject *item = why == NULL ? NULL
+                                     : Py_BuildValue("(LN)", (long long)self->errors[i].channel,
+                                                     why);
+        if (item == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, item);
+    }
+    return Py_BuildValue("(LN)", (long long)n, list);
+}
+
+PyDoc_STRVAR(round_finish_doc,
+             "finish() -> int: after the drained items were committed, per drained channel: "
+             "outstanding -= its run, head = tail, PUB_HEAD store-release. Returns how many "
+             "channels.");
+
+static PyObject *round_finish(CommitRound *self, PyObject *unused) {
+    (void)unused;
+    if (!round_ready(self))
+        return NULL;
+    return PyLong_FromLongLong(shm_round_finish(&self->r));
+}
+
+PyDoc_STRVAR(round_forget_doc, "forget() -> None: drop what drain() drained (not committed).");
+
+static PyObject *round_forget(CommitRound *self, PyObject *unused) {
+    (void)unused;
+    if (!round_ready(self))
+        return NULL;
+    for (int64_t c = 0; c < self->r.t->max_clients; c++)
+        self->drained_tail[c] = -1;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(round_lease_doc,
+             "lease(channel, n) -> int: lease up to n free slots to channel and publish them on "
+             "its lease ring (LEASE_TAIL store-release; outstanding and lease_tail updated); "
+             "mutex held. Returns how many, or -1 when the free ring makes no sense (nothing "
+             "changed: rebuild it and call again).");
+
+static PyObject *round_lease(CommitRound *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!round_ready(self))
+        return NULL;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "lease(channel, n)");
+        return NULL;
+    }
+    long long c = PyLong_AsLongLong(args[0]), n = PyLong_AsLongLong(args[1]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (c < 0 || c >= self->r.t->max_clients || n < 0) {
+        PyErr_SetString(PyExc_ValueError, "lease: channel out of range or n negative");
+        return NULL;
+    }
+    int64_t k = shm_round_lease(&self->r, c, n);
+    return PyLong_FromLongLong(k < 0 ? -1 : k);
+}
+
+PyDoc_STRVAR(round_wanting_doc,
+             "wanting(headroom=0) -> list[(channel, want, have)]: the active channels whose "
+             "WANT_LEASE is not 0, with what they want and how many leased slots their ring "
+             "holds (the daemon's tail minus their head: unchecked). Empty when none; with "
+             "headroom > 0 (the table's, no rate limiter blocking inserts) also empty when "
+             "every one wants more than 0, holds 0..LEASE_CAPACITY and more than half of its "
+             "share min(max(headroom // (2 * wanting), 1), LEASE_CAPACITY): nothing to lease.");
+
+static PyObject *round_wanting(CommitRound *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!round_ready(self))
+        return NULL;
+    long long headroom = 0;
+    if (nargs > 1) {
+        PyErr_SetString(PyExc_TypeError, "wanting(headroom=0)");
+        return NULL;
+    }
+    if (nargs == 1 && (headroom = PyLong_AsLongLong(args[0])) == -1 && PyErr_Occurred())
+        return NULL;
+    int64_t m = self->r.t->max_clients;
+    int64_t *buf = malloc((size_t)(3 * (m > 0 ? m : 1)) * sizeof(int64_t));
+    if (buf == NULL)
+        return PyErr_NoMemory();
+    int64_t k = shm_round_wanting(&self->r, buf, buf + m, buf + 2 * m);
+    if (headroom > 0 && k > 0) {
+        /* The daemon's refill at half, decided here: a round with nothing to lease builds no
+         * list. Anything to refuse (a negative want, a head out of range) goes to Python. */
+        long long share = headroom / (2 * k);
+        share = share < 1 ? 1 : share > SHM_LEASE_CAPACITY ? SHM_LEASE_CAPACITY : share;
+        int needed = 0;
+        for (int64_t i = 0; i < k && !needed; i++) {
+            int64_t want = buf[m + i], have = buf[2 * m + i];
+            needed = want < 0 || have < 0 || have > SHM_LEASE_CAPACITY || have <= share / 2;
+        }
+        if (!needed)
+            k = 0;
+    }
+    PyObject *list = PyList_New(k);
+    for (int64_t i = 0; list != NULL && i < k; i++) {
+        PyObject *item = Py_BuildValue("(LLL)", (long long)buf[i], (long long)buf[m + i],
+                                       (long long)buf[2 * m + i]);
+        if (item == NULL) {
+            Py_CLEAR(list);
+            break;
+        }
+        PyList_SET_ITEM(list, i, item);
+    }
+    free(buf);
+    return list;
+}
+
+PyDoc_STRVAR(round_set_sleeping_doc,
+             "set_sleeping(value) -> None: store DAEMON_SLEEPING, then a seq_cst fence (the "
+             "daemon's half of the Dekker pair with a publishing writer; call pending() next).");
+
+static PyObject *round_set_sleeping(CommitRound *self, PyObject *arg) {
+    if (!round_ready(self))
+        return NULL;
+    long long v = PyLong_AsLongLong(arg);
+    if (v == -1 && PyErr_Occurred())
+        return NULL;
+    shm_round_set_sleeping(&self->r, v);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(round_waiters_doc,
+             "waiters() -> (wait_insert, wait_sample): after a seq_cst fence, how many channels "
+             "have WAIT_INSERT and WAIT_SAMPLE set.");
+
+static PyObject *round_waiters(CommitRound *self, PyObject *unused) {
+    (void)unused;
+    if (!round_ready(self))
+        return NULL;
+    int64_t wi, ws;
+    shm_round_waiters(&self->r, &wi, &ws);
+    return Py_BuildValue("(LL)", (long long)wi, (long long)ws);
+}
+
+static PyMethodDef round_methods[] = {
+    {"wanting", (PyCFunction)(void (*)(void))round_wanting, METH_FASTCALL, round_wanting_doc},
+    {"set_sleeping", (PyCFunction)round_set_sleeping, METH_O, round_set_sleeping_doc},
+    {"waiters", (PyCFunction)round_waiters, METH_NOARGS, round_waiters_doc},
+    {"pending", (PyCFunction)round_pending, METH_NOARGS, round_pending_doc},
+    {"drain", (PyCFunction)round_drain, METH_NOARGS, round_drain_doc},
+    {"finish", (PyCFunction)round_finish, METH_NOARGS, round_finish_doc},
+    {"forget", (PyCFunction)round_forget, METH_NOARGS, round_forget_doc},
+    {"lease", (PyCFunction)(void (*)(void))round_lease, METH_FASTCALL, round_lease_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject CommitRoundType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmreplay.engine._native.CommitRound",
+    .tp_doc = PyDoc_STR("CommitRound(table, chan, lease, publish, active, pub_head, lease_tail, "
+                        "outstanding, out_slots, out_prios): the daemon's round over one table's "
+                        "channels (chan flat int64 [clients*8*8]; active uint8/bool)."),
+    .tp_basicsize = sizeof(CommitRound),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)round_init,
+    .tp_dealloc = (destructor)round_dealloc,
+    .tp_methods = round_methods,
+};
 
 int shm_bind_commit(PyObject *module) {
-    (void)module;
+    if (PyModule_AddType(module, &CommitTableType) < 0)
+        return -1;
+    if (PyModule_AddType(module, &CommitRoundType) < 0)
+        return -1;
     return 0;
 }

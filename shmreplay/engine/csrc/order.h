@@ -14,11 +14,14 @@
 #include <stdint.h>
 
 /* Status codes of the ordered concern (the same values as the random concern's SHM_*). */
+#include "shm_status.h"
+
+/* The order ring's and the heap's statuses are the engine's (shm_status.h). */
 enum {
-    SHM_ORDER_OK = 0,
-    SHM_ORDER_EINVAL = -1,   /* an argument is out of range (a slot, a count): a caller's bug */
-    SHM_ORDER_ECORRUPT = -2, /* the shared arrays contradict themselves: rebuild them */
-    SHM_ORDER_ENOMEM = -4,   /* a scratch allocation failed */
+    SHM_ORDER_OK = SHM_OK,
+    SHM_ORDER_EINVAL = SHM_EINVAL,
+    SHM_ORDER_ECORRUPT = SHM_ECORRUPT,
+    SHM_ORDER_ENOMEM = SHM_ENOMEM,
 };
 
 #define SHM_ORDER_HOLE (-1)

@@ -15,14 +15,7 @@
 
 #include <stdint.h>
 
-/* Status codes of the random concern's C functions (0 is success). */
-enum {
-    SHM_OK = 0,
-    SHM_EINVAL = -1,   /* an argument is out of range (a leaf index, a count): a caller's bug */
-    SHM_ECORRUPT = -2, /* the shared arrays contradict themselves: rebuild them */
-    SHM_EEMPTY = -3,   /* a draw from a sum-tree whose total is not a finite number > 0 */
-    SHM_ENOMEM = -4,   /* a scratch allocation failed */
-};
+#include "shm_status.h"
 
 typedef struct {
     double *tree;      /* 2·capacity float64 (shared) */

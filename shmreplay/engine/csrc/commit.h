@@ -1,0 +1,107 @@
+/* The daemon's commit round: drain and check what writers published, commit its metadata,
+ * lease free slots. Plain C over the segment's arrays (no Python.h): see commit.c.
+ *
+ * Everything read from the segment is hostile (any process of the group can write any byte):
+ * indices and counts are range-checked before they address memory.
+ */
+#ifndef SHM_COMMIT_H
+#define SHM_COMMIT_H
+
+#include <stdint.h>
+
+#include "shm_layout.h"
+#include "shm_status.h"
+
+/* Why a channel's publish run was refused (the binding turns it into check_published's text). */
+enum {
+    SHM_PUB_OK = 0,
+    SHM_PUB_BEHIND,   /* a = tail, b = head */
+    SHM_PUB_AHEAD,    /* a = tail, b = n, c = head, d = held */
+    SHM_PUB_RANGE,    /* a = slot */
+    SHM_PUB_FOREIGN,  /* a = slot, b = state, c = owner */
+    SHM_PUB_TWICE,    /* a = slot */
+    SHM_PUB_PRIORITY, /* a = slot, p = priority */
+};
+
+typedef struct {
+    int64_t channel;
+    int code;
+    int64_t a, b, c, d;
+    double p;
+} shm_pub_error;
+
+/* One table's arrays (borrowed, shared) and the daemon's private scratch. */
+typedef struct {
+    int64_t num_slots;
+    int64_t max_clients;
+    double max_priority;
+    int64_t *ctrl; /* [Ctrl.COUNT][LINE] */
+    uint64_t *key;
+    uint8_t *state;
+    double *priority;
+    int32_t *times_sampled;
+    int64_t *seq;
+    int64_t *gen;
+    int32_t *owner;
+    int64_t *episode;
+    int64_t *free_ring; /* [num_slots] */
+    int64_t *last_episode; /* private: [max_clients], the episode each channel committed last */
+    int32_t *scratch;      /* private: [num_slots], the duplicate check */
+} shm_table;
+
+/* The daemon's per-table round state: the channels' rings and its own copies of their ends. */
+typedef struct {
+    shm_table *t;
+    int64_t *chan;         /* [max_clients][Chan.COUNT][LINE] */
+    int64_t *lease_ring;   /* [max_clients][LEASE_CAPACITY] */
+    int64_t *publish_ring; /* [max_clients][PUBLISH_CAPACITY] */
+    uint8_t *active;       /* private: channels whose rings are read */
+    int64_t *pub_head;     /* private: the daemon's copy of each PUB_HEAD */
+    int64_t *lease_tail;   /* private: the daemon's copy of each LEASE_TAIL */
+    int64_t *outstanding;  /* private: slots leased and not yet committed, per channel */
+    int64_t *drained_tail; /* private: [max_clients], the tail drained this round, -1 none */
+    int64_t *out_slots;    /* private: [max_clients * PUBLISH_CAPACITY] */
+    double *out_prios;
+} shm_round;
+
+/* The active channels whose WANT_LEASE is not 0: channel, want and have (the daemon's lease
+ * tail minus the acquired LEASE_HEAD: unchecked) into the three arrays (max_clients each).
+ * Returns how many. */
+int64_t shm_round_wanting(const shm_round *r, int64_t *channel, int64_t *want, int64_t *have);
+
+/* The daemon's side of the sleeping-flag Dekker pair: store DAEMON_SLEEPING, then a seq_cst
+ * fence, so that the PUB_TAIL loads of a following shm_round_pending cannot pass the store. */
+void shm_round_set_sleeping(shm_round *r, int64_t value);
+
+/* After the round's LEASE_TAIL/PUB_HEAD stores: a seq_cst fence, then count the channels whose
+ * WAIT_INSERT (and WAIT_SAMPLE) is set (the waiters' side stores its flag, fences, re-checks). */
+void shm_round_waiters(const shm_round *r, int64_t *wait_insert, int64_t *wait_sample);
+
+/* Whether any active channel's PUB_TAIL moved past the daemon's head (acquire loads). */
+int shm_round_pending(const shm_round *r);
+
+/* Drain every active channel: acquire PUB_TAIL, check the run, copy its slots and priorities
+ * once into out_slots/out_prios, channel after channel. Returns the items copied; refused runs
+ * are written to errors[0..*nerrors) (capacity max_clients) and not copied. */
+int64_t shm_round_drain(shm_round *r, shm_pub_error *errors, int64_t *nerrors);
+
+/* After the drained items were committed: per drained channel, outstanding -= run, head =
+ * tail, PUB_HEAD store-release. Returns how many channels. */
+int64_t shm_round_finish(shm_round *r);
+
+/* Commit the metadata of ``slots`` (distinct, in range) with ``prios``: keep those still
+ * LEASED with an even generation (compacted in place, prios likewise), then priority, episodes
+ * counted, seq, times_sampled, owner, state READY, counters. Returns how many were kept, or
+ * SHM_ENOMEM. The selectors are the caller's (the seam: a later step inserts here). */
+int64_t shm_commit_meta(shm_table *t, int64_t *slots, double *prios, int64_t n);
+
+/* Take up to n free slots into out (fresh key tags, owner, LEASED). Returns how many, or
+ * SHM_ECORRUPT when the free ring's ends or entries make no sense (nothing changed then:
+ * rebuild the free ring and call again). */
+int64_t shm_lease_pop(shm_table *t, int64_t channel, int64_t n, int64_t *out);
+
+/* Lease up to n slots to channel c and publish them on its lease ring (LEASE_TAIL
+ * store-release). Returns how many, or SHM_ECORRUPT as shm_lease_pop. */
+int64_t shm_round_lease(shm_round *r, int64_t c, int64_t n);
+
+#endif

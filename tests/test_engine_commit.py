@@ -1,0 +1,372 @@
+"""The compiled commit round (shmreplay.engine._native.CommitTable / CommitRound) against its
+reference model (tests/reference/commit.py): random lease / publish / drain / commit sequences
+on two identical sets of arrays, hostile runs mixed in, every result and array compared exactly.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from shmreplay.engine import _native
+from shmreplay.layout import LEASE_CAPACITY, LINE, PUBLISH_CAPACITY, Chan, Ctrl, SlotState
+from tests.reference.commit import CommitModel
+
+MAX_PRIORITY = 1e6
+
+
+def make_arrays(num_slots: int, clients: int) -> dict[str, np.ndarray]:
+    a = {
+        "ctrl": np.zeros((Ctrl.COUNT, LINE), np.int64),
+        "key": np.arange(num_slots, dtype=np.uint64),
+        "state": np.zeros(num_slots, np.uint8),
+        "priority": np.zeros(num_slots, np.float64),
+        "times_sampled": np.zeros(num_slots, np.int32),
+        "seq": np.zeros(num_slots, np.int64),
+        "gen": np.zeros(num_slots, np.int64),
+        "owner": np.full(num_slots, -1, np.int32),
+        "episode": np.zeros(num_slots, np.int64),
+        "free": np.arange(num_slots, dtype=np.int64),
+        "chan": np.zeros((clients, Chan.COUNT, LINE), np.int64),
+        "lease": np.zeros((clients, LEASE_CAPACITY), np.int64),
+        "publish": np.zeros((clients, PUBLISH_CAPACITY), np.int64),
+        "active": np.ones(clients, bool),
+        "pub_head": np.zeros(clients, np.int64),
+        "lease_tail": np.zeros(clients, np.int64),
+        "outstanding": np.zeros(clients, np.int64),
+        "last_episode": np.zeros(clients, np.int64),
+    }
+    a["ctrl"][Ctrl.FREE_TAIL, 0] = num_slots
+    return a
+
+
+class Engine:
+    def __init__(self, a: dict[str, np.ndarray], max_priority: float = MAX_PRIORITY) -> None:
+        self.a = a
+        clients = len(a["active"])
+        self.out_slots = np.empty(clients * PUBLISH_CAPACITY, np.int64)
+        self.out_prios = np.empty(clients * PUBLISH_CAPACITY, np.float64)
+        self.table = _native.CommitTable(
+            a["ctrl"].reshape(-1),
+            *(a[k] for k in ("key", "state", "priority", "times_sampled", "seq", "gen")),
+            *(a[k] for k in ("owner", "episode", "free", "last_episode")),
+            max_priority,
+        )
+        self.round = _native.CommitRound(
+            self.table,
+            a["chan"].reshape(-1),
+            a["lease"].reshape(-1),
+            a["publish"].reshape(-1),
+            *(a[k] for k in ("active", "pub_head", "lease_tail", "outstanding")),
+            self.out_slots,
+            self.out_prios,
+        )
+
+
+def model_of(a: dict[str, np.ndarray], max_priority: float = MAX_PRIORITY) -> CommitModel:
+    view = dict(a)
+    view["ctrl"] = a["ctrl"][:, 0]
+    view["chan"] = a["chan"][:, :, 0]
+    return CommitModel(view, max_priority)
+
+
+def assert_same(x: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> None:
+    for k in x:
+        assert np.array_equal(x[k], y[k], equal_nan=x[k].dtype.kind == "f"), k
+
+
+def publish(a: dict[str, np.ndarray], c: int, rng, hostile: str | None, episode: int) -> None:
+    """A writer on channel c: publish some of the slots its lease ring holds (the same on
+    both copies: the caller calls this with the same rng state on each)."""
+    chan = a["chan"][:, :, 0]
+    head, tail = int(chan[c, Chan.LEASE_HEAD]), int(a["lease_tail"][c])
+    m = int(rng.integers(0, tail - head + 1))
+    slots = a["lease"][c][(head + np.arange(m)) % LEASE_CAPACITY]
+    chan[c, Chan.LEASE_HEAD] = head + m
+    for s in slots:
+        a["gen"][s] += 2 if rng.random() > 0.05 else 1  # now and then a torn (odd) generation
+        a["priority"][s] = rng.random() * 3
+        a["episode"][s] = episode if rng.random() > 0.2 else 0
+    if hostile == "range" and m:
+        slots[rng.integers(m)] = rng.choice([-1, len(a["key"]), 2**40])
+    elif hostile == "twice" and m > 1:
+        slots[-1] = slots[0]
+    elif hostile == "priority" and m:
+        a["priority"][slots[rng.integers(m)]] = rng.choice([np.nan, -1.0, np.inf, 2e6])
+    elif hostile == "foreign" and m:
+        slots[0] = rng.integers(len(a["key"]))
+    ptail = int(chan[c, Chan.PUB_TAIL])
+    ring = a["publish"][c]
+    ring[(ptail + np.arange(m)) % PUBLISH_CAPACITY] = slots
+    newtail = ptail + m
+    if hostile == "behind":
+        newtail = int(a["pub_head"][c]) - 1 - int(rng.integers(2**62))
+    elif hostile == "ahead":
+        newtail = ptail + PUBLISH_CAPACITY + 1
+    chan[c, Chan.PUB_TAIL] = newtail
+
+
+def run_sequence(seed: int, num_slots: int, clients: int, steps: int) -> None:
+    rng = np.random.default_rng(seed)
+    ea, ma = make_arrays(num_slots, clients), make_arrays(num_slots, clients)
+    eng, model = Engine(ea), model_of(ma)
+    episode = 1
+    for _ in range(steps):
+        op = rng.random()
+        if op < 0.35:
+            c, n = int(rng.integers(clients)), int(rng.integers(0, 40))
+            if ea["active"][c]:
+                have = int(ea["lease_tail"][c] - ea["chan"][c, Chan.LEASE_HEAD, 0])
+                n = min(n, LEASE_CAPACITY - have)
+                assert eng.round.lease(c, n) == model.round_lease(c, n)
+        elif op < 0.7:
+            c = int(rng.integers(clients))
+            hostile = None
+            if rng.random() < 0.1:
+                hostile = str(rng.choice(["range", "twice", "priority", "foreign", "behind"]))
+            if rng.random() < 0.1:
+                episode += 1
+            state = rng.bit_generator.state
+            publish(ea, c, rng, hostile, episode)
+            rng.bit_generator.state = state
+            publish(ma, c, rng, hostile, episode)
+        elif op < 0.95:
+            assert eng.round.pending() == model.pending()
+            n, refused = eng.round.drain()
+            slots, prios, mrefused = model.drain()
+            assert n == len(slots)
+            assert np.array_equal(eng.out_slots[:n], slots)
+            assert np.array_equal(eng.out_prios[:n], prios)
+            assert (refused or []) == mrefused
+            for c, _ in mrefused:  # cut off: both stop reading the channel
+                ea["active"][c] = ma["active"][c] = False
+            if n:
+                k = eng.table.commit(eng.out_slots[:n], eng.out_prios[:n])
+                kept, kprios = model.commit_meta(slots, prios)
+                assert k == len(kept)
+                assert np.array_equal(eng.out_slots[:k], kept)
+                assert np.array_equal(eng.out_prios[:k], kprios)
+            assert eng.round.finish() == model.finish()
+        elif op < 0.97:
+            # A cut-off channel is reclaimed and given to a new client (Daemon._free_channel,
+            # _register): its slots freed, its lines and the daemon's copies zeroed.
+            for c in np.flatnonzero(~ea["active"]):
+                for a in (ea, ma):
+                    held = np.flatnonzero((a["owner"] == c) & (a["state"] == SlotState.LEASED))
+                    a["state"][held] = SlotState.FREE
+                    a["owner"][held] = -1
+                    tail = int(a["ctrl"][Ctrl.FREE_TAIL, 0])
+                    a["free"][(tail + np.arange(len(held))) % num_slots] = held
+                    a["ctrl"][Ctrl.FREE_TAIL, 0] = tail + len(held)
+                    a["chan"][c] = 0
+                    for k in ("pub_head", "lease_tail", "outstanding"):
+                        a[k][c] = 0
+                    a["active"][c] = True
+        else:
+            # Free some READY slots back (as an eviction would), in the same order on both.
+            for a in (ea, ma):
+                ready = np.flatnonzero(a["state"] == SlotState.READY)[:5]
+                a["state"][ready] = SlotState.FREE
+                tail = int(a["ctrl"][Ctrl.FREE_TAIL, 0])
+                a["free"][(tail + np.arange(len(ready))) % num_slots] = ready
+                a["ctrl"][Ctrl.FREE_TAIL, 0] = tail + len(ready)
+                a["ctrl"][Ctrl.SIZE, 0] -= len(ready)
+        assert_same(ea, ma)
+
+
+@pytest.mark.parametrize(
+    "seed,num_slots,clients", [(0, 1, 1), (1, 7, 2), (2, 100, 3), (3, 1000, 5), (4, 37, 4)]
+)
+def test_random_rounds_match_the_reference(seed, num_slots, clients):
+    run_sequence(seed, num_slots, clients, 600)
+
+
+def test_refused_runs_give_check_published_reasons():
+    a = make_arrays(10, 2)
+    eng = Engine(a, max_priority=5.0)
+    assert eng.round.lease(0, 4) == 4
+    chan = a["chan"][:, :, 0]
+    a["publish"][0, :3] = [0, 1, 0]
+    chan[0, Chan.PUB_TAIL] = 3
+    assert eng.round.drain() == (0, [(0, "it published slot 0 twice")])
+    a["publish"][0, :3] = [0, 1, 2]
+    a["priority"][1] = float("nan")
+    n, refused = eng.round.drain()
+    assert refused == [
+        (
+            0,
+            "it published priority nan for slot 1; priorities must be finite, >= 0 and at most 5.0",
+        )
+    ]
+    a["priority"][1] = 1.0
+    a["publish"][0, 2] = 9
+    assert eng.round.drain()[1] == [
+        (0, "it published slot 9, which is not leased to it (state 0, owner channel -1)")
+    ]
+    a["publish"][0, 2] = 10
+    assert eng.round.drain()[1] == [(0, "it published slot index 10, outside 0..9")]
+    chan[0, Chan.PUB_TAIL] = -(2**63)
+    assert eng.round.drain()[1] == [
+        (0, f"its publish ring's tail ({-(2**63)}) is behind its head (0)")
+    ]
+    chan[0, Chan.PUB_TAIL] = 5
+    assert eng.round.drain()[1] == [
+        (
+            0,
+            "its publish ring's tail (5) is 5 ahead of its head (0), but it holds 4 leased "
+            f"slot(s) (ring capacity {PUBLISH_CAPACITY})",
+        )
+    ]
+    a["publish"][0, :3] = [2, 1, 0]
+    chan[0, Chan.PUB_TAIL] = 3
+    a["gen"][[0, 1, 2]] = 2
+    n, refused = eng.round.drain()
+    assert (n, refused) == (3, None)
+    assert eng.table.commit(eng.out_slots[:n], eng.out_prios[:n]) == 3
+    assert eng.round.finish() == 1
+    assert chan[0, Chan.PUB_HEAD] == 3 and a["outstanding"][0] == 1
+    assert list(a["seq"][[2, 1, 0]]) == [0, 1, 2]
+    assert not eng.round.pending()
+
+
+def test_a_corrupt_free_ring_is_refused_and_nothing_changes():
+    a = make_arrays(8, 1)
+    eng = Engine(a)
+    before = {k: v.copy() for k, v in a.items()}
+    for head, tail, free in (
+        (-1, 3, None),
+        (5, 3, None),
+        (0, 9, None),
+        (0, 8, [0, 1, 1, 3, 4, 5, 6, 7]),
+        (0, 8, [0, 1, 2, 99, 4, 5, 6, 7]),
+    ):
+        a["ctrl"][Ctrl.FREE_HEAD, 0], a["ctrl"][Ctrl.FREE_TAIL, 0] = head, tail
+        if free is not None:
+            a["free"][:] = free
+        snapshot = {k: v.copy() for k, v in a.items()}
+        assert eng.round.lease(0, 8) == -1
+        assert_same(a, snapshot)
+        a["free"][:] = before["free"]
+    a["ctrl"][Ctrl.FREE_HEAD, 0], a["ctrl"][Ctrl.FREE_TAIL, 0] = 0, 8
+    a["state"][3] = SlotState.READY  # listed free, but not free
+    assert eng.round.lease(0, 8) == -1
+
+
+def test_a_million_slots_many_channels():
+    num_slots, clients = 1 << 20, 64
+    ea, ma = make_arrays(num_slots, clients), make_arrays(num_slots, clients)
+    eng, model = Engine(ea), model_of(ma)
+    rng = np.random.default_rng(7)
+    for _ in range(3):
+        for c in range(clients):
+            n = LEASE_CAPACITY - int(ea["lease_tail"][c] - ea["chan"][c, Chan.LEASE_HEAD, 0])
+            assert eng.round.lease(c, n) == model.round_lease(c, n)
+        for c in range(clients):
+            state = rng.bit_generator.state
+            publish(ea, c, rng, None, c + 1)
+            rng.bit_generator.state = state
+            publish(ma, c, rng, None, c + 1)
+        n, refused = eng.round.drain()
+        slots, prios, mrefused = model.drain()
+        assert refused is None and mrefused == [] and n == len(slots)
+        k = eng.table.commit(eng.out_slots[:n], eng.out_prios[:n])
+        assert k == len(model.commit_meta(slots, prios)[0])
+        assert eng.round.finish() == model.finish()
+        assert_same(ea, ma)
+
+
+CRASH_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np
+    from tests.test_engine_commit import Engine, make_arrays
+    rng = np.random.default_rng(SEED)
+    for trial in range(200):
+        a = make_arrays(int(rng.integers(1, 300)), int(rng.integers(1, 5)))
+        eng = Engine(a)
+        for c in range(len(a["active"])):
+            eng.round.lease(c, 50)
+        for k in ("ctrl", "key", "state", "priority", "times_sampled", "seq", "gen", "owner",
+                  "episode", "free", "chan", "lease", "publish"):
+            raw = a[k].view(np.uint8).reshape(-1)
+            raw[:] = rng.integers(0, 256, len(raw), dtype=np.uint8)
+            if rng.random() < 0.5:  # plausible-looking values too
+                a[k].reshape(-1)[:] = rng.integers(-3, 400, a[k].size).astype(a[k].dtype)
+        eng.round.pending()
+        eng.round.wanting()
+        n, refused = eng.round.drain()
+        if n:
+            eng.table.commit(eng.out_slots[:n], eng.out_prios[:n])
+        eng.round.finish()
+        for c in range(len(a["active"])):
+            eng.round.lease(c, int(rng.integers(0, 3000)))
+        eng.round.waiters()
+    print("ok")
+    """
+)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_garbage_in_every_shared_array_never_crashes(seed):
+    out = subprocess.run(
+        [sys.executable, "-c", CRASH_SCRIPT.replace("SEED", str(seed))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "ok"
+
+
+def test_wanting_lists_writers_and_decides_the_refill_at_half():
+    a = make_arrays(100, 3)
+    eng = Engine(a)
+    chan = a["chan"][:, :, 0]
+    assert eng.round.wanting() == [] and eng.round.wanting(64) == []
+    chan[0, Chan.WANT_LEASE] = 1
+    chan[2, Chan.WANT_LEASE] = 5
+    a["lease_tail"][[0, 2]] = 20
+    chan[[0, 2], Chan.LEASE_HEAD] = [12, 4]  # they hold 8 and 16
+    assert eng.round.wanting() == [(0, 1, 8), (2, 5, 16)]
+    # headroom 64 over 2 writers: a share of 16, refilled at 8 or less
+    assert eng.round.wanting(64) == [(0, 1, 8), (2, 5, 16)]
+    chan[0, Chan.LEASE_HEAD] = 11  # holds 9
+    assert eng.round.wanting(64) == []
+    chan[2, Chan.LEASE_HEAD] = -(2**63)  # hostile: passed on for the daemon to refuse
+    assert eng.round.wanting(64)[1][0] == 2
+    chan[2, Chan.LEASE_HEAD] = 4
+    chan[0, Chan.WANT_LEASE] = -3
+    assert eng.round.wanting(64)[0] == (0, -3, 9)
+    a["active"][0] = False
+    assert eng.round.wanting() == [(2, 5, 16)]
+
+
+def test_items_trickling_in_are_committed_within_a_nap_without_flush(daemon_factory):
+    """The commit policy: while a writer is active the daemon naps between rounds (it is not
+    woken per item), and what was published is still committed within about a nap."""
+    import time
+
+    import shmreplay
+    from shmreplay.daemon import ACTIVE_SLEEP_S
+    from shmreplay.testing import table_toml
+
+    d = daemon_factory("\n" + table_toml(max_size=10_000))
+    with shmreplay.attach(d.name) as client:
+        t = client.table("replay")
+        row = {"obs": np.zeros(8, np.float32), "action": 1, "reward": 0.5, "done": False}
+        t.insert(row)
+        t.flush()
+        worst = []
+        for _ in range(50):
+            t.insert(row)
+            start = time.perf_counter()
+            while int(t._chan[Chan.PUB_HEAD]) < t._w.pub_tail:
+                time.sleep(50e-6)
+            worst.append(time.perf_counter() - start)
+            time.sleep(0.001)
+        # a nap is ACTIVE_SLEEP_S; generous for a loaded machine, far below IDLE_SLEEP_S
+        assert np.median(worst) < 10 * ACTIVE_SLEEP_S, worst
+        assert t.info().current_size == 51
