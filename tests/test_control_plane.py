@@ -84,7 +84,13 @@ def holding_the_lock(name: str, table: str = "replay"):
 
 @contextlib.contextmanager
 def stopped(pid: int):
+    """The process stopped (SIGSTOP) for the block. The signal is delivered asynchronously: on a
+    loaded machine the process can still answer a request or two after kill() returns, so wait
+    until the kernel reports it stopped (state T)."""
     os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    while psutil.Process(pid).status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
+        time.sleep(0.001)
     try:
         yield
     finally:
