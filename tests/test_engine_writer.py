@@ -414,3 +414,37 @@ def test_a_slot_outside_the_table_in_the_lease_ring_raises_segment_error():
         w.insert(random_row(np.random.default_rng(0)), 1.0, 0, 0, 0)
     a["lease"][0] = 9
     assert w.take_one() == 9
+
+
+def test_a_refilled_lease_ring_does_not_post_the_napping_daemon():
+    """The cached lease tail is refreshed only when the ring runs empty; the wake rule re-reads
+    LEASE_TAIL before calling the lease low, so a writer whose ring the daemon keeps full never
+    posts a napping daemon (before: the last LEASE_LOW_WATER items of each cached window did)."""
+    from shmreplay.layout import LEASE_LOW_WATER
+
+    num_slots = 4 * LEASE_CAPACITY
+    a, b = make_arrays(num_slots), make_arrays(num_slots)
+    w, r = c_writer(a), ref_writer(b)
+    daemon = Daemon(num_slots, np.random.default_rng(0))
+    row = random_row(np.random.default_rng(1))
+    for c in (a, b):
+        c["ctrl"][Ctrl.DAEMON_SLEEPING, 0] = Sleep.NAP
+    posts = 0
+    for _ in range(3 * LEASE_CAPACITY + LEASE_LOW_WATER):
+        daemon.lease([a, b], LEASE_CAPACITY)  # the daemon keeps the ring full
+        got, want = w.insert(row, 1.0, 0, 0, 0), r.insert(row, 1.0)
+        assert got == want[0] and w.wake_needed == int(want[1])
+        posts += w.wake_needed
+        daemon.commit([a, b])
+    assert posts == 0
+    assert a["ctrl"][Ctrl.DAEMON_SLEEPING, 0] == Sleep.NAP
+    assert_same(a, b, w, r)
+    # Once the ring really runs low, the napping daemon is posted (once: it is then AWAKE).
+    posts = 0
+    for _ in range(a["chan"][Chan.LEASE_TAIL, 0] - a["chan"][Chan.LEASE_HEAD, 0]):
+        got = w.insert(row, 1.0, 0, 0, 0)
+        assert got >= 0 and (r.insert(row, 1.0)[1] == bool(w.wake_needed))
+        posts += w.wake_needed
+    assert posts == 1
+    assert a["ctrl"][Ctrl.DAEMON_SLEEPING, 0] == Sleep.AWAKE
+    assert_same(a, b, w, r)

@@ -99,6 +99,17 @@ class RefWriter:
         self.chan[Chan.PUB_TAIL] = self.pub_tail
         return True
 
+    def lease_low(self) -> bool:
+        """At most LEASE_LOW_WATER leased slots left: the cached tail, then LEASE_TAIL re-read
+        before saying so (a garbage tail counts as low, the cache kept for take to report)."""
+        if self.lease_tail - self.lease_head > LEASE_LOW_WATER:
+            return False
+        try:
+            self.poll_lease()
+        except Corrupt:
+            return True
+        return self.lease_tail - self.lease_head <= LEASE_LOW_WATER
+
     def wake(self, force: bool = False) -> bool:
         sleeping = int(self.ctrl[Ctrl.DAEMON_SLEEPING])
         if (
@@ -106,10 +117,7 @@ class RefWriter:
             or sleeping == Sleep.IDLE
             or (
                 sleeping != Sleep.AWAKE
-                and (
-                    self.lease_tail - self.lease_head <= LEASE_LOW_WATER
-                    or self.ctrl[Ctrl.SAMPLER_WAITING] != 0
-                )
+                and (self.lease_low() or self.ctrl[Ctrl.SAMPLER_WAITING] != 0)
             )
         ):
             self.ctrl[Ctrl.DAEMON_SLEEPING] = Sleep.AWAKE

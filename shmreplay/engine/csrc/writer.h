@@ -86,6 +86,11 @@ int shm_writer_poll_lease(shm_writer *w);
  * process: a forked child fails), the table not quarantined. 1 when all hold. */
 int shm_writer_table_open(const shm_writer *w, int64_t daemon_pid, int64_t pid);
 
+/* 1 when at most SHM_LEASE_LOW_WATER leased slots are left: the cached lease tail first, and
+ * LEASE_TAIL re-read (acquire) before saying so. A garbage tail counts as low (and is left for
+ * shm_writer_take to report). */
+int shm_writer_lease_low(shm_writer *w);
+
 /* After publishing: seq_cst fence, then the wake rule. Returns 1 when the caller must post the
  * daemon's semaphore (and DAEMON_SLEEPING was cleared to AWAKE), else 0. ``force`` always. */
 int shm_writer_wake(shm_writer *w, int force);
