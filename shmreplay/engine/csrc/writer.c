@@ -206,7 +206,8 @@ void shm_writer_free(shm_writer *w) {
 
 int64_t shm_writer_insert_batch(shm_writer *w, const char *const *srcs, int64_t n,
                                 int64_t start, const double *priorities, double priority,
-                                uint64_t *keys_out, int *wake, int64_t *scratch) {
+                                const int64_t *episodes, uint64_t *keys_out, int *wake,
+                                int64_t *scratch) {
     *wake = 0;
     int64_t done = start;
     while (done < n) {
@@ -238,9 +239,16 @@ int64_t shm_writer_insert_batch(shm_writer *w, const char *const *srcs, int64_t 
         for (int64_t j = 0; j < k; j++) {
             int64_t s = scratch[j];
             w->priority[s] = priorities != NULL ? priorities[done + j] : priority;
-            w->episode[s] = 0;
-            w->steps[2 * s] = 0;
-            w->steps[2 * s + 1] = 0;
+            if (episodes != NULL) {
+                const int64_t *e = episodes + 3 * (done + j);
+                w->episode[s] = e[0];
+                w->steps[2 * s] = (int32_t)e[1];
+                w->steps[2 * s + 1] = (int32_t)e[2];
+            } else {
+                w->episode[s] = 0;
+                w->steps[2 * s] = 0;
+                w->steps[2 * s + 1] = 0;
+            }
             keys_out[done + j] = w->key[s];
         }
         for (int64_t j = 0; j < k; j++) /* even: complete, released after the rows */
