@@ -28,18 +28,21 @@ Consistency without stalling. Per table::
     mutex held (~4 ms per million slots): copy the per-slot key, priority, times_sampled and
         generation arrays (and heap touches), the READY mask and the control counters
     mutex free: read the READY slots' seq and sort them by it (insertion order); copy their
-        data rows in chunks of CHUNK_BYTES (np.take), then re-read each chunk's generations: a
-        changed one means the slot was rewritten during the copy (its item was evicted or
+        data rows in chunks of CHUNK_BYTES with the sampler's seqlock read (TableCore._engine
+        .gather, csrc/sample.c: the rows, an acquire fence, each chunk's generations re-read):
+        a changed one means the slot was rewritten during the copy (its item was evicted or
         deleted after the snapshot and a writer started on the slot), so the row is dropped
         from the checkpoint and counted (CheckpointReport.dropped).
 
 The snapshot is an instant of the table's life (counters and items agree); a dropped row cannot
 be copied again because its item no longer exists. Items are copied oldest first, so under a
 Fifo remover the copy runs ahead of the evictions as long as it is faster than the writers. A
-writer changes a slot's generation before it writes the slot's data (and before the slot can be
-committed again, which is when its seq changes); x86-64 keeps stores in order and loads in
-order, so a copy that saw any byte of new data or a new seq also sees the new generation (the
-sampler's argument, table.py).
+writer makes a slot's generation odd and then issues a release fence before it writes the slot's
+data (and before the slot can be committed again, which is when its seq changes); the copy
+issues an acquire fence between the rows and the generations it re-reads, which pairs with the
+writer's fence, so on any architecture a copy that saw any byte of new data also sees the
+generation moved (the sampler's seqlock, docs/memory-ordering.md). The seq and episode words,
+read after the unlock, are loads before that fence too.
 
 Called from a thread of a process whose other threads run Python, every numpy call inside the
 critical section that released the GIL may wait up to ``sys.getswitchinterval()`` (5 ms) to
@@ -489,6 +492,7 @@ def _write_table(
     pool: queue.Queue = queue.Queue()
     for _ in range(PIPELINE_DEPTH + 1):
         pool.put({f.name: np.empty((rows_per_chunk, *f.shape), f.np_dtype) for f in fields})
+    ok_buf = np.empty(min(n, rows_per_chunk), np.bool_)
     writer = _BackgroundWriter(PIPELINE_DEPTH * len(fields))
     ticker = _Ticker(progress)
     kept = 0
@@ -500,16 +504,14 @@ def _write_table(
             slots = snap.slots[start : start + rows_per_chunk]
             k = len(slots)
             bufs = pool.get()  # blocks while the writer is PIPELINE_DEPTH chunks behind
-            for f in fields:
-                # mode="clip": with out=, the default "raise" copies through a temporary (4x
-                # slower); the slots are valid indices.
-                np.take(core.data[f.name], slots, axis=0, out=bufs[f.name][:k], mode="clip")
-            # After the copy: a slot whose generation moved was rewritten meanwhile.
-            ok = core.gen[slots] == snap.gen[start : start + k]
-            m = k
-            if not ok.all():
+            # The sampler's seqlock read (csrc/sample.c, GIL released): the rows, an acquire
+            # fence, the generations re-read; a slot whose generation moved was rewritten
+            # meanwhile and its row is not intact.
+            ok = ok_buf[:k]
+            outs = tuple([bufs[name][:k] for name in core.data])
+            m = core._engine.gather(slots, snap.gen[start : start + k], outs, None, ok)
+            if m != k:
                 intact[start : start + k] = ok
-                m = int(np.count_nonzero(ok))
                 for f in fields:
                     bufs[f.name][:m] = bufs[f.name][:k][ok]
             for i, f in enumerate(fields):

@@ -746,12 +746,12 @@ class Table:
         keys, done = None, 0
         if (
             timeout is None
-            and episodes is None
+            and (episodes is None or type(episodes) is np.ndarray)
             and type(data) is dict
             and not self._closed
             and not self.client._closed
         ):
-            keys, done = self._insert_batch_c(data, priorities)
+            keys, done = self._insert_batch_c(data, priorities, episodes)
             if keys is not None and done == len(keys):
                 return keys
         self._check(writing=True)
@@ -796,22 +796,24 @@ class Table:
             done += k
         return keys
 
-    def _insert_batch_c(self, data: dict, priorities) -> tuple[np.ndarray | None, int]:
+    def _insert_batch_c(
+        self, data: dict, priorities, episodes: np.ndarray | None = None
+    ) -> tuple[np.ndarray | None, int]:
         """insert_batch's common case in C (exact dtypes and shapes, float priorities in range,
-        no timeout, no episodes): (keys, items written and published). Stops short when it
-        must wait for leases or commits (insert_batch's checked path goes on from there);
-        (None, 0) when it is not the common case."""
+        no timeout, episodes None or int64[n, 3] whose steps fit int32): (keys, items written
+        and published). Stops short when it must wait for leases or commits (insert_batch's
+        checked path goes on from there); (None, 0) when it is not the common case."""
         first = data.get(self._fields[0].name)
         if type(first) is not np.ndarray or first.ndim == 0:
             return None, 0
         w = self._w
         keys = np.empty(len(first), np.uint64)
-        done = w.insert_batch_mapping(data, priorities, keys, 0)
+        done = w.insert_batch_mapping(data, priorities, keys, 0, episodes)
         if done < 0:
             return None, 0
         while done < len(keys) and w.wake_needed:  # posts between chunks, as _publish_many
             self.core.events.daemon.post(1)
-            more = w.insert_batch_mapping(data, priorities, keys, done)
+            more = w.insert_batch_mapping(data, priorities, keys, done, episodes)
             if more < 0:  # the table was closed or quarantined meanwhile: the checked path
                 return keys, done  # goes on from ``done`` (and raises)
             done = more

@@ -738,6 +738,7 @@ class TrajectoryWriter:
         newest = self._total - 1
         vcol, vlen, vkind = ts.vcol, ts.vlen, ts.vkind
         sels = []
+        lo, hi = newest + 1, -1  # the item's first and last steps
         for j, name in enumerate(ts.names):
             sel = trajectory.get(name)
             if type(sel) is not TrajectoryColumn:
@@ -752,21 +753,22 @@ class TrajectoryWriter:
                     raise InvalidArgumentError(f"trajectory[{name!r}] selects no steps")
                 ts.accept(j, sel, self.validate)
             start = sel._start
+            last = sel._last if sel._kind == 2 else start + sel._length - 1
             if (
                 start < oldest
                 or start < col.complete_since
-                or (open_step and col.name not in self._open_fields and sel._last >= newest)
+                or (open_step and col.name not in self._open_fields and last >= newest)
             ):
                 self._check_reference(sel, f"trajectory[{name!r}]")
+            if start < lo:
+                lo = start
+            if last > hi:
+                hi = last
             sels.append(sel)
         if ts.any_range:
             ts.range_check(sels)
         start = self._episode_start  # steps are counted from the episode's first
-        episode = (
-            self.episode_id,
-            min(s._start for s in sels) - start,
-            max(s._last for s in sels) - start,
-        )
+        episode = (self.episode_id, lo - start, hi - start)
         if ts.direct:
             self._write_direct(ts, sels, priority, None, episode)
             ts.unconfirmed += 1
@@ -885,7 +887,11 @@ class TrajectoryWriter:
                 else:
                     plan = _gather(sels, out, plan)
                 data[ts.names[j]] = out
-            ts.table.insert_batch(data, ts.priorities, episodes=ts.episodes)
+            # As arrays: the table's compiled batch insert takes them (a list goes through
+            # the checked Python path).
+            ts.table.insert_batch(
+                data, np.array(ts.priorities, np.float64), episodes=np.array(ts.episodes, np.int64)
+            )
             ts.unconfirmed += n
         finally:
             # Also on an error: the items cannot be sent twice. With no timeout a send fails

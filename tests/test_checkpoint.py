@@ -484,3 +484,32 @@ def test_a_checkpoint_under_a_writer_holds_only_rows_that_match_their_keys(
         assert report.items["replay"] + report.dropped["replay"] == max_size
         assert report.max_lock_s < 0.05
     assert sum(r.dropped["replay"] for r in reports) > 0, "no slot was recycled during a copy"
+
+
+def test_rows_whose_generation_moved_after_the_snapshot_are_dropped(tmp_path, monkeypatch):
+    """The row copy is the sampler's seqlock read (TableCore._engine.gather): a slot whose
+    generation differs from the snapshot's was rewritten, so its row and metadata are left out
+    and counted; the other rows are written in order, intact."""
+    monkeypatch.setattr(cp, "CHUNK_BYTES", 7 * 80)  # several chunks, one with two moved slots
+    snapshot = cp._snapshot
+    moved: list[int] = []
+
+    def moved_snapshot(core):
+        snap = snapshot(core)
+        for i in (3, 4, 20):  # as if a writer had started on these slots since
+            snap.gen[i] += 1
+            moved.append(int(snap.slots[i]))
+        return snap
+
+    monkeypatch.setattr(cp, "_snapshot", moved_snapshot)
+    with local_table(spec()) as src:
+        fill(src, np.arange(50))
+        report = write_checkpoint({"replay": src}, tmp_path)
+        assert report.items == {"replay": 47} and report.dropped == {"replay": 3}
+        t = read_checkpoint(report.path).tables["replay"]
+        t_slots = [
+            s for s in ready_slots(src)[np.argsort(src.seq[ready_slots(src)])] if s not in moved
+        ]
+        assert np.array_equal(t.array("data.uid"), src.data["uid"][t_slots])
+        assert np.array_equal(t.array("data.obs"), src.data["obs"][t_slots])
+        assert np.array_equal(t.array("meta.key"), src.key[t_slots])

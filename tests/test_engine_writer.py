@@ -210,8 +210,18 @@ def run_sequence(num_slots: int, steps: int, seed: int, check_every: int = 1) ->
             start = int(rng.integers(0, n)) if rng.random() < 0.2 else 0
             keys_c = np.zeros(n, np.uint64)
             keys_r = np.zeros(n, np.uint64)
-            done = w.insert_batch_mapping(data, prios, keys_c, start)
-            assert (done, bool(w.wake_needed)) == r.insert_batch(cols, prios, keys_r, start)
+            if rng.random() < 0.5:
+                done = w.insert_batch_mapping(data, prios, keys_c, start)
+                assert (done, bool(w.wake_needed)) == r.insert_batch(cols, prios, keys_r, start)
+            else:
+                first = rng.integers(-(2**31), 2**31 - 50, n)
+                eps = np.stack(
+                    [rng.integers(-(2**63), 2**63 - 1, n), first, first + rng.integers(0, 50, n)],
+                    axis=1,
+                ).astype(np.int64)
+                done = w.insert_batch_mapping(data, prios, keys_c, start, eps)
+                want = r.insert_batch(cols, prios, keys_r, start, eps)
+                assert (done, bool(w.wake_needed)) == want
             assert np.array_equal(keys_c, keys_r)
         elif op == "reserve":
             if open_res is None:
@@ -414,3 +424,68 @@ def test_a_slot_outside_the_table_in_the_lease_ring_raises_segment_error():
         w.insert(random_row(np.random.default_rng(0)), 1.0, 0, 0, 0)
     a["lease"][0] = 9
     assert w.take_one() == 9
+
+
+def test_a_refilled_lease_ring_does_not_post_the_napping_daemon():
+    """The cached lease tail is refreshed only when the ring runs empty; the wake rule re-reads
+    LEASE_TAIL before calling the lease low, so a writer whose ring the daemon keeps full never
+    posts a napping daemon (before: the last LEASE_LOW_WATER items of each cached window did)."""
+    from shmreplay.layout import LEASE_LOW_WATER
+
+    num_slots = 4 * LEASE_CAPACITY
+    a, b = make_arrays(num_slots), make_arrays(num_slots)
+    w, r = c_writer(a), ref_writer(b)
+    daemon = Daemon(num_slots, np.random.default_rng(0))
+    row = random_row(np.random.default_rng(1))
+    for c in (a, b):
+        c["ctrl"][Ctrl.DAEMON_SLEEPING, 0] = Sleep.NAP
+    posts = 0
+    for _ in range(3 * LEASE_CAPACITY + LEASE_LOW_WATER):
+        daemon.lease([a, b], LEASE_CAPACITY)  # the daemon keeps the ring full
+        got, want = w.insert(row, 1.0, 0, 0, 0), r.insert(row, 1.0)
+        assert got == want[0] and w.wake_needed == int(want[1])
+        posts += w.wake_needed
+        daemon.commit([a, b])
+    assert posts == 0
+    assert a["ctrl"][Ctrl.DAEMON_SLEEPING, 0] == Sleep.NAP
+    assert_same(a, b, w, r)
+    # Once the ring really runs low, the napping daemon is posted (once: it is then AWAKE).
+    posts = 0
+    for _ in range(a["chan"][Chan.LEASE_TAIL, 0] - a["chan"][Chan.LEASE_HEAD, 0]):
+        got = w.insert(row, 1.0, 0, 0, 0)
+        assert got >= 0 and (r.insert(row, 1.0)[1] == bool(w.wake_needed))
+        posts += w.wake_needed
+    assert posts == 1
+    assert a["ctrl"][Ctrl.DAEMON_SLEEPING, 0] == Sleep.AWAKE
+    assert_same(a, b, w, r)
+
+
+def test_insert_batch_mapping_refuses_episodes_it_cannot_store_with_nothing_written():
+    a = make_arrays(10)
+    w = c_writer(a)
+    Daemon(10, np.random.default_rng(0)).lease([a], 10)
+    batch = {
+        n: np.stack([v, v])
+        for (n, _, _), v in zip(SIGNATURE, random_row(np.random.default_rng(1)), strict=True)
+    }
+    before = {k: v.copy() for k, v in a.items()}
+    keys = np.zeros(2, np.uint64)
+    good = np.array([[7, 0, 3], [7, 1, 4]], np.int64)
+    for eps in [
+        good[:1],  # one row short
+        good[:, :2].copy(),  # two columns
+        good.astype(np.int32),
+        good.astype(np.float64),
+        np.asfortranarray(good),
+        good.tolist(),
+        np.array([[7, 5, 3], [7, 1, 4]], np.int64),  # first after last
+        np.array([[7, 0, 2**31], [7, 1, 4]], np.int64),  # beyond int32
+        np.array([[7, -(2**31) - 1, 3], [7, 1, 4]], np.int64),
+    ]:
+        assert w.insert_batch_mapping(batch, 1.0, keys, 0, eps) == CHECK, eps
+    for k in before:
+        assert np.array_equal(a[k], before[k]), k
+    assert w.insert_batch_mapping(batch, 1.0, keys, 0, good) == 2
+    slots = (keys & 0xFFFFFFFF).astype(np.int64)
+    assert a["episode"][slots].tolist() == [7, 7]
+    assert a["steps"][slots].tolist() == [[0, 3], [1, 4]]

@@ -99,6 +99,17 @@ class RefWriter:
         self.chan[Chan.PUB_TAIL] = self.pub_tail
         return True
 
+    def lease_low(self) -> bool:
+        """At most LEASE_LOW_WATER leased slots left: the cached tail, then LEASE_TAIL re-read
+        before saying so (a garbage tail counts as low, the cache kept for take to report)."""
+        if self.lease_tail - self.lease_head > LEASE_LOW_WATER:
+            return False
+        try:
+            self.poll_lease()
+        except Corrupt:
+            return True
+        return self.lease_tail - self.lease_head <= LEASE_LOW_WATER
+
     def wake(self, force: bool = False) -> bool:
         sleeping = int(self.ctrl[Ctrl.DAEMON_SLEEPING])
         if (
@@ -106,10 +117,7 @@ class RefWriter:
             or sleeping == Sleep.IDLE
             or (
                 sleeping != Sleep.AWAKE
-                and (
-                    self.lease_tail - self.lease_head <= LEASE_LOW_WATER
-                    or self.ctrl[Ctrl.SAMPLER_WAITING] != 0
-                )
+                and (self.lease_low() or self.ctrl[Ctrl.SAMPLER_WAITING] != 0)
             )
         ):
             self.ctrl[Ctrl.DAEMON_SLEEPING] = Sleep.AWAKE
@@ -148,10 +156,12 @@ class RefWriter:
         self.gen[slots] += 1
         return self.key[slots].copy()
 
-    def insert_batch(self, cols, priorities, keys: np.ndarray, start: int) -> tuple[int, bool]:
+    def insert_batch(
+        self, cols, priorities, keys: np.ndarray, start: int, episodes=None
+    ) -> tuple[int, bool]:
         """Items [start, n) in chunks of at most half the publish ring (room first, then up to
-        that many slots), episodes 0; stops after a chunk whose wake rule fires, or when no slot
-        is leased or no room is left. (new start, wake)."""
+        that many slots), episodes (n, 3) or 0; stops after a chunk whose wake rule fires, or
+        when no slot is leased or no room is left. (new start, wake)."""
         n, done = len(keys), start
         prios = np.broadcast_to(np.asarray(priorities, np.float64), (n,))
         while done < n:
@@ -163,7 +173,7 @@ class RefWriter:
                 break
             end = done + len(slots)
             part = [c[done:end] for c in cols]
-            eps = np.zeros((len(slots), 3), np.int64)
+            eps = np.zeros((len(slots), 3), np.int64) if episodes is None else episodes[done:end]
             keys[done:end] = self.write_batch(slots, part, prios[done:end], eps)
             self.publish_slots(slots)
             done = end

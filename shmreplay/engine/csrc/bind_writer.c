@@ -356,20 +356,23 @@ release:
     return result;
 }
 
-/* insert_batch_mapping(data, priorities, keys_out, start) -> int: Table.insert_batch's common
- * case in C: a dict with exactly the fields, each a C-contiguous numpy array of the field's
- * dtype with len(keys_out) items of the field's shape, priorities a float or a float64 array
- * of one per item, all in [0, max_priority], an open table. Writes and publishes items
- * [start, n) until done, until a chunk's wake rule says to post the daemon (wake_needed), or
- * until no slot is leased / no room is left; returns the new start (Python posts, waits, or
- * calls again), or CODE_CHECK with nothing written (Python checks it all). */
+/* insert_batch_mapping(data, priorities, keys_out, start[, episodes]) -> int:
+ * Table.insert_batch's common case in C: a dict with exactly the fields, each a C-contiguous
+ * numpy array of the field's dtype with len(keys_out) items of the field's shape, priorities a
+ * float or a float64 array of one per item, all in [0, max_priority], episodes None (all 0) or
+ * a C-contiguous int64 array of shape (n, 3) whose steps fit int32 with first <= last, an open
+ * table. Writes and publishes items [start, n) until done, until a chunk's wake rule says to
+ * post the daemon (wake_needed), or until no slot is leased / no room is left; returns the new
+ * start (Python posts, waits, or calls again), or CODE_CHECK with nothing written (Python
+ * checks it all). */
 static PyObject *Writer_insert_batch_mapping(WriterObject *self, PyObject *const *args,
                                              Py_ssize_t nargs) {
-    if (nargs != 4) {
+    if (nargs != 4 && nargs != 5) {
         PyErr_SetString(PyExc_TypeError,
-                        "insert_batch_mapping(data, priorities, keys_out, start)");
+                        "insert_batch_mapping(data, priorities, keys_out, start[, episodes])");
         return NULL;
     }
+    PyObject *eps_obj = nargs == 5 ? args[4] : Py_None;
     shm_writer *w = &self->w;
     PyObject *data = args[0];
     PyObject *prio = args[1];
@@ -380,8 +383,8 @@ static PyObject *Writer_insert_batch_mapping(WriterObject *self, PyObject *const
     if (shm_get_buffer(args[2], &keys, 8, 1, "keys_out") < 0)
         return NULL;
     int64_t n = shm_buffer_len(&keys);
-    Py_buffer prios = {0};
-    int have_prios = 0;
+    Py_buffer prios = {0}, eps = {0};
+    int have_prios = 0, have_eps = 0;
     int got = 0;
     PyObject *result = NULL;
     Py_buffer *views = PyMem_Calloc(w->ncols > 0 ? w->ncols : 1, sizeof(Py_buffer));
@@ -418,6 +421,23 @@ static PyObject *Writer_insert_batch_mapping(WriterObject *self, PyObject *const
             if (!(p[j] >= 0.0 && p[j] <= self->max_priority))
                 goto check;
     }
+    if (eps_obj != Py_None) {
+        if ((PyObject *)Py_TYPE(eps_obj) != self->array_type ||
+            PyObject_GetBuffer(eps_obj, &eps, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+            PyErr_Clear();
+            goto check;
+        }
+        have_eps = 1;
+        /* int64 is "l" on LP64 numpy, "q" elsewhere */
+        if (eps.ndim != 2 || eps.shape[0] != n || eps.shape[1] != 3 || eps.itemsize != 8 ||
+            eps.format == NULL || (strcmp(eps.format, "l") != 0 && strcmp(eps.format, "q") != 0))
+            goto check;
+        const int64_t *e = eps.buf;
+        for (int64_t j = start; j < n; j++)
+            if (e[3 * j + 1] < INT32_MIN || e[3 * j + 2] > INT32_MAX ||
+                e[3 * j + 1] > e[3 * j + 2])
+                goto check;
+    }
     for (; got < w->ncols; got++) {
         FieldCheck *fc = &self->fields[got];
         PyObject *v = PyDict_GetItemWithError(data, fc->name); /* borrowed */
@@ -450,12 +470,14 @@ static PyObject *Writer_insert_batch_mapping(WriterObject *self, PyObject *const
         bytes += (size_t)(n - start) * w->cols[i].rowsize;
     if (bytes >= 65536) { /* a copy this long outweighs dropping and taking the GIL */
         Py_BEGIN_ALLOW_THREADS;
-        done = shm_writer_insert_batch(w, srcs, n, start, parr, priority, keys.buf,
-                                       &self->wake, scratch);
+        done = shm_writer_insert_batch(w, srcs, n, start, parr, priority,
+                                       have_eps ? eps.buf : NULL, keys.buf, &self->wake,
+                                       scratch);
         Py_END_ALLOW_THREADS;
     } else {
-        done = shm_writer_insert_batch(w, srcs, n, start, parr, priority, keys.buf,
-                                       &self->wake, scratch);
+        done = shm_writer_insert_batch(w, srcs, n, start, parr, priority,
+                                       have_eps ? eps.buf : NULL, keys.buf, &self->wake,
+                                       scratch);
     }
     if (done < 0)
         raise_corrupt("lease or publish ring");
@@ -469,6 +491,8 @@ release:
         PyBuffer_Release(&views[i]);
     if (have_prios)
         PyBuffer_Release(&prios);
+    if (have_eps)
+        PyBuffer_Release(&eps);
     PyBuffer_Release(&keys);
     PyMem_Free(views);
     PyMem_Free(srcs);
@@ -762,7 +786,7 @@ static PyMethodDef Writer_methods[] = {
      "insert_mapping(data, priority) -> key, or -4: Table.insert's common case in C."},
     {"insert_batch_mapping", (PyCFunction)(void (*)(void))Writer_insert_batch_mapping,
      METH_FASTCALL,
-     "insert_batch_mapping(data, priorities, keys_out, start) -> new start, or -4: "
+     "insert_batch_mapping(data, priorities, keys_out, start[, episodes]) -> new start, or -4: "
      "Table.insert_batch's common case in C."},
     {"take", (PyCFunction)Writer_take, METH_O, "take(out) -> k leased slots into out, or -1."},
     {"take_one", (PyCFunction)Writer_take_one, METH_NOARGS, "take_one() -> slot, or -1."},

@@ -109,6 +109,18 @@ int shm_writer_table_open(const shm_writer *w, int64_t daemon_pid, int64_t pid) 
            shm_load_relaxed(&w->chan[SHM_CHAN_PID * SHM_LINE]) == pid;
 }
 
+int shm_writer_lease_low(shm_writer *w) {
+    if (w->lease_tail - w->lease_head > SHM_LEASE_LOW_WATER)
+        return 0;
+    /* The cached tail is only refreshed when the ring runs empty: the daemon has most likely
+     * refilled it since. Re-read LEASE_TAIL (acquire, as take does) before calling it low, or
+     * the last LOW_WATER items of every cached window would each post the napping daemon. A
+     * garbage tail leaves the cache as it was (take reports it) and counts as low. */
+    if (shm_writer_poll_lease(w) != SHM_WRITER_OK)
+        return 1;
+    return w->lease_tail - w->lease_head <= SHM_LEASE_LOW_WATER;
+}
+
 int shm_writer_wake(shm_writer *w, int force) {
     /* Dekker with the daemon: we stored PUB_TAIL, it stores DAEMON_SLEEPING; each fences, then
      * loads the other's word, so at least one of us sees the other's store. */
@@ -117,7 +129,7 @@ int shm_writer_wake(shm_writer *w, int force) {
     int64_t sleeping = shm_load_relaxed(sleeping_word);
     if (force || sleeping == SHM_SLEEP_IDLE ||
         (sleeping != SHM_SLEEP_AWAKE &&
-         (w->lease_tail - w->lease_head <= SHM_LEASE_LOW_WATER ||
+         (shm_writer_lease_low(w) ||
           /* SAMPLER_WAITING is a sampler's hint: it waits for what we just published */
           shm_load_relaxed(CTRL(w, SHM_CTRL_SAMPLER_WAITING)) != 0))) {
         shm_store_relaxed(sleeping_word, SHM_SLEEP_AWAKE);
@@ -194,7 +206,8 @@ void shm_writer_free(shm_writer *w) {
 
 int64_t shm_writer_insert_batch(shm_writer *w, const char *const *srcs, int64_t n,
                                 int64_t start, const double *priorities, double priority,
-                                uint64_t *keys_out, int *wake, int64_t *scratch) {
+                                const int64_t *episodes, uint64_t *keys_out, int *wake,
+                                int64_t *scratch) {
     *wake = 0;
     int64_t done = start;
     while (done < n) {
@@ -226,9 +239,16 @@ int64_t shm_writer_insert_batch(shm_writer *w, const char *const *srcs, int64_t 
         for (int64_t j = 0; j < k; j++) {
             int64_t s = scratch[j];
             w->priority[s] = priorities != NULL ? priorities[done + j] : priority;
-            w->episode[s] = 0;
-            w->steps[2 * s] = 0;
-            w->steps[2 * s + 1] = 0;
+            if (episodes != NULL) {
+                const int64_t *e = episodes + 3 * (done + j);
+                w->episode[s] = e[0];
+                w->steps[2 * s] = (int32_t)e[1];
+                w->steps[2 * s + 1] = (int32_t)e[2];
+            } else {
+                w->episode[s] = 0;
+                w->steps[2 * s] = 0;
+                w->steps[2 * s + 1] = 0;
+            }
             keys_out[done + j] = w->key[s];
         }
         for (int64_t j = 0; j < k; j++) /* even: complete, released after the rows */

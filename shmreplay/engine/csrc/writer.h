@@ -86,6 +86,11 @@ int shm_writer_poll_lease(shm_writer *w);
  * process: a forked child fails), the table not quarantined. 1 when all hold. */
 int shm_writer_table_open(const shm_writer *w, int64_t daemon_pid, int64_t pid);
 
+/* 1 when at most SHM_LEASE_LOW_WATER leased slots are left: the cached lease tail first, and
+ * LEASE_TAIL re-read (acquire) before saying so. A garbage tail counts as low (and is left for
+ * shm_writer_take to report). */
+int shm_writer_lease_low(shm_writer *w);
+
 /* After publishing: seq_cst fence, then the wake rule. Returns 1 when the caller must post the
  * daemon's semaphore (and DAEMON_SLEEPING was cleared to AWAKE), else 0. ``force`` always. */
 int shm_writer_wake(shm_writer *w, int force);
@@ -106,13 +111,15 @@ void shm_writer_write_batch(shm_writer *w, const int64_t *slots, int64_t k,
 /* Items [start, n) of a batch (column i's item j at srcs[i] + j * rowsize), chunk by chunk:
  * room in the publish ring for a chunk (up to half the ring), up to that many leased slots,
  * the seqlocked rows (write_batch), their publication, the wake rule. Priorities: item j's is
- * priorities[j], or ``priority`` for all when priorities is NULL; episodes are 0. Keys go to
- * keys_out[j]. Stops after a chunk whose wake rule says to post the daemon (*wake = 1: the
- * caller posts, then calls again), when no slot is leased or the ring has no room (the caller
- * waits), or at n. Returns the new start, or CORRUPT (nothing of the failing chunk taken).
+ * priorities[j], or ``priority`` for all when priorities is NULL; episodes: item j's (id,
+ * first, last) at episodes[3j..3j+2] (steps already checked to fit int32), all 0 when NULL.
+ * Keys go to keys_out[j]. Stops after a chunk whose wake rule says to post the daemon
+ * (*wake = 1: the caller posts, then calls again), when no slot is leased or the ring has no
+ * room (the caller waits), or at n. Returns the new start, or CORRUPT (nothing of the failing chunk taken).
  * ``scratch`` holds SHM_PUBLISH_CAPACITY / 2 slots. */
 int64_t shm_writer_insert_batch(shm_writer *w, const char *const *srcs, int64_t n,
                                 int64_t start, const double *priorities, double priority,
-                                uint64_t *keys_out, int *wake, int64_t *scratch);
+                                const int64_t *episodes, uint64_t *keys_out, int *wake,
+                                int64_t *scratch);
 
 #endif
