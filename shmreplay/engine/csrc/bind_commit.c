@@ -4,9 +4,68 @@
 #include <stddef.h>
 #include <stdlib.h>
 
+#include "bind_selector.h"
 #include "commit.h"
+#include "rng.h"
 #include "shm_bind.h"
 #include "shm_buffers.h"
+
+/* ---- Rng --------------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    shm_rng r;
+} RngObject;
+
+static int rng_init(RngObject *self, PyObject *args, PyObject *kwds) {
+    unsigned long long seed;
+    (void)kwds;
+    if (!PyArg_ParseTuple(args, "K:Rng", &seed))
+        return -1;
+    shm_rng_seed(&self->r, seed);
+    return 0;
+}
+
+PyDoc_STRVAR(rng_random_doc,
+             "random(n) -> memoryview of n float64 (np.asarray it): the next n uniforms in "
+             "[0, 1), (x >> 11) * 2**-53 of successive xoshiro256** outputs.");
+
+static PyObject *rng_random(RngObject *self, PyObject *arg) {
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 0 || n > (Py_ssize_t)(INT64_MAX / 16)) {
+        PyErr_SetString(PyExc_ValueError, "random(n): n out of range");
+        return NULL;
+    }
+    PyObject *bytes = PyByteArray_FromStringAndSize(NULL, n * 8);
+    if (bytes == NULL)
+        return NULL;
+    shm_rng_fill(&self->r, (double *)(void *)PyByteArray_AS_STRING(bytes), n);
+    PyObject *view = PyMemoryView_FromObject(bytes);
+    Py_DECREF(bytes);
+    if (view == NULL)
+        return NULL;
+    PyObject *cast = PyObject_CallMethod(view, "cast", "s", "d");
+    Py_DECREF(view);
+    return cast;
+}
+
+static PyMethodDef rng_methods[] = {
+    {"random", (PyCFunction)rng_random, METH_O, rng_random_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject RngType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmreplay.engine._native.Rng",
+    .tp_doc = PyDoc_STR("Rng(seed): the daemon's PRNG (xoshiro256**, seeded by splitmix64 from "
+                        "a 64-bit seed; csrc/rng.h)."),
+    .tp_basicsize = sizeof(RngObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)rng_init,
+    .tp_methods = rng_methods,
+};
 
 /* ---- CommitTable ------------------------------------------------------------------------- */
 
@@ -23,9 +82,24 @@ typedef struct {
     shm_table t;
     Py_buffer views[TB_COUNT];
     int nviews;
+    /* attach(): the selectors' capsules and the Rng (strong references: cs points into them) */
+    shm_commit_sel cs;
+    PyObject *sampler, *remover, *rng;
+    shm_full_error err; /* the last full commit's failure, for why() */
 } CommitTable;
 
+static void table_detach(CommitTable *self) {
+    Py_CLEAR(self->sampler);
+    Py_CLEAR(self->remover);
+    Py_CLEAR(self->rng);
+    free(self->cs.victims);
+    free(self->cs.u);
+    self->cs.victims = NULL;
+    self->cs.u = NULL;
+}
+
 static void table_dealloc(CommitTable *self) {
+    table_detach(self);
     for (int i = 0; i < self->nviews; i++)
         PyBuffer_Release(&self->views[i]);
     free(self->t.scratch);
@@ -168,7 +242,204 @@ static PyObject *table_lease(CommitTable *self, PyObject *const *args, Py_ssize_
     return PyLong_FromLongLong(k < 0 ? -1 : k);
 }
 
+PyDoc_STRVAR(table_attach_doc,
+             "attach(sampler, remover, rng, max_size) -> None: the table's selectors (capsules "
+             "from their _selector()), the daemon's Rng and max_size, for commit_all and evict.");
+
+static PyObject *table_attach(CommitTable *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!table_ready(self))
+        return NULL;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "attach(sampler, remover, rng, max_size)");
+        return NULL;
+    }
+    shm_selector *sel[2];
+    for (int i = 0; i < 2; i++)
+        if ((sel[i] = PyCapsule_GetPointer(args[i], SHM_SELECTOR_CAPSULE)) == NULL)
+            return NULL;
+    if (!PyObject_TypeCheck(args[2], &RngType)) {
+        PyErr_SetString(PyExc_TypeError, "rng must be an Rng");
+        return NULL;
+    }
+    long long max_size = PyLong_AsLongLong(args[3]);
+    if (max_size == -1 && PyErr_Occurred())
+        return NULL;
+    if (max_size < 0) {
+        PyErr_SetString(PyExc_ValueError, "max_size must be >= 0");
+        return NULL;
+    }
+    size_t slots = (size_t)(self->t.num_slots > 0 ? self->t.num_slots : 1);
+    int64_t *victims = malloc(slots * sizeof(int64_t));
+    double *u = malloc(slots * sizeof(double));
+    if (victims == NULL || u == NULL) {
+        free(victims);
+        free(u);
+        return PyErr_NoMemory();
+    }
+    table_detach(self);
+    self->cs.victims = victims;
+    self->cs.u = u;
+    self->cs.sampler = *sel[0];
+    self->cs.remover = *sel[1];
+    self->cs.rng = &((RngObject *)args[2])->r;
+    self->cs.max_size = max_size;
+    Py_INCREF(args[0]);
+    Py_INCREF(args[1]);
+    Py_INCREF(args[2]);
+    self->sampler = args[0];
+    self->remover = args[1];
+    self->rng = args[2];
+    Py_RETURN_NONE;
+}
+
+static int table_attached(CommitTable *self) {
+    if (!table_ready(self))
+        return 0;
+    if (self->rng == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "CommitTable: attach() the selectors first");
+        return 0;
+    }
+    return 1;
+}
+
+/* -1: nothing changed; -2: the metadata was committed (why() gives k), then a selector failed. */
+static PyObject *full_failed(CommitTable *self) {
+    return PyLong_FromLong(self->err.changed ? -2 : -1);
+}
+
+PyDoc_STRVAR(table_commit_all_doc,
+             "commit_all(slots, priorities) -> int: TableCore.commit in one call (mutex held): "
+             "the O(1) count checks, commit(slots, priorities) (compacting both arrays in "
+             "place), the sampler's and the remover's insert, the eviction of what exceeds "
+             "max_size. Returns how many were committed, -1 when a count check failed (nothing "
+             "changed: repair, call again), -2 when a selector failed after the metadata was "
+             "committed (repair, which takes the new items, then evict()). why() says what.");
+
+static PyObject *table_commit_all(CommitTable *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!table_attached(self))
+        return NULL;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "commit_all(slots, priorities)");
+        return NULL;
+    }
+    Py_buffer s, p;
+    if (shm_get_buffer(args[0], &s, 8, 1, "slots") < 0)
+        return NULL;
+    if (shm_get_buffer(args[1], &p, 8, 1, "priorities") < 0) {
+        PyBuffer_Release(&s);
+        return NULL;
+    }
+    int64_t n = shm_buffer_len(&s), k = 0;
+    int64_t *slots = s.buf;
+    const char *bad = NULL;
+    if (shm_buffer_len(&p) != n)
+        bad = "slots and priorities differ in length";
+    for (int64_t i = 0; bad == NULL && i < n; i++)
+        if (slots[i] < 0 || slots[i] >= self->t.num_slots)
+            bad = "a slot is out of range";
+    if (bad == NULL)
+        k = shm_commit_full(&self->t, &self->cs, slots, p.buf, n, &self->err);
+    PyBuffer_Release(&s);
+    PyBuffer_Release(&p);
+    if (bad != NULL) {
+        PyErr_SetString(PyExc_ValueError, bad);
+        return NULL;
+    }
+    if (k == SHM_ENOMEM)
+        return PyErr_NoMemory();
+    if (k < 0)
+        return full_failed(self);
+    return PyLong_FromLongLong(k);
+}
+
+PyDoc_STRVAR(table_evict_doc,
+             "evict() -> int: evict what exceeds max_size (the remover's victims, uniforms from "
+             "the Rng when it draws); mutex held. Returns how many, or -2 when a selector failed "
+             "(repair, call again); why() says what.");
+
+static PyObject *table_evict(CommitTable *self, PyObject *unused) {
+    (void)unused;
+    if (!table_attached(self))
+        return NULL;
+    self->err.k = 0;
+    int64_t k = shm_commit_evict(&self->t, &self->cs, &self->err);
+    if (k < 0)
+        return full_failed(self);
+    return PyLong_FromLongLong(k);
+}
+
+/* The text of a selector check's problem (the Python selectors' check() wording). */
+static PyObject *sel_reason(const shm_sel_problem *q) {
+    switch (q->what) {
+    case SHM_SEL_BAD_COUNT:
+        return PyUnicode_FromFormat("its set counts %lld items, the table holds %lld",
+                                    (long long)q->a, (long long)q->b);
+    case SHM_SEL_BAD_TOTAL: {
+        PyObject *p = PyFloat_FromDouble(q->p);
+        PyObject *s = p == NULL ? NULL : PyUnicode_FromFormat("its sum-tree total is %R", p);
+        Py_XDECREF(p);
+        return s;
+    }
+    case SHM_SEL_BAD_ENDS:
+        return PyUnicode_FromFormat("its order ring's head %lld and tail %lld cannot hold %lld "
+                                    "items in %lld entries",
+                                    (long long)q->a, (long long)q->b, (long long)q->d,
+                                    (long long)q->c);
+    case SHM_SEL_BAD_CLOCK:
+        return PyUnicode_FromFormat("its clock is %lld, outside 0..%lld", (long long)q->a,
+                                    (long long)SHM_SEL_MAX_CLOCK);
+    }
+    return PyUnicode_FromString("its arrays make no sense");
+}
+
+PyDoc_STRVAR(table_why_doc,
+             "why() -> (reason, k): what the last failed commit_all/evict found (check_counts' "
+             "wording), and how many items it had committed.");
+
+static PyObject *table_why(CommitTable *self, PyObject *unused) {
+    (void)unused;
+    const shm_full_error *e = &self->err;
+    long long a = e->a, b = e->b, c = e->c, k = e->k;
+    PyObject *why = NULL;
+    switch (e->what) {
+    case SHM_FULL_SIZE:
+        why = PyUnicode_FromFormat("its size is %lld, outside 0..%lld", a,
+                                   (long long)self->t.num_slots);
+        break;
+    case SHM_FULL_FREE_ENDS:
+        why = PyUnicode_FromFormat("its free ring's head %lld and tail %lld do not fit %lld "
+                                   "slots of which %lld hold items",
+                                   a, b, (long long)self->t.num_slots, c);
+        break;
+    case SHM_FULL_FREE_TAIL:
+        why = PyUnicode_FromFormat("its free ring's tail is %lld", a);
+        break;
+    case SHM_FULL_SAMPLER:
+    case SHM_FULL_REMOVER: {
+        const char *role = e->what == SHM_FULL_SAMPLER ? "sampler" : "remover";
+        PyObject *inner = e->code == SHM_OK ? sel_reason(&e->sel)
+                                            : PyUnicode_FromFormat(
+                                                  "its arrays make no sense (status %d)",
+                                                  e->code);
+        if (inner != NULL)
+            why = PyUnicode_FromFormat("its %s: %U", role, inner);
+        Py_XDECREF(inner);
+        break;
+    }
+    default:
+        why = PyUnicode_FromString("nothing failed");
+    }
+    if (why == NULL)
+        return NULL;
+    return Py_BuildValue("(NL)", why, k);
+}
+
 static PyMethodDef table_methods[] = {
+    {"attach", (PyCFunction)(void (*)(void))table_attach, METH_FASTCALL, table_attach_doc},
+    {"commit_all", (PyCFunction)(void (*)(void))table_commit_all, METH_FASTCALL,
+     table_commit_all_doc},
+    {"evict", (PyCFunction)table_evict, METH_NOARGS, table_evict_doc},
+    {"why", (PyCFunction)table_why, METH_NOARGS, table_why_doc},
     {"commit", (PyCFunction)(void (*)(void))table_commit, METH_FASTCALL, table_commit_doc},
     {"lease", (PyCFunction)(void (*)(void))table_lease, METH_FASTCALL, table_lease_doc},
     {NULL, NULL, 0, NULL},
@@ -504,6 +775,8 @@ static PyTypeObject CommitRoundType = {
 };
 
 int shm_bind_commit(PyObject *module) {
+    if (PyModule_AddType(module, &RngType) < 0)
+        return -1;
     if (PyModule_AddType(module, &CommitTableType) < 0)
         return -1;
     if (PyModule_AddType(module, &CommitRoundType) < 0)
