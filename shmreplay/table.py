@@ -514,23 +514,9 @@ class TableCore:
         per-slot metadata (the source of truth) if they disagree. Mutex held.
 
         They live in memory every sampler can write: a stray store must cost a repair and a
-        warning, not the daemon."""
-        size = int(self.ctrl[Ctrl.SIZE])
-        head, tail = int(self.ctrl[Ctrl.FREE_HEAD]), int(self.ctrl[Ctrl.FREE_TAIL])
-        why = None
-        if not 0 <= size <= self.num_slots:
-            why = f"its size is {size}, outside 0..{self.num_slots}"
-        elif head < 0 or not 0 <= tail - head <= self.num_slots - size:
-            why = (
-                f"its free ring's head {head} and tail {tail} do not fit {self.num_slots} "
-                f"slots of which {size} hold items"
-            )
-        else:
-            for role, selector in (("sampler", self.sampler), ("remover", self.remover)):
-                problem = selector.check(size)
-                if problem is not None:
-                    why = f"its {role}: {problem}"
-                    break
+        warning, not the daemon. The checks run in C (CommitTable.check, csrc/commit.c), the
+        ones commit_all makes first."""
+        why = self._commit_engine().check()
         if why is not None:
             self._repair_counts(why)
 

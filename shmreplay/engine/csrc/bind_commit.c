@@ -372,7 +372,7 @@ static PyObject *table_evict(CommitTable *self, PyObject *unused) {
 static PyObject *sel_reason(const shm_sel_problem *q) {
     switch (q->what) {
     case SHM_SEL_BAD_COUNT:
-        return PyUnicode_FromFormat("its set counts %lld items, the table holds %lld",
+        return PyUnicode_FromFormat("its items set counts %lld items, the table holds %lld",
                                     (long long)q->a, (long long)q->b);
     case SHM_SEL_BAD_TOTAL: {
         PyObject *p = PyFloat_FromDouble(q->p);
@@ -434,7 +434,28 @@ static PyObject *table_why(CommitTable *self, PyObject *unused) {
     return Py_BuildValue("(NL)", why, k);
 }
 
+PyDoc_STRVAR(table_check_doc,
+             "check() -> None or str: check_counts in O(1) (mutex held): the size and the free "
+             "ring's ends against the table, then each selector's own counts; what is wrong.");
+
+static PyObject *table_check(CommitTable *self, PyObject *unused) {
+    (void)unused;
+    if (!table_attached(self))
+        return NULL;
+    if (shm_commit_check(&self->t, &self->cs, &self->err) == SHM_OK)
+        Py_RETURN_NONE;
+    self->err.k = 0;
+    PyObject *why = table_why(self, NULL);
+    if (why == NULL)
+        return NULL;
+    PyObject *text = PyTuple_GET_ITEM(why, 0);
+    Py_INCREF(text);
+    Py_DECREF(why);
+    return text;
+}
+
 static PyMethodDef table_methods[] = {
+    {"check", (PyCFunction)table_check, METH_NOARGS, table_check_doc},
     {"attach", (PyCFunction)(void (*)(void))table_attach, METH_FASTCALL, table_attach_doc},
     {"commit_all", (PyCFunction)(void (*)(void))table_commit_all, METH_FASTCALL,
      table_commit_all_doc},
