@@ -66,7 +66,7 @@ def _actor(instance: str, seconds: float, mode: str, go, results) -> None:
             if n % LATENCY_EVERY == 0:
                 # insert() returned: how long until the daemon has committed it.
                 start = time.perf_counter()
-                upto = t._pub_tail
+                upto = t._w.pub_tail
                 while int(t._chan[Chan.PUB_HEAD]) < upto:
                     time.sleep(50e-6)
                 latencies.append(time.perf_counter() - start)
