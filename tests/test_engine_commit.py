@@ -596,3 +596,46 @@ def test_garbage_in_the_selectors_never_crashes_the_full_commit(seed):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "ok"
+
+
+def test_commit_round_drains_commits_and_finishes_in_one_call():
+    """commit_round on a free lock does what drain + commit_all + finish do; on a held lock
+    (or refusals) it stops after the drain, as drain() returns."""
+    from shmreplay.mutex import MUTEX_NBYTES, RobustMutex
+
+    f = Full(64, "uniform", "fifo", 40, 2)
+    g = Full(64, "uniform", "fifo", 40, 2)
+    buf = np.zeros(MUTEX_NBYTES + 64, np.uint8)
+    off = (-buf.ctypes.data) % 64
+    mbuf = buf[off : off + MUTEX_NBYTES]
+    RobustMutex.initialize(mbuf)
+    mutex = RobustMutex(mbuf)
+    f.eng.round.set_mutex(mbuf)
+    rng = np.random.default_rng(0)
+    assert f.eng.round.commit_round() is None
+    for step in range(30):
+        for x in (f, g):
+            for c in range(2):
+                x.eng.round.lease(c, 20)
+        for c in range(2):
+            publish(f.a, c, np.random.default_rng(step), None, step + 1)
+            publish(g.a, c, np.random.default_rng(step), None, step + 1)
+        held = rng.random() < 0.3
+        if held:
+            mutex.acquire()
+        res = f.eng.round.commit_round()
+        n, refused = g.eng.round.drain()
+        assert refused is None
+        if held:
+            mutex.release()
+            assert res == (n, None)
+            f.eng.table.commit_all(f.eng.out_slots[:n], f.eng.out_prios[:n])
+            f.eng.round.finish()
+        k = g.eng.table.commit_all(g.eng.out_slots[:n], g.eng.out_prios[:n])
+        g.eng.round.finish()
+        if not held:
+            assert res == (k if n else None)
+        assert_same(f.a, g.a)
+        for x, y in zip(f.sel_a, g.sel_a, strict=True):
+            assert_same(x, y)
+    assert int(f.a["ctrl"][Ctrl.TOTAL_EVICTED, 0]) > 0

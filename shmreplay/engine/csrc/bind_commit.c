@@ -1,6 +1,8 @@
 /* Bindings of the commit concern: CommitTable (a table's commit metadata and free-slot lease,
  * TableCore's) and CommitRound (the daemon's drain of every channel, one call per round). The
  * logic is in commit.c. */
+#include <errno.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdlib.h>
 
@@ -494,11 +496,15 @@ typedef struct {
     PyObject *table; /* the CommitTable: keeps r.t alive */
     Py_buffer views[RB_COUNT];
     int nviews;
+    Py_buffer mutex_view; /* set_mutex(): the table's robust mutex, for commit_round */
+    pthread_mutex_t *mutex;
     int64_t *drained_tail;
     shm_pub_error *errors;
 } CommitRound;
 
 static void round_dealloc(CommitRound *self) {
+    if (self->mutex != NULL)
+        PyBuffer_Release(&self->mutex_view);
     for (int i = 0; i < self->nviews; i++)
         PyBuffer_Release(&self->views[i]);
     free(self->drained_tail);
@@ -621,12 +627,8 @@ PyDoc_STRVAR(round_drain_doc,
              "of (channel, reason) for runs that make no sense (not drained: cut them off). "
              "Call finish() once the drained items are committed.");
 
-static PyObject *round_drain(CommitRound *self, PyObject *unused) {
-    (void)unused;
-    if (!round_ready(self))
-        return NULL;
-    int64_t nerr = 0;
-    int64_t n = shm_round_drain(&self->r, self->errors, &nerr);
+/* drain()'s result: (n, None) or (n, [(channel, reason), ...]). */
+static PyObject *round_drain_result(CommitRound *self, int64_t n, int64_t nerr) {
     if (nerr == 0)
         return Py_BuildValue("(LO)", (long long)n, Py_None);
     PyObject *list = PyList_New(nerr);
@@ -646,6 +648,15 @@ static PyObject *round_drain(CommitRound *self, PyObject *unused) {
     return Py_BuildValue("(LN)", (long long)n, list);
 }
 
+static PyObject *round_drain(CommitRound *self, PyObject *unused) {
+    (void)unused;
+    if (!round_ready(self))
+        return NULL;
+    int64_t nerr = 0;
+    int64_t n = shm_round_drain(&self->r, self->errors, &nerr);
+    return round_drain_result(self, n, nerr);
+}
+
 PyDoc_STRVAR(round_finish_doc,
              "finish() -> int: after the drained items were committed, per drained channel: "
              "outstanding -= its run, head = tail, PUB_HEAD store-release. Returns how many "
@@ -656,6 +667,77 @@ static PyObject *round_finish(CommitRound *self, PyObject *unused) {
     if (!round_ready(self))
         return NULL;
     return PyLong_FromLongLong(shm_round_finish(&self->r));
+}
+
+PyDoc_STRVAR(round_set_mutex_doc,
+             "set_mutex(buf) -> None: the table's process-shared robust mutex (its bytes in the "
+             "segment, uint8), which commit_round takes itself.");
+
+static PyObject *round_set_mutex(CommitRound *self, PyObject *arg) {
+    if (!round_ready(self))
+        return NULL;
+    if (self->mutex != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "set_mutex is called once");
+        return NULL;
+    }
+    if (shm_get_buffer(arg, &self->mutex_view, 1, 1, "mutex") < 0)
+        return NULL;
+    if (self->mutex_view.len < (Py_ssize_t)sizeof(pthread_mutex_t) ||
+        (uintptr_t)self->mutex_view.buf % _Alignof(pthread_mutex_t) != 0) {
+        PyBuffer_Release(&self->mutex_view);
+        PyErr_SetString(PyExc_ValueError, "mutex: too short or misaligned for a pthread mutex");
+        return NULL;
+    }
+    self->mutex = self->mutex_view.buf;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(round_commit_round_doc,
+             "commit_round() -> None | int | (n, refused): the daemon's drain and commit in one "
+             "call. Drains every active channel; when nothing was refused and the table's mutex "
+             "is free (one trylock), commits the items (CommitTable.commit_all), unlocks and "
+             "finishes (PUB_HEAD store-release): returns how many were committed (int >= 0). "
+             "None: nothing was published. -2: the lock is released, the metadata committed, a "
+             "selector failed (repair, evict, then finish()). (n, refused): as drain(), nothing "
+             "committed (refusals, a busy lock, or a count check that failed): the caller "
+             "commits and finishes as after drain(). (n, False): the same, but the lock is "
+             "held and its previous owner died: recover it and release it first.");
+
+static PyObject *round_commit_round(CommitRound *self, PyObject *unused) {
+    (void)unused;
+    if (!round_ready(self))
+        return NULL;
+    CommitTable *ct = (CommitTable *)self->table;
+    if (self->mutex == NULL || !table_attached(ct)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "commit_round: set_mutex() first");
+        return NULL;
+    }
+    int64_t nerr = 0;
+    int64_t n = shm_round_drain(&self->r, self->errors, &nerr);
+    if (nerr == 0 && n == 0)
+        Py_RETURN_NONE;
+    if (nerr > 0)
+        return round_drain_result(self, n, nerr);
+    /* The table's mutex: robust, process-shared, taken by every process of the group. One
+     * try: a holder (a sampler) makes the caller wait for it in Python, with its stall
+     * warnings. */
+    int rc = pthread_mutex_trylock(self->mutex);
+    if (rc == EOWNERDEAD) /* held: the caller repairs, marks it consistent, releases it */
+        return Py_BuildValue("(LO)", (long long)n, Py_False);
+    if (rc != 0)
+        return round_drain_result(self, n, 0);
+    int64_t k = shm_commit_full(self->r.t, &ct->cs, self->r.out_slots, self->r.out_prios, n,
+                                &ct->err);
+    pthread_mutex_unlock(self->mutex);
+    if (k == SHM_ECORRUPT && !ct->err.changed)
+        return round_drain_result(self, n, 0); /* nothing changed: the caller repairs */
+    if (k == SHM_ECORRUPT)
+        return PyLong_FromLong(-2);
+    if (k < 0)
+        return PyErr_NoMemory();
+    shm_round_finish(&self->r);
+    return PyLong_FromLongLong(k);
 }
 
 PyDoc_STRVAR(round_forget_doc, "forget() -> None: drop what drain() drained (not committed).");
@@ -776,6 +858,8 @@ static PyMethodDef round_methods[] = {
     {"waiters", (PyCFunction)round_waiters, METH_NOARGS, round_waiters_doc},
     {"pending", (PyCFunction)round_pending, METH_NOARGS, round_pending_doc},
     {"drain", (PyCFunction)round_drain, METH_NOARGS, round_drain_doc},
+    {"set_mutex", (PyCFunction)round_set_mutex, METH_O, round_set_mutex_doc},
+    {"commit_round", (PyCFunction)round_commit_round, METH_NOARGS, round_commit_round_doc},
     {"finish", (PyCFunction)round_finish, METH_NOARGS, round_finish_doc},
     {"forget", (PyCFunction)round_forget, METH_NOARGS, round_forget_doc},
     {"lease", (PyCFunction)(void (*)(void))round_lease, METH_FASTCALL, round_lease_doc},
