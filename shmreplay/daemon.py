@@ -808,21 +808,22 @@ class Daemon:
         seq_cst fence: set_sleeping), then look at every PUB_TAIL (pending); a writer stores
         its PUB_TAIL, fences, then looks at the flag. One of the two sees the other."""
         tables = [t for t in self.tables.values() if t.broken is None]
-        writers = active and any(
-            not t.starved and any(w > 0 for _, w, _ in t.round.wanting()) for t in tables
-        )
+        writers = active and any(not t.starved and t.round.any_writer() for t in tables)
         flag = Sleep.NAP if writers else Sleep.IDLE
+        # Per table, one call (settle): raise the flag (store, seq_cst fence), then read who
+        # waits on us (SAMPLER_WAITING, WAIT_INSERT: bit 1) and whether anything was
+        # published (every PUB_TAIL: bit 2). The Dekker pairs are per table (a writer checks
+        # its own table's flag), so each table's check may follow its own store.
+        state = 0
         for t in tables:
-            t.round.set_sleeping(flag)
+            state |= t.round.settle(flag)
         # The commit policy. Writers active and nobody waiting on us: nap, even if items were
         # published meanwhile (they are committed at the nap's end, ACTIVE_SLEEP_S at most: a
         # round per ACTIVE_SLEEP_S, not per item). A writer low on leases, a flush or a waiting
         # sampler posts us and ends the nap at once. Otherwise re-check after raising the flag:
         # a writer that published before seeing it did not post.
-        urgent = not writers or any(
-            t.core.ctrl[Ctrl.SAMPLER_WAITING] or t.round.waiters()[0] for t in tables
-        )
-        if not urgent or not any(t.round.pending() for t in tables):
+        urgent = not writers or state & 1
+        if not urgent or not state & 2:
             self.wake.wait(ACTIVE_SLEEP_S if writers else IDLE_SLEEP_S)
         for t in tables:
             t.core.ctrl[Ctrl.DAEMON_SLEEPING] = Sleep.AWAKE

@@ -639,3 +639,26 @@ def test_commit_round_drains_commits_and_finishes_in_one_call():
         for x, y in zip(f.sel_a, g.sel_a, strict=True):
             assert_same(x, y)
     assert int(f.a["ctrl"][Ctrl.TOTAL_EVICTED, 0]) > 0
+
+
+def test_settle_raises_the_flag_then_says_who_waits_and_what_is_pending():
+    a = make_arrays(100, 3)
+    eng = Engine(a)
+    chan = a["chan"][:, :, 0]
+    assert not eng.round.any_writer()
+    assert eng.round.settle(1) == 0 and a["ctrl"][Ctrl.DAEMON_SLEEPING, 0] == 1
+    chan[1, Chan.WANT_LEASE] = -4  # not a writer (refused later by the refill)
+    assert not eng.round.any_writer()
+    chan[2, Chan.WANT_LEASE] = 5
+    assert eng.round.any_writer()
+    a["active"][2] = False
+    assert not eng.round.any_writer()
+    a["active"][2] = True
+    chan[0, Chan.WAIT_INSERT] = 1
+    assert eng.round.settle(2) == 1 and a["ctrl"][Ctrl.DAEMON_SLEEPING, 0] == 2
+    chan[0, Chan.WAIT_INSERT] = 0
+    a["ctrl"][Ctrl.SAMPLER_WAITING, 0] = 1
+    assert eng.round.settle(1) == 1
+    a["ctrl"][Ctrl.SAMPLER_WAITING, 0] = 0
+    chan[1, Chan.PUB_TAIL] = 3
+    assert eng.round.settle(1) == 2

@@ -669,6 +669,30 @@ static PyObject *round_finish(CommitRound *self, PyObject *unused) {
     return PyLong_FromLongLong(shm_round_finish(&self->r));
 }
 
+PyDoc_STRVAR(round_any_writer_doc,
+             "any_writer() -> bool: whether an active channel's WANT_LEASE is > 0.");
+
+static PyObject *round_any_writer(CommitRound *self, PyObject *unused) {
+    (void)unused;
+    if (!round_ready(self))
+        return NULL;
+    return PyBool_FromLong(shm_round_any_writer(&self->r));
+}
+
+PyDoc_STRVAR(round_settle_doc,
+             "settle(flag) -> int: before sleeping: set_sleeping(flag), then bit 1 when a "
+             "sampler or a writer waits on the daemon (SAMPLER_WAITING, WAIT_INSERT), bit 2 "
+             "when pending().");
+
+static PyObject *round_settle(CommitRound *self, PyObject *arg) {
+    if (!round_ready(self))
+        return NULL;
+    long long v = PyLong_AsLongLong(arg);
+    if (v == -1 && PyErr_Occurred())
+        return NULL;
+    return PyLong_FromLong(shm_round_settle(&self->r, v));
+}
+
 PyDoc_STRVAR(round_set_mutex_doc,
              "set_mutex(buf) -> None: the table's process-shared robust mutex (its bytes in the "
              "segment, uint8), which commit_round takes itself.");
@@ -859,6 +883,8 @@ static PyMethodDef round_methods[] = {
     {"pending", (PyCFunction)round_pending, METH_NOARGS, round_pending_doc},
     {"drain", (PyCFunction)round_drain, METH_NOARGS, round_drain_doc},
     {"set_mutex", (PyCFunction)round_set_mutex, METH_O, round_set_mutex_doc},
+    {"any_writer", (PyCFunction)round_any_writer, METH_NOARGS, round_any_writer_doc},
+    {"settle", (PyCFunction)round_settle, METH_O, round_settle_doc},
     {"commit_round", (PyCFunction)round_commit_round, METH_NOARGS, round_commit_round_doc},
     {"finish", (PyCFunction)round_finish, METH_NOARGS, round_finish_doc},
     {"forget", (PyCFunction)round_forget, METH_NOARGS, round_forget_doc},

@@ -61,6 +61,28 @@ int shm_round_pending(const shm_round *r) {
     return 0;
 }
 
+int shm_round_any_writer(const shm_round *r) {
+    for (int64_t c = 0; c < r->t->max_clients; c++)
+        /* WANT_LEASE: the writer's; a hint, read relaxed. */
+        if (r->active[c] && shm_load_relaxed(chan_word(r, c, SHM_CHAN_WANT_LEASE)) > 0)
+            return 1;
+    return 0;
+}
+
+int shm_round_settle(shm_round *r, int64_t flag) {
+    int out = 0;
+    shm_round_set_sleeping(r, flag); /* store, seq_cst fence */
+    /* SAMPLER_WAITING: a hint samplers set (under the mutex) before they wait. */
+    int64_t sampler_waiting = shm_load_relaxed(ctrl_word(r->t, SHM_CTRL_SAMPLER_WAITING));
+    int64_t wait_insert, wait_sample;
+    shm_round_waiters(r, &wait_insert, &wait_sample);
+    if (sampler_waiting != 0 || wait_insert > 0)
+        out |= SHM_SETTLE_URGENT;
+    if (shm_round_pending(r))
+        out |= SHM_SETTLE_PENDING;
+    return out;
+}
+
 /* The first position of run[0..n) whose slot appears again later, or -1 (the last write of a
  * slot's position wins in scratch, as TableCore._repeated did). Slots are in range. */
 static int64_t first_repeated(int32_t *scratch, const int64_t *run, int64_t n) {

@@ -82,6 +82,15 @@ void shm_round_waiters(const shm_round *r, int64_t *wait_insert, int64_t *wait_s
 /* Whether any active channel's PUB_TAIL moved past the daemon's head (acquire loads). */
 int shm_round_pending(const shm_round *r);
 
+/* Whether any active channel's WANT_LEASE is > 0 (a writer is writing). */
+int shm_round_any_writer(const shm_round *r);
+
+/* Before the daemon sleeps: shm_round_set_sleeping(flag), then SHM_SETTLE_URGENT when a
+ * sampler waits (SAMPLER_WAITING) or a channel's WAIT_INSERT is set (after the fence of
+ * shm_round_waiters), SHM_SETTLE_PENDING when shm_round_pending. */
+enum { SHM_SETTLE_URGENT = 1, SHM_SETTLE_PENDING = 2 };
+int shm_round_settle(shm_round *r, int64_t flag);
+
 /* Drain every active channel: acquire PUB_TAIL, check the run, copy its slots and priorities
  * once into out_slots/out_prios, channel after channel. Returns the items copied; refused runs
  * are written to errors[0..*nerrors) (capacity max_clients) and not copied. */
