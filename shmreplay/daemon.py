@@ -785,7 +785,7 @@ class Daemon:
         a = t.core.segment.arrays
         size = self.max_clients * PUBLISH_CAPACITY
         t.out_slots, t.out_prios = np.empty(size, np.int64), np.empty(size, np.float64)
-        return _native.CommitRound(
+        rnd = _native.CommitRound(
             t.core._commit_engine(),
             a["chan.ctrl"].reshape(-1),
             a["chan.lease"].reshape(-1),
@@ -797,6 +797,8 @@ class Daemon:
             t.out_slots,
             t.out_prios,
         )
+        rnd.set_mutex(a["mutex"])  # commit_round tries the table's lock itself
+        return rnd
 
     def _sleep(self, active: bool) -> None:
         """Nap while writers are busy (they need not wake us per item); sleep long once they
@@ -806,21 +808,22 @@ class Daemon:
         seq_cst fence: set_sleeping), then look at every PUB_TAIL (pending); a writer stores
         its PUB_TAIL, fences, then looks at the flag. One of the two sees the other."""
         tables = [t for t in self.tables.values() if t.broken is None]
-        writers = active and any(
-            not t.starved and any(w > 0 for _, w, _ in t.round.wanting()) for t in tables
-        )
+        writers = active and any(not t.starved and t.round.any_writer() for t in tables)
         flag = Sleep.NAP if writers else Sleep.IDLE
+        # Per table, one call (settle): raise the flag (store, seq_cst fence), then read who
+        # waits on us (SAMPLER_WAITING, WAIT_INSERT: bit 1) and whether anything was
+        # published (every PUB_TAIL: bit 2). The Dekker pairs are per table (a writer checks
+        # its own table's flag), so each table's check may follow its own store.
+        state = 0
         for t in tables:
-            t.round.set_sleeping(flag)
+            state |= t.round.settle(flag)
         # The commit policy. Writers active and nobody waiting on us: nap, even if items were
         # published meanwhile (they are committed at the nap's end, ACTIVE_SLEEP_S at most: a
         # round per ACTIVE_SLEEP_S, not per item). A writer low on leases, a flush or a waiting
         # sampler posts us and ends the nap at once. Otherwise re-check after raising the flag:
         # a writer that published before seeing it did not post.
-        urgent = not writers or any(
-            t.core.ctrl[Ctrl.SAMPLER_WAITING] or t.round.waiters()[0] for t in tables
-        )
-        if not urgent or not any(t.round.pending() for t in tables):
+        urgent = not writers or state & 1
+        if not urgent or not state & 2:
             self.wake.wait(ACTIVE_SLEEP_S if writers else IDLE_SLEEP_S)
         for t in tables:
             t.core.ctrl[Ctrl.DAEMON_SLEEPING] = Sleep.AWAKE
@@ -842,16 +845,35 @@ class Daemon:
     def _commit_and_lease(self, t: _TableState) -> bool:
         core = t.core
         rnd = t.round
-        # Every active channel's run, checked and copied once, in one call (drain).
-        n, refused = rnd.drain()
-        if refused:
-            for c, why in refused:
-                self._cut_off(c, f"table {core.name!r}: {why}")
-        committed = 0
-        if n:
-            with self._locked(t, "committing"):
-                committed = core.commit(t.out_slots[:n], t.out_prios[:n], in_place=True)
-            rnd.finish()  # PUB_HEAD store-release per drained channel
+        # Every active channel's run, checked and copied once, then committed under the lock
+        # (tried once), the selectors and the eviction included, and PUB_HEAD released: one
+        # call (commit_round). What it leaves to Python: refused runs, a busy or orphaned lock,
+        # structures to repair.
+        res = rnd.commit_round()
+        committed, n, refused = 0, 0, None
+        if res is None:
+            pass
+        elif type(res) is int:
+            n = 1  # something was drained
+            if res >= 0:
+                committed = res
+            else:  # -2: committed, then a selector failed: repair, evict, release PUB_HEAD
+                with self._locked(t, "committing"):
+                    committed = core._commit_repaired(core._commit_engine(), res, None, None)
+                rnd.finish()
+        else:
+            n, refused = res
+            if refused is False:  # we hold the lock; its previous owner died holding it
+                core.mutex._recover()
+                core.mutex.release()
+                refused = None
+            if refused:
+                for c, why in refused:
+                    self._cut_off(c, f"table {core.name!r}: {why}")
+            if n:
+                with self._locked(t, "committing"):
+                    committed = core.commit(t.out_slots[:n], t.out_prios[:n], in_place=True)
+                rnd.finish()  # PUB_HEAD store-release per drained channel
         leased = self._refill(t)
         wait_insert, wait_sample = rnd.waiters()  # after a seq_cst fence (Dekker)
         if committed and wait_sample:  # a waiting sampler is on the critical path

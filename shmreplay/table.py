@@ -207,6 +207,8 @@ class TableCore:
             a["mutex"], on_owner_died=self.repair, name=f"the lock of table {self.name!r}"
         )
         self.rng = np.random.default_rng()
+        # The daemon's own draws (the remover's victims), in C: csrc/rng.h.
+        self.commit_rng = _native.Rng(int.from_bytes(os.urandom(8), "little"))
         self.daemon_pid: int | None = None  # a client's: the daemon it attached to
         self.channel: int | None = None  # a client's: its channel (check_open checks it)
         # What adopt() found published but could not commit (bad values), for the daemon's log.
@@ -397,6 +399,12 @@ class TableCore:
                 self._last_episode,
                 self.max_priority,
             )
+            engine.attach(
+                self.sampler._c_selector(),
+                self.remover._c_selector(),
+                self.commit_rng,
+                self.spec.max_size,
+            )
         return engine
 
     def lease(self, channel: int, n: int) -> np.ndarray:
@@ -422,28 +430,38 @@ class TableCore:
         now, clamped); the daemon's round checked both (CommitRound.drain). Returns how many
         items were committed: those still LEASED with an even generation. ``in_place``: the
         arrays are the caller's scratch (int64, float64), compacted in place instead of copied.
-        Insert-then-evict: the remover chooses among all items including the new ones.
+        Insert-then-evict: the remover chooses among all items including the new ones, with
+        uniforms from ``commit_rng``. One C call (CommitTable.commit_all) does it all: the
+        count checks of check_counts, the metadata, both selectors' inserts, the eviction.
         """
-        self.check_counts()
         if not in_place:
             slots = np.array(slots, np.int64)
         if priorities is None:  # (adoption) read back from shared memory: clamped
             priorities = self.sane_priorities(self.priority[slots])
         elif not in_place:
             priorities = np.array(priorities, np.float64)
-        k = self._commit_engine().commit(slots, priorities)
-        if k == 0:
-            return 0
-        slots, priorities = slots[:k], priorities[:k]
-        # The seam: the selectors are still called from Python (a later step inserts them
-        # from C in the same call).
-        self.sampler.insert(slots, priorities)
-        self.remover.insert(slots, priorities)
-        excess = int(self.ctrl[Ctrl.SIZE]) - self.spec.max_size
-        if excess > 0:
-            victims = self.remover.victims(excess, self.rng)
-            self._remove(victims)
-            self.ctrl[Ctrl.TOTAL_EVICTED] += len(victims)
+        engine = self._commit_engine()
+        k = engine.commit_all(slots, priorities)
+        if k < 0:
+            k = self._commit_repaired(engine, k, slots, priorities)
+        return k
+
+    def _commit_repaired(self, engine, code: int, slots: np.ndarray, prios: np.ndarray) -> int:
+        """commit_all found the counts or a selector's arrays wrong: rebuild them from the
+        per-slot metadata and finish the commit, once. -1: nothing had changed, commit again;
+        -2: the metadata was committed (the rebuild takes the new items), evict again."""
+        why, k = engine.why()
+        self._repair_counts(why)
+        if code == -1:
+            code = engine.commit_all(slots, prios)
+            if code >= 0:
+                return code
+            why, k = engine.why()
+            if code == -1:
+                raise CorruptStructure(f"table {self.name!r}: {why}, even after a repair")
+            self._repair_counts(why)
+        if engine.evict() < 0:
+            raise CorruptStructure(f"table {self.name!r}: {engine.why()[0]}, even after a repair")
         return k
 
     def set_episode(self, slot: int, episode: tuple[int, int, int]) -> None:
@@ -496,23 +514,9 @@ class TableCore:
         per-slot metadata (the source of truth) if they disagree. Mutex held.
 
         They live in memory every sampler can write: a stray store must cost a repair and a
-        warning, not the daemon."""
-        size = int(self.ctrl[Ctrl.SIZE])
-        head, tail = int(self.ctrl[Ctrl.FREE_HEAD]), int(self.ctrl[Ctrl.FREE_TAIL])
-        why = None
-        if not 0 <= size <= self.num_slots:
-            why = f"its size is {size}, outside 0..{self.num_slots}"
-        elif head < 0 or not 0 <= tail - head <= self.num_slots - size:
-            why = (
-                f"its free ring's head {head} and tail {tail} do not fit {self.num_slots} "
-                f"slots of which {size} hold items"
-            )
-        else:
-            for role, selector in (("sampler", self.sampler), ("remover", self.remover)):
-                problem = selector.check(size)
-                if problem is not None:
-                    why = f"its {role}: {problem}"
-                    break
+        warning, not the daemon. The checks run in C (CommitTable.check, csrc/commit.c), the
+        ones commit_all makes first."""
+        why = self._commit_engine().check()
         if why is not None:
             self._repair_counts(why)
 

@@ -370,3 +370,295 @@ def test_items_trickling_in_are_committed_within_a_nap_without_flush(daemon_fact
         # a nap is ACTIVE_SLEEP_S; generous for a loaded machine, far below IDLE_SLEEP_S
         assert np.median(worst) < 10 * ACTIVE_SLEEP_S, worst
         assert t.info().current_size == 51
+
+
+# -- the whole commit in one call: metadata, both selectors, eviction ------------------------
+
+KINDS = ["uniform", "prioritized", "fifo", "lifo", "min_heap", "max_heap"]
+EXPONENT = 0.6
+
+
+def selector_pair(kind: str, num_slots: int):
+    """(engine selector, its arrays, reference selector over a copy, the copy's arrays)."""
+    from shmreplay.config import SelectorSpec
+    from shmreplay.selectors import selector_class
+    from tests.reference import ordered_selectors as ro
+    from tests.reference import random_selectors as rr
+
+    cls = selector_class(kind)
+    spec = SelectorSpec(kind, EXPONENT)
+    arrays = {name: np.zeros(shape, dtype) for name, dtype, shape in cls.array_specs(num_slots)}
+    engine = cls(arrays, spec, num_slots)
+    engine.clear()
+    copy = {k: v.copy() for k, v in arrays.items()}
+    if kind == "uniform":
+        model = rr.UniformModel(copy)
+    elif kind == "prioritized":
+        model = rr.PrioritizedModel(copy, num_slots, EXPONENT)
+    else:
+        names = {"fifo": "Fifo", "lifo": "Lifo", "min_heap": "MinHeap", "max_heap": "MaxHeap"}
+        model = getattr(ro, names[kind])(copy, spec, num_slots)
+    return engine, arrays, model, copy
+
+
+class Full:
+    """A table's commit arrays and its two selectors, on the engine and on the reference."""
+
+    def __init__(self, num_slots: int, sampler: str, remover: str, max_size: int, seed: int):
+        from tests.reference.commit import FullCommitModel
+
+        self.kinds = [sampler, remover]
+        self.a = make_arrays(num_slots, 2)
+        self.b = {k: v.copy() for k, v in self.a.items()}
+        self.eng = Engine(self.a)
+        s_eng, s_arr, s_model, s_copy = selector_pair(sampler, num_slots)
+        r_eng, r_arr, r_model, r_copy = selector_pair(remover, num_slots)
+        self.sel_a, self.sel_b = [s_arr, r_arr], [s_copy, r_copy]
+        self.selectors = (s_eng, r_eng)  # kept alive (the capsules hold them too)
+        self.eng.table.attach(s_eng._c_selector(), r_eng._c_selector(), _native.Rng(seed), max_size)
+        self.model = FullCommitModel(
+            model_of(self.b), s_model, r_model, _native.Rng(seed), max_size
+        )
+
+    def same(self) -> None:
+        assert_same(self.a, self.b)
+        for x, y in zip(self.sel_a, self.sel_b, strict=True):
+            assert_same(x, y)
+
+
+def run_full(seed: int, num_slots: int, sampler: str, remover: str, max_size: int, steps: int):
+    rng = np.random.default_rng(seed)
+    f = Full(num_slots, sampler, remover, max_size, seed)
+    a, b = f.a, f.b
+    out = np.empty(num_slots, np.int64)
+    for _ in range(steps):
+        c = int(rng.integers(0, 2))
+        n = int(rng.integers(0, max(2, num_slots // 3)))
+        k = f.eng.table.lease(c, n, out)
+        got = f.model.m.lease_pop(c, n)
+        assert k == len(got) and np.array_equal(out[:k], got)
+        leased = np.flatnonzero(a["state"] == SlotState.LEASED)
+        if len(leased) == 0:
+            continue
+        # Writers fill their slots: priorities (zeros and repeats too), episodes, generations
+        # (an odd one: a write in progress, not committed).
+        prios = rng.choice([0.0, 1.0, 2.5, 1e-3, 7.0], len(leased))
+        gens = a["gen"][leased] + rng.choice([2, 2, 2, 1], len(leased))
+        eps = rng.integers(0, 4, len(leased))
+        for x in (a, b):
+            x["priority"][leased], x["gen"][leased], x["episode"][leased] = prios, gens, eps
+        pick = rng.permutation(leased)[: int(rng.integers(0, len(leased) + 1))]
+        if rng.random() < 0.3:  # slots not leased any more: dropped by the commit
+            others = np.setdiff1d(np.arange(num_slots), pick)
+            pick = np.concatenate([pick, rng.choice(others, min(2, len(others)), replace=False)])
+        p = a["priority"][pick].copy()
+        got_k = f.eng.table.commit_all(pick.copy(), p.copy())
+        want_k = f.model.commit(pick.copy(), p.copy())
+        assert got_k == want_k
+        if rng.random() < 0.3:  # samplers sampled some items
+            ready = np.flatnonzero(a["state"] == SlotState.READY)
+            hit = ready[rng.random(len(ready)) < 0.5]
+            fresh = int(np.count_nonzero(a["times_sampled"][hit] == 0))
+            for x in (a, b):
+                x["times_sampled"][hit] += 1
+                x["ctrl"][Ctrl.UNIQUE_SAMPLED, 0] += fresh
+        f.same()
+        assert int(a["ctrl"][Ctrl.SIZE, 0]) <= max_size
+    return f
+
+
+@pytest.mark.parametrize("sampler", KINDS)
+@pytest.mark.parametrize("remover", KINDS)
+def test_full_commit_matches_the_reference_for_every_selector_pair(sampler, remover):
+    f = run_full(7, 37, sampler, remover, max_size=20, steps=40)
+    assert int(f.a["ctrl"][Ctrl.TOTAL_EVICTED, 0]) > 0
+
+
+@pytest.mark.parametrize("remover", KINDS)
+@pytest.mark.parametrize("num_slots, max_size", [(1, 1), (2, 1), (5, 5), (64, 3), (100, 0)])
+def test_full_commit_edge_sizes(remover, num_slots, max_size):
+    run_full(3, num_slots, "uniform", remover, max_size, steps=25)
+
+
+def test_full_commit_large():
+    n = 1 << 20
+    f = Full(n, "prioritized", "prioritized", n - 1000, 5)
+    slots = np.empty(n, np.int64)
+    for c in range(2):
+        f.eng.table.lease(c, n // 2, slots[c * (n // 2) :])
+    f.a["priority"][:] = np.random.default_rng(0).random(n)
+    k = f.eng.table.commit_all(slots.copy(), f.a["priority"][slots].copy())
+    assert k == n
+    assert int(f.a["ctrl"][Ctrl.SIZE, 0]) == n - 1000
+    assert int(f.a["ctrl"][Ctrl.TOTAL_EVICTED, 0]) == 1000
+    assert np.count_nonzero(f.a["state"] == SlotState.FREE) == 1000
+
+
+def test_the_rng_is_xoshiro256starstar_seeded_by_splitmix64():
+    mask = (1 << 64) - 1
+
+    def splitmix(x):
+        x = (x + 0x9E3779B97F4A7C15) & mask
+        z = x
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return x, z ^ (z >> 31)
+
+    def rotl(x, k):
+        return ((x << k) | (x >> (64 - k))) & mask
+
+    x, s = 12345, []
+    for _ in range(4):
+        x, z = splitmix(x)
+        s.append(z)
+    want = []
+    for _ in range(5):
+        r = (rotl((s[1] * 5) & mask, 7) * 9) & mask
+        t = (s[1] << 17) & mask
+        s[2] ^= s[0]
+        s[3] ^= s[1]
+        s[1] ^= s[2]
+        s[0] ^= s[3]
+        s[2] ^= t
+        s[3] = rotl(s[3], 45)
+        want.append((r >> 11) * 2.0**-53)
+    got = np.asarray(_native.Rng(12345).random(5))
+    assert got.tolist() == want
+    assert np.all((got >= 0) & (got < 1))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_failed_count_check_changes_nothing(kind):
+    f = run_full(1, 30, kind, kind, max_size=12, steps=6)
+    assert f.model.check(f.sel_b, f.kinds) is True
+    arrays = f.sel_a[1]
+    name = {"uniform": "count", "prioritized": "all.count", "fifo": "ends", "lifo": "ends"}
+    name = name.get(kind, "clock")
+    arrays[name].reshape(-1)[0] = -5
+    before = {k: v.copy() for k, v in f.a.items()}
+    before_sel = [{k: v.copy() for k, v in s.items()} for s in f.sel_a]
+    leased = np.flatnonzero(f.a["state"] == SlotState.LEASED)
+    assert f.model.check(f.sel_a, f.kinds) is False
+    assert f.eng.table.commit_all(leased.copy(), f.a["priority"][leased].copy()) == -1
+    why, _ = f.eng.table.why()
+    assert why.startswith("its remover: ")
+    assert_same(before, f.a)
+    for x, y in zip(before_sel, f.sel_a, strict=True):
+        assert_same(x, y)
+    f.a["ctrl"][Ctrl.SIZE, 0] = 10**9
+    assert f.eng.table.commit_all(leased.copy(), f.a["priority"][leased].copy()) == -1
+    assert f.eng.table.why()[0].startswith("its size is 1000000000")
+
+
+FULL_CRASH_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np
+    from shmreplay.layout import Ctrl, SlotState
+    from tests.test_engine_commit import Full, KINDS
+    rng = np.random.default_rng(SEED)
+    for sampler in KINDS:
+        for remover in KINDS:
+            f = Full(50, sampler, remover, 10, SEED)
+            out = np.empty(50, np.int64)
+            for step in range(30):
+                k = f.eng.table.lease(step % 2, int(rng.integers(0, 20)), out)
+                if k < 0:
+                    f.a["ctrl"][Ctrl.FREE_HEAD, 0] = 0
+                    continue
+                leased = np.flatnonzero(f.a["state"] == SlotState.LEASED)
+                f.a["gen"][leased] += 2
+                # garbage in one selector array (or a counter) before committing
+                arrays = f.sel_a[int(rng.integers(0, 2))]
+                name = list(arrays)[int(rng.integers(0, len(arrays)))]
+                flat = arrays[name].reshape(-1)
+                i = rng.integers(0, len(flat), 3)
+                if flat.dtype.kind == "f":
+                    flat[i] = rng.choice([np.nan, np.inf, -1.0, 1e300, 0.0], 3)
+                else:
+                    flat[i] = rng.choice([-1, 10**12, -(2**63), 2**63 - 1, 3, 49], 3)
+                code = f.eng.table.commit_all(leased.copy(), np.ones(len(leased)))
+                assert code >= -2, code
+                f.eng.table.why()
+                if code < 0:
+                    f.eng.table.evict()
+    print("ok")
+    """
+)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_garbage_in_the_selectors_never_crashes_the_full_commit(seed):
+    out = subprocess.run(
+        [sys.executable, "-c", FULL_CRASH_SCRIPT.replace("SEED", str(seed))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "ok"
+
+
+def test_commit_round_drains_commits_and_finishes_in_one_call():
+    """commit_round on a free lock does what drain + commit_all + finish do; on a held lock
+    (or refusals) it stops after the drain, as drain() returns."""
+    from shmreplay.mutex import MUTEX_NBYTES, RobustMutex
+
+    f = Full(64, "uniform", "fifo", 40, 2)
+    g = Full(64, "uniform", "fifo", 40, 2)
+    buf = np.zeros(MUTEX_NBYTES + 64, np.uint8)
+    off = (-buf.ctypes.data) % 64
+    mbuf = buf[off : off + MUTEX_NBYTES]
+    RobustMutex.initialize(mbuf)
+    mutex = RobustMutex(mbuf)
+    f.eng.round.set_mutex(mbuf)
+    rng = np.random.default_rng(0)
+    assert f.eng.round.commit_round() is None
+    for step in range(30):
+        for x in (f, g):
+            for c in range(2):
+                x.eng.round.lease(c, 20)
+        for c in range(2):
+            publish(f.a, c, np.random.default_rng(step), None, step + 1)
+            publish(g.a, c, np.random.default_rng(step), None, step + 1)
+        held = rng.random() < 0.3
+        if held:
+            mutex.acquire()
+        res = f.eng.round.commit_round()
+        n, refused = g.eng.round.drain()
+        assert refused is None
+        if held:
+            mutex.release()
+            assert res == (n, None)
+            f.eng.table.commit_all(f.eng.out_slots[:n], f.eng.out_prios[:n])
+            f.eng.round.finish()
+        k = g.eng.table.commit_all(g.eng.out_slots[:n], g.eng.out_prios[:n])
+        g.eng.round.finish()
+        if not held:
+            assert res == (k if n else None)
+        assert_same(f.a, g.a)
+        for x, y in zip(f.sel_a, g.sel_a, strict=True):
+            assert_same(x, y)
+    assert int(f.a["ctrl"][Ctrl.TOTAL_EVICTED, 0]) > 0
+
+
+def test_settle_raises_the_flag_then_says_who_waits_and_what_is_pending():
+    a = make_arrays(100, 3)
+    eng = Engine(a)
+    chan = a["chan"][:, :, 0]
+    assert not eng.round.any_writer()
+    assert eng.round.settle(1) == 0 and a["ctrl"][Ctrl.DAEMON_SLEEPING, 0] == 1
+    chan[1, Chan.WANT_LEASE] = -4  # not a writer (refused later by the refill)
+    assert not eng.round.any_writer()
+    chan[2, Chan.WANT_LEASE] = 5
+    assert eng.round.any_writer()
+    a["active"][2] = False
+    assert not eng.round.any_writer()
+    a["active"][2] = True
+    chan[0, Chan.WAIT_INSERT] = 1
+    assert eng.round.settle(2) == 1 and a["ctrl"][Ctrl.DAEMON_SLEEPING, 0] == 2
+    chan[0, Chan.WAIT_INSERT] = 0
+    a["ctrl"][Ctrl.SAMPLER_WAITING, 0] = 1
+    assert eng.round.settle(1) == 1
+    a["ctrl"][Ctrl.SAMPLER_WAITING, 0] = 0
+    chan[1, Chan.PUB_TAIL] = 3
+    assert eng.round.settle(1) == 2

@@ -81,6 +81,11 @@ class Selector(ABC):
     def rebuild(self, slots: np.ndarray, priorities: np.ndarray) -> None:
         """Recreate the state from the items present, given in insertion order."""
 
+    def _c_selector(self) -> object:
+        """The compiled selector under this one, as a capsule for CommitTable.attach (the
+        daemon's commit inserts, removes and evicts through it without Python)."""
+        raise NotImplementedError(f"{self.kind}: no compiled selector")
+
     def options(self) -> dict[str, object]:
         """The selector's options, for table info."""
         return {"kind": self.kind}

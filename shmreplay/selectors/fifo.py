@@ -61,6 +61,9 @@ class InsertionOrder(Deterministic):
     def remove(self, slots: np.ndarray) -> None:
         self._ring.remove(np.ascontiguousarray(slots, dtype=np.int64))
 
+    def _c_selector(self) -> object:
+        return self._ring._selector(self.kind == "lifo")
+
     def clear(self) -> None:
         self._ring.clear()
 

@@ -113,6 +113,9 @@ class Heap(Deterministic):
     def remove(self, slots: np.ndarray) -> None:
         self._tree.remove(np.ascontiguousarray(slots, dtype=np.int64))
 
+    def _c_selector(self) -> object:
+        return self._tree._selector()
+
     def clear(self) -> None:
         self._tree.clear()
 

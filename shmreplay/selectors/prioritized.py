@@ -132,6 +132,9 @@ class Prioritized(Selector):
         self._c.victims(rng.random(n), out)
         return out
 
+    def _c_selector(self) -> object:
+        return self._c._selector()
+
     def clear(self) -> None:
         self._c.clear()
 

@@ -41,6 +41,9 @@ class Uniform(Selector):
     def victims(self, n: int, rng: np.random.Generator) -> np.ndarray:
         return self.items.draw_distinct(n, rng)
 
+    def _c_selector(self) -> object:
+        return self.items._c._selector()
+
     def clear(self) -> None:
         self.items.clear()
 

@@ -202,3 +202,76 @@ class CommitModel:
         a["owner"][slots] = channel
         a["state"][slots] = SlotState.LEASED
         return slots
+
+
+class FullCommitModel:
+    """TableCore.commit as one step (the engine's CommitTable.commit_all): the count checks,
+    the metadata (``model``), the sampler's and the remover's insert, the eviction of what
+    exceeds ``max_size``. ``sampler``/``remover``: reference selectors (tests/reference/
+    random_selectors.py takes uniforms, ordered_selectors.py n); ``rng``: an engine Rng
+    seeded like the engine's, drawn only when the remover is random (one uniform per victim),
+    as the engine does."""
+
+    def __init__(self, model: CommitModel, sampler, remover, rng, max_size: int) -> None:
+        self.m = model
+        self.sampler, self.remover, self.rng, self.max_size = sampler, remover, rng, max_size
+
+    @staticmethod
+    def draws(selector) -> bool:
+        return not hasattr(selector, "_first")
+
+    def check(self, selector_arrays: list[dict[str, np.ndarray]], kinds: list[str]) -> bool:
+        """Whether the counts and each selector's O(1) state make sense (check_counts)."""
+        a, n = self.m.a, self.m.num_slots
+        size = int(a["ctrl"][Ctrl.SIZE])
+        head, tail = int(a["ctrl"][Ctrl.FREE_HEAD]), int(a["ctrl"][Ctrl.FREE_TAIL])
+        if not 0 <= size <= n or head < 0 or not 0 <= tail - head <= n - size:
+            return False
+        for arr, kind in zip(selector_arrays, kinds, strict=True):
+            if kind == "uniform" and int(arr["count"][0]) != size:
+                return False
+            if kind == "prioritized":
+                total = float(arr["tree"][1])
+                if not 0.0 <= total < np.inf or int(arr["all.count"][0]) != size:
+                    return False
+            if kind in ("fifo", "lifo"):
+                h, t = int(arr["ends"][0, 0]), int(arr["ends"][1, 0])
+                if h < 0 or not size <= t - h <= len(arr["order"]):
+                    return False
+            if kind in ("min_heap", "max_heap") and not 0 <= int(arr["clock"][0]) <= 1 << 62:
+                return False
+        return True
+
+    def commit(self, slots: np.ndarray, priorities: np.ndarray) -> int:
+        slots, priorities = self.m.commit_meta(slots, priorities)
+        k = len(slots)
+        if k == 0:
+            return 0
+        self.sampler.insert(slots, priorities)
+        self.remover.insert(slots, priorities)
+        self.evict()
+        return k
+
+    def evict(self) -> int:
+        a = self.m.a
+        excess = int(a["ctrl"][Ctrl.SIZE]) - self.max_size
+        if excess <= 0:
+            return 0
+        if self.draws(self.remover):
+            victims = self.remover.victims(np.asarray(self.rng.random(excess)))
+        else:
+            victims = self.remover.victims(excess, None)
+        n = len(victims)
+        if n == 0:
+            return 0
+        self.sampler.remove(victims)
+        self.remover.remove(victims)
+        a["state"][victims] = SlotState.FREE
+        a["ctrl"][Ctrl.UNIQUE_SAMPLED] -= int(np.count_nonzero(a["times_sampled"][victims]))
+        a["ctrl"][Ctrl.SIZE] -= n
+        a["ctrl"][Ctrl.DELETES] += n
+        tail = int(a["ctrl"][Ctrl.FREE_TAIL])
+        ring_put(a["free"], tail, victims)
+        a["ctrl"][Ctrl.FREE_TAIL] = tail + n
+        a["ctrl"][Ctrl.TOTAL_EVICTED] += n
+        return n

@@ -1,12 +1,73 @@
 /* Bindings of the commit concern: CommitTable (a table's commit metadata and free-slot lease,
  * TableCore's) and CommitRound (the daemon's drain of every channel, one call per round). The
  * logic is in commit.c. */
+#include <errno.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdlib.h>
 
+#include "bind_selector.h"
 #include "commit.h"
+#include "rng.h"
 #include "shm_bind.h"
 #include "shm_buffers.h"
+
+/* ---- Rng --------------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    shm_rng r;
+} RngObject;
+
+static int rng_init(RngObject *self, PyObject *args, PyObject *kwds) {
+    unsigned long long seed;
+    (void)kwds;
+    if (!PyArg_ParseTuple(args, "K:Rng", &seed))
+        return -1;
+    shm_rng_seed(&self->r, seed);
+    return 0;
+}
+
+PyDoc_STRVAR(rng_random_doc,
+             "random(n) -> memoryview of n float64 (np.asarray it): the next n uniforms in "
+             "[0, 1), (x >> 11) * 2**-53 of successive xoshiro256** outputs.");
+
+static PyObject *rng_random(RngObject *self, PyObject *arg) {
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 0 || n > (Py_ssize_t)(INT64_MAX / 16)) {
+        PyErr_SetString(PyExc_ValueError, "random(n): n out of range");
+        return NULL;
+    }
+    PyObject *bytes = PyByteArray_FromStringAndSize(NULL, n * 8);
+    if (bytes == NULL)
+        return NULL;
+    shm_rng_fill(&self->r, (double *)(void *)PyByteArray_AS_STRING(bytes), n);
+    PyObject *view = PyMemoryView_FromObject(bytes);
+    Py_DECREF(bytes);
+    if (view == NULL)
+        return NULL;
+    PyObject *cast = PyObject_CallMethod(view, "cast", "s", "d");
+    Py_DECREF(view);
+    return cast;
+}
+
+static PyMethodDef rng_methods[] = {
+    {"random", (PyCFunction)rng_random, METH_O, rng_random_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject RngType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmreplay.engine._native.Rng",
+    .tp_doc = PyDoc_STR("Rng(seed): the daemon's PRNG (xoshiro256**, seeded by splitmix64 from "
+                        "a 64-bit seed; csrc/rng.h)."),
+    .tp_basicsize = sizeof(RngObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)rng_init,
+    .tp_methods = rng_methods,
+};
 
 /* ---- CommitTable ------------------------------------------------------------------------- */
 
@@ -23,9 +84,24 @@ typedef struct {
     shm_table t;
     Py_buffer views[TB_COUNT];
     int nviews;
+    /* attach(): the selectors' capsules and the Rng (strong references: cs points into them) */
+    shm_commit_sel cs;
+    PyObject *sampler, *remover, *rng;
+    shm_full_error err; /* the last full commit's failure, for why() */
 } CommitTable;
 
+static void table_detach(CommitTable *self) {
+    Py_CLEAR(self->sampler);
+    Py_CLEAR(self->remover);
+    Py_CLEAR(self->rng);
+    free(self->cs.victims);
+    free(self->cs.u);
+    self->cs.victims = NULL;
+    self->cs.u = NULL;
+}
+
 static void table_dealloc(CommitTable *self) {
+    table_detach(self);
     for (int i = 0; i < self->nviews; i++)
         PyBuffer_Release(&self->views[i]);
     free(self->t.scratch);
@@ -168,7 +244,225 @@ static PyObject *table_lease(CommitTable *self, PyObject *const *args, Py_ssize_
     return PyLong_FromLongLong(k < 0 ? -1 : k);
 }
 
+PyDoc_STRVAR(table_attach_doc,
+             "attach(sampler, remover, rng, max_size) -> None: the table's selectors (capsules "
+             "from their _selector()), the daemon's Rng and max_size, for commit_all and evict.");
+
+static PyObject *table_attach(CommitTable *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!table_ready(self))
+        return NULL;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "attach(sampler, remover, rng, max_size)");
+        return NULL;
+    }
+    shm_selector *sel[2];
+    for (int i = 0; i < 2; i++)
+        if ((sel[i] = PyCapsule_GetPointer(args[i], SHM_SELECTOR_CAPSULE)) == NULL)
+            return NULL;
+    if (!PyObject_TypeCheck(args[2], &RngType)) {
+        PyErr_SetString(PyExc_TypeError, "rng must be an Rng");
+        return NULL;
+    }
+    long long max_size = PyLong_AsLongLong(args[3]);
+    if (max_size == -1 && PyErr_Occurred())
+        return NULL;
+    if (max_size < 0) {
+        PyErr_SetString(PyExc_ValueError, "max_size must be >= 0");
+        return NULL;
+    }
+    size_t slots = (size_t)(self->t.num_slots > 0 ? self->t.num_slots : 1);
+    int64_t *victims = malloc(slots * sizeof(int64_t));
+    double *u = malloc(slots * sizeof(double));
+    if (victims == NULL || u == NULL) {
+        free(victims);
+        free(u);
+        return PyErr_NoMemory();
+    }
+    table_detach(self);
+    self->cs.victims = victims;
+    self->cs.u = u;
+    self->cs.sampler = *sel[0];
+    self->cs.remover = *sel[1];
+    self->cs.rng = &((RngObject *)args[2])->r;
+    self->cs.max_size = max_size;
+    Py_INCREF(args[0]);
+    Py_INCREF(args[1]);
+    Py_INCREF(args[2]);
+    self->sampler = args[0];
+    self->remover = args[1];
+    self->rng = args[2];
+    Py_RETURN_NONE;
+}
+
+static int table_attached(CommitTable *self) {
+    if (!table_ready(self))
+        return 0;
+    if (self->rng == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "CommitTable: attach() the selectors first");
+        return 0;
+    }
+    return 1;
+}
+
+/* -1: nothing changed; -2: the metadata was committed (why() gives k), then a selector failed. */
+static PyObject *full_failed(CommitTable *self) {
+    return PyLong_FromLong(self->err.changed ? -2 : -1);
+}
+
+PyDoc_STRVAR(table_commit_all_doc,
+             "commit_all(slots, priorities) -> int: TableCore.commit in one call (mutex held): "
+             "the O(1) count checks, commit(slots, priorities) (compacting both arrays in "
+             "place), the sampler's and the remover's insert, the eviction of what exceeds "
+             "max_size. Returns how many were committed, -1 when a count check failed (nothing "
+             "changed: repair, call again), -2 when a selector failed after the metadata was "
+             "committed (repair, which takes the new items, then evict()). why() says what.");
+
+static PyObject *table_commit_all(CommitTable *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!table_attached(self))
+        return NULL;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "commit_all(slots, priorities)");
+        return NULL;
+    }
+    Py_buffer s, p;
+    if (shm_get_buffer(args[0], &s, 8, 1, "slots") < 0)
+        return NULL;
+    if (shm_get_buffer(args[1], &p, 8, 1, "priorities") < 0) {
+        PyBuffer_Release(&s);
+        return NULL;
+    }
+    int64_t n = shm_buffer_len(&s), k = 0;
+    int64_t *slots = s.buf;
+    const char *bad = NULL;
+    if (shm_buffer_len(&p) != n)
+        bad = "slots and priorities differ in length";
+    for (int64_t i = 0; bad == NULL && i < n; i++)
+        if (slots[i] < 0 || slots[i] >= self->t.num_slots)
+            bad = "a slot is out of range";
+    if (bad == NULL)
+        k = shm_commit_full(&self->t, &self->cs, slots, p.buf, n, &self->err);
+    PyBuffer_Release(&s);
+    PyBuffer_Release(&p);
+    if (bad != NULL) {
+        PyErr_SetString(PyExc_ValueError, bad);
+        return NULL;
+    }
+    if (k == SHM_ENOMEM)
+        return PyErr_NoMemory();
+    if (k < 0)
+        return full_failed(self);
+    return PyLong_FromLongLong(k);
+}
+
+PyDoc_STRVAR(table_evict_doc,
+             "evict() -> int: evict what exceeds max_size (the remover's victims, uniforms from "
+             "the Rng when it draws); mutex held. Returns how many, or -2 when a selector failed "
+             "(repair, call again); why() says what.");
+
+static PyObject *table_evict(CommitTable *self, PyObject *unused) {
+    (void)unused;
+    if (!table_attached(self))
+        return NULL;
+    self->err.k = 0;
+    int64_t k = shm_commit_evict(&self->t, &self->cs, &self->err);
+    if (k < 0)
+        return full_failed(self);
+    return PyLong_FromLongLong(k);
+}
+
+/* The text of a selector check's problem (the Python selectors' check() wording). */
+static PyObject *sel_reason(const shm_sel_problem *q) {
+    switch (q->what) {
+    case SHM_SEL_BAD_COUNT:
+        return PyUnicode_FromFormat("its items set counts %lld items, the table holds %lld",
+                                    (long long)q->a, (long long)q->b);
+    case SHM_SEL_BAD_TOTAL: {
+        PyObject *p = PyFloat_FromDouble(q->p);
+        PyObject *s = p == NULL ? NULL : PyUnicode_FromFormat("its sum-tree total is %R", p);
+        Py_XDECREF(p);
+        return s;
+    }
+    case SHM_SEL_BAD_ENDS:
+        return PyUnicode_FromFormat("its order ring's head %lld and tail %lld cannot hold %lld "
+                                    "items in %lld entries",
+                                    (long long)q->a, (long long)q->b, (long long)q->d,
+                                    (long long)q->c);
+    case SHM_SEL_BAD_CLOCK:
+        return PyUnicode_FromFormat("its clock is %lld, outside 0..%lld", (long long)q->a,
+                                    (long long)SHM_SEL_MAX_CLOCK);
+    }
+    return PyUnicode_FromString("its arrays make no sense");
+}
+
+PyDoc_STRVAR(table_why_doc,
+             "why() -> (reason, k): what the last failed commit_all/evict found (check_counts' "
+             "wording), and how many items it had committed.");
+
+static PyObject *table_why(CommitTable *self, PyObject *unused) {
+    (void)unused;
+    const shm_full_error *e = &self->err;
+    long long a = e->a, b = e->b, c = e->c, k = e->k;
+    PyObject *why = NULL;
+    switch (e->what) {
+    case SHM_FULL_SIZE:
+        why = PyUnicode_FromFormat("its size is %lld, outside 0..%lld", a,
+                                   (long long)self->t.num_slots);
+        break;
+    case SHM_FULL_FREE_ENDS:
+        why = PyUnicode_FromFormat("its free ring's head %lld and tail %lld do not fit %lld "
+                                   "slots of which %lld hold items",
+                                   a, b, (long long)self->t.num_slots, c);
+        break;
+    case SHM_FULL_FREE_TAIL:
+        why = PyUnicode_FromFormat("its free ring's tail is %lld", a);
+        break;
+    case SHM_FULL_SAMPLER:
+    case SHM_FULL_REMOVER: {
+        const char *role = e->what == SHM_FULL_SAMPLER ? "sampler" : "remover";
+        PyObject *inner = e->code == SHM_OK ? sel_reason(&e->sel)
+                                            : PyUnicode_FromFormat(
+                                                  "its arrays make no sense (status %d)",
+                                                  e->code);
+        if (inner != NULL)
+            why = PyUnicode_FromFormat("its %s: %U", role, inner);
+        Py_XDECREF(inner);
+        break;
+    }
+    default:
+        why = PyUnicode_FromString("nothing failed");
+    }
+    if (why == NULL)
+        return NULL;
+    return Py_BuildValue("(NL)", why, k);
+}
+
+PyDoc_STRVAR(table_check_doc,
+             "check() -> None or str: check_counts in O(1) (mutex held): the size and the free "
+             "ring's ends against the table, then each selector's own counts; what is wrong.");
+
+static PyObject *table_check(CommitTable *self, PyObject *unused) {
+    (void)unused;
+    if (!table_attached(self))
+        return NULL;
+    if (shm_commit_check(&self->t, &self->cs, &self->err) == SHM_OK)
+        Py_RETURN_NONE;
+    self->err.k = 0;
+    PyObject *why = table_why(self, NULL);
+    if (why == NULL)
+        return NULL;
+    PyObject *text = PyTuple_GET_ITEM(why, 0);
+    Py_INCREF(text);
+    Py_DECREF(why);
+    return text;
+}
+
 static PyMethodDef table_methods[] = {
+    {"check", (PyCFunction)table_check, METH_NOARGS, table_check_doc},
+    {"attach", (PyCFunction)(void (*)(void))table_attach, METH_FASTCALL, table_attach_doc},
+    {"commit_all", (PyCFunction)(void (*)(void))table_commit_all, METH_FASTCALL,
+     table_commit_all_doc},
+    {"evict", (PyCFunction)table_evict, METH_NOARGS, table_evict_doc},
+    {"why", (PyCFunction)table_why, METH_NOARGS, table_why_doc},
     {"commit", (PyCFunction)(void (*)(void))table_commit, METH_FASTCALL, table_commit_doc},
     {"lease", (PyCFunction)(void (*)(void))table_lease, METH_FASTCALL, table_lease_doc},
     {NULL, NULL, 0, NULL},
@@ -202,11 +496,15 @@ typedef struct {
     PyObject *table; /* the CommitTable: keeps r.t alive */
     Py_buffer views[RB_COUNT];
     int nviews;
+    Py_buffer mutex_view; /* set_mutex(): the table's robust mutex, for commit_round */
+    pthread_mutex_t *mutex;
     int64_t *drained_tail;
     shm_pub_error *errors;
 } CommitRound;
 
 static void round_dealloc(CommitRound *self) {
+    if (self->mutex != NULL)
+        PyBuffer_Release(&self->mutex_view);
     for (int i = 0; i < self->nviews; i++)
         PyBuffer_Release(&self->views[i]);
     free(self->drained_tail);
@@ -329,12 +627,8 @@ PyDoc_STRVAR(round_drain_doc,
              "of (channel, reason) for runs that make no sense (not drained: cut them off). "
              "Call finish() once the drained items are committed.");
 
-static PyObject *round_drain(CommitRound *self, PyObject *unused) {
-    (void)unused;
-    if (!round_ready(self))
-        return NULL;
-    int64_t nerr = 0;
-    int64_t n = shm_round_drain(&self->r, self->errors, &nerr);
+/* drain()'s result: (n, None) or (n, [(channel, reason), ...]). */
+static PyObject *round_drain_result(CommitRound *self, int64_t n, int64_t nerr) {
     if (nerr == 0)
         return Py_BuildValue("(LO)", (long long)n, Py_None);
     PyObject *list = PyList_New(nerr);
@@ -354,6 +648,15 @@ static PyObject *round_drain(CommitRound *self, PyObject *unused) {
     return Py_BuildValue("(LN)", (long long)n, list);
 }
 
+static PyObject *round_drain(CommitRound *self, PyObject *unused) {
+    (void)unused;
+    if (!round_ready(self))
+        return NULL;
+    int64_t nerr = 0;
+    int64_t n = shm_round_drain(&self->r, self->errors, &nerr);
+    return round_drain_result(self, n, nerr);
+}
+
 PyDoc_STRVAR(round_finish_doc,
              "finish() -> int: after the drained items were committed, per drained channel: "
              "outstanding -= its run, head = tail, PUB_HEAD store-release. Returns how many "
@@ -364,6 +667,101 @@ static PyObject *round_finish(CommitRound *self, PyObject *unused) {
     if (!round_ready(self))
         return NULL;
     return PyLong_FromLongLong(shm_round_finish(&self->r));
+}
+
+PyDoc_STRVAR(round_any_writer_doc,
+             "any_writer() -> bool: whether an active channel's WANT_LEASE is > 0.");
+
+static PyObject *round_any_writer(CommitRound *self, PyObject *unused) {
+    (void)unused;
+    if (!round_ready(self))
+        return NULL;
+    return PyBool_FromLong(shm_round_any_writer(&self->r));
+}
+
+PyDoc_STRVAR(round_settle_doc,
+             "settle(flag) -> int: before sleeping: set_sleeping(flag), then bit 1 when a "
+             "sampler or a writer waits on the daemon (SAMPLER_WAITING, WAIT_INSERT), bit 2 "
+             "when pending().");
+
+static PyObject *round_settle(CommitRound *self, PyObject *arg) {
+    if (!round_ready(self))
+        return NULL;
+    long long v = PyLong_AsLongLong(arg);
+    if (v == -1 && PyErr_Occurred())
+        return NULL;
+    return PyLong_FromLong(shm_round_settle(&self->r, v));
+}
+
+PyDoc_STRVAR(round_set_mutex_doc,
+             "set_mutex(buf) -> None: the table's process-shared robust mutex (its bytes in the "
+             "segment, uint8), which commit_round takes itself.");
+
+static PyObject *round_set_mutex(CommitRound *self, PyObject *arg) {
+    if (!round_ready(self))
+        return NULL;
+    if (self->mutex != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "set_mutex is called once");
+        return NULL;
+    }
+    if (shm_get_buffer(arg, &self->mutex_view, 1, 1, "mutex") < 0)
+        return NULL;
+    if (self->mutex_view.len < (Py_ssize_t)sizeof(pthread_mutex_t) ||
+        (uintptr_t)self->mutex_view.buf % _Alignof(pthread_mutex_t) != 0) {
+        PyBuffer_Release(&self->mutex_view);
+        PyErr_SetString(PyExc_ValueError, "mutex: too short or misaligned for a pthread mutex");
+        return NULL;
+    }
+    self->mutex = self->mutex_view.buf;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(round_commit_round_doc,
+             "commit_round() -> None | int | (n, refused): the daemon's drain and commit in one "
+             "call. Drains every active channel; when nothing was refused and the table's mutex "
+             "is free (one trylock), commits the items (CommitTable.commit_all), unlocks and "
+             "finishes (PUB_HEAD store-release): returns how many were committed (int >= 0). "
+             "None: nothing was published. -2: the lock is released, the metadata committed, a "
+             "selector failed (repair, evict, then finish()). (n, refused): as drain(), nothing "
+             "committed (refusals, a busy lock, or a count check that failed): the caller "
+             "commits and finishes as after drain(). (n, False): the same, but the lock is "
+             "held and its previous owner died: recover it and release it first.");
+
+static PyObject *round_commit_round(CommitRound *self, PyObject *unused) {
+    (void)unused;
+    if (!round_ready(self))
+        return NULL;
+    CommitTable *ct = (CommitTable *)self->table;
+    if (self->mutex == NULL || !table_attached(ct)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "commit_round: set_mutex() first");
+        return NULL;
+    }
+    int64_t nerr = 0;
+    int64_t n = shm_round_drain(&self->r, self->errors, &nerr);
+    if (nerr == 0 && n == 0)
+        Py_RETURN_NONE;
+    if (nerr > 0)
+        return round_drain_result(self, n, nerr);
+    /* The table's mutex: robust, process-shared, taken by every process of the group. One
+     * try: a holder (a sampler) makes the caller wait for it in Python, with its stall
+     * warnings. */
+    int rc = pthread_mutex_trylock(self->mutex);
+    if (rc == EOWNERDEAD) /* held: the caller repairs, marks it consistent, releases it */
+        return Py_BuildValue("(LO)", (long long)n, Py_False);
+    if (rc != 0)
+        return round_drain_result(self, n, 0);
+    int64_t k = shm_commit_full(self->r.t, &ct->cs, self->r.out_slots, self->r.out_prios, n,
+                                &ct->err);
+    pthread_mutex_unlock(self->mutex);
+    if (k == SHM_ECORRUPT && !ct->err.changed)
+        return round_drain_result(self, n, 0); /* nothing changed: the caller repairs */
+    if (k == SHM_ECORRUPT)
+        return PyLong_FromLong(-2);
+    if (k < 0)
+        return PyErr_NoMemory();
+    shm_round_finish(&self->r);
+    return PyLong_FromLongLong(k);
 }
 
 PyDoc_STRVAR(round_forget_doc, "forget() -> None: drop what drain() drained (not committed).");
@@ -484,6 +882,10 @@ static PyMethodDef round_methods[] = {
     {"waiters", (PyCFunction)round_waiters, METH_NOARGS, round_waiters_doc},
     {"pending", (PyCFunction)round_pending, METH_NOARGS, round_pending_doc},
     {"drain", (PyCFunction)round_drain, METH_NOARGS, round_drain_doc},
+    {"set_mutex", (PyCFunction)round_set_mutex, METH_O, round_set_mutex_doc},
+    {"any_writer", (PyCFunction)round_any_writer, METH_NOARGS, round_any_writer_doc},
+    {"settle", (PyCFunction)round_settle, METH_O, round_settle_doc},
+    {"commit_round", (PyCFunction)round_commit_round, METH_NOARGS, round_commit_round_doc},
     {"finish", (PyCFunction)round_finish, METH_NOARGS, round_finish_doc},
     {"forget", (PyCFunction)round_forget, METH_NOARGS, round_forget_doc},
     {"lease", (PyCFunction)(void (*)(void))round_lease, METH_FASTCALL, round_lease_doc},
@@ -504,6 +906,8 @@ static PyTypeObject CommitRoundType = {
 };
 
 int shm_bind_commit(PyObject *module) {
+    if (PyModule_AddType(module, &RngType) < 0)
+        return -1;
     if (PyModule_AddType(module, &CommitTableType) < 0)
         return -1;
     if (PyModule_AddType(module, &CommitRoundType) < 0)

@@ -7,6 +7,7 @@
 
 #include <string.h>
 
+#include "bind_selector.h"
 #include "heap.h"
 #include "order.h"
 #include "shm_buffers.h"
@@ -200,6 +201,16 @@ static PyObject *OrderRing_first_lifo(OrderRingObject *self, PyObject *const *a,
     return order_first(self, a, n, shm_order_first_lifo);
 }
 
+static PyObject *OrderRing_selector(OrderRingObject *self, PyObject *lifo) {
+    if (!ring_ready(self))
+        return NULL;
+    int is_lifo = PyObject_IsTrue(lifo);
+    if (is_lifo < 0)
+        return NULL;
+    return shm_selector_capsule((PyObject *)self, is_lifo ? SHM_SEL_LIFO : SHM_SEL_FIFO,
+                                &self->o);
+}
+
 static PyObject *OrderRing_clear(OrderRingObject *self, PyObject *unused) {
     (void)unused;
     if (!ring_ready(self))
@@ -220,6 +231,9 @@ static PyMethodDef OrderRing_methods[] = {
     {"first_lifo", (PyCFunction)(void (*)(void))OrderRing_first_lifo, METH_FASTCALL,
      "first_lifo(n, out) -> int: the n newest slots into out, dropping trailing holes."},
     {"clear", (PyCFunction)OrderRing_clear, METH_NOARGS, "clear(): forget every item."},
+    {"_selector", (PyCFunction)OrderRing_selector, METH_O,
+     "_selector(lifo) -> capsule: this ring as a Fifo (or Lifo) selector, for "
+     "CommitTable.attach."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -405,6 +419,13 @@ static PyObject *Heap_first(HeapObject *self, PyObject *const *args, Py_ssize_t 
     return PyLong_FromLongLong(got);
 }
 
+static PyObject *Heap_selector(HeapObject *self, PyObject *unused) {
+    (void)unused;
+    if (!heap_ready(self))
+        return NULL;
+    return shm_selector_capsule((PyObject *)self, SHM_SEL_HEAP, &self->h);
+}
+
 static PyObject *Heap_clear(HeapObject *self, PyObject *unused) {
     (void)unused;
     if (!heap_ready(self))
@@ -426,6 +447,8 @@ static PyMethodDef Heap_methods[] = {
     {"first", (PyCFunction)(void (*)(void))Heap_first, METH_FASTCALL,
      "first(n, out) -> int: the n best slots into out, best first."},
     {"clear", (PyCFunction)Heap_clear, METH_NOARGS, "clear(): forget every item."},
+    {"_selector", (PyCFunction)Heap_selector, METH_NOARGS,
+     "_selector() -> capsule: this heap, for CommitTable.attach."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -8,6 +8,7 @@
 #include <float.h>
 #include <string.h>
 
+#include "bind_selector.h"
 #include "dense.h"
 #include "random_selectors.h"
 #include "shm_buffers.h"
@@ -396,6 +397,11 @@ static PyObject *Dense_draw_distinct(DenseObject *self, PyObject *const *args, P
     return dense_draw_op(self, args, nargs, 1);
 }
 
+static PyObject *Dense_selector(DenseObject *self, PyObject *unused) {
+    (void)unused;
+    return shm_selector_capsule((PyObject *)self, SHM_SEL_UNIFORM, &self->d);
+}
+
 static PyObject *Dense_clear(DenseObject *self, PyObject *unused) {
     (void)unused;
     shm_dense_clear(&self->d);
@@ -414,6 +420,8 @@ static PyMethodDef Dense_methods[] = {
      "draw_distinct(u float64[n], out int64[n]): n distinct members by a partial Fisher-Yates on "
      "live (see dense.h)."},
     {"clear", (PyCFunction)Dense_clear, METH_NOARGS, "clear(): count = 0."},
+    {"_selector", (PyCFunction)Dense_selector, METH_NOARGS,
+     "_selector() -> capsule: this set as a Uniform selector, for CommitTable.attach."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -589,6 +597,11 @@ static PyObject *Prioritized_victims(PrioritizedObject *self, PyObject *const *a
     Py_RETURN_NONE;
 }
 
+static PyObject *Prioritized_selector(PrioritizedObject *self, PyObject *unused) {
+    (void)unused;
+    return shm_selector_capsule((PyObject *)self, SHM_SEL_PRIORITIZED, &self->s);
+}
+
 static PyObject *Prioritized_clear(PrioritizedObject *self, PyObject *unused) {
     (void)unused;
     Py_BEGIN_ALLOW_THREADS
@@ -611,6 +624,8 @@ static PyMethodDef Prioritized_methods[] = {
     {"victims", (PyCFunction)(void (*)(void))Prioritized_victims, METH_FASTCALL,
      "victims(u float64[n], out int64[n]): n distinct items, weighted without replacement."},
     {"clear", (PyCFunction)Prioritized_clear, METH_NOARGS, "clear(): forget every item."},
+    {"_selector", (PyCFunction)Prioritized_selector, METH_NOARGS,
+     "_selector() -> capsule: this selector, for CommitTable.attach."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -61,6 +61,28 @@ int shm_round_pending(const shm_round *r) {
     return 0;
 }
 
+int shm_round_any_writer(const shm_round *r) {
+    for (int64_t c = 0; c < r->t->max_clients; c++)
+        /* WANT_LEASE: the writer's; a hint, read relaxed. */
+        if (r->active[c] && shm_load_relaxed(chan_word(r, c, SHM_CHAN_WANT_LEASE)) > 0)
+            return 1;
+    return 0;
+}
+
+int shm_round_settle(shm_round *r, int64_t flag) {
+    int out = 0;
+    shm_round_set_sleeping(r, flag); /* store, seq_cst fence */
+    /* SAMPLER_WAITING: a hint samplers set (under the mutex) before they wait. */
+    int64_t sampler_waiting = shm_load_relaxed(ctrl_word(r->t, SHM_CTRL_SAMPLER_WAITING));
+    int64_t wait_insert, wait_sample;
+    shm_round_waiters(r, &wait_insert, &wait_sample);
+    if (sampler_waiting != 0 || wait_insert > 0)
+        out |= SHM_SETTLE_URGENT;
+    if (shm_round_pending(r))
+        out |= SHM_SETTLE_PENDING;
+    return out;
+}
+
 /* The first position of run[0..n) whose slot appears again later, or -1 (the last write of a
  * slot's position wins in scratch, as TableCore._repeated did). Slots are in range. */
 static int64_t first_repeated(int32_t *scratch, const int64_t *run, int64_t n) {
@@ -295,4 +317,107 @@ int64_t shm_round_lease(shm_round *r, int64_t c, int64_t n) {
     /* LEASE_TAIL: the daemon's; released after the ring entries and the slots' keys. */
     shm_store_release(chan_word(r, c, SHM_CHAN_LEASE_TAIL), tail + k);
     return k;
+}
+
+/* ---- The whole commit ------------------------------------------------------------------ */
+
+int shm_commit_check(const shm_table *t, const shm_commit_sel *cs, shm_full_error *e) {
+    /* SIZE, FREE_HEAD, FREE_TAIL: ctrl words, written under the mutex; any value. */
+    int64_t size = ctrl_word((shm_table *)t, SHM_CTRL_SIZE)[0];
+    int64_t head = ctrl_word((shm_table *)t, SHM_CTRL_FREE_HEAD)[0];
+    int64_t tail = ctrl_word((shm_table *)t, SHM_CTRL_FREE_TAIL)[0];
+    e->changed = 0;
+    e->code = SHM_OK;
+    if (size < 0 || size > t->num_slots) {
+        e->what = SHM_FULL_SIZE, e->a = size;
+        return SHM_ECORRUPT;
+    }
+    /* head >= 0 and tail >= head bound tail - head: no overflow. */
+    if (head < 0 || tail < head || tail - head > t->num_slots - size) {
+        e->what = SHM_FULL_FREE_ENDS, e->a = head, e->b = tail, e->c = size;
+        return SHM_ECORRUPT;
+    }
+    if (shm_selector_check(&cs->sampler, size, &e->sel) != SHM_OK) {
+        e->what = SHM_FULL_SAMPLER;
+        return SHM_ECORRUPT;
+    }
+    if (shm_selector_check(&cs->remover, size, &e->sel) != SHM_OK) {
+        e->what = SHM_FULL_REMOVER;
+        return SHM_ECORRUPT;
+    }
+    return SHM_OK;
+}
+
+static int64_t selector_failed(shm_full_error *e, int what, int code) {
+    e->changed = 1;
+    e->what = what;
+    e->code = code;
+    return SHM_ECORRUPT;
+}
+
+int64_t shm_commit_evict(shm_table *t, shm_commit_sel *cs, shm_full_error *e) {
+    int64_t size = ctrl_word(t, SHM_CTRL_SIZE)[0];
+    /* size was checked in 0..num_slots (and the sets count it) before the inserts; the excess
+     * is bounded again here, so that the scratch of num_slots items always holds it. */
+    int64_t excess = size - cs->max_size;
+    if (excess <= 0)
+        return 0;
+    if (excess > t->num_slots)
+        return selector_failed(e, SHM_FULL_REMOVER, SHM_ECORRUPT);
+    int64_t got = 0;
+    if (shm_selector_draws(&cs->remover))
+        shm_rng_fill(cs->rng, cs->u, excess);
+    int rc = shm_selector_victims(&cs->remover, cs->u, excess, cs->victims, &got);
+    if (rc != SHM_OK)
+        return selector_failed(e, SHM_FULL_REMOVER, rc);
+    if (got == 0)
+        return 0;
+    const int64_t *v = cs->victims;
+    /* The victims come from the remover's arrays: their range is checked by the selector
+     * (dense, order and heap return only slots in 0..num_slots-1); checked again, cheaply,
+     * because they address the metadata below. */
+    for (int64_t i = 0; i < got; i++)
+        if (v[i] < 0 || v[i] >= t->num_slots)
+            return selector_failed(e, SHM_FULL_REMOVER, SHM_ECORRUPT);
+    if ((rc = shm_selector_remove(&cs->sampler, v, got)) != SHM_OK)
+        return selector_failed(e, SHM_FULL_SAMPLER, rc);
+    if ((rc = shm_selector_remove(&cs->remover, v, got)) != SHM_OK)
+        return selector_failed(e, SHM_FULL_REMOVER, rc);
+    int64_t tail = ctrl_word(t, SHM_CTRL_FREE_TAIL)[0];
+    if (tail < 0 || tail > INT64_MAX - t->num_slots) { /* the pushes below must not overflow */
+        e->changed = 1, e->what = SHM_FULL_FREE_TAIL, e->code = SHM_OK, e->a = tail;
+        return SHM_ECORRUPT;
+    }
+    /* TableCore._remove: the slots' state first, the counters after (repair() trusts the
+     * states and the deletes). */
+    int64_t sampled = 0;
+    for (int64_t i = 0; i < got; i++) {
+        t->state[v[i]] = SHM_SLOT_FREE;
+        sampled += t->times_sampled[v[i]] != 0;
+    }
+    ctrl_word(t, SHM_CTRL_UNIQUE_SAMPLED)[0] -= sampled;
+    ctrl_word(t, SHM_CTRL_SIZE)[0] -= got;
+    ctrl_word(t, SHM_CTRL_DELETES)[0] += got;
+    for (int64_t i = 0; i < got; i++)
+        t->free_ring[(tail + i) % t->num_slots] = v[i];
+    ctrl_word(t, SHM_CTRL_FREE_TAIL)[0] = tail + got;
+    ctrl_word(t, SHM_CTRL_TOTAL_EVICTED)[0] += got;
+    return got;
+}
+
+int64_t shm_commit_full(shm_table *t, shm_commit_sel *cs, int64_t *slots, double *prios,
+                        int64_t n, shm_full_error *e) {
+    if (shm_commit_check(t, cs, e) != SHM_OK)
+        return SHM_ECORRUPT;
+    int64_t k = shm_commit_meta(t, slots, prios, n);
+    if (k <= 0)
+        return k;
+    e->k = k;
+    int rc = shm_selector_insert(&cs->sampler, slots, prios, k);
+    if (rc != SHM_OK)
+        return selector_failed(e, SHM_FULL_SAMPLER, rc);
+    if ((rc = shm_selector_insert(&cs->remover, slots, prios, k)) != SHM_OK)
+        return selector_failed(e, SHM_FULL_REMOVER, rc);
+    int64_t ev = shm_commit_evict(t, cs, e);
+    return ev < 0 ? ev : k;
 }

@@ -9,6 +9,8 @@
 
 #include <stdint.h>
 
+#include "rng.h"
+#include "selector.h"
 #include "shm_layout.h"
 #include "shm_status.h"
 
@@ -80,6 +82,15 @@ void shm_round_waiters(const shm_round *r, int64_t *wait_insert, int64_t *wait_s
 /* Whether any active channel's PUB_TAIL moved past the daemon's head (acquire loads). */
 int shm_round_pending(const shm_round *r);
 
+/* Whether any active channel's WANT_LEASE is > 0 (a writer is writing). */
+int shm_round_any_writer(const shm_round *r);
+
+/* Before the daemon sleeps: shm_round_set_sleeping(flag), then SHM_SETTLE_URGENT when a
+ * sampler waits (SAMPLER_WAITING) or a channel's WAIT_INSERT is set (after the fence of
+ * shm_round_waiters), SHM_SETTLE_PENDING when shm_round_pending. */
+enum { SHM_SETTLE_URGENT = 1, SHM_SETTLE_PENDING = 2 };
+int shm_round_settle(shm_round *r, int64_t flag);
+
 /* Drain every active channel: acquire PUB_TAIL, check the run, copy its slots and priorities
  * once into out_slots/out_prios, channel after channel. Returns the items copied; refused runs
  * are written to errors[0..*nerrors) (capacity max_clients) and not copied. */
@@ -103,5 +114,50 @@ int64_t shm_lease_pop(shm_table *t, int64_t channel, int64_t n, int64_t *out);
 /* Lease up to n slots to channel c and publish them on its lease ring (LEASE_TAIL
  * store-release). Returns how many, or SHM_ECORRUPT as shm_lease_pop. */
 int64_t shm_round_lease(shm_round *r, int64_t c, int64_t n);
+
+/* ---- The whole commit: metadata, selectors, eviction (TableCore.commit) ---------------- */
+
+/* The table's selectors and the daemon's PRNG, with scratch for one eviction. */
+typedef struct {
+    shm_selector sampler, remover;
+    shm_rng *rng;
+    int64_t max_size;
+    int64_t *victims; /* private: [num_slots] */
+    double *u;        /* private: [num_slots] */
+} shm_commit_sel;
+
+/* Where a full commit stopped (shm_commit_full, shm_commit_evict). */
+enum {
+    SHM_FULL_SIZE = 1,     /* a = size: outside 0..num_slots */
+    SHM_FULL_FREE_ENDS,    /* a = head, b = tail, c = size: the free ring cannot fit */
+    SHM_FULL_SAMPLER,      /* sel (check) or code (a selector call failed) */
+    SHM_FULL_REMOVER,
+    SHM_FULL_FREE_TAIL,    /* a = tail: negative when the victims were to be pushed */
+};
+
+typedef struct {
+    int changed; /* 0: nothing was changed (repair, call again); 1: the metadata was committed
+                  * (k items), the selectors failed: repair (it takes the new items), evict */
+    int what;    /* SHM_FULL_* */
+    int code;    /* the selector's status when a call failed, SHM_OK when its check did */
+    int64_t a, b, c, k;
+    shm_sel_problem sel;
+} shm_full_error;
+
+/* check_counts: the size and the free ring's ends against the table, then each selector's O(1)
+ * check. SHM_OK or SHM_ECORRUPT (*e filled, changed 0). */
+int shm_commit_check(const shm_table *t, const shm_commit_sel *cs, shm_full_error *e);
+
+/* Evict what exceeds max_size: victims from the remover (uniforms from the PRNG when it draws,
+ * one per victim), removed from the sampler then the remover, their states FREE, the counters
+ * (UNIQUE_SAMPLED, SIZE, DELETES, TOTAL_EVICTED) and the free ring's tail. Returns how many, or
+ * SHM_ECORRUPT (*e filled, changed 1: the victims are still READY; repair and call again). */
+int64_t shm_commit_evict(shm_table *t, shm_commit_sel *cs, shm_full_error *e);
+
+/* TableCore.commit in one call: shm_commit_check, shm_commit_meta, the sampler's then the
+ * remover's insert of the kept items, shm_commit_evict. Returns how many were committed,
+ * SHM_ENOMEM, or SHM_ECORRUPT with *e saying whether anything changed. */
+int64_t shm_commit_full(shm_table *t, shm_commit_sel *cs, int64_t *slots, double *prios,
+                        int64_t n, shm_full_error *e);
 
 #endif
