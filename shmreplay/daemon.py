@@ -864,7 +864,7 @@ class Daemon:
         else:
             n, refused = res
             if refused is False:  # we hold the lock; its previous owner died holding it
-                core.mutex._recover()
+                core.mutex.recover_from_dead_owner()
                 core.mutex.release()
                 refused = None
             if refused:

@@ -121,7 +121,7 @@ class RobustMutex:
             if rc == errno.EBUSY:
                 rc = self._wait(timeout)
         if rc == errno.EOWNERDEAD:
-            self._recover()
+            self.recover_from_dead_owner()
         elif rc == errno.EINVAL:
             raise SegmentError(
                 f"{self.name} is corrupt (pthread_mutex_lock failed: EINVAL): its bytes in "
@@ -163,7 +163,11 @@ class RobustMutex:
             if rc != errno.ETIMEDOUT:
                 return rc
 
-    def _recover(self) -> None:
+    def recover_from_dead_owner(self) -> None:
+        """This process holds the mutex, inherited from an owner that died holding it
+        (EOWNERDEAD, from this class or from the compiled commit round's own trylock): run
+        ``on_owner_died`` to repair what it protects, then mark the mutex consistent. The
+        caller still holds it and releases it as usual."""
         try:
             if self.on_owner_died is not None:
                 self.on_owner_died()

@@ -65,6 +65,36 @@ def test_killed_while_holding_the_table_lock(daemon_factory):
         assert set(s.data["uid"].tolist()) <= set(range(150))
 
 
+def test_a_lock_left_by_a_killed_holder_is_repaired_by_the_daemons_compiled_commit(
+    daemon_factory,
+):
+    """The holder dies before anything is published, so the first to lock next is the daemon's
+    compiled commit round (its own trylock gets EOWNERDEAD, not RobustMutex.acquire): it must
+    repair the table, mark the lock consistent, release it and commit, without a sampler's
+    help."""
+    d = daemon_factory(table_toml(signature=STAMPED_SIGNATURE))
+    with shmreplay.attach(d.name) as client:
+        t = client.table("replay")
+        t.insert_batch(stamped_batch(np.arange(100)))
+        t.flush()
+        ready = CTX.Event()
+        p = CTX.Process(target=lock_holder, args=(d.name, "replay", ready))
+        p.start()
+        try:
+            assert ready.wait(30)
+            assert t.core.mutex.owner_pid == p.pid
+        finally:
+            _kill(p)
+        t.insert_batch(stamped_batch(np.arange(100, 150)))
+        t.flush(timeout=10)
+        info = t.info()
+        assert info.repairs == 1
+        assert info.current_size == 150 and info.total_inserted == 150
+        s = t.sample(1000, timeout=5)
+        assert verify_stamped(s.data).all()
+    assert d.running()
+
+
 def test_killed_halfway_through_a_reserved_slot(daemon_factory):
     d = daemon_factory(table_toml(max_size=50, signature=STAMPED_SIGNATURE))
     with shmreplay.attach(d.name) as client:
