@@ -16,36 +16,14 @@
  * release). */
 #define NOGIL_MIN 4096
 
-/* Borrow obj as C-contiguous int64 ('i') or float64 ('d') items. */
-static int get_array(PyObject *obj, Py_buffer *view, char kind, int writable, const char *what) {
-    if (shm_get_buffer(obj, view, 8, writable, what) < 0)
-        return -1;
-    const char *f = view->format ? view->format : "B";
-    if (*f == '<' || *f == '=' || *f == '@')
-        f++;
-    int ok = kind == 'd' ? strcmp(f, "d") == 0 : (strcmp(f, "l") == 0 || strcmp(f, "q") == 0);
-    if (!ok) {
-        PyErr_Format(PyExc_TypeError, "%s must be %s", what, kind == 'd' ? "float64" : "int64");
-        PyBuffer_Release(view);
-        return -1;
-    }
-    return 0;
-}
-
 /* Set the exception of a status of order.h; returns NULL. */
 static PyObject *raise_status(int rc, const char *what) {
-    static PyObject *corrupt = NULL; /* shmreplay.selectors.base.CorruptStructure, found once */
+    PyObject *corrupt;
     switch (rc) {
     case SHM_ORDER_ECORRUPT:
-        if (corrupt == NULL) {
-            PyObject *mod = PyImport_ImportModule("shmreplay.selectors.base");
-            if (mod == NULL)
-                return NULL;
-            corrupt = PyObject_GetAttrString(mod, "CorruptStructure");
-            Py_DECREF(mod);
-            if (corrupt == NULL)
-                return NULL;
-        }
+        corrupt = shm_corrupt_structure();
+        if (corrupt == NULL)
+            return NULL;
         PyErr_Format(corrupt, "its %s contradicts itself", what);
         break;
     case SHM_ORDER_ENOMEM:
@@ -56,12 +34,6 @@ static PyObject *raise_status(int rc, const char *what) {
     }
     return NULL;
 }
-
-#define CHECK_NARGS(name, want)                                                              \
-    if (nargs != (want)) {                                                                   \
-        PyErr_Format(PyExc_TypeError, name "() takes %d arguments (%zd given)", (want), nargs); \
-        return NULL;                                                                         \
-    }
 
 /* ---- OrderRing ------------------------------------------------------------------------------ */
 
@@ -90,13 +62,13 @@ static int OrderRing_init(OrderRingObject *self, PyObject *args, PyObject *kwds)
     }
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO", kwlist, &order, &pos, &ends))
         return -1;
-    if (get_array(order, &self->order, 'i', 1, "order") < 0)
+    if (shm_get_array(order, &self->order, 'i', 1, "order") < 0)
         return -1;
-    if (get_array(pos, &self->pos, 'i', 1, "pos") < 0) {
+    if (shm_get_array(pos, &self->pos, 'i', 1, "pos") < 0) {
         PyBuffer_Release(&self->order);
         return -1;
     }
-    if (get_array(ends, &self->ends, 'i', 1, "ends") < 0) {
+    if (shm_get_array(ends, &self->ends, 'i', 1, "ends") < 0) {
         PyBuffer_Release(&self->order);
         PyBuffer_Release(&self->pos);
         return -1;
@@ -132,7 +104,7 @@ static PyObject *order_call(OrderRingObject *self, PyObject *const *args, Py_ssi
     if (!ring_ready(self))
         return NULL;
     Py_buffer s;
-    if (get_array(args[0], &s, 'i', 0, "slots") < 0)
+    if (shm_get_array(args[0], &s, 'i', 0, "slots") < 0)
         return NULL;
     int64_t k = shm_buffer_len(&s);
     int rc;
@@ -165,14 +137,14 @@ typedef int (*order_first_fn)(shm_order *, int64_t, int64_t *, int64_t *);
 /* first_*(n, out) -> the number of slots written to out[:n]. */
 static PyObject *order_first(OrderRingObject *self, PyObject *const *args, Py_ssize_t nargs,
                              order_first_fn f) {
-    CHECK_NARGS("first", 2);
+    SHM_CHECK_NARGS("first", 2);
     if (!ring_ready(self))
         return NULL;
     Py_ssize_t n = PyLong_AsSsize_t(args[0]);
     if (n == -1 && PyErr_Occurred())
         return NULL;
     Py_buffer out;
-    if (get_array(args[1], &out, 'i', 1, "out") < 0)
+    if (shm_get_array(args[1], &out, 'i', 1, "out") < 0)
         return NULL;
     if (n < 0 || n > shm_buffer_len(&out)) {
         PyBuffer_Release(&out);
@@ -280,18 +252,18 @@ static int Heap_init(HeapObject *self, PyObject *args, PyObject *kwds) {
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOnd", kwlist, &key, &touch, &slot, &clock,
                                      &num_slots, &sign))
         return -1;
-    if (get_array(key, &self->key, 'd', 1, "key") < 0)
+    if (shm_get_array(key, &self->key, 'd', 1, "key") < 0)
         return -1;
-    if (get_array(touch, &self->touch, 'i', 1, "touch") < 0) {
+    if (shm_get_array(touch, &self->touch, 'i', 1, "touch") < 0) {
         PyBuffer_Release(&self->key);
         return -1;
     }
-    if (get_array(slot, &self->slot, 'i', 1, "slot") < 0) {
+    if (shm_get_array(slot, &self->slot, 'i', 1, "slot") < 0) {
         PyBuffer_Release(&self->key);
         PyBuffer_Release(&self->touch);
         return -1;
     }
-    if (get_array(clock, &self->clock, 'i', 1, "clock") < 0) {
+    if (shm_get_array(clock, &self->clock, 'i', 1, "clock") < 0) {
         PyBuffer_Release(&self->key);
         PyBuffer_Release(&self->touch);
         PyBuffer_Release(&self->slot);
@@ -329,9 +301,9 @@ static PyObject *heap_call(HeapObject *self, PyObject *const *args, Py_ssize_t n
     if (!heap_ready(self))
         return NULL;
     Py_buffer s, p;
-    if (get_array(args[0], &s, 'i', 0, "slots") < 0)
+    if (shm_get_array(args[0], &s, 'i', 0, "slots") < 0)
         return NULL;
-    if (get_array(args[1], &p, 'd', 0, "priorities") < 0) {
+    if (shm_get_array(args[1], &p, 'd', 0, "priorities") < 0) {
         PyBuffer_Release(&s);
         return NULL;
     }
@@ -369,11 +341,11 @@ static PyObject *Heap_rebuild(HeapObject *self, PyObject *const *args, Py_ssize_
 }
 
 static PyObject *Heap_remove(HeapObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    CHECK_NARGS("remove", 1);
+    SHM_CHECK_NARGS("remove", 1);
     if (!heap_ready(self))
         return NULL;
     Py_buffer s;
-    if (get_array(args[0], &s, 'i', 0, "slots") < 0)
+    if (shm_get_array(args[0], &s, 'i', 0, "slots") < 0)
         return NULL;
     int64_t k = shm_buffer_len(&s);
     int rc;
@@ -391,14 +363,14 @@ static PyObject *Heap_remove(HeapObject *self, PyObject *const *args, Py_ssize_t
 
 /* first(n, out) -> the number of slots written to out[:n], best first. */
 static PyObject *Heap_first(HeapObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    CHECK_NARGS("first", 2);
+    SHM_CHECK_NARGS("first", 2);
     if (!heap_ready(self))
         return NULL;
     Py_ssize_t n = PyLong_AsSsize_t(args[0]);
     if (n == -1 && PyErr_Occurred())
         return NULL;
     Py_buffer out;
-    if (get_array(args[1], &out, 'i', 1, "out") < 0)
+    if (shm_get_array(args[1], &out, 'i', 1, "out") < 0)
         return NULL;
     if (n < 0 || n > shm_buffer_len(&out)) {
         PyBuffer_Release(&out);

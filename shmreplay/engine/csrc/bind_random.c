@@ -20,40 +20,12 @@
 
 /* ---- arguments ---------------------------------------------------------------------------- */
 
-/* Borrow obj as C-contiguous int64 ('i') or float64 ('d') items. */
-static int get_array(PyObject *obj, Py_buffer *view, char kind, int writable, const char *what) {
-    if (shm_get_buffer(obj, view, 8, writable, what) < 0)
-        return -1;
-    const char *f = view->format ? view->format : "B";
-    if (*f == '<' || *f == '=' || *f == '@')
-        f++;
-    int ok = kind == 'd' ? strcmp(f, "d") == 0 : (strcmp(f, "l") == 0 || strcmp(f, "q") == 0);
-    if (!ok) {
-        PyErr_Format(PyExc_TypeError, "%s must be %s", what, kind == 'd' ? "float64" : "int64");
-        PyBuffer_Release(view);
-        return -1;
-    }
-    return 0;
-}
-
-static PyObject *corrupt_structure(void) {
-    static PyObject *cls = NULL; /* shmreplay.selectors.base.CorruptStructure, found once */
-    if (cls == NULL) {
-        PyObject *mod = PyImport_ImportModule("shmreplay.selectors.base");
-        if (mod == NULL)
-            return NULL;
-        cls = PyObject_GetAttrString(mod, "CorruptStructure");
-        Py_DECREF(mod);
-    }
-    return cls;
-}
-
 /* Set the exception of a status of sumtree.h; returns NULL. */
 static PyObject *raise_status(int rc, const char *what, double total) {
     PyObject *cls;
     switch (rc) {
     case SHM_ECORRUPT:
-        cls = corrupt_structure();
+        cls = shm_corrupt_structure();
         if (cls != NULL)
             PyErr_Format(cls, "%s: the shared arrays contradict themselves", what);
         break;
@@ -75,12 +47,6 @@ static PyObject *raise_status(int rc, const char *what, double total) {
     return NULL;
 }
 
-#define CHECK_NARGS(name, want)                                                              \
-    if (nargs != (want)) {                                                                   \
-        PyErr_Format(PyExc_TypeError, name "() takes %d arguments (%zd given)", (want), nargs); \
-        return NULL;                                                                         \
-    }
-
 /* ---- SumTree ------------------------------------------------------------------------------ */
 
 typedef struct {
@@ -95,7 +61,7 @@ static int borrow_tree(PyObject *arr, int64_t num_leaves, Py_buffer *view, shm_s
         return -1;
     }
     int64_t cap = shm_sumtree_capacity(num_leaves);
-    if (get_array(arr, view, 'd', 1, "tree") < 0)
+    if (shm_get_array(arr, view, 'd', 1, "tree") < 0)
         return -1;
     if (shm_buffer_len(view) != 2 * cap) {
         PyErr_Format(PyExc_ValueError, "sum-tree needs float64[%lld], got %zd items",
@@ -132,11 +98,11 @@ static void SumTree_dealloc(SumTreeObject *self) {
 }
 
 static PyObject *SumTree_set(SumTreeObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    CHECK_NARGS("set", 2);
+    SHM_CHECK_NARGS("set", 2);
     Py_buffer lv, vv;
-    if (get_array(args[0], &lv, 'i', 0, "leaves") < 0)
+    if (shm_get_array(args[0], &lv, 'i', 0, "leaves") < 0)
         return NULL;
-    if (get_array(args[1], &vv, 'd', 0, "values") < 0) {
+    if (shm_get_array(args[1], &vv, 'd', 0, "values") < 0) {
         PyBuffer_Release(&lv);
         return NULL;
     }
@@ -157,11 +123,11 @@ static PyObject *SumTree_set(SumTreeObject *self, PyObject *const *args, Py_ssiz
 }
 
 static PyObject *SumTree_get(SumTreeObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    CHECK_NARGS("get", 2);
+    SHM_CHECK_NARGS("get", 2);
     Py_buffer lv, ov;
-    if (get_array(args[0], &lv, 'i', 0, "leaves") < 0)
+    if (shm_get_array(args[0], &lv, 'i', 0, "leaves") < 0)
         return NULL;
-    if (get_array(args[1], &ov, 'd', 1, "out") < 0) {
+    if (shm_get_array(args[1], &ov, 'd', 1, "out") < 0) {
         PyBuffer_Release(&lv);
         return NULL;
     }
@@ -175,11 +141,11 @@ static PyObject *SumTree_get(SumTreeObject *self, PyObject *const *args, Py_ssiz
 }
 
 static PyObject *SumTree_sample(SumTreeObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    CHECK_NARGS("sample", 2);
+    SHM_CHECK_NARGS("sample", 2);
     Py_buffer uv, ov;
-    if (get_array(args[0], &uv, 'd', 0, "u") < 0)
+    if (shm_get_array(args[0], &uv, 'd', 0, "u") < 0)
         return NULL;
-    if (get_array(args[1], &ov, 'i', 1, "out") < 0) {
+    if (shm_get_array(args[1], &ov, 'i', 1, "out") < 0) {
         PyBuffer_Release(&uv);
         return NULL;
     }
@@ -203,7 +169,7 @@ static PyObject *SumTree_sample(SumTreeObject *self, PyObject *const *args, Py_s
 
 static PyObject *SumTree_rebuild(SumTreeObject *self, PyObject *arg) {
     Py_buffer vv;
-    if (get_array(arg, &vv, 'd', 0, "leaf_values") < 0)
+    if (shm_get_array(arg, &vv, 'd', 0, "leaf_values") < 0)
         return NULL;
     if (shm_buffer_len(&vv) != self->t.num_leaves) {
         PyErr_Format(PyExc_ValueError, "rebuild needs %lld leaf values, got %zd",
@@ -278,7 +244,7 @@ static int borrow_dense(PyObject *live, PyObject *pos, PyObject *count, Py_buffe
     PyObject *objs[3] = {live, pos, count};
     const char *names[3] = {"live", "pos", "count"};
     for (int i = 0; i < 3; i++) {
-        if (get_array(objs[i], &views[i], 'i', 1, names[i]) < 0)
+        if (shm_get_array(objs[i], &views[i], 'i', 1, names[i]) < 0)
             return -1;
         (*nviews)++;
     }
@@ -319,7 +285,7 @@ static PyObject *dense_slots_op(shm_dense *d, PyObject *arg,
                                 int (*f)(shm_dense *, const int64_t *, int64_t),
                                 const char *what) {
     Py_buffer sv;
-    if (get_array(arg, &sv, 'i', 0, "slots") < 0)
+    if (shm_get_array(arg, &sv, 'i', 0, "slots") < 0)
         return NULL;
     int64_t n = shm_buffer_len(&sv);
     int rc;
@@ -333,7 +299,7 @@ static PyObject *dense_slots_op(shm_dense *d, PyObject *arg,
     PyBuffer_Release(&sv);
     if (rc != SHM_OK) {
         if (rc == SHM_ECORRUPT && f == shm_dense_remove) {
-            PyObject *cls = corrupt_structure();
+            PyObject *cls = shm_corrupt_structure();
             if (cls != NULL)
                 PyErr_Format(cls, "a set of %lld items does not hold %lld of its members where it "
                              "says", (long long)d->count[0], (long long)n);
@@ -363,11 +329,11 @@ static int dense_draw_any(shm_dense *d, const double *u, int64_t n, int64_t *out
 /* draw / draw_distinct(u float64[n], out int64[n]) */
 static PyObject *dense_draw_op(DenseObject *self, PyObject *const *args, Py_ssize_t nargs,
                                int distinct) {
-    CHECK_NARGS("draw", 2);
+    SHM_CHECK_NARGS("draw", 2);
     Py_buffer uv, ov;
-    if (get_array(args[0], &uv, 'd', 0, "u") < 0)
+    if (shm_get_array(args[0], &uv, 'd', 0, "u") < 0)
         return NULL;
-    if (get_array(args[1], &ov, 'i', 1, "out") < 0) {
+    if (shm_get_array(args[1], &ov, 'i', 1, "out") < 0) {
         PyBuffer_Release(&uv);
         return NULL;
     }
@@ -475,11 +441,11 @@ typedef int (*prio_slots_fn)(shm_prioritized *, const int64_t *, const double *,
 /* f(selector, slots, priorities, n) for insert/update/rebuild */
 static PyObject *prio_slots_op(PrioritizedObject *self, PyObject *const *args, Py_ssize_t nargs,
                                prio_slots_fn f, const char *what) {
-    CHECK_NARGS("insert", 2);
+    SHM_CHECK_NARGS("insert", 2);
     Py_buffer sv, pv;
-    if (get_array(args[0], &sv, 'i', 0, "slots") < 0)
+    if (shm_get_array(args[0], &sv, 'i', 0, "slots") < 0)
         return NULL;
-    if (get_array(args[1], &pv, 'd', 0, "priorities") < 0) {
+    if (shm_get_array(args[1], &pv, 'd', 0, "priorities") < 0) {
         PyBuffer_Release(&sv);
         return NULL;
     }
@@ -518,13 +484,13 @@ static PyObject *Prioritized_rebuild(PrioritizedObject *self, PyObject *const *a
 
 static PyObject *Prioritized_remove(PrioritizedObject *self, PyObject *arg) {
     Py_buffer sv;
-    if (get_array(arg, &sv, 'i', 0, "slots") < 0)
+    if (shm_get_array(arg, &sv, 'i', 0, "slots") < 0)
         return NULL;
     int64_t n = shm_buffer_len(&sv);
     int rc = shm_prioritized_remove(&self->s, sv.buf, n);
     PyBuffer_Release(&sv);
     if (rc == SHM_ECORRUPT) {
-        PyObject *cls = corrupt_structure();
+        PyObject *cls = shm_corrupt_structure();
         if (cls != NULL)
             PyErr_Format(cls, "a set of %lld items does not hold %lld of its members where it says",
                          (long long)self->s.items.count[0], (long long)n);
@@ -537,15 +503,15 @@ static PyObject *Prioritized_remove(PrioritizedObject *self, PyObject *arg) {
 
 static PyObject *Prioritized_sample(PrioritizedObject *self, PyObject *const *args,
                                     Py_ssize_t nargs) {
-    CHECK_NARGS("sample", 3);
+    SHM_CHECK_NARGS("sample", 3);
     Py_buffer uv, sv, pv;
-    if (get_array(args[0], &uv, 'd', 0, "u") < 0)
+    if (shm_get_array(args[0], &uv, 'd', 0, "u") < 0)
         return NULL;
-    if (get_array(args[1], &sv, 'i', 1, "slots") < 0) {
+    if (shm_get_array(args[1], &sv, 'i', 1, "slots") < 0) {
         PyBuffer_Release(&uv);
         return NULL;
     }
-    if (get_array(args[2], &pv, 'd', 1, "prob") < 0) {
+    if (shm_get_array(args[2], &pv, 'd', 1, "prob") < 0) {
         PyBuffer_Release(&uv);
         PyBuffer_Release(&sv);
         return NULL;
@@ -571,11 +537,11 @@ static PyObject *Prioritized_sample(PrioritizedObject *self, PyObject *const *ar
 
 static PyObject *Prioritized_victims(PrioritizedObject *self, PyObject *const *args,
                                      Py_ssize_t nargs) {
-    CHECK_NARGS("victims", 2);
+    SHM_CHECK_NARGS("victims", 2);
     Py_buffer uv, ov;
-    if (get_array(args[0], &uv, 'd', 0, "u") < 0)
+    if (shm_get_array(args[0], &uv, 'd', 0, "u") < 0)
         return NULL;
-    if (get_array(args[1], &ov, 'i', 1, "out") < 0) {
+    if (shm_get_array(args[1], &ov, 'i', 1, "out") < 0) {
         PyBuffer_Release(&uv);
         return NULL;
     }
@@ -644,7 +610,7 @@ static PyTypeObject PrioritizedType = {
 
 static PyObject *py_weight(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    CHECK_NARGS("weight", 2);
+    SHM_CHECK_NARGS("weight", 2);
     double p = PyFloat_AsDouble(args[0]), e = PyFloat_AsDouble(args[1]);
     if (PyErr_Occurred())
         return NULL;
@@ -653,7 +619,7 @@ static PyObject *py_weight(PyObject *self, PyObject *const *args, Py_ssize_t nar
 
 static PyObject *py_priority_limit(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    CHECK_NARGS("priority_limit", 2);
+    SHM_CHECK_NARGS("priority_limit", 2);
     double e = PyFloat_AsDouble(args[0]), w_max = PyFloat_AsDouble(args[1]);
     if (PyErr_Occurred())
         return NULL;
@@ -662,9 +628,9 @@ static PyObject *py_priority_limit(PyObject *self, PyObject *const *args, Py_ssi
 
 static PyObject *py_last_wins(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    CHECK_NARGS("last_wins_mask", 2);
+    SHM_CHECK_NARGS("last_wins_mask", 2);
     Py_buffer kv, mv;
-    if (get_array(args[0], &kv, 'i', 0, "keys") < 0)
+    if (shm_get_array(args[0], &kv, 'i', 0, "keys") < 0)
         return NULL;
     if (shm_get_buffer(args[1], &mv, 1, 1, "keep") < 0) {
         PyBuffer_Release(&kv);
