@@ -14,19 +14,26 @@ Workloads (W1 rows, one table, uniform sampler, FIFO remover):
 
 The daemon's CPU is psutil's cpu_times (user + system, every thread) of the daemon process over
 the window, divided by the items committed in the window (TOTAL_INSERTED read from the segment).
-One JSON line per workload, after the reference line.
+One JSON line per workload, after the reference lines: numpy's memcpy bandwidth, and ``nap``,
+the CPU one timed wait on a POSIX semaphore costs this machine (what the daemon does between
+rounds while writers are active: ACTIVE_SLEEP_S). With items trickling in, the daemon runs one
+round per nap, so ``nap.us_cpu × naps per second / items per second`` is the floor of the paced
+workload's figure that no commit code can go under (``paced_floor_us_per_item``).
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import time
 
 import numpy as np
+import posix_ipc
 import psutil
 
 import shmreplay
+from shmreplay.daemon import ACTIVE_SLEEP_S
 from shmreplay.layout import Chan, Ctrl
 from shmreplay.testing import DaemonProcess, table_toml
 
@@ -132,12 +139,38 @@ def run(mode: str, actors: int, seconds: float) -> dict:
     return record
 
 
+def nap_cpu_us(nap_s: float, seconds: float) -> float:
+    """CPU (µs) of one timed semaphore wait of ``nap_s`` that times out: the daemon's nap."""
+    sem = posix_ipc.Semaphore(f"/shmreplay-bench-nap-{os.getpid()}", posix_ipc.O_CREX)
+    try:
+        n = max(1, int(seconds / nap_s))
+        c0 = time.process_time()
+        for _ in range(n):
+            try:
+                sem.acquire(nap_s)
+            except posix_ipc.BusyError:
+                pass
+        return 1e6 * (time.process_time() - c0) / n
+    finally:
+        sem.unlink()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.daemon_cpu", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short runs (smoke test)")
     args = parser.parse_args()
     seconds = 1.0 if args.quick else 4.0
     emit_reference()
+    nap = nap_cpu_us(ACTIVE_SLEEP_S, seconds)
+    paced_items_per_s = 4 * PACED_RATE
+    emit(
+        {
+            "reference": "nap",
+            "nap_ms": ACTIVE_SLEEP_S * 1e3,
+            "us_cpu": round(nap, 1),
+            "paced_floor_us_per_item": round(nap / ACTIVE_SLEEP_S / paced_items_per_s, 2),
+        }
+    )
     targets = {"paced": 2.0, "insert": 0.4, "insert_batch": 0.03}
     for mode, actors in (("paced", 4), ("insert", 2), ("insert_batch", 2)):
         record = run(mode, actors, seconds)
