@@ -80,6 +80,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .config import FieldSpec
+from .engine import _native
 from .errors import ClientClosedError, InvalidArgumentError, RateLimiterTimeout, SignatureError
 from .shm import physical_memory
 from .values import check_priority, python_values_fit
@@ -1000,25 +1001,22 @@ class TrajectoryWriter:
 
 def _gather(sels: Sequence[TrajectoryColumn], out: np.ndarray, plan: tuple | None) -> tuple:
     """Copy selections of one layout (one column, length and kind; one per item) into
-    ``out[i]`` with one numpy take. ``plan`` is the previous field's (starts, index table,
-    row indices): fields selected at the same steps (the usual case) share the arithmetic."""
+    ``out[i]``: one compiled call (``_native.traj_gather``: ring row = step % rows, at most two
+    slice copies per item). ``plan`` is the previous field's (starts, ...): fields selected at
+    the same steps (the usual case) share the list of starts."""
     first = sels[0]
     col = first._col
     starts = [s._start for s in sels]
+    if plan is not None and plan[0] == starts:
+        starts = plan[0]
+    if col.ring.dtype == out.dtype:
+        _native.traj_gather(col.ring, col.rows, starts, first._length, out)
+        return (starts,)
+    # A dtype that casts to the field's: numpy gathers and converts.
+    r0 = np.fromiter(starts, np.int64, len(starts)) % col.rows
     if first._kind == 1:
-        table = None
+        out[...] = col.ring[r0]
     else:
         # windows[r] = the ring rows of the steps r, r + 1, ..., wrapping round the ring
-        table = col.writer._windows(col.rows, first._length)
-    if plan is not None and plan[1] is table and plan[3] == col.rows and plan[0] == starts:
-        rows = plan[2]
-    else:
-        r0 = np.fromiter(starts, np.int64, len(starts)) % col.rows
-        rows = r0 if table is None else np.take(table, r0, axis=0)
-    if col.ring.dtype == out.dtype:
-        # mode="clip" (the rows are in range) writes straight into ``out``: the default mode
-        # copies through a buffer, and mode="wrap" was 150 times slower here.
-        np.take(col.ring, rows, axis=0, out=out, mode="clip")
-    else:
-        out[...] = col.ring[rows]
-    return (starts, table, rows, col.rows)
+        out[...] = col.ring[np.take(col.writer._windows(col.rows, first._length), r0, axis=0)]
+    return (starts,)

@@ -1,0 +1,81 @@
+"""The compiled batch gather of the trajectory writer against its reference model
+(tests/reference/trajectory.py), and the writer's batched items against a plain numpy model of
+the history (what each item must hold, its priority and its episode steps)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from shmreplay.engine import _native
+from tests.reference import trajectory as ref
+
+DTYPES = [np.float32, np.int64, np.uint8, np.bool_, np.complex128, np.float16]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_gather_matches_reference(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    rows = int(rng.integers(1, 70))  # mostly not powers of two; 1 row included
+    shape = tuple(int(x) for x in rng.integers(1, 4, size=rng.integers(0, 3)))
+    dtype = DTYPES[seed % len(DTYPES)]
+    ring = (rng.random((rows, *shape)) * 100).astype(dtype)
+    length = int(rng.integers(1, rows + 1))
+    n = int(rng.choice([0, 1, 2, 127, 128, 300]))  # 300: more starts than the stack holds
+    # duplicates and starts far beyond rows (a writer's life counts steps, not rows)
+    starts = [int(s) for s in rng.integers(0, 5 * rows + 10**9 * (seed % 2), size=n)]
+    squeezed = length == 1 and seed % 3 == 0  # history[f][-1]: no time axis
+    out_shape = (n, *shape) if squeezed else (n, length, *shape)
+    got = np.full(out_shape, 7, dtype)
+    want = np.full(out_shape, 7, dtype)
+    _native.traj_gather(ring, rows, starts, length, got)
+    ref.gather(ring, rows, starts, length, want)
+    assert np.array_equal(got, want)
+
+
+def test_gather_large_batch_releases_gil_path() -> None:
+    rng = np.random.default_rng(1)
+    rows, length = 200, 80
+    ring = rng.integers(0, 255, size=(rows, 84, 84), dtype=np.uint8)
+    starts = [int(s) for s in rng.integers(0, 10**6, size=8)]
+    got = np.empty((8, length, 84, 84), np.uint8)
+    want = np.empty_like(got)
+    _native.traj_gather(ring, rows, starts, length, got)
+    ref.gather(ring, rows, starts, length, want)
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    ("rows", "starts", "length", "out_items"),
+    [
+        (10, [-1], 2, 1),  # a negative start
+        (10, [0], 11, 1),  # longer than the ring
+        (10, [0], 0, 1),  # no steps
+        (0, [0], 1, 1),  # no rows
+        (3, [0], 1, 1),  # a ring of 10 rows called 3 rows: sizes do not divide
+        (10, [0, 1], 2, 1),  # out too small
+        (10, [0], 2, 2),  # out too large
+    ],
+)
+def test_gather_refuses_bad_arguments(rows, starts, length, out_items) -> None:
+    ring = np.arange(10 * 4, dtype=np.float32).reshape(10, 4)
+    out = np.full((out_items, max(length, 1), 4), -1, np.float32)
+    before = out.copy()
+    with pytest.raises(ValueError):
+        _native.traj_gather(ring, rows, starts, length, out)
+    assert np.array_equal(out, before)  # a refused call writes nothing
+
+
+def test_gather_refuses_bad_types() -> None:
+    ring = np.zeros((4, 2), np.float32)
+    out = np.zeros((1, 1, 2), np.float32)
+    with pytest.raises(TypeError):
+        _native.traj_gather(ring, 4, (0,), 1, out)  # starts must be a list
+    with pytest.raises(TypeError):
+        _native.traj_gather(ring, 4, ["0"], 1, out)
+    with pytest.raises(TypeError):
+        _native.traj_gather(ring, 4, [0], 1, np.zeros((1, 1, 4), np.float32)[:, :, ::2])  # strided
+    ro = np.zeros((1, 1, 2), np.float32)
+    ro.setflags(write=False)
+    with pytest.raises(TypeError):
+        _native.traj_gather(ring, 4, [0], 1, ro)  # read-only
