@@ -233,7 +233,7 @@ class _Column:
         return steps[bad]
 
 
-class TrajectoryColumn:
+class TrajectoryColumn(_native.TrajSel):
     """A selection of steps of one field of a writer's history: what ``create_item`` takes.
 
     Made by indexing ``writer.history[field]``. It holds no data, only the steps it refers to
@@ -241,22 +241,12 @@ class TrajectoryColumn:
     ``squeezed`` selections (an integer index) have no time axis.
     """
 
-    __slots__ = ("_col", "_start", "_length", "_indices", "_kind")
-
-    def __init__(
-        self,
-        col: _Column,
-        start: int,
-        length: int,
-        indices: np.ndarray | None = None,
-        squeezed: bool = False,
-    ) -> None:
-        self._col = col
-        self._start = start  # the first (lowest) step referenced
-        self._length = length
-        self._indices = indices  # None: the steps start .. start + length - 1, in order
-        # the layout: 0 consecutive steps, 1 one step without time axis, 2 steps by index
-        self._kind = 2 if indices is not None else (1 if squeezed else 0)
+    # The fields are the C base's (read-only): _col, _start (the first, lowest, step referenced),
+    # _length, _indices (None: the steps _start .. _start + _length - 1, in order) and _kind
+    # (the layout: 0 consecutive steps, 1 one step without time axis, 2 steps by index), set by
+    # TrajectoryColumn(col, start, length, indices=None, squeezed=False) or made in C by
+    # ColumnHistory's indexing.
+    __slots__ = ()
 
     @property
     def squeezed(self) -> bool:
@@ -377,21 +367,28 @@ def _from_steps(col: _Column, chosen: np.ndarray) -> TrajectoryColumn:
     return TrajectoryColumn(col, int(chosen.min()), k, np.ascontiguousarray(chosen, np.int64))
 
 
-class ColumnHistory:
+class ColumnHistory(_native.TrajHistory):
     """One field's history, indexed like a list (see the module docstring): ``h[-1]``,
     ``h[a:b]``, ``h[[0, 2, 5]]``. Positive indices count from the first step since the history
     was last cleared, negative ones from the newest step."""
 
-    __slots__ = ("_col",)
+    __slots__ = ()
 
     def __init__(self, col: _Column) -> None:
-        self._col = col
+        # h[-T:] and h[i] are answered by the C base; other keys come to _select_slow.
+        super().__init__(col, col.writer, TrajectoryColumn)
 
     def __len__(self) -> int:
         w = self._col.writer
         return w._total - w._history_start
 
-    def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray) -> TrajectoryColumn:
+    if TYPE_CHECKING:
+
+        def __getitem__(
+            self, key: int | slice | Sequence[int] | np.ndarray
+        ) -> TrajectoryColumn: ...
+
+    def _select_slow(self, key: Any) -> TrajectoryColumn:
         col = self._col
         w = col.writer
         total = w._total

@@ -79,3 +79,58 @@ def test_gather_refuses_bad_types() -> None:
     ro.setflags(write=False)
     with pytest.raises(TypeError):
         _native.traj_gather(ring, 4, [0], 1, ro)  # read-only
+
+
+def _fields(sel) -> tuple:
+    ind = None if sel._indices is None else sel._indices.tolist()
+    return (sel._col, sel._start, sel._length, ind, sel._kind, sel.squeezed, sel.shape)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_history_indexing_in_c_matches_the_python_path(seed: int) -> None:
+    """h[-T:] and h[i] are answered by the C base of ColumnHistory; every key gives the
+    selection (or the error) that the Python path ``_select_slow`` gives."""
+    import gc
+
+    from shmreplay.trajectory import TrajectoryColumn, TrajectoryWriter
+
+    rng = np.random.default_rng(seed)
+    w = TrajectoryWriter(None, int(rng.integers(1, 40)))  # no client: nothing is sent
+    for _ in range(int(rng.integers(0, 3))):
+        for _ in range(int(rng.integers(1, 60))):
+            w.append({"x": np.float32(rng.random()), "y": np.zeros(3, np.int64)})
+        w.end_episode(clear_buffers=bool(rng.integers(2)))
+    for _ in range(int(rng.integers(1, 60))):
+        w.append({"x": np.float32(rng.random()), "y": np.zeros(3, np.int64)})
+    n = len(w.history["x"])
+    keys = [slice(-t, None) for t in range(1, n + 5)] + list(range(-n - 3, n + 3))
+    keys += [slice(-(2**70), None), 2**70, -(2**70), True, np.int64(-1), slice(1, None)]
+    keys += [slice(-3, None, 1), slice(-3, -1), [0, -1] if n else [], slice(0, None)]
+    for key in keys:
+        for field in ("x", "y"):
+            h = w.history[field]
+            try:
+                want = _fields(h._select_slow(key))
+            except Exception as exc:  # noqa: BLE001 - the same error type must come
+                with pytest.raises(type(exc)):
+                    h[key]
+                continue
+            got = h[key]
+            assert type(got) is TrajectoryColumn
+            assert _fields(got) == want, key
+    gc.collect()  # the C types take part in garbage collection (cycles through the writer)
+    del w
+    gc.collect()
+
+
+def test_selection_fields_are_read_only_and_construction_checks_types() -> None:
+    from shmreplay.trajectory import TrajectoryColumn
+
+    sel = TrajectoryColumn(object(), 5, 3)
+    assert (sel._start, sel._length, sel._indices, sel._kind) == (5, 3, None, 0)
+    assert TrajectoryColumn(object(), 5, 1, None, True)._kind == 1
+    assert TrajectoryColumn(object(), 5, 2, np.array([5, 7]))._kind == 2
+    with pytest.raises(AttributeError):
+        sel._start = 4
+    with pytest.raises(TypeError):
+        TrajectoryColumn(object(), "5", 3)

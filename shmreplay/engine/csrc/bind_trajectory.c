@@ -6,6 +6,9 @@
  */
 #include "shm_bind.h"
 
+#include <stddef.h>
+#include <structmember.h>
+
 #include "shm_status.h"
 #include "trajectory.h"
 
@@ -94,6 +97,218 @@ done:
     return result;
 }
 
+
+/* ---- selections: TrajSel, the C base of trajectory.TrajectoryColumn -------------------------
+ *
+ * A selection only records (column, first step, length, [step indices], kind); the Python
+ * subclass (``__slots__ = ()``) has its properties and methods. Made in C, a selection costs
+ * an allocation instead of a Python __init__. */
+
+typedef struct {
+    PyObject_HEAD PyObject *col; /* the writer's _Column */
+    PyObject *indices;           /* None, or int64 steps (kind 2) */
+    long long start;             /* the first (lowest) step referenced */
+    long long length;            /* steps selected */
+    int kind;                    /* 0 consecutive steps, 1 one step without time axis, 2 by index */
+} TrajSelObject;
+
+static int trajsel_traverse(TrajSelObject *self, visitproc visit, void *arg) {
+    Py_VISIT(self->col);
+    Py_VISIT(self->indices);
+    return 0;
+}
+
+static int trajsel_clear(TrajSelObject *self) {
+    Py_CLEAR(self->col);
+    Py_CLEAR(self->indices);
+    return 0;
+}
+
+/* The types are static: a Python subclass's subtype_dealloc (and subtype_traverse) handles
+ * its heap type's reference, so neither touches the type here. */
+static void trajsel_dealloc(TrajSelObject *self) {
+    PyObject_GC_UnTrack(self);
+    trajsel_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* A new selection of type ``tp`` (TrajSel or its Python subclass), untracked fields set. */
+static PyObject *trajsel_make(PyTypeObject *tp, PyObject *col, long long start, long long length,
+                              PyObject *indices, int kind) {
+    TrajSelObject *sel = (TrajSelObject *)tp->tp_alloc(tp, 0);
+    if (sel == NULL)
+        return NULL;
+    sel->col = Py_NewRef(col);
+    sel->indices = Py_NewRef(indices);
+    sel->start = start;
+    sel->length = length;
+    sel->kind = kind;
+    return (PyObject *)sel;
+}
+
+/* TrajectoryColumn(col, start, length, indices=None, squeezed=False) */
+static int trajsel_init(TrajSelObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"col", "start", "length", "indices", "squeezed", NULL};
+    PyObject *col, *indices = Py_None;
+    long long start, length;
+    int squeezed = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OLL|Op", kwlist, &col, &start, &length,
+                                     &indices, &squeezed))
+        return -1;
+    Py_XSETREF(self->col, Py_NewRef(col));
+    Py_XSETREF(self->indices, Py_NewRef(indices));
+    self->start = start;
+    self->length = length;
+    self->kind = indices != Py_None ? 2 : (squeezed ? 1 : 0);
+    return 0;
+}
+
+static PyMemberDef trajsel_members[] = {
+    {"_col", T_OBJECT, offsetof(TrajSelObject, col), READONLY, NULL},
+    {"_indices", T_OBJECT, offsetof(TrajSelObject, indices), READONLY, NULL},
+    {"_start", T_LONGLONG, offsetof(TrajSelObject, start), READONLY, NULL},
+    {"_length", T_LONGLONG, offsetof(TrajSelObject, length), READONLY, NULL},
+    {"_kind", T_INT, offsetof(TrajSelObject, kind), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject TrajSelType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmreplay.engine._native.TrajSel",
+    .tp_basicsize = sizeof(TrajSelObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A selection of history steps (column, first step, length, indices, kind).",
+    .tp_traverse = (traverseproc)trajsel_traverse,
+    .tp_clear = (inquiry)trajsel_clear,
+    .tp_dealloc = (destructor)trajsel_dealloc,
+    .tp_init = (initproc)trajsel_init,
+    .tp_new = PyType_GenericNew,
+    .tp_members = trajsel_members,
+};
+
+/* ---- TrajHistory: the C base of trajectory.ColumnHistory -------------------------------------
+ *
+ * ``h[-T:]`` and ``h[i]`` (an int in range) are answered here: the writer's ``_total`` and
+ * ``_history_start`` read (two attribute lookups), a selection made. Every other key, and an
+ * int out of range (its IndexError names the column), goes to the subclass's ``_select_slow``. */
+
+typedef struct {
+    PyObject_HEAD PyObject *col; /* the writer's _Column */
+    PyObject *writer;            /* the TrajectoryWriter */
+    PyTypeObject *sel_type;      /* TrajectoryColumn (a subclass of TrajSel) */
+} TrajHistoryObject;
+
+static PyObject *str_total, *str_history_start, *str_select_slow;
+
+static int trajhist_traverse(TrajHistoryObject *self, visitproc visit, void *arg) {
+    Py_VISIT(self->col);
+    Py_VISIT(self->writer);
+    Py_VISIT(self->sel_type);
+    return 0;
+}
+
+static int trajhist_clear(TrajHistoryObject *self) {
+    Py_CLEAR(self->col);
+    Py_CLEAR(self->writer);
+    Py_CLEAR(self->sel_type);
+    return 0;
+}
+
+static void trajhist_dealloc(TrajHistoryObject *self) {
+    PyObject_GC_UnTrack(self);
+    trajhist_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* TrajHistory(col, writer, sel_type) */
+static int trajhist_init(TrajHistoryObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"col", "writer", "sel_type", NULL};
+    PyObject *col, *writer, *sel_type;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO!", kwlist, &col, &writer, &PyType_Type,
+                                     &sel_type))
+        return -1;
+    if (!PyType_IsSubtype((PyTypeObject *)sel_type, &TrajSelType)) {
+        PyErr_SetString(PyExc_TypeError, "TrajHistory: sel_type must subclass TrajSel");
+        return -1;
+    }
+    Py_XSETREF(self->col, Py_NewRef(col));
+    Py_XSETREF(self->writer, Py_NewRef(writer));
+    Py_XSETREF(self->sel_type, (PyTypeObject *)Py_NewRef(sel_type));
+    return 0;
+}
+
+/* The writer's int attribute ``name`` into *out: 0, or -1 with an exception set. */
+static int writer_int(PyObject *writer, PyObject *name, long long *out) {
+    PyObject *v = PyObject_GetAttr(writer, name);
+    if (v == NULL)
+        return -1;
+    *out = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+static PyObject *trajhist_subscript(TrajHistoryObject *self, PyObject *key) {
+    if (self->col == NULL) {
+        PyErr_SetString(PyExc_TypeError, "TrajHistory not initialised");
+        return NULL;
+    }
+    long long total, base;
+    if (PySlice_Check(key)) {
+        PySliceObject *sl = (PySliceObject *)key;
+        if (sl->step == Py_None && sl->stop == Py_None && PyLong_CheckExact(sl->start)) {
+            int overflow;
+            long long first = PyLong_AsLongLongAndOverflow(sl->start, &overflow);
+            if (!overflow && first < 0) {
+                /* h[-T:], the commonest: the newest T steps, fewer if the history is shorter */
+                if (writer_int(self->writer, str_total, &total) < 0 ||
+                    writer_int(self->writer, str_history_start, &base) < 0)
+                    return NULL;
+                first += total;
+                if (first < base)
+                    first = base;
+                return trajsel_make(self->sel_type, self->col, first, total - first, Py_None, 0);
+            }
+        }
+    } else if (PyLong_CheckExact(key)) {
+        int overflow;
+        long long i = PyLong_AsLongLongAndOverflow(key, &overflow);
+        if (i == -1 && PyErr_Occurred())
+            return NULL;
+        if (!overflow) {
+            if (writer_int(self->writer, str_total, &total) < 0 ||
+                writer_int(self->writer, str_history_start, &base) < 0)
+                return NULL;
+            long long n = total - base;
+            long long j = i < 0 ? i + n : i;
+            if (j >= 0 && j < n)
+                return trajsel_make(self->sel_type, self->col, base + j, 1, Py_None, 1);
+        }
+    }
+    return PyObject_CallMethodOneArg((PyObject *)self, str_select_slow, key);
+}
+
+static PyMappingMethods trajhist_mapping = {
+    .mp_subscript = (binaryfunc)trajhist_subscript,
+};
+
+static PyMemberDef trajhist_members[] = {
+    {"_col", T_OBJECT, offsetof(TrajHistoryObject, col), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject TrajHistoryType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmreplay.engine._native.TrajHistory",
+    .tp_basicsize = sizeof(TrajHistoryObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "One field's history: h[-T:] and h[i] in C, other keys by _select_slow.",
+    .tp_traverse = (traverseproc)trajhist_traverse,
+    .tp_clear = (inquiry)trajhist_clear,
+    .tp_dealloc = (destructor)trajhist_dealloc,
+    .tp_init = (initproc)trajhist_init,
+    .tp_new = PyType_GenericNew,
+    .tp_members = trajhist_members,
+    .tp_as_mapping = &trajhist_mapping,
+};
+
 static PyMethodDef traj_methods[] = {
     {"traj_gather", (PyCFunction)(void (*)(void))traj_gather, METH_FASTCALL,
      "traj_gather(ring, rows, starts, length, out): item i's length steps from starts[i] "
@@ -101,4 +316,16 @@ static PyMethodDef traj_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-int shm_bind_trajectory(PyObject *module) { return PyModule_AddFunctions(module, traj_methods); }
+int shm_bind_trajectory(PyObject *module) {
+    str_total = PyUnicode_InternFromString("_total");
+    str_history_start = PyUnicode_InternFromString("_history_start");
+    str_select_slow = PyUnicode_InternFromString("_select_slow");
+    if (str_total == NULL || str_history_start == NULL || str_select_slow == NULL)
+        return -1;
+    if (PyType_Ready(&TrajSelType) < 0 || PyType_Ready(&TrajHistoryType) < 0)
+        return -1;
+    if (PyModule_AddType(module, &TrajSelType) < 0 ||
+        PyModule_AddType(module, &TrajHistoryType) < 0)
+        return -1;
+    return PyModule_AddFunctions(module, traj_methods);
+}
