@@ -734,35 +734,47 @@ class TrajectoryWriter:
             oldest = self._history_start
         open_step = self._step_open
         newest = self._total - 1
-        vcol, vlen, vkind = ts.vcol, ts.vlen, ts.vkind
-        sels = []
-        lo, hi = newest + 1, -1  # the item's first and last steps
-        for j, name in enumerate(ts.names):
-            sel = trajectory.get(name)
-            if type(sel) is not TrajectoryColumn:
-                self._not_a_selection(ts, trajectory, name, sel)
-            col = sel._col
-            if col is not vcol[j] or sel._length != vlen[j] or sel._kind != vkind[j]:
-                if col.writer is not self:
-                    raise InvalidArgumentError(
-                        f"trajectory[{name!r}] was selected from another writer's history"
-                    )
-                if sel._length == 0:
-                    raise InvalidArgumentError(f"trajectory[{name!r}] selects no steps")
-                ts.accept(j, sel, self.validate)
-            start = sel._start
-            last = sel._last if sel._kind == 2 else start + sel._length - 1
-            if (
-                start < oldest
-                or start < col.complete_since
-                or (open_step and col.name not in self._open_fields and last >= newest)
-            ):
-                self._check_reference(sel, f"trajectory[{name!r}]")
-            if start < lo:
-                lo = start
-            if last > hi:
-                hi = last
-            sels.append(sel)
+        # The common item (laid out like the previous one, its steps kept and set, no step
+        # open) is checked in C; anything else by the loop below, which raises what it finds.
+        fast = (
+            None
+            if open_step
+            else _native.traj_fields(
+                trajectory, ts.names, ts.vcol, ts.vlen, ts.vkind, oldest, TrajectoryColumn
+            )
+        )
+        if fast is not None:
+            sels, lo, hi = fast
+        else:
+            vcol, vlen, vkind = ts.vcol, ts.vlen, ts.vkind
+            sels = []
+            lo, hi = newest + 1, -1  # the item's first and last steps
+            for j, name in enumerate(ts.names):
+                sel = trajectory.get(name)
+                if type(sel) is not TrajectoryColumn:
+                    self._not_a_selection(ts, trajectory, name, sel)
+                col = sel._col
+                if col is not vcol[j] or sel._length != vlen[j] or sel._kind != vkind[j]:
+                    if col.writer is not self:
+                        raise InvalidArgumentError(
+                            f"trajectory[{name!r}] was selected from another writer's history"
+                        )
+                    if sel._length == 0:
+                        raise InvalidArgumentError(f"trajectory[{name!r}] selects no steps")
+                    ts.accept(j, sel, self.validate)
+                start = sel._start
+                last = sel._last if sel._kind == 2 else start + sel._length - 1
+                if (
+                    start < oldest
+                    or start < col.complete_since
+                    or (open_step and col.name not in self._open_fields and last >= newest)
+                ):
+                    self._check_reference(sel, f"trajectory[{name!r}]")
+                if start < lo:
+                    lo = start
+                if last > hi:
+                    hi = last
+                sels.append(sel)
         if ts.any_range:
             ts.range_check(sels)
         start = self._episode_start  # steps are counted from the episode's first

@@ -6,6 +6,7 @@
  */
 #include "shm_bind.h"
 
+#include <limits.h>
 #include <stddef.h>
 #include <structmember.h>
 
@@ -309,10 +310,96 @@ static PyTypeObject TrajHistoryType = {
     .tp_as_mapping = &trajhist_mapping,
 };
 
+/* ---- create_item's field loop ------------------------------------------------------------
+ *
+ * traj_fields(trajectory, names, vcol, vlen, vkind, oldest, sel_type) -> (sels, lo, hi) | None
+ *
+ * The common item, checked in C: ``trajectory`` a dict, each names[j] a selection of exactly
+ * ``sel_type`` with the layout last accepted for field j (column vcol[j], length vlen[j], kind
+ * vkind[j], not by index), starting at or after ``oldest`` and after its column's last step
+ * without a value (``complete_since``). Returns the selections in field order and the item's
+ * first and last steps. None: not that case (a missing field, a new layout, a step that may not
+ * be kept or set); the caller's Python loop then checks it all and raises what it finds. The
+ * caller makes sure no step is open (the open step's fields need the Python checks). */
+static PyObject *str_complete_since;
+
+static PyObject *traj_fields(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError,
+                        "traj_fields(trajectory, names, vcol, vlen, vkind, oldest, sel_type)");
+        return NULL;
+    }
+    PyObject *traj = args[0], *names = args[1], *vcol = args[2], *vlen = args[3];
+    PyObject *vkind = args[4];
+    PyTypeObject *sel_type = (PyTypeObject *)args[6];
+    long long oldest = PyLong_AsLongLong(args[5]);
+    if (oldest == -1 && PyErr_Occurred())
+        return NULL;
+    if (!PyDict_CheckExact(traj) || !PyTuple_CheckExact(names) || !PyList_CheckExact(vcol) ||
+        !PyList_CheckExact(vlen) || !PyList_CheckExact(vkind))
+        Py_RETURN_NONE;
+    Py_ssize_t n = PyTuple_GET_SIZE(names);
+    if (n < 1 || !PyType_Check(sel_type) || !PyType_IsSubtype(sel_type, &TrajSelType) ||
+        PyList_GET_SIZE(vcol) != n || PyList_GET_SIZE(vlen) != n || PyList_GET_SIZE(vkind) != n)
+        Py_RETURN_NONE;
+    PyObject *sels = PyList_New(n);
+    if (sels == NULL)
+        return NULL;
+    long long lo = LLONG_MAX, hi = -1;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        PyObject *sel = PyDict_GetItemWithError(traj, PyTuple_GET_ITEM(names, j));
+        if (sel == NULL) {
+            if (PyErr_Occurred())
+                goto fail;
+            goto slow;
+        }
+        if (Py_TYPE(sel) != sel_type)
+            goto slow;
+        TrajSelObject *s = (TrajSelObject *)sel;
+        if (s->col != PyList_GET_ITEM(vcol, j) || s->kind == 2)
+            goto slow;
+        PyObject *len_obj = PyList_GET_ITEM(vlen, j), *kind_obj = PyList_GET_ITEM(vkind, j);
+        if (!PyLong_CheckExact(len_obj) || !PyLong_CheckExact(kind_obj) ||
+            PyLong_AsLongLong(len_obj) != s->length || PyLong_AsLong(kind_obj) != s->kind) {
+            if (PyErr_Occurred())
+                goto fail;
+            goto slow;
+        }
+        if (s->length < 1 || s->start < oldest)
+            goto slow;
+        PyObject *cs_obj = PyObject_GetAttr(s->col, str_complete_since);
+        if (cs_obj == NULL)
+            goto fail;
+        long long complete_since = PyLong_AsLongLong(cs_obj);
+        Py_DECREF(cs_obj);
+        if (complete_since == -1 && PyErr_Occurred())
+            goto fail;
+        if (s->start < complete_since)
+            goto slow;
+        long long last = s->start + s->length - 1;
+        if (s->start < lo)
+            lo = s->start;
+        if (last > hi)
+            hi = last;
+        PyList_SET_ITEM(sels, j, Py_NewRef(sel));
+    }
+    return Py_BuildValue("(NLL)", sels, lo, hi);
+slow:
+    Py_DECREF(sels);
+    Py_RETURN_NONE;
+fail:
+    Py_DECREF(sels);
+    return NULL;
+}
+
 static PyMethodDef traj_methods[] = {
     {"traj_gather", (PyCFunction)(void (*)(void))traj_gather, METH_FASTCALL,
      "traj_gather(ring, rows, starts, length, out): item i's length steps from starts[i] "
      "(ring row = step % rows, wrapping) copied into out[i]; out holds exactly the items."},
+    {"traj_fields", (PyCFunction)(void (*)(void))traj_fields, METH_FASTCALL,
+     "traj_fields(trajectory, names, vcol, vlen, vkind, oldest, sel_type): (selections, first "
+     "step, last step) of an item made like the previous one, else None (check in Python)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -320,7 +407,9 @@ int shm_bind_trajectory(PyObject *module) {
     str_total = PyUnicode_InternFromString("_total");
     str_history_start = PyUnicode_InternFromString("_history_start");
     str_select_slow = PyUnicode_InternFromString("_select_slow");
-    if (str_total == NULL || str_history_start == NULL || str_select_slow == NULL)
+    str_complete_since = PyUnicode_InternFromString("complete_since");
+    if (str_total == NULL || str_history_start == NULL || str_select_slow == NULL ||
+        str_complete_since == NULL)
         return -1;
     if (PyType_Ready(&TrajSelType) < 0 || PyType_Ready(&TrajHistoryType) < 0)
         return -1;
