@@ -134,3 +134,94 @@ def test_selection_fields_are_read_only_and_construction_checks_types() -> None:
         sel._start = 4
     with pytest.raises(TypeError):
         TrajectoryColumn(object(), "5", 3)
+
+
+# -- random append / create_item sequences: the items sent against a plain model -----------------
+
+SEQ4 = """
+[table.signature]
+obs = { shape = [4, 3], dtype = "float32" }
+action = { shape = [4], dtype = "int64" }
+last = { dtype = "float32" }
+"""
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_sequences_send_the_model_items(daemon_factory, seed: int) -> None:
+    """Every item the writer sends (its rows, priority and episode steps) is the one a plain
+    list-of-steps model makes from the same calls; refused items are refused by both."""
+    import shmreplay
+    from shmreplay.testing import table_toml
+    from shmreplay.trajectory import TrajectoryWriter
+
+    d = daemon_factory(table_toml(name="seq", max_size=20000, signature=SEQ4))
+    rng = np.random.default_rng(seed)
+    K = int(rng.integers(4, 12))
+    with shmreplay.attach(d.name) as c:
+        w = TrajectoryWriter(c, K, max_latency=1.0)
+        sent: list[tuple] = []
+        steps: list[dict] = []  # the model: every step over the writer's life
+        hist_start = ep_start = 0
+        want: list[tuple] = []
+        table = c.table("seq")
+        real = table.insert_batch
+
+        def record(data, priorities, episodes=None, **kw):
+            for i in range(len(priorities)):
+                sent.append(
+                    (
+                        {k: np.array(v[i]) for k, v in data.items()},
+                        float(priorities[i]),
+                        tuple(int(x) for x in episodes[i]),
+                    )
+                )
+            return real(data, priorities, episodes=episodes, **kw)
+
+        table.insert_batch = record
+        for _ in range(600):
+            op = rng.random()
+            if op < 0.55 or len(steps) - hist_start < 4:
+                s = {
+                    "obs": rng.standard_normal(3).astype(np.float32),
+                    "action": np.int64(rng.integers(-(2**40), 2**40)),
+                    "r": np.float32(rng.standard_normal()),
+                }
+                w.append(s)
+                steps.append(s)
+                continue
+            if op < 0.57:
+                clear = bool(rng.integers(2))
+                w.end_episode(clear_buffers=clear, flush=False)
+                ep_start = len(steps)
+                hist_start = len(steps) if clear else hist_start
+                continue
+            n = len(steps) - hist_start
+            a = int(rng.integers(-2, n - 3)) if rng.random() < 0.3 else None
+            last = int(rng.integers(-n, 0))
+            prio = float(rng.choice([0.0, 1.0, rng.random() * 5]))
+            h = w.history
+            sl = slice(-4, None) if a is None else slice(a, a + 4)
+            traj = {"obs": h["obs"][sl], "action": h["action"][sl], "last": h["r"][last]}
+            first = len(steps) - 4 if a is None else hist_start + (a if a >= 0 else n + a)
+            lstep = len(steps) + last
+            oldest = max(hist_start, len(steps) - K)
+            ok = first >= oldest and lstep >= oldest and len(traj["obs"]) == 4
+            if not ok:
+                with pytest.raises(Exception):  # noqa: B017 - whichever the writer gives
+                    w.create_item("seq", prio, traj)
+                continue
+            w.create_item("seq", prio, traj)
+            item = {
+                "obs": np.stack([steps[t]["obs"] for t in range(first, first + 4)]),
+                "action": np.array([steps[t]["action"] for t in range(first, first + 4)]),
+                "last": np.array(steps[lstep]["r"]),
+            }
+            lo, hi = min(first, lstep), max(first + 3, lstep)
+            want.append((item, prio, (w.episode_id, lo - ep_start, hi - ep_start)))
+        w.flush()
+        assert len(sent) == len(want) > 50
+        for (got_item, gp, ge), (want_item, wp, we) in zip(sent, want, strict=True):
+            assert gp == wp and ge == we
+            for k in want_item:
+                assert np.array_equal(got_item[k], want_item[k]), k
+        w.close()
