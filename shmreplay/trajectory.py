@@ -571,6 +571,7 @@ class TrajectoryWriter:
         self.max_latency = float(max_latency)
         self._columns: dict[str, _Column] = {}
         self._history = History()
+        self._rings: dict[str, Any] = {}  # field -> _native.TrajRing over its column's ring
         self._window_tables: dict[tuple[int, int], np.ndarray] = {}
         self._min_rows = 1 << 62  # the fewest rows of any field's ring
         self._tables: dict[str, _TableState] = {}
@@ -641,6 +642,15 @@ class TrajectoryWriter:
             ):
                 self._send_all()  # before row i overwrites a step a pending item refers to
             open_fields.clear()
+            # The common step (known fields, values of their own dtype and shape) is copied by
+            # one C call; it writes nothing when a value needs the checks below.
+            if not partial_step and _native.traj_append(step, self._rings, i):
+                self._total = i + 1
+                open_fields.update(step)
+                self._step_open = False
+                if len(open_fields) != len(self._columns):
+                    self._close_missing(i)
+                return
         cols = self._columns
         for name, value in step.items():
             col = cols.get(name)
@@ -649,6 +659,9 @@ class TrajectoryWriter:
                     raise InvalidArgumentError(f"field names must be str, got {name!r}")
                 col = cols[name] = _Column(self, name, value, i)
                 dict.__setitem__(self._history, name, col.history)
+                self._rings[name] = _native.TrajRing(
+                    col.ring, col.dtype.type if col.shape == () else None
+                )
                 self._min_rows = min(self._min_rows, col.rows)
             t = type(value)
             if t in col.fast or (

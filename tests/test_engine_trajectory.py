@@ -225,3 +225,41 @@ def test_random_sequences_send_the_model_items(daemon_factory, seed: int) -> Non
             for k in want_item:
                 assert np.array_equal(got_item[k], want_item[k]), k
         w.close()
+
+
+def test_append_in_c_writes_all_or_nothing_and_defers_other_values() -> None:
+    """traj_append copies a step only when every value is the field's own dtype and shape; any
+    other value (Python numbers, casts, strided or byte-swapped arrays, a new field) goes
+    through the Python path, with its checks and errors, and a refused step writes nothing."""
+    from shmreplay.errors import InvalidArgumentError
+    from shmreplay.trajectory import TrajectoryWriter
+
+    w = TrajectoryWriter(None, 4)  # no client: nothing is sent
+    w.append({"x": np.float32(1.5), "v": np.arange(3, dtype=np.int64), "b": np.bool_(True)})
+    rings = w._rings
+    x, v, b = (w._columns[k].ring for k in ("x", "v", "b"))
+    assert _native.traj_append(
+        {"x": np.float32(2.5), "v": np.array([4, 5, 6]), "b": np.bool_(False)}, rings, 1
+    )
+    assert x[1] == 2.5 and v[1].tolist() == [4, 5, 6] and not b[1]
+    before = [r.copy() for r in (x, v, b)]
+    for step in (
+        {"x": 2.5},  # a Python float: the Python path checks it
+        {"x": np.float64(2.5)},  # another dtype: cast by numpy
+        {"v": np.arange(6, dtype=np.int64)[::2]},  # strided
+        {"v": np.arange(3, dtype=">i8")},  # byte-swapped
+        {"v": np.arange(4, dtype=np.int64)},  # another shape
+        {"x": np.float32(1), "new": np.float32(1)},  # a new field
+        {"x": np.float32(1), "v": np.arange(3, dtype=np.int32)},  # one value defers all
+    ):
+        assert not _native.traj_append(step, rings, 2), step
+        assert all(r.tobytes() == q.tobytes() for r, q in zip((x, v, b), before, strict=True))
+    # through the writer: the same values as numpy would store them
+    w.append({"x": 3.5, "v": np.arange(6, dtype=np.int64)[::2], "b": True})
+    w.append({"x": np.float32(4.5), "v": np.arange(3, dtype=">i8"), "b": np.bool_(True)})
+    assert w.history["x"][-2:].numpy().tolist() == [3.5, 4.5]
+    assert w.history["v"][-2:].numpy().tolist() == [[0, 2, 4], [0, 1, 2]]
+    total = w._total
+    with pytest.raises(InvalidArgumentError):
+        w.append({"x": np.float32(9), "v": np.zeros(4, np.int64), "b": np.bool_(True)})
+    assert w._total == total and w.history["x"][-1].numpy() == 4.5

@@ -8,6 +8,7 @@
 
 #include <limits.h>
 #include <stddef.h>
+#include <string.h>
 #include <structmember.h>
 
 #include "shm_status.h"
@@ -393,6 +394,154 @@ fail:
     return NULL;
 }
 
+/* ---- append: TrajRing, a column's history ring, and traj_append --------------------------
+ *
+ * TrajRing(ring, scalar_type) keeps the buffer of a column's ring (numpy [rows, *step_shape],
+ * C-contiguous, this process's memory) for its lifetime. traj_append(step, rings, i) writes
+ * every value of ``step`` into row i % rows of its field's ring when each is exactly what the
+ * Python path would copy as it is: the field's numpy scalar type (0-d fields) or an ndarray of
+ * the ring's format and step shape. Otherwise (a new field, a Python number, a value to cast or
+ * check) it writes nothing and returns False: the Python path does it all. */
+
+#define MAX_APPEND_FIELDS 32
+#define MAX_RING_DIMS 32
+
+typedef struct {
+    PyObject_HEAD Py_buffer view; /* the ring: ndim >= 1, shape[0] = rows */
+    PyObject *scalar_type;        /* the numpy scalar type of a 0-d field, else None */
+    Py_ssize_t rows;
+    Py_ssize_t step_bytes;
+} TrajRingObject;
+
+static PyObject *ndarray_type; /* numpy.ndarray, looked up at the first TrajRing */
+
+static void trajring_dealloc(TrajRingObject *self) {
+    if (self->view.obj != NULL)
+        PyBuffer_Release(&self->view);
+    Py_XDECREF(self->scalar_type);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int trajring_init(TrajRingObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"ring", "scalar_type", NULL};
+    PyObject *ring, *scalar_type;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO", kwlist, &ring, &scalar_type))
+        return -1;
+    if (self->view.obj != NULL) {
+        PyErr_SetString(PyExc_TypeError, "TrajRing is initialised once");
+        return -1;
+    }
+    if (ndarray_type == NULL) {
+        PyObject *np = PyImport_ImportModule("numpy");
+        if (np == NULL)
+            return -1;
+        ndarray_type = PyObject_GetAttrString(np, "ndarray");
+        Py_DECREF(np);
+        if (ndarray_type == NULL)
+            return -1;
+    }
+    if (PyObject_GetBuffer(ring, &self->view,
+                           PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) < 0)
+        return -1;
+    if (self->view.ndim < 1 || self->view.ndim > MAX_RING_DIMS || self->view.shape[0] < 1 ||
+        self->view.format == NULL) {
+        PyBuffer_Release(&self->view);
+        self->view.obj = NULL;
+        PyErr_SetString(PyExc_ValueError, "TrajRing: ring must be an array of >= 1 rows");
+        return -1;
+    }
+    self->rows = self->view.shape[0];
+    self->step_bytes = self->view.len / self->rows;
+    self->scalar_type = Py_NewRef(scalar_type);
+    return 0;
+}
+
+static PyTypeObject TrajRingType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmreplay.engine._native.TrajRing",
+    .tp_basicsize = sizeof(TrajRingObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "TrajRing(ring, scalar_type): a history ring's buffer, for traj_append.",
+    .tp_dealloc = (destructor)trajring_dealloc,
+    .tp_init = (initproc)trajring_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* Whether ``value`` goes into ``r`` as it is; fills ``view`` (to release) if so. */
+static int ring_accepts(TrajRingObject *r, PyObject *value, Py_buffer *view) {
+    PyTypeObject *t = Py_TYPE(value);
+    if ((PyObject *)t == r->scalar_type) {
+        /* the field's own numpy scalar: its buffer is one item of the ring's dtype */
+        if (PyObject_GetBuffer(value, view, PyBUF_SIMPLE) < 0) {
+            PyErr_Clear();
+            return 0;
+        }
+    } else if ((PyObject *)t == ndarray_type) {
+        if (PyObject_GetBuffer(value, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+            PyErr_Clear();
+            return 0;
+        }
+        int same = view->format != NULL && strcmp(view->format, r->view.format) == 0 &&
+                   view->ndim == r->view.ndim - 1;
+        for (int d = 0; same && d < view->ndim; d++)
+            same = view->shape[d] == r->view.shape[d + 1];
+        if (!same) {
+            PyBuffer_Release(view);
+            return 0;
+        }
+    } else {
+        return 0;
+    }
+    if (view->len != r->step_bytes) {
+        PyBuffer_Release(view);
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *traj_append(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "traj_append(step, rings, i)");
+        return NULL;
+    }
+    PyObject *step = args[0], *rings = args[1];
+    long long i = PyLong_AsLongLong(args[2]);
+    if (i == -1 && PyErr_Occurred())
+        return NULL;
+    if (!PyDict_CheckExact(step) || !PyDict_CheckExact(rings) || i < 0)
+        Py_RETURN_FALSE;
+    Py_ssize_t n = PyDict_GET_SIZE(step);
+    if (n > MAX_APPEND_FIELDS)
+        Py_RETURN_FALSE;
+    TrajRingObject *dst[MAX_APPEND_FIELDS];
+    Py_buffer views[MAX_APPEND_FIELDS];
+    Py_ssize_t got = 0, pos = 0;
+    PyObject *name, *value;
+    /* Check every value first: nothing is written unless all go in as they are. */
+    while (PyDict_Next(step, &pos, &name, &value)) {
+        PyObject *r = PyDict_GetItemWithError(rings, name);
+        if (r == NULL || Py_TYPE(r) != &TrajRingType) {
+            if (PyErr_Occurred())
+                PyErr_Clear(); /* an unhashable name: the Python path says what is wrong */
+            goto slow;
+        }
+        if (!ring_accepts((TrajRingObject *)r, value, &views[got]))
+            goto slow;
+        dst[got++] = (TrajRingObject *)r;
+    }
+    for (Py_ssize_t k = 0; k < got; k++) {
+        TrajRingObject *r = dst[k];
+        memcpy((char *)r->view.buf + (size_t)(i % r->rows) * (size_t)r->step_bytes,
+               views[k].buf, (size_t)r->step_bytes);
+        PyBuffer_Release(&views[k]);
+    }
+    Py_RETURN_TRUE;
+slow:
+    for (Py_ssize_t k = 0; k < got; k++)
+        PyBuffer_Release(&views[k]);
+    Py_RETURN_FALSE;
+}
+
 static PyMethodDef traj_methods[] = {
     {"traj_gather", (PyCFunction)(void (*)(void))traj_gather, METH_FASTCALL,
      "traj_gather(ring, rows, starts, length, out): item i's length steps from starts[i] "
@@ -400,6 +549,9 @@ static PyMethodDef traj_methods[] = {
     {"traj_fields", (PyCFunction)(void (*)(void))traj_fields, METH_FASTCALL,
      "traj_fields(trajectory, names, vcol, vlen, vkind, oldest, sel_type): (selections, first "
      "step, last step) of an item made like the previous one, else None (check in Python)."},
+    {"traj_append", (PyCFunction)(void (*)(void))traj_append, METH_FASTCALL,
+     "traj_append(step, rings, i): True if every value of step (dict) was copied into row "
+     "i % rows of rings[name] as it is; False (nothing written) otherwise."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -411,10 +563,12 @@ int shm_bind_trajectory(PyObject *module) {
     if (str_total == NULL || str_history_start == NULL || str_select_slow == NULL ||
         str_complete_since == NULL)
         return -1;
-    if (PyType_Ready(&TrajSelType) < 0 || PyType_Ready(&TrajHistoryType) < 0)
+    if (PyType_Ready(&TrajSelType) < 0 || PyType_Ready(&TrajHistoryType) < 0 ||
+        PyType_Ready(&TrajRingType) < 0)
         return -1;
     if (PyModule_AddType(module, &TrajSelType) < 0 ||
-        PyModule_AddType(module, &TrajHistoryType) < 0)
+        PyModule_AddType(module, &TrajHistoryType) < 0 ||
+        PyModule_AddType(module, &TrajRingType) < 0)
         return -1;
     return PyModule_AddFunctions(module, traj_methods);
 }
