@@ -80,6 +80,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .config import FieldSpec
+from .engine import _native
 from .errors import ClientClosedError, InvalidArgumentError, RateLimiterTimeout, SignatureError
 from .shm import physical_memory
 from .values import check_priority, python_values_fit
@@ -232,7 +233,7 @@ class _Column:
         return steps[bad]
 
 
-class TrajectoryColumn:
+class TrajectoryColumn(_native.TrajSel):
     """A selection of steps of one field of a writer's history: what ``create_item`` takes.
 
     Made by indexing ``writer.history[field]``. It holds no data, only the steps it refers to
@@ -240,22 +241,12 @@ class TrajectoryColumn:
     ``squeezed`` selections (an integer index) have no time axis.
     """
 
-    __slots__ = ("_col", "_start", "_length", "_indices", "_kind")
-
-    def __init__(
-        self,
-        col: _Column,
-        start: int,
-        length: int,
-        indices: np.ndarray | None = None,
-        squeezed: bool = False,
-    ) -> None:
-        self._col = col
-        self._start = start  # the first (lowest) step referenced
-        self._length = length
-        self._indices = indices  # None: the steps start .. start + length - 1, in order
-        # the layout: 0 consecutive steps, 1 one step without time axis, 2 steps by index
-        self._kind = 2 if indices is not None else (1 if squeezed else 0)
+    # The fields are the C base's (read-only): _col, _start (the first, lowest, step referenced),
+    # _length, _indices (None: the steps _start .. _start + _length - 1, in order) and _kind
+    # (the layout: 0 consecutive steps, 1 one step without time axis, 2 steps by index), set by
+    # TrajectoryColumn(col, start, length, indices=None, squeezed=False) or made in C by
+    # ColumnHistory's indexing.
+    __slots__ = ()
 
     @property
     def squeezed(self) -> bool:
@@ -376,21 +367,28 @@ def _from_steps(col: _Column, chosen: np.ndarray) -> TrajectoryColumn:
     return TrajectoryColumn(col, int(chosen.min()), k, np.ascontiguousarray(chosen, np.int64))
 
 
-class ColumnHistory:
+class ColumnHistory(_native.TrajHistory):
     """One field's history, indexed like a list (see the module docstring): ``h[-1]``,
     ``h[a:b]``, ``h[[0, 2, 5]]``. Positive indices count from the first step since the history
     was last cleared, negative ones from the newest step."""
 
-    __slots__ = ("_col",)
+    __slots__ = ()
 
     def __init__(self, col: _Column) -> None:
-        self._col = col
+        # h[-T:] and h[i] are answered by the C base; other keys come to _select_slow.
+        super().__init__(col, col.writer, TrajectoryColumn)
 
     def __len__(self) -> int:
         w = self._col.writer
         return w._total - w._history_start
 
-    def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray) -> TrajectoryColumn:
+    if TYPE_CHECKING:
+
+        def __getitem__(
+            self, key: int | slice | Sequence[int] | np.ndarray
+        ) -> TrajectoryColumn: ...
+
+    def _select_slow(self, key: Any) -> TrajectoryColumn:
         col = self._col
         w = col.writer
         total = w._total
@@ -573,6 +571,7 @@ class TrajectoryWriter:
         self.max_latency = float(max_latency)
         self._columns: dict[str, _Column] = {}
         self._history = History()
+        self._rings: dict[str, Any] = {}  # field -> _native.TrajRing over its column's ring
         self._window_tables: dict[tuple[int, int], np.ndarray] = {}
         self._min_rows = 1 << 62  # the fewest rows of any field's ring
         self._tables: dict[str, _TableState] = {}
@@ -643,6 +642,15 @@ class TrajectoryWriter:
             ):
                 self._send_all()  # before row i overwrites a step a pending item refers to
             open_fields.clear()
+            # The common step (known fields, values of their own dtype and shape) is copied by
+            # one C call; it writes nothing when a value needs the checks below.
+            if not partial_step and _native.traj_append(step, self._rings, i):
+                self._total = i + 1
+                open_fields.update(step)
+                self._step_open = False
+                if len(open_fields) != len(self._columns):
+                    self._close_missing(i)
+                return
         cols = self._columns
         for name, value in step.items():
             col = cols.get(name)
@@ -651,6 +659,9 @@ class TrajectoryWriter:
                     raise InvalidArgumentError(f"field names must be str, got {name!r}")
                 col = cols[name] = _Column(self, name, value, i)
                 dict.__setitem__(self._history, name, col.history)
+                self._rings[name] = _native.TrajRing(
+                    col.ring, col.dtype.type if col.shape == () else None
+                )
                 self._min_rows = min(self._min_rows, col.rows)
             t = type(value)
             if t in col.fast or (
@@ -736,35 +747,47 @@ class TrajectoryWriter:
             oldest = self._history_start
         open_step = self._step_open
         newest = self._total - 1
-        vcol, vlen, vkind = ts.vcol, ts.vlen, ts.vkind
-        sels = []
-        lo, hi = newest + 1, -1  # the item's first and last steps
-        for j, name in enumerate(ts.names):
-            sel = trajectory.get(name)
-            if type(sel) is not TrajectoryColumn:
-                self._not_a_selection(ts, trajectory, name, sel)
-            col = sel._col
-            if col is not vcol[j] or sel._length != vlen[j] or sel._kind != vkind[j]:
-                if col.writer is not self:
-                    raise InvalidArgumentError(
-                        f"trajectory[{name!r}] was selected from another writer's history"
-                    )
-                if sel._length == 0:
-                    raise InvalidArgumentError(f"trajectory[{name!r}] selects no steps")
-                ts.accept(j, sel, self.validate)
-            start = sel._start
-            last = sel._last if sel._kind == 2 else start + sel._length - 1
-            if (
-                start < oldest
-                or start < col.complete_since
-                or (open_step and col.name not in self._open_fields and last >= newest)
-            ):
-                self._check_reference(sel, f"trajectory[{name!r}]")
-            if start < lo:
-                lo = start
-            if last > hi:
-                hi = last
-            sels.append(sel)
+        # The common item (laid out like the previous one, its steps kept and set, no step
+        # open) is checked in C; anything else by the loop below, which raises what it finds.
+        fast = (
+            None
+            if open_step
+            else _native.traj_fields(
+                trajectory, ts.names, ts.vcol, ts.vlen, ts.vkind, oldest, TrajectoryColumn
+            )
+        )
+        if fast is not None:
+            sels, lo, hi = fast
+        else:
+            vcol, vlen, vkind = ts.vcol, ts.vlen, ts.vkind
+            sels = []
+            lo, hi = newest + 1, -1  # the item's first and last steps
+            for j, name in enumerate(ts.names):
+                sel = trajectory.get(name)
+                if type(sel) is not TrajectoryColumn:
+                    self._not_a_selection(ts, trajectory, name, sel)
+                col = sel._col
+                if col is not vcol[j] or sel._length != vlen[j] or sel._kind != vkind[j]:
+                    if col.writer is not self:
+                        raise InvalidArgumentError(
+                            f"trajectory[{name!r}] was selected from another writer's history"
+                        )
+                    if sel._length == 0:
+                        raise InvalidArgumentError(f"trajectory[{name!r}] selects no steps")
+                    ts.accept(j, sel, self.validate)
+                start = sel._start
+                last = sel._last if sel._kind == 2 else start + sel._length - 1
+                if (
+                    start < oldest
+                    or start < col.complete_since
+                    or (open_step and col.name not in self._open_fields and last >= newest)
+                ):
+                    self._check_reference(sel, f"trajectory[{name!r}]")
+                if start < lo:
+                    lo = start
+                if last > hi:
+                    hi = last
+                sels.append(sel)
         if ts.any_range:
             ts.range_check(sels)
         start = self._episode_start  # steps are counted from the episode's first
@@ -1000,25 +1023,22 @@ class TrajectoryWriter:
 
 def _gather(sels: Sequence[TrajectoryColumn], out: np.ndarray, plan: tuple | None) -> tuple:
     """Copy selections of one layout (one column, length and kind; one per item) into
-    ``out[i]`` with one numpy take. ``plan`` is the previous field's (starts, index table,
-    row indices): fields selected at the same steps (the usual case) share the arithmetic."""
+    ``out[i]``: one compiled call (``_native.traj_gather``: ring row = step % rows, at most two
+    slice copies per item). ``plan`` is the previous field's (starts, ...): fields selected at
+    the same steps (the usual case) share the list of starts."""
     first = sels[0]
     col = first._col
     starts = [s._start for s in sels]
+    if plan is not None and plan[0] == starts:
+        starts = plan[0]
+    if col.ring.dtype == out.dtype:
+        _native.traj_gather(col.ring, col.rows, starts, first._length, out)
+        return (starts,)
+    # A dtype that casts to the field's: numpy gathers and converts.
+    r0 = np.fromiter(starts, np.int64, len(starts)) % col.rows
     if first._kind == 1:
-        table = None
+        out[...] = col.ring[r0]
     else:
         # windows[r] = the ring rows of the steps r, r + 1, ..., wrapping round the ring
-        table = col.writer._windows(col.rows, first._length)
-    if plan is not None and plan[1] is table and plan[3] == col.rows and plan[0] == starts:
-        rows = plan[2]
-    else:
-        r0 = np.fromiter(starts, np.int64, len(starts)) % col.rows
-        rows = r0 if table is None else np.take(table, r0, axis=0)
-    if col.ring.dtype == out.dtype:
-        # mode="clip" (the rows are in range) writes straight into ``out``: the default mode
-        # copies through a buffer, and mode="wrap" was 150 times slower here.
-        np.take(col.ring, rows, axis=0, out=out, mode="clip")
-    else:
-        out[...] = col.ring[rows]
-    return (starts, table, rows, col.rows)
+        out[...] = col.ring[np.take(col.writer._windows(col.rows, first._length), r0, axis=0)]
+    return (starts,)

@@ -11,5 +11,6 @@ int shm_bind_ordered(PyObject *module);  /* Fifo/Lifo order ring, Min/MaxHeap */
 int shm_bind_writer(PyObject *module);   /* a client's lease and publish rings, row copies */
 int shm_bind_commit(PyObject *module);   /* the daemon's commit round: drain, check, commit, lease */
 int shm_bind_sample(PyObject *module);   /* sample bookkeeping, row copies with seqlock */
+int shm_bind_trajectory(PyObject *module); /* the trajectory writer's batch gather */
 
 #endif
