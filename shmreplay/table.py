@@ -954,14 +954,6 @@ class TableCore:
 
     # -- mutations -----------------------------------------------------------------------------
 
-    def _slots_of(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(slots, mask of keys whose item is in the table); mutex held."""
-        slots = (keys & SLOT_MASK).astype(np.int64)
-        inrange = slots < self.num_slots
-        safe = np.where(inrange, slots, 0)
-        present = inrange & (self.key[safe] == keys) & (self.state[safe] == SlotState.READY)
-        return safe, present
-
     @functools.cached_property  # fixed for the table's life; read on every insert
     def max_priority(self) -> float:
         """The largest priority the table accepts: the smaller of its sampler's and remover's
@@ -996,8 +988,13 @@ class TableCore:
             present, missing = self._engine.update(keys, priorities, slots, stored)
             if present:
                 s, p = slots[:present], stored[:present]
-                self.sampler.update(s, p)
-                self.remover.update(s, p)
+                try:
+                    self.sampler.update(s, p)
+                    self.remover.update(s, p)
+                except CorruptStructure as exc:
+                    # The priorities are stored already: rebuilding the selectors from the
+                    # per-slot metadata applies the update too.
+                    self._repair_counts(str(exc))
         if deleted and self.events is not None:
             self.events.daemon.post(1)  # deletions may let blocked inserts in
         return missing

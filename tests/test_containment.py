@@ -395,6 +395,28 @@ def test_garbage_in_the_samplers_own_arrays_is_repaired_at_the_next_sample(daemo
     assert d.running()
 
 
+def test_an_update_that_finds_a_selector_corrupt_repairs_it_and_keeps_the_update(
+    daemon_factory,
+):
+    """update_priorities stores the priorities, then updates the selectors; a heap whose clock
+    was overwritten refuses the update (CorruptStructure). The learner's call must not fail
+    for it: the table rebuilds the selectors from the per-slot metadata, which holds the new
+    priorities, so the update takes effect."""
+    d = daemon_factory(
+        table_toml(max_size=100, sampler='{ kind = "max_heap" }', signature=STAMPED_SIGNATURE)
+    )
+    with shmreplay.attach(d.name) as client:
+        t = client.table("replay")
+        keys = t.insert_batch(stamped_batch(np.arange(50)))
+        t.flush(timeout=5)
+        repairs = t.info().repairs
+        t.core.sampler._clock[0] = -5
+        assert t.update_priorities(keys[7:8], [1e6]) == 0
+        assert t.info().repairs > repairs
+        assert int(t.sample(1, timeout=5).info.key[0]) == int(keys[7])
+    assert d.running()
+
+
 # -- start-up failures and exits -------------------------------------------------------------------
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from ..engine import _native
 from ..sumtree import SumTree, sumtree_capacity
 from ..values import DBL_MAX
-from .base import ArraySpecs, CorruptStructure, DenseSet, Selector, TimesLeft
+from .base import ArraySpecs, DenseSet, Selector, TimesLeft
 
 
 def weight_limit(num_slots: int) -> float:
@@ -107,9 +107,6 @@ class Prioritized(Selector):
         probability 1/count."""
         if self.items.count == 0:
             return np.empty(0, np.int64), np.empty(0)
-        total = self.tree.total
-        if not 0.0 <= total < np.inf:  # NaN fails both: the table rebuilds the tree
-            raise CorruptStructure(f"its sum-tree total is {total}")
         slots = np.empty(n, dtype=np.int64)
         prob = np.empty(n)
         self._c.sample(rng.random(n), slots, prob)

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shmreplay.layout import LEASE_CAPACITY, PUBLISH_CAPACITY, Chan, Ctrl, Sleep
-
-LEASE_LOW_WATER = 32
+from shmreplay.layout import LEASE_CAPACITY, LEASE_LOW_WATER, PUBLISH_CAPACITY, Chan, Ctrl, Sleep
 
 
 class Corrupt(Exception):

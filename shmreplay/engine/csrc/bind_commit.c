@@ -500,6 +500,7 @@ typedef struct {
     pthread_mutex_t *mutex;
     int64_t *drained_tail;
     shm_pub_error *errors;
+    int64_t *wanting; /* 3 x max_clients: wanting()'s channels, wants and lease counts */
 } CommitRound;
 
 static void round_dealloc(CommitRound *self) {
@@ -509,6 +510,7 @@ static void round_dealloc(CommitRound *self) {
         PyBuffer_Release(&self->views[i]);
     free(self->drained_tail);
     free(self->errors);
+    free(self->wanting);
     Py_XDECREF(self->table);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -548,7 +550,8 @@ static int round_init(CommitRound *self, PyObject *args, PyObject *kwds) {
     }
     self->drained_tail = malloc((size_t)(clients > 0 ? clients : 1) * sizeof(int64_t));
     self->errors = malloc((size_t)(clients > 0 ? clients : 1) * sizeof(shm_pub_error));
-    if (self->drained_tail == NULL || self->errors == NULL) {
+    self->wanting = malloc((size_t)(3 * (clients > 0 ? clients : 1)) * sizeof(int64_t));
+    if (self->drained_tail == NULL || self->errors == NULL || self->wanting == NULL) {
         PyErr_NoMemory();
         return -1;
     }
@@ -764,17 +767,6 @@ static PyObject *round_commit_round(CommitRound *self, PyObject *unused) {
     return PyLong_FromLongLong(k);
 }
 
-PyDoc_STRVAR(round_forget_doc, "forget() -> None: drop what drain() drained (not committed).");
-
-static PyObject *round_forget(CommitRound *self, PyObject *unused) {
-    (void)unused;
-    if (!round_ready(self))
-        return NULL;
-    for (int64_t c = 0; c < self->r.t->max_clients; c++)
-        self->drained_tail[c] = -1;
-    Py_RETURN_NONE;
-}
-
 PyDoc_STRVAR(round_lease_doc,
              "lease(channel, n) -> int: lease up to n free slots to channel and publish them on "
              "its lease ring (LEASE_TAIL store-release; outstanding and lease_tail updated); "
@@ -818,9 +810,7 @@ static PyObject *round_wanting(CommitRound *self, PyObject *const *args, Py_ssiz
     if (nargs == 1 && (headroom = PyLong_AsLongLong(args[0])) == -1 && PyErr_Occurred())
         return NULL;
     int64_t m = self->r.t->max_clients;
-    int64_t *buf = malloc((size_t)(3 * (m > 0 ? m : 1)) * sizeof(int64_t));
-    if (buf == NULL)
-        return PyErr_NoMemory();
+    int64_t *buf = self->wanting; /* allocated once, with the round */
     int64_t k = shm_round_wanting(&self->r, buf, buf + m, buf + 2 * m);
     if (headroom > 0 && k > 0) {
         /* The daemon's refill at half, decided here: a round with nothing to lease builds no
@@ -845,22 +835,7 @@ static PyObject *round_wanting(CommitRound *self, PyObject *const *args, Py_ssiz
         }
         PyList_SET_ITEM(list, i, item);
     }
-    free(buf);
     return list;
-}
-
-PyDoc_STRVAR(round_set_sleeping_doc,
-             "set_sleeping(value) -> None: store DAEMON_SLEEPING, then a seq_cst fence (the "
-             "daemon's half of the Dekker pair with a publishing writer; call pending() next).");
-
-static PyObject *round_set_sleeping(CommitRound *self, PyObject *arg) {
-    if (!round_ready(self))
-        return NULL;
-    long long v = PyLong_AsLongLong(arg);
-    if (v == -1 && PyErr_Occurred())
-        return NULL;
-    shm_round_set_sleeping(&self->r, v);
-    Py_RETURN_NONE;
 }
 
 PyDoc_STRVAR(round_waiters_doc,
@@ -878,7 +853,6 @@ static PyObject *round_waiters(CommitRound *self, PyObject *unused) {
 
 static PyMethodDef round_methods[] = {
     {"wanting", (PyCFunction)(void (*)(void))round_wanting, METH_FASTCALL, round_wanting_doc},
-    {"set_sleeping", (PyCFunction)round_set_sleeping, METH_O, round_set_sleeping_doc},
     {"waiters", (PyCFunction)round_waiters, METH_NOARGS, round_waiters_doc},
     {"pending", (PyCFunction)round_pending, METH_NOARGS, round_pending_doc},
     {"drain", (PyCFunction)round_drain, METH_NOARGS, round_drain_doc},
@@ -887,7 +861,6 @@ static PyMethodDef round_methods[] = {
     {"settle", (PyCFunction)round_settle, METH_O, round_settle_doc},
     {"commit_round", (PyCFunction)round_commit_round, METH_NOARGS, round_commit_round_doc},
     {"finish", (PyCFunction)round_finish, METH_NOARGS, round_finish_doc},
-    {"forget", (PyCFunction)round_forget, METH_NOARGS, round_forget_doc},
     {"lease", (PyCFunction)(void (*)(void))round_lease, METH_FASTCALL, round_lease_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -417,7 +417,7 @@ static PyObject *Writer_insert_batch_mapping(WriterObject *self, PyObject *const
             strcmp(prios.format, "d") != 0)
             goto check;
         const double *p = prios.buf;
-        for (int64_t j = 0; j < n; j++)
+        for (int64_t j = start; j < n; j++) /* items before start: checked by the first call */
             if (!(p[j] >= 0.0 && p[j] <= self->max_priority))
                 goto check;
     }

@@ -206,22 +206,21 @@ static int by_channel_id(const void *pa, const void *pb) {
  * distinct non-zero episode ids other than the one it committed last; its last becomes the id
  * of its last slot in order. Owners outside 0..max_clients-1 are not counted. */
 static int count_episodes(shm_table *t, const int64_t *slots, int64_t n) {
+    /* One pass, each episode and owner read once: another process may write them meanwhile,
+     * and a second read could find more non-zero ids than a first pass counted. */
+    episode_entry *e = NULL;
     int64_t m = 0;
-    for (int64_t i = 0; i < n; i++)
-        if (t->episode[slots[i]] != 0)
-            m++;
-    if (m == 0)
-        return SHM_OK;
-    episode_entry *e = malloc((size_t)m * sizeof *e);
-    if (e == NULL)
-        return SHM_ENOMEM;
-    m = 0;
     for (int64_t i = 0; i < n; i++) {
         int64_t id = t->episode[slots[i]];
         int64_t c = t->owner[slots[i]];
-        if (id != 0 && c >= 0 && c < t->max_clients)
-            e[m++] = (episode_entry){c, id, i};
+        if (id == 0 || c < 0 || c >= t->max_clients)
+            continue;
+        if (e == NULL && (e = malloc((size_t)(n - i) * sizeof *e)) == NULL)
+            return SHM_ENOMEM;
+        e[m++] = (episode_entry){c, id, i}; /* m <= n - (first i): within the block */
     }
+    if (m == 0)
+        return SHM_OK;
     qsort(e, (size_t)m, sizeof *e, by_channel_id);
     int64_t fresh = 0;
     for (int64_t i = 0; i < m;) {
@@ -253,6 +252,20 @@ int64_t shm_commit_meta(shm_table *t, int64_t *slots, double *prios, int64_t n) 
     }
     if (k == 0)
         return 0;
+    /* A slot listed twice (another process changed an owner between two channels' checks, or
+     * a caller's list) is committed once, its last listing: stamp each kept slot with its
+     * position in the private scratch, keep the positions that still hold their stamp. */
+    for (int64_t i = 0; i < k; i++)
+        t->scratch[slots[i]] = (int32_t)i;
+    int64_t distinct = 0;
+    for (int64_t i = 0; i < k; i++) {
+        if (t->scratch[slots[i]] == (int32_t)i) {
+            slots[distinct] = slots[i];
+            prios[distinct] = prios[i];
+            distinct++;
+        }
+    }
+    k = distinct;
     for (int64_t i = 0; i < k; i++)
         t->priority[slots[i]] = prios[i];
     if (count_episodes(t, slots, k) < 0)
@@ -357,8 +370,11 @@ static int64_t selector_failed(shm_full_error *e, int what, int code) {
 
 int64_t shm_commit_evict(shm_table *t, shm_commit_sel *cs, shm_full_error *e) {
     int64_t size = ctrl_word(t, SHM_CTRL_SIZE)[0];
-    /* size was checked in 0..num_slots (and the sets count it) before the inserts; the excess
-     * is bounded again here, so that the scratch of num_slots items always holds it. */
+    /* size was checked in 0..num_slots (and the sets count it) before the inserts, but it is
+     * read again from shared memory: checked before the subtraction (no overflow), and the
+     * excess bounded, so that the scratch of num_slots items always holds it. */
+    if (size < 0 || size > t->num_slots)
+        return selector_failed(e, SHM_FULL_REMOVER, SHM_ECORRUPT);
     int64_t excess = size - cs->max_size;
     if (excess <= 0)
         return 0;

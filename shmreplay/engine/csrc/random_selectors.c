@@ -62,7 +62,9 @@ int shm_prioritized_sample(const shm_prioritized *s, const double *u, int64_t n,
     if (count < 0)
         return (int)count;
     double total = shm_sumtree_total(&s->tree);
-    if (!(total > 0.0)) { /* every weight 0 (or a NaN total, which check() reports) */
+    if (!(total >= 0.0 && total <= DBL_MAX)) /* NaN, negative or infinite: rebuild the tree */
+        return SHM_ECORRUPT;
+    if (total == 0.0) { /* every weight 0: uniform among the items */
         int rc = shm_dense_draw(&s->items, u, n, slots);
         if (rc != SHM_OK)
             return rc;
@@ -125,7 +127,8 @@ int shm_prioritized_victims(shm_prioritized *s, const double *u, int64_t n, int6
         return (int)count;
     if (n > count)
         return SHM_EINVAL;
-    double *saved = malloc((size_t)n * sizeof *saved);
+    double small[256]; /* the common eviction is a few items: no allocation for it */
+    double *saved = n <= 256 ? small : malloc((size_t)n * sizeof *saved);
     if (saved == NULL)
         return SHM_ENOMEM;
     double *leaves = s->tree.tree + s->tree.capacity;
@@ -147,11 +150,12 @@ int shm_prioritized_victims(shm_prioritized *s, const double *u, int64_t n, int6
         out[picked++] = leaf;
         shm_sumtree_set(&s->tree, &leaf, 1, &zero, 1); /* a leaf in range: cannot fail */
     }
-    /* Restore in reverse order of zeroing (any order gives the same bits: every node is
-     * recomputed from its children). */
-    for (int64_t i = picked - 1; i >= 0; i--)
-        shm_sumtree_set(&s->tree, &out[i], 1, &saved[i], 1);
-    free(saved);
+    /* Restore them in one batched set (the picks are distinct leaves; any order gives the same
+     * bits: every node is recomputed from its children). */
+    if (picked > 0)
+        shm_sumtree_set(&s->tree, out, picked, saved, picked);
+    if (saved != small)
+        free(saved);
     if (rc == SHM_OK && picked < n)
         rc = zero_weight_picks(s, count, u + picked, n - picked, out + picked);
     return rc;
