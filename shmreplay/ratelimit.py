@@ -12,12 +12,12 @@ process at once). With ``size = inserts − deletes``:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from .config import RATE_LIMITER_KINDS, RateLimiterSpec
+from .engine import _native
 from .layout import Ctrl, Param
 
 
@@ -41,6 +41,7 @@ class RateLimiter:
     def __init__(self, params: np.ndarray, ctrl: np.ndarray) -> None:
         self.params = params
         self.ctrl = ctrl
+        self._native = _native.Limiter(params, ctrl)
 
     @property
     def kind(self) -> str:
@@ -58,35 +59,19 @@ class RateLimiter:
     @property
     def blocks_inserts(self) -> bool:
         """Whether inserts can be held back at all (MinSize's never are)."""
-        return bool(self.params[Param.MAX_DIFF] != math.inf)
+        return self._native.blocks_inserts()
 
     def insert_allowance(self, n: int, pending: int = 0) -> int:
-        """How many of ``n`` inserts may go ahead, counting ``pending`` ones as already in."""
-        p = self.params
-        spi, min_size, max_diff = (
-            p[Param.SAMPLES_PER_INSERT],
-            p[Param.MIN_SIZE_TO_SAMPLE],
-            p[Param.MAX_DIFF],
-        )
-        if max_diff == math.inf:
-            return n
-        inserts = int(self.ctrl[Ctrl.INSERTS]) + pending
-        deletes, samples = int(self.ctrl[Ctrl.DELETES]), int(self.ctrl[Ctrl.SAMPLES])
-        below_min = int(min_size) - (inserts - deletes)
-        by_ratio = math.floor((max_diff + samples) / spi - inserts + 1e-9)
-        return max(0, min(n, max(below_min, by_ratio)))
+        """How many of ``n`` inserts may go ahead, counting ``pending`` ones as already in.
+
+        Computed in C (csrc/ratelimit.c, the daemon's loop calls the same function); the
+        arithmetic is tests/reference/ratelimit.py's. ValueError where the shared parameters
+        make no sense (a NaN, an infinite bound)."""
+        return self._native.insert_allowance(n, pending)
 
     def sample_allowance(self, n: int) -> int:
         """How many of ``n`` samples may go ahead now, committed one at a time as Reverb does."""
-        p, c = self.params, self.ctrl
-        inserts, deletes = int(c[Ctrl.INSERTS]), int(c[Ctrl.DELETES])
-        if inserts - deletes < p[Param.MIN_SIZE_TO_SAMPLE]:
-            return 0
-        min_diff = p[Param.MIN_DIFF]
-        if min_diff == -math.inf:
-            return n
-        cursor = inserts * p[Param.SAMPLES_PER_INSERT] - int(c[Ctrl.SAMPLES])
-        return max(0, min(n, math.floor(cursor - min_diff + 1e-9)))
+        return self._native.sample_allowance(n)
 
     def info(self) -> RateLimiterInfo:
         p, c = self.params, self.ctrl

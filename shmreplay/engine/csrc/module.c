@@ -90,7 +90,8 @@ PyMODINIT_FUNC PyInit__native(void) {
         }
     }
     if (shm_bind_random(m) < 0 || shm_bind_ordered(m) < 0 || shm_bind_writer(m) < 0 ||
-        shm_bind_commit(m) < 0 || shm_bind_sample(m) < 0 || shm_bind_trajectory(m) < 0) {
+        shm_bind_commit(m) < 0 || shm_bind_sample(m) < 0 || shm_bind_trajectory(m) < 0 ||
+        shm_bind_ratelimit(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -12,5 +12,6 @@ int shm_bind_writer(PyObject *module);   /* a client's lease and publish rings, 
 int shm_bind_commit(PyObject *module);   /* the daemon's commit round: drain, check, commit, lease */
 int shm_bind_sample(PyObject *module);   /* sample bookkeeping, row copies with seqlock */
 int shm_bind_trajectory(PyObject *module); /* the trajectory writer's batch gather */
+int shm_bind_ratelimit(PyObject *module);  /* the rate limiter's allowances */
 
 #endif
