@@ -2,9 +2,12 @@
  * TableCore's) and CommitRound (the daemon's drain of every channel, one call per round). The
  * logic is in commit.c. */
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
+#include <semaphore.h>
 #include <stddef.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "bind_selector.h"
 #include "commit.h"
@@ -878,7 +881,332 @@ static PyTypeObject CommitRoundType = {
     .tp_methods = round_methods,
 };
 
+/* ---- Loop ------------------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject *round;     /* the CommitRound (strong) */
+    sem_t *sample, *insert;
+    uint8_t *snapshot;   /* private: the active channels, copied at each serve() */
+    const uint8_t *live; /* the daemon's active array (the CommitRound's) */
+    Py_buffer params;    /* the table's parameter lines */
+    int has_params;
+} LoopSlot;
+
+typedef struct {
+    PyObject_HEAD
+    shm_loop L;
+    LoopSlot *slots;
+    sem_t *wake;
+    Py_buffer attention;
+    int has_attention;
+    int serving;
+} LoopObject;
+
+static void loop_dealloc(LoopObject *self) {
+    for (int64_t i = 0; i < self->L.ntables; i++) {
+        LoopSlot *s = &self->slots[i];
+        if (s->sample != NULL)
+            sem_close(s->sample);
+        if (s->insert != NULL)
+            sem_close(s->insert);
+        free(s->snapshot);
+        free(self->L.tables[i].scratch);
+        if (s->has_params)
+            PyBuffer_Release(&s->params);
+        Py_XDECREF(s->round);
+    }
+    free(self->slots);
+    free(self->L.tables);
+    if (self->wake != NULL)
+        sem_close(self->wake);
+    if (self->has_attention)
+        PyBuffer_Release(&self->attention);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* sem_open of an existing semaphore by its name (posix_ipc's Semaphore.name). */
+static sem_t *open_sem(PyObject *name) {
+    const char *s = PyUnicode_AsUTF8(name);
+    if (s == NULL)
+        return NULL;
+    sem_t *sem = sem_open(s, 0);
+    if (sem == SEM_FAILED) {
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
+        return NULL;
+    }
+    return sem;
+}
+
+static int loop_init(LoopObject *self, PyObject *args, PyObject *kwds) {
+    PyObject *wake, *attention;
+    double nap, idle, window;
+    (void)kwds;
+    if (self->wake != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Loop is initialised once");
+        return -1;
+    }
+    if (!PyArg_ParseTuple(args, "UOddd:Loop", &wake, &attention, &nap, &idle, &window))
+        return -1;
+    if (!(nap >= 0 && idle >= 0 && window >= 0)) {
+        PyErr_SetString(PyExc_ValueError, "Loop: the nap, idle and window times must be >= 0");
+        return -1;
+    }
+    if (shm_get_array(attention, &self->attention, 'i', 1, "attention") < 0)
+        return -1;
+    self->has_attention = 1;
+    if (shm_buffer_len(&self->attention) < 1) {
+        PyErr_SetString(PyExc_ValueError, "attention must hold one int64");
+        return -1;
+    }
+    if ((self->wake = open_sem(wake)) == NULL)
+        return -1;
+    self->L.wake = self->wake;
+    self->L.attention = self->attention.buf;
+    self->L.nap_s = nap;
+    self->L.idle_s = idle;
+    self->L.active_window_s = window;
+    self->L.last_work = 0.0;
+    return 0;
+}
+
+static int loop_ready(LoopObject *self) {
+    if (self->wake == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Loop is not initialised");
+        return 0;
+    }
+    if (self->serving) {
+        PyErr_SetString(PyExc_RuntimeError, "Loop: serve() runs in another thread");
+        return 0;
+    }
+    return 1;
+}
+
+PyDoc_STRVAR(loop_add_doc,
+             "add(round, params, headroom, sample, insert) -> int: serve one more table: its "
+             "CommitRound (set_mutex() called, its CommitTable attached), its parameter lines "
+             "(float64, flat [Param.COUNT * LINE]), spec.headroom, and the names of its sample "
+             "and insert events. Returns the table's index in serve()'s answers.");
+
+static PyObject *loop_add(LoopObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!loop_ready(self))
+        return NULL;
+    SHM_CHECK_NARGS("add", 5);
+    if (!PyObject_TypeCheck(args[0], &CommitRoundType)) {
+        PyErr_SetString(PyExc_TypeError, "add: round must be a CommitRound");
+        return NULL;
+    }
+    CommitRound *rnd = (CommitRound *)args[0];
+    if (!round_ready(rnd))
+        return NULL;
+    CommitTable *ct = (CommitTable *)rnd->table;
+    if (rnd->mutex == NULL || !table_attached(ct)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "add: the round's set_mutex() first");
+        return NULL;
+    }
+    long long headroom = PyLong_AsLongLong(args[2]);
+    if (headroom == -1 && PyErr_Occurred())
+        return NULL;
+    if (headroom < 0) {
+        PyErr_SetString(PyExc_ValueError, "add: headroom must be >= 0");
+        return NULL;
+    }
+    Py_buffer pv;
+    if (shm_get_array(args[1], &pv, 'd', 0, "params") < 0)
+        return NULL;
+    if (shm_buffer_len(&pv) < (SHM_PARAM_KIND + 1) * SHM_LINE) {
+        PyBuffer_Release(&pv);
+        PyErr_SetString(PyExc_ValueError, "add: params must hold the parameter lines");
+        return NULL;
+    }
+    int64_t m = ct->t.max_clients, n = self->L.ntables;
+    LoopSlot *slots = realloc(self->slots, (size_t)(n + 1) * sizeof *slots);
+    if (slots != NULL)
+        self->slots = slots;
+    shm_loop_table *tables = slots == NULL ? NULL
+                                           : realloc(self->L.tables, (size_t)(n + 1) * sizeof *tables);
+    if (tables == NULL) {
+        PyBuffer_Release(&pv);
+        return PyErr_NoMemory();
+    }
+    self->L.tables = tables;
+    LoopSlot *s = &slots[n];
+    shm_loop_table *lt = &tables[n];
+    memset(s, 0, sizeof *s);
+    memset(lt, 0, sizeof *lt);
+    s->snapshot = malloc((size_t)(m > 0 ? m : 1));
+    lt->scratch = malloc((size_t)(4 * (m > 0 ? m : 1)) * sizeof(int64_t));
+    if (s->snapshot == NULL || lt->scratch == NULL ||
+        (s->sample = open_sem(args[3])) == NULL || (s->insert = open_sem(args[4])) == NULL) {
+        if (s->snapshot == NULL || lt->scratch == NULL)
+            PyErr_NoMemory();
+        if (s->sample != NULL)
+            sem_close(s->sample);
+        free(s->snapshot);
+        free(lt->scratch);
+        PyBuffer_Release(&pv);
+        return NULL;
+    }
+    s->params = pv;
+    s->has_params = 1;
+    const double *params = pv.buf;
+    Py_INCREF(args[0]);
+    s->round = args[0];
+    s->live = rnd->r.active;
+    lt->r = &rnd->r;
+    lt->cs = &ct->cs;
+    lt->err = &ct->err;
+    lt->errors = rnd->errors;
+    lt->mutex = rnd->mutex;
+    lt->lim = (shm_limiter){params, SHM_LINE, ct->t.ctrl, SHM_LINE};
+    lt->headroom = headroom;
+    lt->sample = s->sample;
+    lt->insert = s->insert;
+    self->L.ntables = n + 1;
+    return PyLong_FromLongLong(n);
+}
+
+PyDoc_STRVAR(loop_set_broken_doc,
+             "set_broken(index, broken) -> None: a quarantined table is not served.");
+
+static PyObject *loop_set_broken(LoopObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!loop_ready(self))
+        return NULL;
+    SHM_CHECK_NARGS("set_broken", 2);
+    long long i = PyLong_AsLongLong(args[0]);
+    int broken = PyObject_IsTrue(args[1]);
+    if ((i == -1 && PyErr_Occurred()) || broken < 0)
+        return NULL;
+    if (i < 0 || i >= self->L.ntables) {
+        PyErr_SetString(PyExc_IndexError, "set_broken: no such table");
+        return NULL;
+    }
+    self->L.tables[i].broken = broken;
+    Py_RETURN_NONE;
+}
+
+/* What a table hands to Python, as CommitRound.commit_round's result. */
+static PyObject *hand_result(LoopObject *self, const shm_loop_exit *x) {
+    CommitRound *rnd = (CommitRound *)self->slots[x->table].round;
+    switch (x->hand) {
+    case SHM_HAND_REFUSED:
+        return round_drain_result(rnd, x->n, x->nerr);
+    case SHM_HAND_BUSY:
+        return Py_BuildValue("(LO)", (long long)x->n, Py_None);
+    case SHM_HAND_DEAD_OWNER:
+        return Py_BuildValue("(LO)", (long long)x->n, Py_False);
+    case SHM_HAND_SELECTOR:
+        return PyLong_FromLong(-2);
+    default: /* SHM_HAND_REFILL */
+        Py_RETURN_NONE;
+    }
+}
+
+PyDoc_STRVAR(loop_serve_doc,
+             "serve(deadline) -> (code, table, result): the daemon's loop, without the GIL, "
+             "until time.monotonic() reaches deadline or something needs Python. code: "
+             "LOOP_DEADLINE, LOOP_ATTENTION (attention[0] was set: Python clears it), "
+             "LOOP_INTERRUPTED (a signal: its handler has run when this returns) or LOOP_TABLE: "
+             "table (its index) needs Python's round, with result in commit_round()'s form "
+             "(None when what was published is committed and the leases need Python). Each "
+             "channel's activity is read once per call (a channel activated meanwhile is "
+             "served from the next call: set attention).");
+
+static PyObject *loop_serve(LoopObject *self, PyObject *arg) {
+    if (!loop_ready(self))
+        return NULL;
+    double deadline = PyFloat_AsDouble(arg);
+    if (deadline == -1.0 && PyErr_Occurred())
+        return NULL;
+    for (int64_t i = 0; i < self->L.ntables; i++) {
+        LoopSlot *s = &self->slots[i];
+        memcpy(s->snapshot, s->live, (size_t)self->L.tables[i].r->t->max_clients);
+        self->L.tables[i].r->active = s->snapshot;
+    }
+    shm_loop_exit x;
+    self->serving = 1;
+    Py_BEGIN_ALLOW_THREADS
+    shm_loop_serve(&self->L, deadline, &x);
+    Py_END_ALLOW_THREADS
+    self->serving = 0;
+    for (int64_t i = 0; i < self->L.ntables; i++)
+        self->L.tables[i].r->active = (uint8_t *)self->slots[i].live;
+    if (x.code != SHM_LOOP_TABLE)
+        return Py_BuildValue("(iOO)", x.code, Py_None, Py_None);
+    PyObject *res = hand_result(self, &x);
+    if (res == NULL)
+        return NULL;
+    return Py_BuildValue("(iLN)", x.code, (long long)x.table, res);
+}
+
+PyDoc_STRVAR(loop_statistics_doc,
+             "statistics() -> (rounds, naps): rounds served over every table, timed waits.");
+
+static PyObject *loop_statistics(LoopObject *self, PyObject *unused) {
+    (void)unused;
+    return Py_BuildValue("(LL)", (long long)self->L.rounds, (long long)self->L.naps);
+}
+
+PyDoc_STRVAR(loop_set_times_doc,
+             "set_times(nap, idle, window) -> None: the longest nap while writers are active, "
+             "the longest sleep while they are quiet, and how long quiet means (seconds).");
+
+static PyObject *loop_set_times(LoopObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!loop_ready(self))
+        return NULL;
+    SHM_CHECK_NARGS("set_times", 3);
+    double v[3];
+    for (int i = 0; i < 3; i++) {
+        v[i] = PyFloat_AsDouble(args[i]);
+        if (v[i] == -1.0 && PyErr_Occurred())
+            return NULL;
+        if (!(v[i] >= 0)) {
+            PyErr_SetString(PyExc_ValueError, "set_times: times must be >= 0");
+            return NULL;
+        }
+    }
+    self->L.nap_s = v[0], self->L.idle_s = v[1], self->L.active_window_s = v[2];
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef loop_methods[] = {
+    {"add", (PyCFunction)(void (*)(void))loop_add, METH_FASTCALL, loop_add_doc},
+    {"set_broken", (PyCFunction)(void (*)(void))loop_set_broken, METH_FASTCALL,
+     loop_set_broken_doc},
+    {"serve", (PyCFunction)loop_serve, METH_O, loop_serve_doc},
+    {"statistics", (PyCFunction)loop_statistics, METH_NOARGS, loop_statistics_doc},
+    {"set_times", (PyCFunction)(void (*)(void))loop_set_times, METH_FASTCALL,
+     loop_set_times_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject LoopType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmreplay.engine._native.Loop",
+    .tp_doc = PyDoc_STR("Loop(wake, attention, nap, idle, window): the daemon's commit loop over "
+                        "its tables (add() each), in C: csrc/commit.h, shm_loop_serve. wake: "
+                        "the name of the daemon's event; attention: int64 array, [0] set by "
+                        "Python (then wake posted) to get the loop back."),
+    .tp_basicsize = sizeof(LoopObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)loop_init,
+    .tp_dealloc = (destructor)loop_dealloc,
+    .tp_methods = loop_methods,
+};
+
 int shm_bind_commit(PyObject *module) {
+    if (PyModule_AddType(module, &LoopType) < 0)
+        return -1;
+    static const struct {
+        const char *name;
+        int value;
+    } codes[] = {{"LOOP_DEADLINE", SHM_LOOP_DEADLINE},
+                 {"LOOP_ATTENTION", SHM_LOOP_ATTENTION},
+                 {"LOOP_INTERRUPTED", SHM_LOOP_INTERRUPTED},
+                 {"LOOP_TABLE", SHM_LOOP_TABLE}};
+    for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++)
+        if (PyModule_AddIntConstant(module, codes[i].name, codes[i].value) < 0)
+            return -1;
     if (PyModule_AddType(module, &RngType) < 0)
         return -1;
     if (PyModule_AddType(module, &CommitTableType) < 0)

@@ -1,9 +1,13 @@
 /* The daemon's commit round (see commit.h). The reference model is tests/reference/commit.py;
  * tests/test_engine_commit.py holds this code to it. */
+#define _GNU_SOURCE /* sem_clockwait; before any include */
+
 #include "commit.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdlib.h>
+#include <time.h>
 
 #include "shm_atomics.h"
 
@@ -332,6 +336,25 @@ int64_t shm_round_lease(shm_round *r, int64_t c, int64_t n) {
     return k;
 }
 
+/* ---- The free ring -------------------------------------------------------------------- */
+
+/* FREE_TAIL (any value: shared memory) can take a push of up to num_slots without overflow. */
+static int free_tail_valid(const shm_table *t, int64_t tail) {
+    return tail >= 0 && tail <= INT64_MAX - t->num_slots;
+}
+
+int shm_free_push(shm_table *t, const int64_t *slots, int64_t n) {
+    int64_t tail = ctrl_word(t, SHM_CTRL_FREE_TAIL)[0];
+    if (n < 0 || n > t->num_slots || !free_tail_valid(t, tail))
+        return SHM_ECORRUPT;
+    /* tail >= 0: the modulo is in range. */
+    for (int64_t i = 0; i < n; i++)
+        t->free_ring[(tail + i) % t->num_slots] = slots[i];
+    /* The entries first, the tail after: the lease (under the mutex) reads up to the tail. */
+    ctrl_word(t, SHM_CTRL_FREE_TAIL)[0] = tail + n;
+    return SHM_OK;
+}
+
 /* ---- The whole commit ------------------------------------------------------------------ */
 
 int shm_commit_check(const shm_table *t, const shm_commit_sel *cs, shm_full_error *e) {
@@ -400,7 +423,7 @@ int64_t shm_commit_evict(shm_table *t, shm_commit_sel *cs, shm_full_error *e) {
     if ((rc = shm_selector_remove(&cs->remover, v, got)) != SHM_OK)
         return selector_failed(e, SHM_FULL_REMOVER, rc);
     int64_t tail = ctrl_word(t, SHM_CTRL_FREE_TAIL)[0];
-    if (tail < 0 || tail > INT64_MAX - t->num_slots) { /* the pushes below must not overflow */
+    if (!free_tail_valid(t, tail)) { /* checked before the states change: see shm_free_push */
         e->changed = 1, e->what = SHM_FULL_FREE_TAIL, e->code = SHM_OK, e->a = tail;
         return SHM_ECORRUPT;
     }
@@ -414,9 +437,7 @@ int64_t shm_commit_evict(shm_table *t, shm_commit_sel *cs, shm_full_error *e) {
     ctrl_word(t, SHM_CTRL_UNIQUE_SAMPLED)[0] -= sampled;
     ctrl_word(t, SHM_CTRL_SIZE)[0] -= got;
     ctrl_word(t, SHM_CTRL_DELETES)[0] += got;
-    for (int64_t i = 0; i < got; i++)
-        t->free_ring[(tail + i) % t->num_slots] = v[i];
-    ctrl_word(t, SHM_CTRL_FREE_TAIL)[0] = tail + got;
+    shm_free_push(t, v, got); /* the tail was checked above; nobody else wrote it since */
     ctrl_word(t, SHM_CTRL_TOTAL_EVICTED)[0] += got;
     return got;
 }
@@ -436,4 +457,258 @@ int64_t shm_commit_full(shm_table *t, shm_commit_sel *cs, int64_t *slots, double
         return selector_failed(e, SHM_FULL_REMOVER, rc);
     int64_t ev = shm_commit_evict(t, cs, e);
     return ev < 0 ? ev : k;
+}
+
+/* ---- The daemon's loop ------------------------------------------------------------------ */
+
+double shm_monotonic(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Event.post: wake up to ``waiters`` sleepers, without piling up posts nobody will take. */
+static void post_waiters(sem_t *sem, int64_t waiters) {
+    int value = 0;
+    if (sem == NULL || waiters <= 0 || sem_getvalue(sem, &value) != 0)
+        return;
+    for (int64_t i = value > 0 ? value : 0; i < waiters; i++)
+        sem_post(sem);
+}
+
+enum { REFILL_PYTHON = -1, REFILL_DEAD_OWNER = -2 };
+
+/* Daemon._refill: lease free slots to the writers that want some. Returns how many were
+ * leased (*leased too), or REFILL_PYTHON when Python must do it (a writer wrote nonsense, the
+ * counts need a repair, the lock is busy, the limiter's numbers make no sense) with the lock
+ * released, or REFILL_DEAD_OWNER with the lock held (its previous owner died). */
+static int64_t loop_refill(shm_loop_table *lt, int64_t *leased) {
+    shm_round *r = lt->r;
+    shm_table *t = r->t;
+    const int64_t m = t->max_clients;
+    int64_t *ch = lt->scratch, *want = ch + m, *have = want + m, *give = have + m;
+    *leased = 0;
+    lt->starved = 0;
+    int limited = shm_limiter_blocks_inserts(&lt->lim);
+    int64_t k = shm_round_wanting(r, ch, want, have); /* active channels only */
+    if (k == 0)
+        return 0;
+    for (int64_t i = 0; i < k; i++) /* the writers move their lease heads: checked */
+        if (want[i] < 0 || have[i] < 0 || have[i] > SHM_LEASE_CAPACITY)
+            return REFILL_PYTHON; /* _refill cuts them off */
+    int64_t pending = 0;
+    for (int64_t c = 0; c < m; c++)
+        pending += r->outstanding[c]; /* ours: each in 0..LEASE_CAPACITY + PUBLISH_CAPACITY */
+    if (limited) {
+        /* A hint, without the lock: counters move towards more budget only through a sample,
+         * a delete or a reset, each of which posts us (see starved). */
+        int64_t a = shm_insert_allowance(&lt->lim, 1, pending);
+        if (a < 0)
+            return REFILL_PYTHON;
+        if (a == 0) {
+            lt->starved = 1;
+            return 0;
+        }
+    }
+    int64_t share = lt->headroom / (2 * k);
+    share = share < 1 ? 1 : share > SHM_LEASE_CAPACITY ? SHM_LEASE_CAPACITY : share;
+    if (!limited) { /* keep every writer's lease ring filled, refilling at half */
+        int any = 0;
+        for (int64_t i = 0; i < k; i++)
+            any |= (give[i] = have[i] <= share / 2 ? share - have[i] : 0) > 0;
+        if (!any)
+            return 0;
+    }
+    /* Writers served first get the limiter's budget (or the last free slots) first: rotate
+     * who that is. */
+    int64_t shift = 0;
+    if (k > 1)
+        shift = (int64_t)(++lt->rotation % (uint64_t)k);
+    int rc = pthread_mutex_trylock(lt->mutex);
+    if (rc == EOWNERDEAD)
+        return REFILL_DEAD_OWNER;
+    if (rc != 0)
+        return REFILL_PYTHON; /* Python waits for it, with its stall warnings */
+    if (shm_commit_check(t, lt->cs, lt->err) != SHM_OK) {
+        pthread_mutex_unlock(lt->mutex);
+        return REFILL_PYTHON; /* check_counts repairs */
+    }
+    int64_t budget, need = 0;
+    if (limited) {
+        /* What each writer asked for (Table._wait_for_lease), and more ahead of need only out
+         * of a wide budget: at most a quarter of what the limiter allows now is shared out
+         * ahead, so that a writer going idle cannot hoard it. */
+        int64_t free = shm_insert_allowance(&lt->lim, SHM_LEASE_CAPACITY * k, pending);
+        if (free < 0)
+            goto python;
+        int64_t ahead = free / (4 * k);
+        ahead = ahead < share ? ahead : share;
+        for (int64_t i = 0; i < k; i++) {
+            int64_t w = want[i] < SHM_LEASE_CAPACITY ? want[i] : SHM_LEASE_CAPACITY;
+            int64_t g = (w > ahead ? w : ahead) - have[i];
+            give[i] = g < 0 ? 0 : g > SHM_LEASE_CAPACITY ? SHM_LEASE_CAPACITY : g;
+        }
+    }
+    for (int64_t i = 0; i < k; i++)
+        need += give[i];
+    if ((budget = shm_insert_allowance(&lt->lim, need, pending)) < 0)
+        goto python;
+    lt->starved = limited && budget <= 0 && need > 0;
+    for (int64_t j = 0; j < k; j++) {
+        int64_t i = (j + shift) % k;
+        int64_t n = give[i] < budget ? give[i] : budget;
+        if (n <= 0)
+            continue;
+        int64_t got = shm_round_lease(r, ch[i], n); /* LEASE_TAIL store-release inside */
+        if (got < 0)
+            goto python; /* the free ring lists a slot that is not one, or not free, or twice */
+        if (got == 0)
+            break;
+        budget -= got;
+        *leased += got;
+    }
+    pthread_mutex_unlock(lt->mutex);
+    return *leased;
+python:
+    pthread_mutex_unlock(lt->mutex);
+    return REFILL_PYTHON;
+}
+
+/* After a round: wake the samplers waiting for items and the writers waiting for leases or
+ * for their commit (the waiters' side stores its flag, fences, re-checks: shm_round_waiters
+ * fences first). */
+static void loop_wake(shm_loop_table *lt, int64_t committed, int64_t drained, int64_t leased) {
+    shm_round *r = lt->r;
+    int64_t wait_insert, wait_sample;
+    shm_round_waiters(r, &wait_insert, &wait_sample);
+    if (committed > 0 && wait_sample > 0) /* a waiting sampler is on the critical path */
+        post_waiters(lt->sample, wait_sample);
+    int64_t *hint = ctrl_word(r->t, SHM_CTRL_SAMPLER_WAITING);
+    if (shm_load_relaxed(hint) != 0) {
+        /* Clear the hint, then re-check: a sampler sets its flag before the hint. */
+        shm_store_relaxed(hint, 0);
+        shm_round_waiters(r, &wait_insert, &wait_sample);
+        if (wait_sample > 0)
+            shm_store_relaxed(hint, 1);
+    }
+    if ((drained > 0 || leased > 0) && wait_insert > 0)
+        post_waiters(lt->insert, wait_insert);
+}
+
+/* One table's round (Daemon._commit_and_lease). 0: done (*worked set when it did anything);
+ * 1: Python's turn, *x filled. */
+static int loop_round(shm_loop_table *lt, shm_loop_exit *x, int *worked) {
+    shm_round *r = lt->r;
+    int64_t nerr = 0, committed = 0, leased = 0;
+    int64_t n = shm_round_drain(r, lt->errors, &nerr);
+    x->n = n, x->nerr = nerr;
+    if (nerr > 0) {
+        x->hand = SHM_HAND_REFUSED;
+        return 1;
+    }
+    if (n > 0) {
+        /* The table's mutex, tried once: a holder (a sampler) makes Python wait for it. */
+        int rc = pthread_mutex_trylock(lt->mutex);
+        if (rc != 0) {
+            x->hand = rc == EOWNERDEAD ? SHM_HAND_DEAD_OWNER : SHM_HAND_BUSY;
+            return 1;
+        }
+        committed = shm_commit_full(r->t, lt->cs, r->out_slots, r->out_prios, n, lt->err);
+        pthread_mutex_unlock(lt->mutex);
+        if (committed < 0) {
+            /* SHM_ECORRUPT having changed nothing, or SHM_ENOMEM: Python commits (repairs). */
+            x->hand = committed == SHM_ECORRUPT && lt->err->changed ? SHM_HAND_SELECTOR
+                                                                    : SHM_HAND_BUSY;
+            return 1;
+        }
+        shm_round_finish(r); /* PUB_HEAD store-release per drained channel */
+    }
+    int64_t got = loop_refill(lt, &leased);
+    loop_wake(lt, committed, n, leased);
+    if (got == REFILL_PYTHON || got == REFILL_DEAD_OWNER) {
+        x->hand = got == REFILL_PYTHON ? SHM_HAND_REFILL : SHM_HAND_DEAD_OWNER;
+        x->n = 0, x->nerr = 0; /* committed and finished: nothing drained is pending */
+        return 1;
+    }
+    *worked |= n > 0 || leased > 0;
+    return 0;
+}
+
+/* A timed wait on the semaphore until posted or ``timeout`` seconds pass: 0, or EINTR. */
+static int loop_wait(sem_t *sem, double timeout) {
+    if (timeout <= 0.0)
+        return sem_trywait(sem) == 0 || errno != EINTR ? 0 : EINTR;
+    struct timespec at;
+    clock_gettime(CLOCK_MONOTONIC, &at);
+    double whole = floor(timeout);
+    at.tv_sec += (time_t)whole;
+    at.tv_nsec += (long)((timeout - whole) * 1e9);
+    if (at.tv_nsec >= 1000000000L)
+        at.tv_sec += 1, at.tv_nsec -= 1000000000L;
+    while (sem_clockwait(sem, CLOCK_MONOTONIC, &at) != 0) {
+        if (errno == EINTR)
+            return EINTR;
+        if (errno != EAGAIN) /* ETIMEDOUT (or EINVAL: treated as a timeout) */
+            return 0;
+    }
+    return 0;
+}
+
+/* Daemon._sleep: nap while writers are busy (they need not wake us per item); sleep until
+ * posted once they have been quiet for the active window. The daemon's half of the Dekker
+ * pair with a publishing writer: raise the flag (store, seq_cst fence), then look at every
+ * PUB_TAIL; a writer stores its PUB_TAIL, fences, then looks at the flag. Returns 0 or EINTR. */
+static int loop_sleep(shm_loop *L, int active, double deadline) {
+    int writers = 0, state = 0, rc = 0;
+    for (int64_t i = 0; active && !writers && i < L->ntables; i++) {
+        shm_loop_table *lt = &L->tables[i];
+        writers = !lt->broken && !lt->starved && shm_round_any_writer(lt->r);
+    }
+    int64_t flag = writers ? SHM_SLEEP_NAP : SHM_SLEEP_IDLE;
+    for (int64_t i = 0; i < L->ntables; i++)
+        if (!L->tables[i].broken)
+            state |= shm_round_settle(L->tables[i].r, flag);
+    /* The commit policy. Writers active and nobody waiting on us: nap, even if items were
+     * published meanwhile (committed at the nap's end: a round per nap, not per item). A
+     * writer low on leases, a flush or a waiting sampler posts us and ends the nap at once.
+     * Otherwise re-check after raising the flag: a writer that published before seeing it did
+     * not post. */
+    int urgent = !writers || (state & SHM_SETTLE_URGENT);
+    if (!urgent || !(state & SHM_SETTLE_PENDING)) {
+        double timeout = writers ? L->nap_s : L->idle_s, left = deadline - shm_monotonic();
+        L->naps++;
+        rc = loop_wait(L->wake, timeout < left ? timeout : left);
+    }
+    for (int64_t i = 0; i < L->ntables; i++)
+        if (!L->tables[i].broken) /* DAEMON_SLEEPING: the daemon's */
+            shm_store_relaxed(ctrl_word(L->tables[i].r->t, SHM_CTRL_DAEMON_SLEEPING),
+                              SHM_SLEEP_AWAKE);
+    return rc;
+}
+
+int shm_loop_serve(shm_loop *L, double deadline, shm_loop_exit *x) {
+    x->hand = 0, x->table = -1, x->n = 0, x->nerr = 0;
+    for (;;) {
+        int worked = 0;
+        for (int64_t i = 0; i < L->ntables; i++) {
+            if (L->tables[i].broken)
+                continue;
+            if (loop_round(&L->tables[i], x, &worked)) {
+                L->last_work = shm_monotonic(); /* Python's round works for it */
+                x->table = i;
+                return x->code = SHM_LOOP_TABLE;
+            }
+        }
+        L->rounds++;
+        double now = shm_monotonic();
+        if (worked)
+            L->last_work = now;
+        /* attention: Python's, set before it posts wake. */
+        if (shm_load_relaxed(L->attention) != 0)
+            return x->code = SHM_LOOP_ATTENTION;
+        if (now >= deadline)
+            return x->code = SHM_LOOP_DEADLINE;
+        if (loop_sleep(L, now - L->last_work < L->active_window_s, deadline) == EINTR)
+            return x->code = SHM_LOOP_INTERRUPTED;
+    }
 }

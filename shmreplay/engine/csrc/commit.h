@@ -7,8 +7,11 @@
 #ifndef SHM_COMMIT_H
 #define SHM_COMMIT_H
 
+#include <pthread.h>
+#include <semaphore.h>
 #include <stdint.h>
 
+#include "ratelimit.h"
 #include "rng.h"
 #include "selector.h"
 #include "shm_layout.h"
@@ -159,5 +162,73 @@ int64_t shm_commit_evict(shm_table *t, shm_commit_sel *cs, shm_full_error *e);
  * SHM_ENOMEM, or SHM_ECORRUPT with *e saying whether anything changed. */
 int64_t shm_commit_full(shm_table *t, shm_commit_sel *cs, int64_t *slots, double *prios,
                         int64_t n, shm_full_error *e);
+
+/* Push n slots (in 0..num_slots-1: the caller's check) on the free ring at FREE_TAIL, then
+ * store the tail + n: the one rule for every push (commit's eviction here; sample.c's release
+ * and the writer's should call it). FREE_TAIL is read from shared memory: it must be in
+ * 0..INT64_MAX - num_slots, else SHM_ECORRUPT and nothing is written (rebuild the ring). */
+int shm_free_push(shm_table *t, const int64_t *slots, int64_t n);
+
+/* ---- The daemon's loop: rounds, leases, wake-ups and naps in one call ----------------- */
+
+/* One table as the loop serves it (all borrowed; the binding owns them). */
+typedef struct {
+    shm_round *r;
+    shm_commit_sel *cs;
+    shm_full_error *err;   /* the last full commit's failure (CommitTable's) */
+    shm_pub_error *errors; /* [max_clients]: refused runs (CommitRound's) */
+    pthread_mutex_t *mutex;
+    shm_limiter lim;
+    int64_t headroom;      /* spec.headroom: how many leased slots the writers share */
+    sem_t *sample, *insert; /* the table's events: waiting samplers, waiting writers */
+    int64_t *scratch;      /* private: [4 * max_clients], the refill's channel/want/have/give */
+    int broken;            /* quarantined: not served */
+    int starved;           /* the limiter left nothing to lease to writers that want some */
+    uint64_t rotation;     /* which wanting writer is served first next time */
+} shm_loop_table;
+
+/* Why shm_loop_serve returned. */
+enum {
+    SHM_LOOP_DEADLINE = 0, /* the deadline passed (Python's timers: liveness, checkpoints) */
+    SHM_LOOP_ATTENTION,    /* *attention was set (a stop, a departed or new client) */
+    SHM_LOOP_INTERRUPTED,  /* a signal interrupted the wait (its handler runs in Python) */
+    SHM_LOOP_TABLE,        /* table x->table needs Python: x->hand says what for */
+};
+
+/* What a table hands to Python (the daemon's _commit_and_lease, with commit_round's result):
+ * nothing committed and the run state is as after CommitRound.drain (x->n items drained into
+ * out_slots, x->nerr refused runs in errors) for REFUSED and BUSY; the lock is held (its
+ * previous owner died) for DEAD_OWNER (x->n drained, or 0 when it was met while leasing); the
+ * metadata committed, a selector failed (the lock released) for SELECTOR; for REFILL what was
+ * published is committed and its waiters posted, and the leases need Python (a writer to cut
+ * off, counts to repair, a busy lock). */
+enum { SHM_HAND_REFUSED = 1, SHM_HAND_BUSY, SHM_HAND_DEAD_OWNER, SHM_HAND_SELECTOR, SHM_HAND_REFILL };
+
+typedef struct {
+    int code, hand;
+    int64_t table, n, nerr;
+} shm_loop_exit;
+
+typedef struct {
+    shm_loop_table *tables;
+    int64_t ntables;
+    sem_t *wake;               /* the daemon's event: writers and samplers post it */
+    const int64_t *attention;  /* Python sets it (relaxed) and posts wake: return to Python */
+    double nap_s;              /* writers active: the longest nap (the commit latency bound) */
+    double idle_s;             /* writers quiet: the longest sleep (the next publish posts) */
+    double active_window_s;    /* writers quiet this long: sleep, do not nap */
+    double last_work;          /* CLOCK_MONOTONIC seconds of the last round that did work */
+    int64_t rounds, naps;      /* statistics: rounds served, timed waits */
+} shm_loop;
+
+/* CLOCK_MONOTONIC in seconds (time.monotonic()'s clock). */
+double shm_monotonic(void);
+
+/* The daemon's loop (Daemon.serve_forever's steady state) until the CLOCK_MONOTONIC deadline
+ * or something needs Python: per table, drain and commit (one trylock, as commit_round), the
+ * refill of the writers' leases (the limiter's budget, headroom, rotation: Daemon._refill),
+ * the waiters' posts; then settle and a timed wait on wake (Daemon._sleep). Blocks (call it
+ * without the GIL). Fills *x and returns x->code. */
+int shm_loop_serve(shm_loop *L, double deadline, shm_loop_exit *x);
 
 #endif
