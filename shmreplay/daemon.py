@@ -82,7 +82,6 @@ from .layout import (
     PUBLISH_CAPACITY,
     Chan,
     Ctrl,
-    Sleep,
     TableState,
     compute_layout,
 )
@@ -112,6 +111,7 @@ UNIX_PATH_MAX = 107  # sun_path holds 108 bytes, with the terminating NUL
 # scan this recent: a scraper at full speed costs O(tables), plus one O(size) scan per second.
 STATS_MAX_AGE_S = 1.0
 FAULT_ENV = "SHMREPLAY_INJECT_FAULT"  # see _injected_fault
+_ROUND = object()  # Daemon._service: no round result given, run one
 
 
 def check_fits(config: Config, present: frozenset[str] = frozenset()) -> int:
@@ -132,6 +132,20 @@ def check_fits(config: Config, present: frozenset[str] = frozenset()) -> int:
             "(mount -o remount,size=... /dev/shm)"
         )
     return need
+
+
+class _Reports(queue.Queue):
+    """The control thread's reports of closed connections (channel, reason). Each report also
+    sets the commit loop's attention word (the poster then posts the wake event): the loop,
+    running in C without the GIL, comes back to Python to reclaim the channel at once."""
+
+    def __init__(self, attention: np.ndarray) -> None:
+        super().__init__()
+        self._attention = attention
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._attention[0] = 1
 
 
 @dataclass
@@ -205,7 +219,11 @@ class Daemon:
         self._listener: socket.socket | None = None
         self._clients: dict[int, _Client] = {}
         self._clients_lock = threading.Lock()
-        self._dead: queue.Queue[tuple[int, str]] = queue.Queue()
+        # Set (then the wake event posted) when the commit loop must come back to Python: a
+        # stop, a departed client, a new one (see serve_forever).
+        self._attention = np.zeros(1, np.int64)
+        self._dead: queue.Queue[tuple[int, str]] = _Reports(self._attention)
+        self._loop: _native.Loop | None = None  # the commit loop in C (serve_forever)
         # Channels whose rings the commit loop reads: registered, not yet reclaimed or cut off.
         # Only this decides, never the PID a client could write into its channel line.
         self._active = np.zeros(self.max_clients, dtype=bool)
@@ -646,6 +664,11 @@ class Daemon:
 
     def request_stop(self) -> None:
         self._stop.set()
+        self._attend()
+
+    def _attend(self) -> None:
+        """Bring the commit loop (in C, without the GIL) back to Python at once."""
+        self._attention[0] = 1
         if self.wake is not None and self.wake.sem is not None:
             self.wake.sem.release()
 
@@ -672,6 +695,7 @@ class Daemon:
             if t.core.events is not None:
                 t.core.events = None
         self.tables.clear()
+        self._loop = None  # its semaphore handles are closed with it
         kept = []
         for seg in self.segments:
             if keep_all or (not remove_tables and seg.name in self._adopted):
@@ -712,17 +736,29 @@ class Daemon:
     def serve_forever(self) -> None:
         """The commit loop, until a stop is requested. An exception out of it is a bug of the
         daemon's own (tables and clients are contained in _service and _cut_off): run() then
-        keeps every table for the next daemon."""
+        keeps every table for the next daemon.
+
+        The steady state runs in C without the GIL (``_native.Loop.serve``, csrc/commit.c):
+        per table, drain and commit, refill the writers' leases, post the waiters; then
+        settle and nap (see _loop_for). It comes back here when Python is needed: a table's
+        round that needs it (a refused run, a busy or orphaned lock, a repair, a writer to
+        cut off: _service with that round's result), the attention word (a stop, a client
+        attached or gone), a signal, or the liveness timer (LIVENESS_CHECK_S): about ten
+        times a second when nothing unusual happens."""
         next_liveness = time.monotonic() + LIVENESS_CHECK_S
-        last_work = 0.0
         fault_after = _injected_fault()
+        loop = self._loop_for()
+        order = list(self.tables.values())
         while not self._stop.is_set():
             self.notifier.watchdog_tick()  # here, not in a thread: a stuck loop gets restarted
             if fault_after is not None and self._committed_total() >= fault_after:
                 raise RuntimeError(f"{FAULT_ENV}: injected fault after {fault_after} item(s)")
-            worked = False
-            for t in self.tables.values():
-                worked |= self._service(t)
+            self._attention[0] = 0  # before looking at what asked for it
+            for i, t in enumerate(order):
+                loop.set_broken(i, t.broken is not None)
+            code, i, res = loop.serve(next_liveness)
+            if code == _native.LOOP_TABLE:
+                self._service(order[i], res)
             while not self._dead.empty():
                 self._reclaim(*self._dead.get())
             now = time.monotonic()
@@ -731,11 +767,6 @@ class Daemon:
                 self._end_quarantines(now)
                 self._maybe_periodic_checkpoint(now)
                 next_liveness = now + LIVENESS_CHECK_S
-            if worked:
-                last_work = now
-            # Also after a round that worked: while writers are active the daemon naps between
-            # rounds whatever was published meanwhile (see _sleep), instead of a round per item.
-            self._sleep(active=now - last_work < ACTIVE_WINDOW_S)
 
     def _committed_total(self) -> int:
         return sum(int(t.core.ctrl[Ctrl.TOTAL_INSERTED]) for t in self.tables.values())
@@ -800,36 +831,36 @@ class Daemon:
         rnd.set_mutex(a["mutex"])  # commit_round tries the table's lock itself
         return rnd
 
-    def _sleep(self, active: bool) -> None:
-        """Nap while writers are busy (they need not wake us per item); sleep long once they
-        have been quiet for ACTIVE_WINDOW_S (the next publish wakes us).
+    def _loop_for(self) -> _native.Loop:
+        """The commit loop in C over every table, in self.tables' order.
 
-        The daemon's half of the Dekker pair with a publishing writer: raise the flag (store,
-        seq_cst fence: set_sleeping), then look at every PUB_TAIL (pending); a writer stores
-        its PUB_TAIL, fences, then looks at the flag. One of the two sees the other."""
-        tables = [t for t in self.tables.values() if t.broken is None]
-        writers = active and any(not t.starved and t.round.any_writer() for t in tables)
-        flag = Sleep.NAP if writers else Sleep.IDLE
-        # Per table, one call (settle): raise the flag (store, seq_cst fence), then read who
-        # waits on us (SAMPLER_WAITING, WAIT_INSERT: bit 1) and whether anything was
-        # published (every PUB_TAIL: bit 2). The Dekker pairs are per table (a writer checks
-        # its own table's flag), so each table's check may follow its own store.
-        state = 0
-        for t in tables:
-            state |= t.round.settle(flag)
-        # The commit policy. Writers active and nobody waiting on us: nap, even if items were
-        # published meanwhile (they are committed at the nap's end, ACTIVE_SLEEP_S at most: a
-        # round per ACTIVE_SLEEP_S, not per item). A writer low on leases, a flush or a waiting
-        # sampler posts us and ends the nap at once. Otherwise re-check after raising the flag:
-        # a writer that published before seeing it did not post.
-        urgent = not writers or state & 1
-        if not urgent or not state & 2:
-            self.wake.wait(ACTIVE_SLEEP_S if writers else IDLE_SLEEP_S)
-        for t in tables:
-            t.core.ctrl[Ctrl.DAEMON_SLEEPING] = Sleep.AWAKE
+        Its sleep (Daemon._sleep before it moved to C): nap while writers are busy (they need
+        not wake us per item); sleep long once they have been quiet for ACTIVE_WINDOW_S (the
+        next publish wakes us). The daemon's half of the Dekker pair with a publishing
+        writer: raise the flag (store, seq_cst fence), then look at every PUB_TAIL; a writer
+        stores its PUB_TAIL, fences, then looks at the flag. One of the two sees the other.
+        The commit policy: writers active and nobody waiting on us, nap ACTIVE_SLEEP_S even if
+        items were published meanwhile (a round per nap, not per item); a writer low on
+        leases, a flush or a waiting sampler posts us and ends the nap at once."""
+        if self._loop is None:
+            loop = _native.Loop(
+                self.wake.name, self._attention, ACTIVE_SLEEP_S, IDLE_SLEEP_S, ACTIVE_WINDOW_S
+            )
+            for t in self.tables.values():
+                core = t.core
+                loop.add(
+                    t.round,
+                    core.segment.arrays["params"].reshape(-1),
+                    int(core.spec.headroom),
+                    core.events.sample.name,
+                    core.events.insert.name,
+                )
+            self._loop = loop
+        return self._loop
 
-    def _service(self, t: _TableState) -> bool:
+    def _service(self, t: _TableState, res: object = _ROUND) -> bool:
         """Commit what was published, refill leases, wake waiters. True if anything happened.
+        ``res``: what the loop in C drained and did (commit_round's result), else a round here.
 
         Raises nothing on a table's account: a value a client wrote that makes no sense cuts
         that client off (:meth:`_cut_off`); any other error quarantines the table
@@ -837,19 +868,20 @@ class Daemon:
         if t.broken is not None:
             return False
         try:
-            return self._commit_and_lease(t)
+            return self._commit_and_lease(t, res)
         except Exception as exc:
             self._quarantine(t, f"{type(exc).__name__}: {exc}", exc)
             return True
 
-    def _commit_and_lease(self, t: _TableState) -> bool:
+    def _commit_and_lease(self, t: _TableState, res: object = _ROUND) -> bool:
         core = t.core
         rnd = t.round
         # Every active channel's run, checked and copied once, then committed under the lock
         # (tried once), the selectors and the eviction included, and PUB_HEAD released: one
-        # call (commit_round). What it leaves to Python: refused runs, a busy or orphaned lock,
-        # structures to repair.
-        res = rnd.commit_round()
+        # call (commit_round, or the loop in C). What it leaves to Python: refused runs, a
+        # busy or orphaned lock, structures to repair.
+        if res is _ROUND:
+            res = rnd.commit_round()
         committed, n, refused = 0, 0, None
         if res is None:
             pass
@@ -1013,6 +1045,7 @@ class Daemon:
             t.lease_tail[c] = 0
             t.core.chan[c, Chan.PID] = pid
         self._active[c] = True  # last: the commit loop reads the channel from now on
+        self._attend()  # the loop in C reads the active channels afresh from Python's side
         log.info("client pid %d attached (channel %d)", pid, c)
         return c
 
