@@ -158,6 +158,9 @@ def nap_cpu_us(nap_s: float, seconds: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.daemon_cpu", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short runs (smoke test)")
+    parser.add_argument(
+        "--only", choices=("paced", "insert", "insert_batch"), help="run one workload only"
+    )
     args = parser.parse_args()
     seconds = 1.0 if args.quick else 4.0
     emit_reference()
@@ -173,6 +176,8 @@ def main() -> None:
     )
     targets = {"paced": 2.0, "insert": 0.4, "insert_batch": 0.03}
     for mode, actors in (("paced", 4), ("insert", 2), ("insert_batch", 2)):
+        if args.only not in (None, mode):
+            continue
         record = run(mode, actors, seconds)
         if mode == "insert_batch":
             record["mode"] = "insert_batch(64)"

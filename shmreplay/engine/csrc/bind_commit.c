@@ -966,6 +966,9 @@ static int loop_init(LoopObject *self, PyObject *args, PyObject *kwds) {
     self->L.idle_s = idle;
     self->L.active_window_s = window;
     self->L.last_work = 0.0;
+    self->L.last_pace = shm_monotonic();
+    self->L.pace_nap_s = nap;
+    self->L.min_nap_s = nap * SHM_LOOP_MIN_NAP_FRACTION;
     return 0;
 }
 
@@ -1166,6 +1169,7 @@ static PyObject *loop_set_times(LoopObject *self, PyObject *const *args, Py_ssiz
         }
     }
     self->L.nap_s = v[0], self->L.idle_s = v[1], self->L.active_window_s = v[2];
+    self->L.min_nap_s = v[0] * SHM_LOOP_MIN_NAP_FRACTION;
     Py_RETURN_NONE;
 }
 

@@ -185,6 +185,8 @@ typedef struct {
     int broken;            /* quarantined: not served */
     int starved;           /* the limiter left nothing to lease to writers that want some */
     uint64_t rotation;     /* which wanting writer is served first next time */
+    int64_t leased;        /* leased by this table's rounds since the last loop_pace */
+    int64_t holding;       /* after the last refill: slots the wanting writers hold in all */
 } shm_loop_table;
 
 /* Why shm_loop_serve returned. */
@@ -217,9 +219,16 @@ typedef struct {
     double nap_s;              /* writers active: the longest nap (the commit latency bound) */
     double idle_s;             /* writers quiet: the longest sleep (the next publish posts) */
     double active_window_s;    /* writers quiet this long: sleep, do not nap */
+    double min_nap_s;          /* the shortest nap the lease pace may ask for */
     double last_work;          /* CLOCK_MONOTONIC seconds of the last round that did work */
+    double last_pace;          /* CLOCK_MONOTONIC seconds of the last loop_pace */
+    double pace_nap_s;         /* the nap the writers' lease pace asks for (see loop_pace) */
     int64_t rounds, naps;      /* statistics: rounds served, timed waits */
 } shm_loop;
+
+/* The shortest nap the lease pace asks for, as a fraction of nap_s (2 ms: 50 us, about the
+ * CPU a wake-up costs: the loop spends at most about half its time waking up). */
+#define SHM_LOOP_MIN_NAP_FRACTION 0.025
 
 /* CLOCK_MONOTONIC in seconds (time.monotonic()'s clock). */
 double shm_monotonic(void);
