@@ -5,6 +5,7 @@ on two identical sets of arrays, hostile runs mixed in, every result and array c
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import textwrap
@@ -662,3 +663,202 @@ def test_settle_raises_the_flag_then_says_who_waits_and_what_is_pending():
     a["ctrl"][Ctrl.SAMPLER_WAITING, 0] = 0
     chan[1, Chan.PUB_TAIL] = 3
     assert eng.round.settle(1) == 2
+
+
+# -- the loop (shm_loop_serve) ---------------------------------------------------------------
+
+
+class LoopRig:
+    """A Full table served by a _native.Loop (its mutex, parameter lines, three semaphores),
+    next to the reference model (FullCommitModel, refill)."""
+
+    def __init__(self, num_slots: int, max_size: int, clients: int, headroom: int, seed: int):
+        import os
+
+        import posix_ipc
+
+        from shmreplay.layout import Param
+        from shmreplay.mutex import MUTEX_NBYTES, RobustMutex
+
+        self.f = Full(num_slots, "uniform", "fifo", max_size, seed)
+        if clients != 2:
+            raise ValueError("Full has two channels")
+        buf = np.zeros(MUTEX_NBYTES + 64, np.uint8)
+        off = (-buf.ctypes.data) % 64
+        self.mbuf = buf[off : off + MUTEX_NBYTES]
+        RobustMutex.initialize(self.mbuf)
+        self.mutex = RobustMutex(self.mbuf)
+        self.f.eng.round.set_mutex(self.mbuf)
+        self.params = np.zeros((Param.COUNT, LINE), np.float64)
+        self.params_b = self.params[:, 0]  # the model reads the same lines
+        from shmreplay.config import RateLimiterSpec
+        from shmreplay.ratelimit import RateLimiter
+
+        RateLimiter.initialize(RateLimiterSpec.min_size(1), self.params_b)
+        self.sems = []
+        try:
+            for kind in ("wake", "sample", "insert"):
+                name = f"/shmreplay-test-loop-{os.getpid()}-{id(self)}-{kind}"
+                self.sems.append(posix_ipc.Semaphore(name, posix_ipc.O_CREX))
+            self.attention = np.zeros(1, np.int64)
+            self.loop = _native.Loop(self.sems[0].name, self.attention, 0.002, 0.1, 0.05)
+            self.loop.add(
+                self.f.eng.round,
+                self.params.reshape(-1),
+                headroom,
+                self.sems[1].name,
+                self.sems[2].name,
+            )
+        except BaseException:
+            self.close()
+            raise
+        self.headroom = headroom
+        self.state = {"rotation": 0, "starved": 0}
+
+    def close(self) -> None:
+        for s in self.sems:
+            s.unlink()
+            s.close()
+        self.sems = []
+
+
+@pytest.fixture
+def rig():
+    made = []
+
+    def make(*args, **kwargs) -> LoopRig:
+        made.append(LoopRig(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+
+
+def random_limiter(rng, params: np.ndarray, ctrl_a: np.ndarray, ctrl_b: np.ndarray) -> None:
+    import warnings
+
+    from shmreplay.config import RateLimiterSpec
+    from shmreplay.ratelimit import RateLimiter
+
+    kind = rng.integers(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kind == 0:
+            spec = RateLimiterSpec.min_size(1)
+        elif kind == 1:
+            spec = RateLimiterSpec.queue(int(rng.integers(1, 3000)))
+        elif kind == 2:
+            spi = float(rng.choice([0.5, 1.0, 2.5]))
+            spec = RateLimiterSpec.sample_to_insert_ratio(spi, 10, float(rng.uniform(5, 4000)))
+        else:
+            spec = RateLimiterSpec.custom(
+                float(rng.uniform(0.1, 4)), 1, -math.inf, float(rng.uniform(0, 5000))
+            )
+    RateLimiter.initialize(spec, params)
+    # The limiter's counters move under the samplers too: the same random moves on both.
+    samples = int(rng.integers(0, 4 * int(ctrl_a[Ctrl.INSERTS, 0]) + 10))
+    ctrl_a[Ctrl.SAMPLES, 0] = ctrl_b[Ctrl.SAMPLES, 0] = samples
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_loop_matches_the_reference_round_and_refill(rig, seed):
+    """One loop pass (serve with a past deadline: the rounds, no sleep) against the model's
+    drain, full commit, finish and refill (Daemon._refill's rules: headroom shared, refill at
+    half, the limiter's budget with the quarter rule, rotation); every array compared, and a
+    hand-over to Python exactly where the model refuses (a negative want).
+
+    Mutation proof (applied by hand to commit.c's loop_refill and reverted): a third instead of
+    a quarter of the budget shared out ahead fails 6 seeds; refilling below half instead of at
+    half fails one."""
+    from tests.reference.commit import refill
+
+    rng = np.random.default_rng(seed)
+    r = rig(3000, 1500, 2, int(rng.choice([64, 500, 8192])), seed)
+    f = r.f
+    chan_a, chan_b = f.a["chan"][:, :, 0], f.b["chan"][:, :, 0]
+    limited_steps = 0
+    for step in range(120):
+        if step % 10 == 0:
+            random_limiter(rng, r.params[:, 0], f.a["ctrl"], f.b["ctrl"])
+        for c in range(2):
+            want = int(
+                rng.choice([0, 1, int(rng.integers(1, 300)), 5000, -3 if step % 37 == 36 else 0])
+            )
+            chan_a[c, Chan.WANT_LEASE] = chan_b[c, Chan.WANT_LEASE] = want
+            publish(f.a, c, np.random.default_rng(step * 2 + c), None, step + 1)
+            publish(f.b, c, np.random.default_rng(step * 2 + c), None, step + 1)
+        code, i, res = r.loop.serve(0.0)
+        m = f.model.m
+        slots, prios, refused = m.drain()
+        assert refused == []
+        k = f.model.commit(slots, prios) if len(slots) else 0
+        m.finish()
+        leased = refill(m, r.params_b, r.headroom, r.state)
+        limited_steps += r.params[3, 0] != math.inf
+        if leased is None:
+            assert (code, i, res) == (_native.LOOP_TABLE, 0, None)
+            chan_a[:, Chan.WANT_LEASE] = chan_b[:, Chan.WANT_LEASE] = 0  # as a cut-off would
+        else:
+            assert code == _native.LOOP_DEADLINE, (code, res)
+        del k
+        f.same()
+    assert limited_steps > 0 and int(f.a["ctrl"][Ctrl.TOTAL_EVICTED, 0]) > 0
+
+
+def test_the_loop_hands_refused_runs_and_a_busy_lock_to_python(rig):
+    r = rig(200, 100, 2, 64, 1)
+    f = r.f
+    chan = f.a["chan"][:, :, 0]
+    chan[:, Chan.WANT_LEASE] = 10
+    assert r.loop.serve(0.0)[0] == _native.LOOP_DEADLINE
+    assert list(f.a["lease_tail"]) == [16, 16]  # headroom 64, shared by two, refilled at half
+    publish(f.a, 0, np.random.default_rng(1), "twice", 1)
+    code, i, (n, refused) = r.loop.serve(0.0)
+    assert code == _native.LOOP_TABLE and i == 0 and refused[0][0] == 0
+    assert "twice" in refused[0][1]
+    f.a["pub_head"][0] = chan[0, Chan.PUB_HEAD] = chan[0, Chan.PUB_TAIL]  # as a cut-off
+    f.a["outstanding"][0] = 0
+    publish(f.a, 1, np.random.default_rng(2), None, 1)
+    drained = int(chan[1, Chan.PUB_TAIL])
+    r.mutex.acquire()
+    try:
+        assert r.loop.serve(0.0) == (_native.LOOP_TABLE, 0, (drained, None))
+    finally:
+        r.mutex.release()
+    # Python commits and finishes (here: the engine's own calls) and the loop goes on.
+    f.eng.table.commit_all(f.eng.out_slots[:drained], f.eng.out_prios[:drained])
+    f.eng.round.finish()
+    assert r.loop.serve(0.0)[0] == _native.LOOP_DEADLINE
+
+
+def test_the_loop_posts_waiters_naps_and_answers_attention(rig):
+    import time
+
+    r = rig(200, 100, 2, 64, 3)
+    f = r.f
+    chan = f.a["chan"][:, :, 0]
+    chan[0, Chan.WANT_LEASE] = 10
+    r.loop.serve(0.0)
+    publish(f.a, 0, np.random.default_rng(5), None, 1)
+    while int(chan[0, Chan.PUB_TAIL]) == 0:  # publish() may publish nothing
+        publish(f.a, 0, np.random.default_rng(int(time.time_ns())), None, 1)
+    chan[1, Chan.WAIT_SAMPLE] = 1
+    chan[1, Chan.WAIT_INSERT] = 1
+    r.loop.serve(0.0)
+    assert r.sems[1].value == 1 and r.sems[2].value == 1  # a sampler and a writer woken
+    assert int(chan[0, Chan.PUB_HEAD]) == int(chan[0, Chan.PUB_TAIL])
+    # Nothing to do: it sleeps (idle: nobody wants leases) until the deadline.
+    chan[:, Chan.WANT_LEASE] = 0
+    t0 = time.monotonic()
+    assert r.loop.serve(t0 + 0.03)[0] == _native.LOOP_DEADLINE
+    assert 0.025 <= time.monotonic() - t0 < 0.5
+    assert f.a["ctrl"][Ctrl.DAEMON_SLEEPING, 0] == 0  # awake again
+    # Attention set and wake posted: back at once.
+    r.attention[0] = 1
+    r.sems[0].release()
+    t0 = time.monotonic()
+    assert r.loop.serve(t0 + 5)[0] == _native.LOOP_ATTENTION
+    assert time.monotonic() - t0 < 1
+    rounds, naps = r.loop.statistics()
+    assert rounds >= 4 and naps >= 1

@@ -275,3 +275,72 @@ class FullCommitModel:
         a["ctrl"][Ctrl.FREE_TAIL] = tail + n
         a["ctrl"][Ctrl.TOTAL_EVICTED] += n
         return n
+
+
+def refill(m: CommitModel, params: np.ndarray, headroom: int, state: dict[str, int]) -> int | None:
+    """The daemon's lease refill (Daemon._refill, the engine's loop_refill in csrc/commit.c):
+    lease free slots to the active channels whose WANT_LEASE is not 0. ``params``: the
+    limiter's parameter lines (column 0); ``state``: the daemon's ``rotation`` and ``starved``
+    (updated). Returns how many slots were leased, or None where the engine hands the refill to
+    Python (a want below 0, a lease head out of range, limiter numbers that make no sense, a
+    free ring that does not hold free slots: Daemon._refill cuts off, repairs or raises)."""
+    from tests.reference import ratelimit
+
+    a = m.a
+    ctrl = a["ctrl"]
+    state["starved"] = 0
+    limited = ratelimit.blocks_inserts(params)
+    ok = []
+    for c in range(len(a["active"])):
+        want = int(a["chan"][c, Chan.WANT_LEASE])
+        if a["active"][c] and want != 0:
+            have = int(a["lease_tail"][c]) - int(a["chan"][c, Chan.LEASE_HEAD])
+            ok.append((c, want, have))
+    if not ok:
+        return 0
+    if any(w < 0 or not 0 <= h <= LEASE_CAPACITY for _, w, h in ok):
+        return None
+    pending = int(a["outstanding"].sum())
+    if limited:
+        one = ratelimit.insert_allowance(params, ctrl, 1, pending)
+        if one is None:
+            return None
+        if one == 0:
+            state["starved"] = 1
+            return 0
+    share = min(max(headroom // (2 * len(ok)), 1), LEASE_CAPACITY)
+    if not limited:
+        ok = [(c, w, h, share - h if h <= share // 2 else 0) for c, w, h in ok]
+        if not any(x[3] for x in ok):
+            return 0
+    if len(ok) > 1:
+        state["rotation"] += 1
+        shift = state["rotation"] % len(ok)
+        ok = ok[shift:] + ok[:shift]
+    if limited:
+        free = ratelimit.insert_allowance(params, ctrl, LEASE_CAPACITY * len(ok), pending)
+        if free is None:
+            return None
+        ahead = min(share, free // (4 * len(ok)))
+        ok = [
+            (c, w, h, min(max(max(min(w, LEASE_CAPACITY), ahead) - h, 0), LEASE_CAPACITY))
+            for c, w, h, *_ in ok
+        ]
+    need = sum(x[3] for x in ok)
+    budget = ratelimit.insert_allowance(params, ctrl, need, pending)
+    if budget is None:
+        return None
+    state["starved"] = int(limited and budget <= 0 < need)
+    total = 0
+    for c, _, _, n in ok:
+        n = min(n, budget)
+        if n <= 0:
+            continue
+        k = m.round_lease(c, n)
+        if k < 0:
+            return None
+        if k == 0:
+            break
+        budget -= k
+        total += k
+    return total
