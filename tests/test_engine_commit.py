@@ -768,7 +768,7 @@ def test_the_loop_matches_the_reference_round_and_refill(rig, seed):
     half, the limiter's budget with the quarter rule, rotation); every array compared, and a
     hand-over to Python exactly where the model refuses (a negative want).
 
-    Mutation proof (applied by hand to commit.c's loop_refill and reverted): a third instead of
+    Mutation proof (applied by hand to commit.c's loop_refill and reverted): half instead of
     a quarter of the budget shared out ahead fails 6 seeds; refilling below half instead of at
     half fails one."""
     from tests.reference.commit import refill
