@@ -21,8 +21,8 @@ from shmreplay.config import (
     parse_config,
     to_toml,
 )
-from shmreplay.instance import InstanceRecord, process_alive, shm_objects
-from shmreplay.server import ServerStartError
+from shmreplay.daemon.server import ServerStartError
+from shmreplay.engine.instance import InstanceRecord, process_alive, shm_objects
 from shmreplay.testing import table_toml, unique_name
 
 SIGNATURE = (
@@ -234,7 +234,8 @@ with shmreplay.Server(table_toml(), name=sys.argv[1]) as server:
     os.killpg(0, signal.SIGINT)  # what a Ctrl-C in the terminal does to the foreground group
     signal.sigtimedwait([signal.SIGCHLD], 1.0)
     print("daemon running:", server.running(), flush=True)
-print("stopped; left in /dev/shm:", len(shmreplay.instance.shm_objects(sys.argv[1])), flush=True)
+left = shmreplay.engine.instance.shm_objects(sys.argv[1])
+print("stopped; left in /dev/shm:", len(left), flush=True)
 """
 
 

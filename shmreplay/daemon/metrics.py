@@ -34,7 +34,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from .errors import ShmReplayError
+from ..errors import ShmReplayError
 
 log = logging.getLogger("shmreplay")
 

@@ -19,7 +19,7 @@ def selector_class(kind: str) -> type[Selector]:
     try:
         return _SELECTORS[kind]
     except KeyError:
-        from ..errors import ConfigError
+        from ...errors import ConfigError
 
         raise ConfigError(
             f"selector kind {kind!r} is not implemented yet; available: {', '.join(_SELECTORS)}"

@@ -92,12 +92,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import TableSpec
-from .errors import CheckpointError, InvalidArgumentError, LockTimeout
-from .layout import Ctrl, SlotState
-from .selectors.heap import Heap
-from .shm import format_bytes
-from .table import SLOT_MASK, TAG_SHIFT, TableCore
+from ..config import TableSpec
+from ..engine.layout import Ctrl, SlotState
+from ..engine.selectors.heap import Heap
+from ..engine.shm import format_bytes
+from ..engine.table import SLOT_MASK, TAG_SHIFT, TableCore
+from ..errors import CheckpointError, InvalidArgumentError, LockTimeout
 
 logger = logging.getLogger("shmreplay")
 

@@ -21,7 +21,7 @@ import threading
 import numpy as np
 import posix_ipc
 
-from .errors import DaemonNotRunning, InsufficientSharedMemory, SegmentError
+from ..errors import DaemonNotRunning, InsufficientSharedMemory, SegmentError
 from .layout import Layout, decode_header, encode_header
 
 SHM_DIR = "/dev/shm"
@@ -114,7 +114,7 @@ class Segment:
         descriptor; ``shm_open`` never follows a symlink), else PermissionDenied: a client
         passes the daemon's user, a daemon adopting a segment its own (``daemon=True``: the
         error then says what is in the way and what to do)."""
-        from .instance import access_denied, check_owner, is_out_of_descriptors, out_of_descriptors
+        from .ownership import access_denied, check_owner, is_out_of_descriptors, out_of_descriptors
 
         try:
             shm = posix_ipc.SharedMemory(name)

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..engine import _native
+from ...values import DBL_MAX
+from .. import _native
 from ..sumtree import SumTree, sumtree_capacity
-from ..values import DBL_MAX
 from .base import ArraySpecs, DenseSet, Selector, TimesLeft
 
 

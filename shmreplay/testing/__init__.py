@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .instance import shm_objects
-from .server import Server, ServerStartError
+from ..daemon.server import Server, ServerStartError
+from ..engine.instance import shm_objects
 
 if TYPE_CHECKING:
-    from .config import TableSpec
-    from .table import TableCore
+    from ..config import TableSpec
+    from ..engine.table import TableCore
 
 _counter = itertools.count()
 
@@ -327,10 +327,10 @@ def local_table(spec: TableSpec, prefix: str = "t") -> Iterator[TableCore]:
     """A freshly initialized table in shared memory without a daemon (a restore target, a
     selector's playground); unlinked afterwards. Its name carries ``unique_name(prefix)``, so
     the tests' leak check sees it if it is left behind."""
-    from .instance import segment_name
-    from .layout import compute_layout
-    from .shm import Segment
-    from .table import TableCore
+    from ..engine.instance import segment_name
+    from ..engine.layout import compute_layout
+    from ..engine.shm import Segment
+    from ..engine.table import TableCore
 
     name = segment_name(unique_name(prefix), spec.name)
     seg = Segment.create(name, compute_layout(spec, max_clients=2))

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import InvalidArgumentError, SignatureError
+from ..errors import InvalidArgumentError, SignatureError
 from .trajectory import TrajectoryWriter
 
 if TYPE_CHECKING:

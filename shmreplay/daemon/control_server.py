@@ -41,13 +41,14 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from .control import MAX_REQUEST, PROTOCOL_VERSION, encode
-from .errors import DaemonBusy, InvalidArgumentError, ShmReplayError
-from .instance import TABLE_EVENTS, event_name, segment_name
-from .layout import FORMAT_VERSION
+from ..control import MAX_REQUEST, PROTOCOL_VERSION, encode
+from ..engine.instance import TABLE_EVENTS, event_name, segment_name
+from ..engine.layout import FORMAT_VERSION
+from ..errors import DaemonBusy, InvalidArgumentError, ShmReplayError
+from .clients import ACCEPT_PAUSE_S
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from .lifecycle import Daemon
 
 log = logging.getLogger("shmreplay")
 
@@ -199,14 +200,12 @@ class ControlServer:
             self._listening = True
 
     def _accept(self) -> None:
-        sock, starved = self.daemon._accept()
+        sock, starved = self.daemon.clients.accept(self.daemon._listener)
         if starved:
             # Not even a descriptor to refuse with: the connection waits in the backlog; do
             # not spin on a listener that stays readable.
             self.sel.unregister(self.daemon._listener)
             self._listening = False
-            from .daemon import ACCEPT_PAUSE_S
-
             self._paused_until = time.monotonic() + ACCEPT_PAUSE_S
         if sock is None:
             return
@@ -340,7 +339,7 @@ class ControlServer:
             pid = req.get("pid")
             if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < 1 << 31:
                 raise InvalidArgumentError(f"hello: pid must be a process id, not {pid!r}")
-            c = conn.channel = d._register(pid, conn.sock)
+            c = conn.channel = d.clients.register(pid, conn.sock)
             return {
                 "ok": True,
                 "channel": c,
@@ -509,15 +508,10 @@ class ControlServer:
         conn.sock.close()
 
     def _client_gone(self, conn: Connection, reason: str) -> None:
-        """The commit loop reclaims what an attached client held (see Daemon._reclaim)."""
+        """The commit loop reclaims what an attached client held (see Clients.reclaim)."""
         c, conn.channel = conn.channel, None
         if c is not None:
-            with self.daemon._clients_lock:
-                client = self.daemon._clients.get(c)
-                if client is not None:
-                    client.leaving = True  # info() lists it no more, before its reclaim
-            self.daemon._dead.put((c, reason))
-            self.daemon.wake.sem.release()
+            self.daemon.clients.gone(c, reason)
 
 
 class _Workers:

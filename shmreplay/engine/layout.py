@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import msgpack
 import numpy as np
 
-from .config import TableSpec
-from .engine import _native
-from .errors import FormatVersionError, SegmentError
+from ..config import TableSpec
+from ..errors import FormatVersionError, SegmentError
+from . import _native
 from .mutex import MUTEX_NBYTES
 from .selectors import selector_class
 
@@ -110,7 +110,7 @@ class Sleep:
 
 
 class TableState:
-    """Values of Ctrl.TABLE_STATE, written by the daemon only (see Daemon._quarantine)."""
+    """Values of Ctrl.TABLE_STATE, written by the daemon only (see CommitLoop.quarantine)."""
 
     OK = _native.TABLE_OK
     # cannot go on: reads work if its lock does, writes raise TableQuarantined

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .errors import LockTimeout, SegmentError
+from ..errors import LockTimeout, SegmentError
 
 # glibc's pthread_mutex_t is 40 bytes on x86-64 and 48 on aarch64; keep a full cache line.
 MUTEX_NBYTES = 64

@@ -40,8 +40,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..config import SelectorSpec
-from ..engine._native import Heap as _NativeHeap
+from ...config import SelectorSpec
+from .._native import Heap as _NativeHeap
 from ..sumtree import sumtree_capacity
 from .base import ArraySpecs, Deterministic
 

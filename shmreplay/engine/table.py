@@ -27,10 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import FieldSpec, RateLimiterSpec, TableSpec
-from .engine import _native
-from .engine._native import SampleCore
-from .errors import (
+from ..config import FieldSpec, RateLimiterSpec, TableSpec
+from ..errors import (
     ClientCutOff,
     DaemonNotRunning,
     InvalidArgumentError,
@@ -38,6 +36,9 @@ from .errors import (
     SegmentError,
     TableQuarantined,
 )
+from ..values import check_priorities
+from . import _native
+from ._native import SampleCore
 from .events import Event
 from .layout import LINE, PUBLISH_CAPACITY, Chan, Ctrl, SlotState, TableState
 from .mutex import RobustMutex
@@ -46,7 +47,6 @@ from .rings import ring_get, ring_put
 from .selectors import selector_class
 from .selectors.base import CorruptStructure
 from .shm import Segment, physical_memory
-from .values import check_priorities
 
 log = logging.getLogger("shmreplay")
 SLOT_MASK = np.uint64(0xFFFFFFFF)

@@ -58,19 +58,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import (
+from ..engine.layout import Ctrl
+from ..engine.table import Sample
+from ..errors import (
     ClientClosedError,
     InvalidArgumentError,
     LockTimeout,
     RateLimiterTimeout,
     ShmReplayError,
 )
-from .layout import Ctrl
-from .table import Sample
 
 if TYPE_CHECKING:
+    from ..config import FieldSpec
     from .client import Client, Table
-    from .config import FieldSpec
 
 __all__ = ["Prefetcher", "Batch", "PrefetcherStats", "Allocate", "Prepare", "SLICE_S"]
 
@@ -253,8 +253,6 @@ class Prefetcher(Iterator[Sample]):
         (e.g. while a device copy is in flight). Raises :class:`InvalidArgumentError` for
         impossible settings, :class:`DaemonNotRunning` if the daemon is gone.
         """
-        from .client import attach  # the loader builds on the client; not the other way round
-
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
             raise InvalidArgumentError(f"batch_size must be an int, got {batch_size!r}")
         if batch_size < 1:
@@ -287,7 +285,7 @@ class Prefetcher(Iterator[Sample]):
         make = allocate or numpy_buffers
         buffers = [None if copy else make(fields, self.batch_size) for _ in range(count)]
         # After the buffers: a failed allocation (pinned memory refused, ...) leaves no client.
-        client = attach(table.client.instance, timeout=5.0, seed=seed)
+        client = table.client.attach_another(timeout=5.0, seed=seed)
         try:
             worker = _Worker(client, client.table(table.name), self.batch_size, buffers, prepare)
             thread = threading.Thread(

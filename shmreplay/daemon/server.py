@@ -35,9 +35,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
-from .config import TableSpec, check_instance_name, to_toml
-from .errors import ConfigError, DaemonNotRunning, ShmReplayError
-from .instance import (
+from ..config import TableSpec, check_instance_name, to_toml
+from ..engine.instance import (
     InstanceRecord,
     lock_path,
     record_path,
@@ -45,6 +44,7 @@ from .instance import (
     shm_objects,
     socket_path,
 )
+from ..errors import ConfigError, DaemonNotRunning, ShmReplayError
 
 __all__ = ["Server", "ServerStartError"]
 
@@ -316,7 +316,7 @@ def _quote(tail: str, log_path: str | None) -> str:
 def _serving(socket_path: str) -> bool:
     """Whether the daemon behind ``socket_path`` serves its tables: its control socket answers
     during a restore too, with state "restoring"."""
-    from .control import ControlClient
+    from ..control import ControlClient
 
     try:
         ctl = ControlClient(socket_path, timeout=POLL_S * 20)

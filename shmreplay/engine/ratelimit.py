@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import RATE_LIMITER_KINDS, RateLimiterSpec
+from ..config import RATE_LIMITER_KINDS, RateLimiterSpec
 from .layout import Ctrl, Param
 
 

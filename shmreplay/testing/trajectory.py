@@ -89,7 +89,7 @@ def sequence_writer(
     many in the history: within the episode, or across episodes if ``cross_episode`` (the
     history is then kept by ``end_episode(clear_buffers=False)``). Puts (writer_id, items)."""
     import shmreplay
-    from shmreplay.trajectory import TrajectoryWriter
+    from shmreplay.client.trajectory import TrajectoryWriter
 
     rng = np.random.default_rng(seed)
     client = shmreplay.attach(instance, timeout=10)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .engine import _native
+from . import _native
 
 
 def sumtree_capacity(num_leaves: int) -> int:

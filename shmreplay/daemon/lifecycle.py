@@ -1,18 +1,20 @@
-"""The daemon: owns the tables' shared memory, commits what writers publish, leases free slots.
+"""The daemon's life: start-up, the main loop, shutdown (:class:`Daemon`, :func:`serve`).
 
-One process per instance. The main thread runs the commit loop: drain every writer's publish
-ring, commit the slots under the table mutex in one vectorised batch, refill the writers' lease
-rings, wake the processes waiting on it, then sleep on the instance's semaphore until a writer
-posts it. A second thread serves the control socket (``hello``/``bye``/``info``/``shutdown``) and
-notices a client's death by its connection closing; the main thread then reclaims what that
-client held. SIGTERM and SIGINT shut down cleanly: waiters are woken with an error, segments and
-semaphores are unlinked, the socket and the instance record removed.
+One process per instance. Start-up takes the instance lock, adopts what a dead daemon of the
+instance left in /dev/shm (or allocates the tables), restores a checkpoint, opens the control
+socket and writes the instance record. The main thread then runs the commit loop
+(:mod:`shmreplay.daemon.commit_loop`): drain every writer's publish ring, commit, refill the
+lease rings, wake waiters, nap or sleep on the instance's semaphore until a writer posts it. A
+second thread serves the control socket (:mod:`shmreplay.daemon.control_server`) and notices a
+client's death by its connection closing; the main thread then reclaims what that client held
+(:mod:`shmreplay.daemon.clients`). SIGTERM and SIGINT shut down cleanly: waiters are woken with
+an error, segments and semaphores are unlinked, the socket and the instance record removed.
 
 Faults are contained (see :meth:`Daemon.run`): only a requested stop removes the tables. Every
 value the commit loop reads from memory a client can write (ring positions, slots, lease
 requests, priorities) is checked first; a client that wrote nonsense is cut off alone
-(:meth:`Daemon._cut_off`). A table whose commit or lease fails is quarantined alone
-(:meth:`Daemon._quarantine`). Any other error ends the daemon with status 1 and leaves every
+(``Clients.cut_off``). A table whose commit or lease fails is quarantined alone
+(``CommitLoop.quarantine``). Any other error ends the daemon with status 1 and leaves every
 table in /dev/shm for the next daemon to adopt.
 """
 
@@ -23,30 +25,47 @@ import errno
 import fcntl
 import logging
 import os
-import queue
-import resource
 import signal
 import socket
-import struct
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import posix_ipc
 import psutil
 
-from .config import (
+from ..config import (
     RATE_LIMITER_KINDS,
     Config,
     RateLimiterSpec,
     TableSpec,
     parse_rate_limiter,
 )
-from .control import encode
-from .control_server import CONTROL_LOCK_TIMEOUT_S, ControlServer, progress_update
-from .engine import _native
-from .errors import (
+from ..engine.events import Event, sem_path
+from ..engine.instance import (
+    TABLE_EVENTS,
+    InstanceRecord,
+    event_name,
+    lock_path,
+    record_path,
+    recorded_daemon_alive,
+    remove_shm_objects,
+    runtime_dir,
+    segment_name,
+    shm_objects,
+    socket_path,
+    start_stamp,
+)
+from ..engine.layout import (
+    FORMAT_VERSION,
+    Ctrl,
+    compute_layout,
+)
+from ..engine.ownership import check_owner, in_the_way
+from ..engine.shm import SHM_DIR, Segment, format_bytes, shm_free_bytes
+from ..engine.table import TableCore, TableEvents
+from ..errors import (
     CheckpointError,
     ConfigError,
     DaemonAlreadyRunning,
@@ -57,54 +76,14 @@ from .errors import (
     ShmReplayError,
     TableNotFoundError,
 )
-from .events import Event, sem_path
-from .instance import (
-    TABLE_EVENTS,
-    InstanceRecord,
-    check_owner,
-    event_name,
-    in_the_way,
-    is_out_of_descriptors,
-    lock_path,
-    process_alive,
-    record_path,
-    recorded_daemon_alive,
-    remove_shm_objects,
-    runtime_dir,
-    segment_name,
-    shm_objects,
-    socket_path,
-    start_stamp,
-)
-from .layout import (
-    FORMAT_VERSION,
-    LEASE_CAPACITY,
-    PUBLISH_CAPACITY,
-    Chan,
-    Ctrl,
-    Sleep,
-    TableState,
-    compute_layout,
-)
+from .clients import Clients, group_id
+from .commit_loop import ACTIVE_WINDOW_S, QUARANTINE_S, CommitLoop, ServedTable
+from .control_server import CONTROL_LOCK_TIMEOUT_S, ControlServer, progress_update
 from .metrics import MetricsServer
 from .notify import Notifier
-from .shm import SHM_DIR, Segment, format_bytes, shm_free_bytes
-from .table import TableCore, TableEvents
 
 log = logging.getLogger("shmreplay")
 
-# With writers active the daemon never sleeps longer than this: it bounds the delay of a wake-up
-# lost to store/load reordering between a writer's publish and the daemon's sleeping flag.
-ACTIVE_SLEEP_S = 0.002  # a nap: bounds the delay from publish to sampleable
-# Descriptors the daemon keeps free for its own work (a checkpoint opens a file per field at
-# once, the lock file, directories to fsync; /proc reads; the metrics server): a connection
-# that would eat into them is refused with TooManyOpenFiles instead.
-FD_RESERVE = 32
-ACCEPT_PAUSE_S = 0.1  # no descriptor even to refuse a connection: look again this much later
-STALL_WARN_S = 2.0  # the commit loop says who holds a table lock this long
-QUARANTINE_S = 1.0  # far longer than any client takes to write a row or copy a sample
-ACTIVE_WINDOW_S = 0.05  # writers quiet for this long: sleep until woken instead of napping
-IDLE_SLEEP_S = 0.1
 LIVENESS_CHECK_S = 0.1  # how often client pids are checked (connection EOF is the fast path)
 EVENT_KINDS = TABLE_EVENTS  # shm_objects knows them by name
 UNIX_PATH_MAX = 107  # sun_path holds 108 bytes, with the terminating NUL
@@ -134,47 +113,6 @@ def check_fits(config: Config, present: frozenset[str] = frozenset()) -> int:
     return need
 
 
-@dataclass
-class _Client:
-    channel: int
-    pid: int
-    start_time: float | None
-    conn: socket.socket | None = None
-    # What it held was taken back (it died, or was cut off); its channel stays reserved until
-    # the control thread reports its connection closed (see Daemon._reclaim).
-    reclaimed: bool = False
-    leaving: bool = False  # the control thread reported its connection closed (bye, EOF)
-
-
-@dataclass
-class _TableState:
-    core: TableCore
-    outstanding: np.ndarray  # per channel: slots leased and not yet committed
-    # Slots a dead daemon's clients held, and when to free them (see TableCore.adopt).
-    quarantine: tuple[float, np.ndarray] | None = None
-    rotation: int = 0  # which wanting writer is served first next time
-    # The rate limiter left nothing to lease to the writers that wait. Only a sample (or a
-    # delete, reset or limiter change) can change that, and each of those posts the daemon:
-    # no need to nap and re-check every ACTIVE_SLEEP_S meanwhile.
-    starved: bool = False
-    # The daemon's own copies of the ring indices it owns (the copies in shared memory are only
-    # published for the writers: a client may overwrite them, the daemon never reads them back).
-    pub_head: np.ndarray | None = None
-    lease_tail: np.ndarray | None = None
-    # Why the table was quarantined (see Daemon._quarantine), None while it is sound.
-    broken: str | None = None
-    # The compiled round over the table's channels (Daemon._round_for): drain, finish, lease.
-    round: _native.CommitRound | None = None
-    out_slots: np.ndarray | None = None  # where the round drains to (slots, priorities)
-    out_prios: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        if self.pub_head is None:
-            self.pub_head = np.zeros(len(self.outstanding), np.int64)
-        if self.lease_tail is None:
-            self.lease_tail = np.zeros(len(self.outstanding), np.int64)
-
-
 class Daemon:
     """One shmreplay instance: ``Daemon(config).run()`` serves until SIGTERM/SIGINT/shutdown."""
 
@@ -196,23 +134,23 @@ class Daemon:
         self._serving = False
         self.name = config.server.name
         self.max_clients = config.server.max_clients
-        self.tables: dict[str, _TableState] = {}
+        self.tables: dict[str, ServedTable] = {}
         self.segments: list[Segment] = []
         self.events: list[Event] = []
         self.wake: Event | None = None
         self._stop = threading.Event()
         self._lock_fd: int | None = None
         self._listener: socket.socket | None = None
-        self._clients: dict[int, _Client] = {}
-        self._clients_lock = threading.Lock()
-        self._dead: queue.Queue[tuple[int, str]] = queue.Queue()
         # Channels whose rings the commit loop reads: registered, not yet reclaimed or cut off.
         # Only this decides, never the PID a client could write into its channel line.
         self._active = np.zeros(self.max_clients, dtype=bool)
+        self.loop = CommitLoop(
+            self.tables, self._active, self.max_clients, lambda c, why: self.clients.cut_off(c, why)
+        )
+        self.clients = Clients(config, self.tables, self._active, self.loop)
         self._serve_started = False  # past start-up: an error now keeps every table
         self._thread: threading.Thread | None = None
         self._owns_files = False
-        self._fd_refusing = False  # refusing connections for want of descriptors (logged once)
         self._restoring = False  # the control socket answers, the tables are being restored
         self._control = ControlServer(self)
 
@@ -309,7 +247,7 @@ class Daemon:
                 directory,
                 self.config.server.checkpoint_keep,
                 progress=self._progress,
-                gid=_group_id(self.config.server.group),  # checkpoints as private as the tables
+                gid=group_id(self.config.server.group),  # checkpoints as private as the tables
             )
         log.info("%s", report.summary())
         return {
@@ -340,19 +278,14 @@ class Daemon:
         for t in self.tables.values():
             t.core.ctrl[Ctrl.SHUTDOWN] = 1  # writers stop here; what they published is kept
             if self._serve_started:
-                self._service(t)
+                self.loop.service(t)
         try:
             self.checkpoint()
         except Exception:
             log.exception("the final checkpoint failed; the previous one is intact")
 
     def _broken_tables(self) -> str:
-        """Which tables are quarantined and why, as a phrase ('' if none)."""
-        return "; ".join(
-            f"table {n!r} is quarantined ({t.broken})"
-            for n, t in self.tables.items()
-            if t.broken is not None
-        )
+        return self.loop.broken_tables()
 
     def _maybe_periodic_checkpoint(self, now: float) -> None:
         interval = self.config.server.checkpoint_interval_s
@@ -412,9 +345,9 @@ class Daemon:
         self._take_instance_lock()
         adoptable = self._leftovers()
         need = check_fits(self.config, frozenset(adoptable))
-        gid = _group_id(self.config.server.group)
+        gid = group_id(self.config.server.group)
         mode = 0o660 if gid is not None else 0o600
-        self.wake = _create_event(event_name(self.name, None, "daemon"), mode, gid)
+        self.wake = self.loop.wake = _create_event(event_name(self.name, None, "daemon"), mode, gid)
         self.events.append(self.wake)
         adopted = set(adoptable)
         for spec in self.config.tables:
@@ -593,8 +526,7 @@ class Daemon:
             self.events.append(ev)
             evs[kind] = ev
         core = TableCore(seg, TableEvents(daemon=self.wake, **evs))
-        state = _TableState(core, np.zeros(self.max_clients, np.int64))
-        state.round = self._round_for(state)
+        state = self.loop.new_table(core)
         # The start time goes in first: a reader that sees our pid sees it too (Ctrl).
         core.ctrl[Ctrl.DAEMON_START] = start_stamp(psutil.Process().create_time())
         if adopt is None:
@@ -604,7 +536,7 @@ class Daemon:
                 committed, held = core.adopt(os.getpid())
             except Exception as exc:  # a table that cannot be taken over costs only itself
                 self.tables[spec.name] = state
-                self._quarantine(state, f"adopting it failed: {type(exc).__name__}: {exc}", exc)
+                self.loop.quarantine(state, f"adopting it failed: {type(exc).__name__}: {exc}", exc)
                 return
             for skipped in core.skipped_at_adoption:
                 log.error("table %r: not committed at adoption: %s", spec.name, skipped)
@@ -707,493 +639,38 @@ class Daemon:
             else:
                 log.info("instance %r stopped; shared memory released", self.name)
 
-    # -- the commit loop -------------------------------------------------------------------------
-
     def serve_forever(self) -> None:
-        """The commit loop, until a stop is requested. An exception out of it is a bug of the
-        daemon's own (tables and clients are contained in _service and _cut_off): run() then
-        keeps every table for the next daemon."""
+        """The main loop, until a stop is requested: commit rounds, reclaims, liveness checks,
+        periodic checkpoints, naps. An exception out of it is a bug of the daemon's own (tables
+        and clients are contained in CommitLoop.service and Clients.cut_off): run() then keeps
+        every table for the next daemon."""
         next_liveness = time.monotonic() + LIVENESS_CHECK_S
         last_work = 0.0
         fault_after = _injected_fault()
         while not self._stop.is_set():
             self.notifier.watchdog_tick()  # here, not in a thread: a stuck loop gets restarted
-            if fault_after is not None and self._committed_total() >= fault_after:
+            if fault_after is not None and self.loop.committed_total() >= fault_after:
                 raise RuntimeError(f"{FAULT_ENV}: injected fault after {fault_after} item(s)")
-            worked = False
-            for t in self.tables.values():
-                worked |= self._service(t)
-            while not self._dead.empty():
-                self._reclaim(*self._dead.get())
+            worked = self.loop.run_round()
+            self.clients.reclaim_departed()
             now = time.monotonic()
             if now >= next_liveness:
-                self._check_clients()
-                self._end_quarantines(now)
+                self.clients.check_alive()
+                self.loop.end_quarantines(now)
                 self._maybe_periodic_checkpoint(now)
                 next_liveness = now + LIVENESS_CHECK_S
             if worked:
                 last_work = now
             # Also after a round that worked: while writers are active the daemon naps between
-            # rounds whatever was published meanwhile (see _sleep), instead of a round per item.
-            self._sleep(active=now - last_work < ACTIVE_WINDOW_S)
-
-    def _committed_total(self) -> int:
-        return sum(int(t.core.ctrl[Ctrl.TOTAL_INSERTED]) for t in self.tables.values())
-
-    @contextlib.contextmanager
-    def _locked(self, t: _TableState, what: str):
-        """The table's lock, for the commit loop. A process stopped (SIGSTOP) while holding it
-        cannot be told from a slow one and its lock cannot be taken from it: wait, and say
-        every STALL_WARN_S who holds it."""
-        waited = 0.0
-        while True:
-            try:
-                t.core.mutex.acquire(STALL_WARN_S)
-                break
-            except LockTimeout:
-                waited += STALL_WARN_S
-                log.warning(
-                    "table %r: its lock has been held by pid %d for %.0f s (a stopped process?);"
-                    " %s waits",
-                    t.core.name,
-                    t.core.mutex.owner_pid,
-                    waited,
-                    what,
-                )
-        try:
-            yield
-        finally:
-            t.core.mutex.release()
-
-    def _end_quarantines(self, now: float) -> None:
-        """Free the slots a dead daemon's clients held, once they must have noticed (the
-        post-adoption hold, not a quarantined table: see _quarantine)."""
-        for name, t in self.tables.items():
-            if t.quarantine is not None and t.broken is None and now >= t.quarantine[0]:
-                try:
-                    freed = t.core.release_quarantined(t.quarantine[1])
-                except Exception as exc:
-                    self._quarantine(t, f"{type(exc).__name__}: {exc}", exc)
-                    continue
-                t.quarantine = None
-                if freed:
-                    log.info("table %r: %d slot(s) held before the restart freed", name, freed)
-
-    def _round_for(self, t: _TableState) -> _native.CommitRound:
-        """The compiled round over ``t``'s channels, on the daemon's private arrays (its ring
-        ends, the active channels) and the segment's rings."""
-        a = t.core.segment.arrays
-        size = self.max_clients * PUBLISH_CAPACITY
-        t.out_slots, t.out_prios = np.empty(size, np.int64), np.empty(size, np.float64)
-        rnd = _native.CommitRound(
-            t.core._commit_engine(),
-            a["chan.ctrl"].reshape(-1),
-            a["chan.lease"].reshape(-1),
-            a["chan.publish"].reshape(-1),
-            self._active,
-            t.pub_head,
-            t.lease_tail,
-            t.outstanding,
-            t.out_slots,
-            t.out_prios,
-        )
-        rnd.set_mutex(a["mutex"])  # commit_round tries the table's lock itself
-        return rnd
-
-    def _sleep(self, active: bool) -> None:
-        """Nap while writers are busy (they need not wake us per item); sleep long once they
-        have been quiet for ACTIVE_WINDOW_S (the next publish wakes us).
-
-        The daemon's half of the Dekker pair with a publishing writer: raise the flag (store,
-        seq_cst fence: set_sleeping), then look at every PUB_TAIL (pending); a writer stores
-        its PUB_TAIL, fences, then looks at the flag. One of the two sees the other."""
-        tables = [t for t in self.tables.values() if t.broken is None]
-        writers = active and any(not t.starved and t.round.any_writer() for t in tables)
-        flag = Sleep.NAP if writers else Sleep.IDLE
-        # Per table, one call (settle): raise the flag (store, seq_cst fence), then read who
-        # waits on us (SAMPLER_WAITING, WAIT_INSERT: bit 1) and whether anything was
-        # published (every PUB_TAIL: bit 2). The Dekker pairs are per table (a writer checks
-        # its own table's flag), so each table's check may follow its own store.
-        state = 0
-        for t in tables:
-            state |= t.round.settle(flag)
-        # The commit policy. Writers active and nobody waiting on us: nap, even if items were
-        # published meanwhile (they are committed at the nap's end, ACTIVE_SLEEP_S at most: a
-        # round per ACTIVE_SLEEP_S, not per item). A writer low on leases, a flush or a waiting
-        # sampler posts us and ends the nap at once. Otherwise re-check after raising the flag:
-        # a writer that published before seeing it did not post.
-        urgent = not writers or state & 1
-        if not urgent or not state & 2:
-            self.wake.wait(ACTIVE_SLEEP_S if writers else IDLE_SLEEP_S)
-        for t in tables:
-            t.core.ctrl[Ctrl.DAEMON_SLEEPING] = Sleep.AWAKE
-
-    def _service(self, t: _TableState) -> bool:
-        """Commit what was published, refill leases, wake waiters. True if anything happened.
-
-        Raises nothing on a table's account: a value a client wrote that makes no sense cuts
-        that client off (:meth:`_cut_off`); any other error quarantines the table
-        (:meth:`_quarantine`). Blocks only while another process holds the table's lock."""
-        if t.broken is not None:
-            return False
-        try:
-            return self._commit_and_lease(t)
-        except Exception as exc:
-            self._quarantine(t, f"{type(exc).__name__}: {exc}", exc)
-            return True
-
-    def _commit_and_lease(self, t: _TableState) -> bool:
-        core = t.core
-        rnd = t.round
-        # Every active channel's run, checked and copied once, then committed under the lock
-        # (tried once), the selectors and the eviction included, and PUB_HEAD released: one
-        # call (commit_round). What it leaves to Python: refused runs, a busy or orphaned lock,
-        # structures to repair.
-        res = rnd.commit_round()
-        committed, n, refused = 0, 0, None
-        if res is None:
-            pass
-        elif type(res) is int:
-            n = 1  # something was drained
-            if res >= 0:
-                committed = res
-            else:  # -2: committed, then a selector failed: repair, evict, release PUB_HEAD
-                with self._locked(t, "committing"):
-                    committed = core._commit_repaired(core._commit_engine(), res, None, None)
-                rnd.finish()
-        else:
-            n, refused = res
-            if refused is False:  # we hold the lock; its previous owner died holding it
-                core.mutex.recover_from_dead_owner()
-                core.mutex.release()
-                refused = None
-            if refused:
-                for c, why in refused:
-                    self._cut_off(c, f"table {core.name!r}: {why}")
-            if n:
-                with self._locked(t, "committing"):
-                    committed = core.commit(t.out_slots[:n], t.out_prios[:n], in_place=True)
-                rnd.finish()  # PUB_HEAD store-release per drained channel
-        leased = self._refill(t)
-        wait_insert, wait_sample = rnd.waiters()  # after a seq_cst fence (Dekker)
-        if committed and wait_sample:  # a waiting sampler is on the critical path
-            core.events.sample.post(wait_sample)
-        if core.ctrl[Ctrl.SAMPLER_WAITING]:
-            # Clear the hint, then re-check: a sampler sets its flag before the hint.
-            core.ctrl[Ctrl.SAMPLER_WAITING] = 0
-            if rnd.waiters()[1]:
-                core.ctrl[Ctrl.SAMPLER_WAITING] = 1
-        if (n or refused or leased) and wait_insert:
-            core.events.insert.post(wait_insert)
-        return bool(n or refused or leased)
-
-    def _refill(self, t: _TableState) -> int:
-        core = t.core
-        t.starved = False
-        limited = core.limiter.blocks_inserts
-        # [(channel, want, have)], active channels only; unlimited, empty when every writer's
-        # lease ring is more than half full (decided in C: most rounds lease nothing).
-        wanting = t.round.wanting(0 if limited else int(core.spec.headroom))
-        if not wanting:
-            return 0
-        # The writers move their lease heads: checked against the tails we wrote.
-        ok = []
-        for c, want, have in wanting:
-            if want < 0:
-                self._cut_off(c, f"table {core.name!r}: it asked for {want} slots")
-            elif not 0 <= have <= LEASE_CAPACITY:
-                self._cut_off(
-                    c,
-                    f"table {core.name!r}: its lease ring's head is {have} slot(s) behind "
-                    f"the tail {int(t.lease_tail[c])} (capacity {LEASE_CAPACITY})",
-                )
-            else:
-                ok.append((c, want, have))
-        if not ok:
-            return 0
-        if limited and core.limiter.insert_allowance(1, int(t.outstanding.sum())) == 0:
-            # Read without the lock, as a hint: counters only move towards more budget through
-            # a sample, delete or reset, each of which posts us (see t.starved).
-            t.starved = True
-            return 0
-        # Scalars in Python, not numpy: this runs at every wake-up of the commit loop.
-        headroom = min(max(int(core.spec.headroom) // (2 * len(ok)), 1), LEASE_CAPACITY)
-        if not limited:  # keep every writer's lease ring filled, refilling at half
-            ok = [(c, w, h, headroom - h if h <= headroom // 2 else 0) for c, w, h in ok]
-            if not any(x[3] for x in ok):
-                return 0
-        if len(ok) > 1:
-            # Writers served first get the limiter's budget (or the last free slots) first:
-            # rotate who that is.
-            t.rotation += 1
-            shift = t.rotation % len(ok)
-            ok = ok[shift:] + ok[:shift]
-        total = 0
-        with self._locked(t, "leasing slots"):
-            core.check_counts()
-            pending = int(t.outstanding.sum())
-            if limited:
-                # What each writer asked for (see Table._wait_for_lease), and more ahead of
-                # need only out of a wide budget: at most a quarter of what the limiter
-                # allows now is shared out ahead, so a writer going idle cannot hoard it.
-                free = core.limiter.insert_allowance(LEASE_CAPACITY * len(ok), pending)
-                ahead = min(headroom, free // (4 * len(ok)))
-                ok = [
-                    (c, w, h, min(max(max(min(w, LEASE_CAPACITY), ahead) - h, 0), LEASE_CAPACITY))
-                    for c, w, h in ok
-                ]
-            need = sum(x[3] for x in ok)
-            budget = core.limiter.insert_allowance(need, pending)
-            t.starved = limited and budget <= 0 < need
-            for c, _, _, n in ok:
-                n = min(n, budget)
-                if n <= 0:
-                    continue
-                k = t.round.lease(c, n)  # LEASE_TAIL store-release inside
-                if k < 0:
-                    # The free ring lists a slot that is not one, or not free, or twice.
-                    core._repair_counts("its free ring lists slots that are not free")
-                    k = max(t.round.lease(c, n), 0)
-                if k == 0:
-                    break
-                budget -= k
-                total += k
-        return total
-
-    def _quarantine(self, t: _TableState, why: str, exc: BaseException | None = None) -> None:
-        """Stop serving a table that cannot go on (its lock is corrupt, or committing to it or
-        leasing from it raised), not the instance. Its structures are rebuilt from the per-slot
-        metadata if its lock still works, so samplers keep reading it; writers get
-        TableQuarantined; it is written to no checkpoint and stays in /dev/shm at exit, for
-        the next daemon to adopt (and repair)."""
-        if t.broken is not None:
-            return
-        t.broken = why
-        core = t.core
-        core.ctrl[Ctrl.TABLE_STATE] = TableState.QUARANTINED
-        log.error(
-            "table %r quarantined: %s; samplers may still read it, writers are refused, and it "
-            "stays in /dev/shm for the next daemon to adopt (restart the daemon to repair it)",
-            core.name,
-            why,
-            exc_info=exc,
-        )
-        try:
-            with core.mutex.held(STALL_WARN_S):
-                core.repair()
-        except Exception as repair_exc:
-            log.error("table %r: could not rebuild its structures: %s", core.name, repair_exc)
-        # Writers waiting for a lease or a commit look again, and raise.
-        core.events.insert.post(int(np.count_nonzero(core.chan[:, Chan.WAIT_INSERT])) + 1)
-
-    # -- clients ---------------------------------------------------------------------------------
-
-    def _register(self, pid: int, conn: socket.socket) -> int:
-        """Give a new client a channel (control thread). A channel is free again only once the
-        previous client's connection was reported closed and its reclaim finished."""
-        with self._clients_lock:
-            used = set(self._clients)
-            free = [c for c in range(self.max_clients) if c not in used]
-            if not free:
-                raise ShmReplayError(
-                    f"instance {self.name!r} already has {self.max_clients} clients attached; "
-                    "raise max_clients in [server] or close unused clients"
-                )
-            c = free[0]
-            try:
-                start = psutil.Process(pid).create_time()
-            except psutil.Error:
-                start = None
-            self._clients[c] = _Client(c, pid, start, conn)
-        for t in self.tables.values():
-            if t.broken is None:  # (a quarantined table's channels wait for adoption)
-                t.core.chan[c, :] = 0
-            t.outstanding[c] = 0
-            t.pub_head[c] = 0
-            t.lease_tail[c] = 0
-            t.core.chan[c, Chan.PID] = pid
-        self._active[c] = True  # last: the commit loop reads the channel from now on
-        log.info("client pid %d attached (channel %d)", pid, c)
-        return c
-
-    def _check_clients(self) -> None:
-        with self._clients_lock:
-            clients = [c for c in self._clients.values() if not c.reclaimed]
-        for cl in clients:
-            if not process_alive(cl.pid, cl.start_time):
-                self._take_back(cl, "died")
-                # Its connection reports the death too, unless a child inherited it: close it
-                # on our side so that the control thread frees the channel either way.
-                _shutdown(cl.conn)
-
-    def _reclaim(self, channel: int, reason: str = "disconnected") -> None:
-        """The control thread reported ``channel``'s connection closed (once per attach): take
-        back what its client held, if not done already, and free the channel."""
-        with self._clients_lock:
-            client = self._clients.get(channel)
-        if client is None:
-            return
-        if not client.reclaimed:
-            self._take_back(client, reason)
-        with self._clients_lock:
-            self._clients.pop(channel, None)  # last: _register may hand the channel out now
-
-    def _take_back(self, client: _Client, reason: str) -> None:
-        """Commit what a departed client published, then free the slots it still held."""
-        channel = client.channel
-        for t in self.tables.values():
-            self._service(t)  # commit what it published before it went away: nothing is lost
-        self._active[channel] = False
-        client.reclaimed = True
-        freed = self._free_channel(channel)
-        log.info(
-            "client pid %d (channel %d) %s; %d unused leased slot(s) returned",
-            client.pid,
-            channel,
-            reason,
-            freed,
-        )
-
-    def _free_channel(self, channel: int) -> int:
-        """Free every slot leased to (or being released by) ``channel`` in every table, and
-        clear its channel lines; the channel is inactive already. Returns the slots freed."""
-        freed = 0
-        for name, t in self.tables.items():
-            t.core.chan[channel, Chan.WANT_LEASE] = 0
-            t.outstanding[channel] = 0
-            if t.broken is not None:
-                # What it leased and published waits for the next daemon: adopt() commits
-                # what was published and frees the rest.
-                continue
-            repairs = int(t.core.ctrl[Ctrl.REPAIRS])
-            try:
-                with self._locked(t, "reclaiming a client's slots"):
-                    # A holder that died is detected here, and repaired first.
-                    freed += t.core.reclaim_channel(channel)
-            except Exception as exc:
-                self._quarantine(t, f"{type(exc).__name__}: {exc}", exc)
-                continue
-            if int(t.core.ctrl[Ctrl.REPAIRS]) != repairs:
-                log.warning(
-                    "table %r: a process died holding its lock; rebuilt its structures from "
-                    "the per-slot metadata",
-                    name,
-                )
-        return freed
-
-    def _cut_off(self, channel: int, why: str) -> None:
-        """A client wrote a value that makes no sense where only it writes: stop reading its
-        channel, take back what it held (what it published and was not committed is dropped),
-        close its connection. Its next call raises ClientCutOff; other clients go on."""
-        if not self._active[channel]:
-            return
-        self._active[channel] = False
-        with self._clients_lock:
-            client = self._clients.get(channel)
-        pid = client.pid if client is not None else 0
-        log.error(
-            "client pid %d (channel %d) cut off: %s; its connection is closed and the slots it "
-            "held are taken back (its uncommitted items are dropped)",
-            pid,
-            channel,
-            why,
-        )
-        if client is not None:
-            client.reclaimed = True
-        self._free_channel(channel)
-        for t in self.tables.values():
-            t.core.events.insert.post(1)  # it may wait for a lease: it looks again, and raises
-            t.core.events.sample.post(1)
-        if client is not None:
-            _shutdown(client.conn)
+            # rounds whatever was published meanwhile (see CommitLoop.sleep), instead of a round
+            # per item.
+            self.loop.sleep(active=now - last_work < ACTIVE_WINDOW_S)
 
     # -- control socket (its own thread) ------------------------------------------------------
 
     def _serve_control(self) -> None:
-        """The control thread: see :mod:`shmreplay.control_server`."""
+        """The control thread: see :mod:`shmreplay.daemon.control_server`."""
         self._control.serve()
-
-    def _accept(self) -> tuple[socket.socket | None, bool]:
-        """Accept one control connection, or refuse it with an error reply and close it: a
-        peer not allowed (SO_PEERCRED), or no descriptor to spare (the daemon keeps
-        FD_RESERVE free for its own work: checkpoints, /proc). Returns the connection (None
-        if none was accepted) and whether accept() itself found no descriptor."""
-        try:
-            conn, _ = self._listener.accept()
-        except BlockingIOError:
-            return None, False
-        except OSError as exc:
-            if not is_out_of_descriptors(exc):
-                return None, False
-            self._fd_shortage(None)
-            return None, True
-        short = self._fd_shortage(conn)
-        if short is not None:
-            _refuse(conn, "TooManyOpenFiles", short)
-            return None, False
-        refused = self._peer_refused(conn)
-        if refused is not None:
-            _refuse(conn, "PermissionDenied", refused)
-            return None, False
-        return conn, False
-
-    def _fd_shortage(self, conn: socket.socket | None) -> str | None:
-        """A message if the daemon has fewer than FD_RESERVE descriptors to spare (``conn``
-        counted as spent), else None. The first refusal is logged, and the recovery."""
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        try:
-            used = len(os.listdir("/proc/self/fd")) - 1  # the listing's own descriptor
-        except OSError:
-            used = soft
-        if conn is not None and used + FD_RESERVE <= soft:
-            if self._fd_refusing:
-                self._fd_refusing = False
-                log.info("file descriptors available again (%d of %d in use)", used, soft)
-            return None
-        message = (
-            f"the shmreplay daemon of instance {self.name!r} (pid {os.getpid()}) is out of file "
-            f"descriptors ({used} in use, limit {soft}, {FD_RESERVE} kept for itself) and "
-            "refuses new connections until some close; close unused clients, or raise its "
-            "limit (LimitNOFILE= in its systemd unit, ulimit -n before shmreplay serve), then "
-            "attach again"
-        )
-        if not self._fd_refusing:
-            self._fd_refusing = True
-            with self._clients_lock:
-                attached = len(self._clients)
-            log.warning(
-                "out of file descriptors: %d in use of a limit of %d (%d clients attached); "
-                "refusing new control connections until some close (logged once)",
-                used,
-                soft,
-                attached,
-            )
-        return message
-
-    def _peer_refused(self, conn: socket.socket) -> str | None:
-        """The socket's mode already keeps others out; the kernel's word on the peer (its uid,
-        SO_PEERCRED) is checked too: our user, root, or a member of [server] group. Returns
-        why the peer is refused, or None."""
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, uid, gid = struct.unpack("3i", creds)
-        if uid in (0, os.getuid()):
-            return None
-        group = _group_id(self.config.server.group)
-        if group is not None and (gid == group or _user_in_group(uid, group)):
-            return None
-        log.warning("refused a control connection from pid %d (uid %d): not allowed", pid, uid)
-        if group is None:
-            return (
-                f"uid {uid} may not use instance {self.name!r}: its daemon (uid {os.getuid()}) "
-                "admits only its own user and root; to admit others, set group in [server] of "
-                "its tables.toml and add them to that group"
-            )
-        g = self.config.server.group
-        return (
-            f"uid {uid} may not use instance {self.name!r}: its daemon (uid {os.getuid()}) "
-            f"admits its own user, root and the members of group {g!r}; add this user to it "
-            f"(usermod -aG {g} <user>) and log in again"
-        )
 
     def set_rate_limiter(self, req: dict) -> dict:
         """Reconfigure a table's limiter: ``rate_limiter`` as in tables.toml, or ``spec`` as
@@ -1214,7 +691,7 @@ class Daemon:
         log.info("table %r: rate limiter set to %s", name, spec)
         return _plain(core.limiter.info().__dict__)
 
-    def _table(self, name: object) -> _TableState:
+    def _table(self, name: object) -> ServedTable:
         if name not in self.tables:
             raise TableNotFoundError(
                 f"no table {name!r} in instance {self.name!r}; tables: {', '.join(self.tables)}"
@@ -1226,14 +703,7 @@ class Daemon:
         state ("ok", or "quarantined" and why). Waits at most CONTROL_LOCK_TIMEOUT_S for a
         healthy table's lock, then raises LockTimeout naming the table and the pid holding it.
         While restoring, ``tables`` is empty and ``progress`` tells how far the restore is."""
-        # Attached clients: not those that left, whose channel waits for its reclaim (marked
-        # leaving by the control thread before it answers their bye).
-        with self._clients_lock:
-            clients = [
-                {"pid": c.pid, "channel": c.channel}
-                for c in self._clients.values()
-                if not (c.reclaimed or c.leaving)
-            ]
+        clients = self.clients.attached()
         state = self.state
         tables = {}
         if state != "restoring":
@@ -1248,7 +718,7 @@ class Daemon:
             "tables": tables,
         }
 
-    def _table_info(self, t: _TableState) -> dict:
+    def _table_info(self, t: ServedTable) -> dict:
         """A table's info, with its state: "ok", or "quarantined" and why. A healthy table whose
         lock stays held past CONTROL_LOCK_TIMEOUT_S raises LockTimeout naming the holder; a
         table whose statistics cannot be read otherwise (its lock corrupt, or quarantined)
@@ -1298,30 +768,6 @@ def _injected_fault() -> int | None:
     return int(count or 0)
 
 
-def _shutdown(conn: socket.socket | None) -> None:
-    """End a client's control connection from our side: the control thread then sees it
-    closed, reports it and frees its channel (see Daemon._reclaim)."""
-    if conn is not None:
-        with contextlib.suppress(OSError):
-            conn.shutdown(socket.SHUT_RDWR)
-
-
-def _error(kind: str, message: str) -> dict:
-    return {"ok": False, "type": kind, "error": message}
-
-
-def _refuse(conn: socket.socket, kind: str, message: str) -> None:
-    """Answer a connection's first request in advance with an error, and close it. The
-    client reads the reply even if its request arrives after the close (see ControlClient)."""
-    try:
-        conn.settimeout(0.5)  # the reply fits in any socket buffer; never wait on the peer
-        conn.sendall(encode(_error(kind, message)))
-    except OSError:
-        pass
-    finally:
-        conn.close()
-
-
 def _plain(obj):
     """Make a value msgpack-able (tuples to lists, numpy scalars to Python numbers)."""
     if isinstance(obj, dict):
@@ -1331,28 +777,6 @@ def _plain(obj):
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
-
-
-def _user_in_group(uid: int, gid: int) -> bool:
-    import grp
-    import pwd
-
-    try:
-        user = pwd.getpwuid(uid)
-        return user.pw_gid == gid or user.pw_name in grp.getgrgid(gid).gr_mem
-    except KeyError:
-        return False
-
-
-def _group_id(group: str | None) -> int | None:
-    if group is None:
-        return None
-    import grp
-
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise ShmReplayError(f"[server] group = {group!r}: no such group on this machine") from None
 
 
 def serve(

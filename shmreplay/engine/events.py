@@ -65,7 +65,7 @@ class Event:
         then cannot be swapped by another user."""
         sem = posix_ipc.Semaphore(name)
         if owner is not None:
-            from .instance import check_owner, planted
+            from .ownership import check_owner, planted
 
             path = sem_path(name)
             try:

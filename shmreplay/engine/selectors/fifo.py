@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..config import SelectorSpec
-from ..engine._native import OrderRing
+from ...config import SelectorSpec
+from .._native import OrderRing
 from .base import ArraySpecs, Deterministic
 
 HOLE = -1

@@ -79,11 +79,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import FieldSpec
-from .engine import _native
-from .errors import ClientClosedError, InvalidArgumentError, RateLimiterTimeout, SignatureError
-from .shm import physical_memory
-from .values import check_priority, python_values_fit
+from ..config import FieldSpec
+from ..engine import _native
+from ..engine.shm import physical_memory
+from ..errors import ClientClosedError, InvalidArgumentError, RateLimiterTimeout, SignatureError
+from ..values import check_priority, python_values_fit
 
 if TYPE_CHECKING:
     from .client import Client, Table

@@ -18,10 +18,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..config import SelectorSpec
-from ..engine import _native
-from ..errors import SegmentError
-from ..values import DBL_MAX
+from ...config import SelectorSpec
+from ...errors import SegmentError
+from ...values import DBL_MAX
+from .. import _native
 
 ArraySpecs = list[tuple[str, str, tuple[int, ...]]]
 # Given slots, how many more times each may be sampled (None: no max_times_sampled).
