@@ -80,6 +80,14 @@ def main() -> None:
     is_flag=True,
     help="Restore only the newest items of a checkpoint larger than a table's max_size.",
 )
+@click.option(
+    "--owner-pid",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="PID",
+    help="Stop as on SIGTERM once process PID has exited (shmreplay.Server passes its own "
+    "process, so that a killed program leaves no daemon behind).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages too.")
 def serve(
     tables_path: str,
@@ -87,6 +95,7 @@ def serve(
     fresh: bool,
     restore_path: str | None,
     truncate: bool,
+    owner_pid: int | None,
     verbose: bool,
 ) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT.
@@ -103,7 +112,11 @@ def serve(
     config = load_config(tables_path)
     if name is not None:
         config = replace(config, server=replace(config.server, name=name))
-    sys.exit(run_daemon(config, fresh=fresh, restore=restore_path, truncate=truncate))
+    sys.exit(
+        run_daemon(
+            config, fresh=fresh, restore=restore_path, truncate=truncate, owner_pid=owner_pid
+        )
+    )
 
 
 @main.command()

@@ -48,6 +48,7 @@ from ..engine.instance import (
     InstanceRecord,
     event_name,
     lock_path,
+    process_alive,
     record_path,
     recorded_daemon_alive,
     remove_shm_objects,
@@ -122,8 +123,12 @@ class Daemon:
         fresh: bool = False,
         restore: str | None = None,
         truncate: bool = False,
+        owner_pid: int | None = None,
     ) -> None:
         self.config = config
+        # The process whose exit stops us (shmreplay.Server's), as (pid, start time): a pid
+        # reused by another process does not keep us alive.
+        self._owner = None if owner_pid is None else _owner(owner_pid)
         self.fresh = fresh  # discard what a dead daemon left instead of adopting it
         self.restore = restore  # a checkpoint to restore (default: the latest in checkpoint_dir)
         self.truncate = truncate  # restore the newest items of a checkpoint too big for a table
@@ -656,6 +661,7 @@ class Daemon:
             now = time.monotonic()
             if now >= next_liveness:
                 self.clients.check_alive()
+                self._check_owner()
                 self.loop.end_quarantines(now)
                 self._maybe_periodic_checkpoint(now)
                 next_liveness = now + LIVENESS_CHECK_S
@@ -667,6 +673,16 @@ class Daemon:
             self.loop.sleep(active=now - last_work < ACTIVE_WINDOW_S)
 
     # -- control socket (its own thread) ------------------------------------------------------
+
+    def _check_owner(self) -> None:
+        if self._owner is not None and not process_alive(*self._owner):
+            log.warning(
+                "the process that started this daemon (pid %d, --owner-pid) has exited: "
+                "shutting down",
+                self._owner[0],
+            )
+            self._owner = None
+            self.request_stop()
 
     def _serve_control(self) -> None:
         """The control thread: see :mod:`shmreplay.daemon.control_server`."""
@@ -758,6 +774,14 @@ def _create_event(name: str, mode: int, gid: int | None) -> Event:
         ) from exc
 
 
+def _owner(pid: int) -> tuple[int, float | None]:
+    """``pid`` and its start time; ConfigError if no such process (it exited already)."""
+    try:
+        return pid, psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        raise ConfigError(f"--owner-pid {pid}: no such process (has it exited?)") from None
+
+
 def _injected_fault() -> int | None:
     """For the tests of what an unexpected error keeps: ``SHMREPLAY_INJECT_FAULT=commit-loop:N``
     makes the commit loop raise once N items were committed. Not for production use."""
@@ -780,9 +804,15 @@ def _plain(obj):
 
 
 def serve(
-    config: Config, fresh: bool = False, restore: str | None = None, truncate: bool = False
+    config: Config,
+    fresh: bool = False,
+    restore: str | None = None,
+    truncate: bool = False,
+    owner_pid: int | None = None,
 ) -> int:
-    """Run a daemon for ``config`` in the foreground until SIGTERM/SIGINT. Tables a dead daemon
-    of the same instance left in /dev/shm are adopted (``fresh``: discarded); the others are
-    restored from ``restore`` or the latest checkpoint in checkpoint_dir, if any."""
-    return Daemon(config, fresh=fresh, restore=restore, truncate=truncate).run()
+    """Run a daemon for ``config`` in the foreground until SIGTERM/SIGINT (or until process
+    ``owner_pid`` exits). Tables a dead daemon of the same instance left in /dev/shm are adopted
+    (``fresh``: discarded); the others are restored from ``restore`` or the latest checkpoint in
+    checkpoint_dir, if any."""
+    daemon = Daemon(config, fresh=fresh, restore=restore, truncate=truncate, owner_pid=owner_pid)
+    return daemon.run()

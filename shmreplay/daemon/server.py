@@ -85,6 +85,11 @@ class Server:
     ``sys.stderr`` (inherited; errors then quote nothing). ``extra_args`` are added to the
     ``serve`` command line (``("--fresh",)``, ``("--restore", path)``, ...). Blocks for at most
     ``ready_timeout`` seconds until the daemon serves; attach with ``shmreplay.attach(name)``.
+
+    The daemon lives as long as this process: it stops (as on :meth:`stop`, with a final
+    checkpoint if checkpoint_dir is set) within ~0.1 s of this process exiting, even by
+    ``kill -9``, so a killed program leaves no daemon and no shared memory behind.
+    ``stop_with_owner=False`` lets it outlive this process (stop it with ``shmreplay stop``).
     """
 
     # Class-level defaults, so that stop() and __del__ are safe on a half-built object.
@@ -102,6 +107,7 @@ class Server:
         log: str | os.PathLike | IO | int | None = None,
         extra_args: Sequence[str] = (),
         ready_timeout: float | None = 30.0,
+        stop_with_owner: bool = True,
     ) -> None:
         # Checked here, before anything starts: the daemon would refuse it after a second.
         self.name = _default_name() if name is None else check_instance_name(name, "Server(name=)")
@@ -119,6 +125,7 @@ class Server:
                     str(path),
                     "--name",
                     self.name,
+                    *(("--owner-pid", str(os.getpid())) if stop_with_owner else ()),
                     *extra_args,
                 ],
                 stdin=subprocess.DEVNULL,
