@@ -1,7 +1,8 @@
 """The daemon: one process per instance, owner of the tables' shared memory.
 
-- :mod:`.lifecycle`: :class:`Daemon`: start-up (instance lock, adoption of what a dead daemon
-  left, allocation, restore), the main loop, shutdown and cleanup; ``serve``.
+- :mod:`.lifecycle`: :class:`Daemon`: start-up (allocation or adoption, restore), the main
+  loop, shutdown and cleanup; ``serve``.
+- :mod:`.adoption`: the instance lock, and what a dead daemon of the instance left in /dev/shm.
 - :mod:`.commit_loop`: the commit loop over every table: drain, commit, lease, wake, nap;
   quarantine of a table that cannot go on.
 - :mod:`.clients`: attached clients: channels, liveness, reclaim of a dead client's slots,

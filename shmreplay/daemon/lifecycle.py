@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import signal
@@ -50,11 +49,7 @@ from ..engine.instance import (
     lock_path,
     process_alive,
     record_path,
-    recorded_daemon_alive,
-    remove_shm_objects,
-    runtime_dir,
     segment_name,
-    shm_objects,
     socket_path,
     start_stamp,
 )
@@ -63,20 +58,18 @@ from ..engine.layout import (
     Ctrl,
     compute_layout,
 )
-from ..engine.ownership import check_owner, in_the_way
+from ..engine.ownership import in_the_way
 from ..engine.shm import SHM_DIR, Segment, format_bytes, shm_free_bytes
 from ..engine.table import TableCore, TableEvents
 from ..errors import (
     CheckpointError,
     ConfigError,
-    DaemonAlreadyRunning,
-    DaemonNotRunning,
     InsufficientSharedMemory,
     LockTimeout,
-    SegmentError,
     ShmReplayError,
     TableNotFoundError,
 )
+from .adoption import leftovers, take_instance_lock
 from .clients import Clients, group_id
 from .commit_loop import ACTIVE_WINDOW_S, QUARANTINE_S, CommitLoop, ServedTable
 from .control_server import CONTROL_LOCK_TIMEOUT_S, ControlServer, progress_update
@@ -347,8 +340,8 @@ class Daemon:
         self.notifier.extend_timeout(60)
 
     def start(self) -> None:
-        self._take_instance_lock()
-        adoptable = self._leftovers()
+        self._lock_fd = take_instance_lock(self.name)
+        adoptable = leftovers(self.config, self.fresh)
         need = check_fits(self.config, frozenset(adoptable))
         gid = group_id(self.config.server.group)
         mode = 0o660 if gid is not None else 0o600
@@ -388,128 +381,6 @@ class Daemon:
                 for n, t in self.tables.items()
             ),
         )
-
-    def _take_instance_lock(self) -> None:
-        """Hold ``<name>.lock`` in the runtime directory (checked: this user's, closed to
-        others) for as long as the daemon runs. ``shmreplay gc`` removes a lock file nobody
-        holds (while holding it): if ours was unlinked between open and flock, open again."""
-        runtime_dir(daemon=True)
-        path = lock_path(self.name)
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                rec = InstanceRecord.read(self.name)
-                if rec is None or not rec.alive():
-                    raise DaemonAlreadyRunning(
-                        f"{path} is locked by another process (a daemon of instance "
-                        f"{self.name!r} starting, or shmreplay gc cleaning up); try again in "
-                        "a moment"
-                    ) from None
-                who = f" (pid {rec.pid})"
-                raise DaemonAlreadyRunning(
-                    f"a shmreplay daemon already serves instance {self.name!r}{who}; stop it "
-                    f"(shmreplay stop --name {self.name}) or choose another --name"
-                ) from None
-            try:
-                same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)  # gc removed the file we opened: lock the one at the path now
-        self._lock_fd = fd
-
-    def _leftovers(self) -> dict[str, Segment]:
-        """What a dead daemon of this instance left (we hold the lock): its table segments,
-        checked against tables.toml, to adopt (or, with ``fresh``, nothing: all removed). Its
-        semaphores, socket and record are removed either way.
-
-        Only objects of this daemon's user are adopted or removed: another user's object under
-        our name is refused (PermissionDenied naming it, its owner and what to do), never
-        trusted (its owner could read and write our rows) nor deleted. Segments whose recorded
-        daemon (pid and start time, Ctrl.DAEMON_START) is alive are refused with
-        DaemonAlreadyRunning before anything is touched: that daemon may use another runtime
-        directory, so our lock does not see it."""
-        me = os.geteuid()
-        stem = segment_name(self.name, "")[1:]
-        entries = shm_objects(self.name)
-        segments: dict[str, Segment] = {}
-        sems: list[str] = []
-        try:
-            for entry in entries:
-                path = os.path.join(SHM_DIR, entry)
-                try:
-                    st = os.lstat(path)
-                except FileNotFoundError:
-                    continue
-                is_sem = entry.startswith("sem.")
-                what = "a semaphore of this instance" if is_sem else "a table segment"
-                check_owner(path, st, me, what, daemon=True)
-                if is_sem:
-                    sems.append(entry)
-                    continue
-                try:
-                    seg = Segment.attach("/" + entry, owner=me, daemon=True)
-                except DaemonNotRunning:
-                    continue  # gone since it was listed
-                except SegmentError as exc:
-                    if self.fresh:
-                        continue  # not a table: removed below
-                    raise SegmentError(
-                        f"{path} is not a shmreplay table ({exc}); remove it (rm {path}) or "
-                        "start with --fresh to discard it"
-                    ) from exc
-                segments[entry[len(stem) :]] = seg
-                pid = recorded_daemon_alive(seg)
-                if pid is not None and pid != os.getpid():
-                    raise DaemonAlreadyRunning(
-                        f"a shmreplay daemon (pid {pid}) serves instance {self.name!r}: its "
-                        f"table {path} says so (that daemon may use another runtime "
-                        f"directory than {lock_path(self.name).parent}); stop it (kill -TERM "
-                        f"{pid}) or choose another --name"
-                    )
-            for path in (socket_path(self.name), record_path(self.name)):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-            if self.fresh:
-                for seg in segments.values():
-                    seg.close()
-                segments = {}
-                if entries:
-                    remove_shm_objects(self.name)
-                    log.warning(
-                        "--fresh: discarded %d object(s) a dead daemon of instance %r left: %s",
-                        len(entries),
-                        self.name,
-                        " ".join(entries),
-                    )
-                return {}
-            specs = {t.name: t for t in self.config.tables}
-            for table, seg in segments.items():
-                if table not in specs:
-                    raise ConfigError(
-                        f"a dead daemon of instance {self.name!r} left table {table!r} in "
-                        f"/dev/shm, which tables.toml does not define; serve the tables.toml it "
-                        f"ran with, or start with --fresh to discard its items"
-                    )
-                expected = compute_layout(specs[table], self.max_clients)
-                if seg.layout.digest != expected.digest:
-                    raise ConfigError(
-                        f"table {table!r} left in /dev/shm by a dead daemon was made for another "
-                        f"definition ({seg.layout.spec.to_dict()}) than tables.toml's "
-                        f"({specs[table].to_dict()}); serve the old definition to keep its "
-                        "items, or start with --fresh to discard them"
-                    )
-            for entry in sems:
-                Event.unlink("/" + entry[len("sem.") :])
-        except BaseException:
-            for seg in segments.values():
-                seg.close()
-            raise
-        return segments
 
     def _create_table(
         self, spec: TableSpec, mode: int, gid: int | None, adopt: Segment | None = None
