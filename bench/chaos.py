@@ -55,8 +55,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import shmreplay
-from shmreplay.checkpoint import latest_checkpoint, read_checkpoint
-from shmreplay.instance import record_path, remove_shm_objects, shm_objects, socket_path
+from shmreplay.daemon.checkpoint import latest_checkpoint, read_checkpoint
+from shmreplay.engine.instance import record_path, remove_shm_objects, shm_objects, socket_path
 from shmreplay.testing import (
     STAMPED_SIGNATURE,
     DaemonProcess,

@@ -39,10 +39,15 @@ import numpy as np
 
 import shmreplay
 from bench.run import W2_ROW_BYTES, W2_SIG, emit
-from shmreplay.checkpoint import latest_checkpoint, read_checkpoint, restore_table, write_checkpoint
 from shmreplay.config import FieldSpec, SelectorSpec, TableSpec
-from shmreplay.layout import Ctrl
-from shmreplay.table import TableCore
+from shmreplay.daemon.checkpoint import (
+    latest_checkpoint,
+    read_checkpoint,
+    restore_table,
+    write_checkpoint,
+)
+from shmreplay.engine.layout import Ctrl
+from shmreplay.engine.table import TableCore
 from shmreplay.testing import DaemonProcess, local_table, table_toml
 
 CTX = mp.get_context("spawn")

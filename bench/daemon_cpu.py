@@ -33,8 +33,8 @@ import posix_ipc
 import psutil
 
 import shmreplay
-from shmreplay.daemon import ACTIVE_SLEEP_S
-from shmreplay.layout import Chan, Ctrl
+from shmreplay.daemon.commit_loop import ACTIVE_SLEEP_S
+from shmreplay.engine.layout import Chan, Ctrl
 from shmreplay.testing import DaemonProcess, table_toml
 
 from .run import emit, emit_reference, w1_batch, w1_row

@@ -5,9 +5,9 @@
 
 Prints one JSON line per figure, after the ``memcpy`` reference line of :mod:`bench.run`.
 
-1. ``selector``: each selector kind registered in ``shmreplay.selectors`` (new kinds are picked
-   up by themselves), driven directly over numpy arrays (no daemon, no mutex) at 1k, 100k and 1M
-   items: ``insert`` of 256, ``sample(256)``, ``update`` of 256 random present items and
+1. ``selector``: each selector kind registered in ``shmreplay.engine.selectors`` (new kinds
+   are picked up by themselves), driven directly over numpy arrays (no daemon, no mutex) at 1k,
+   100k and 1M items: ``insert`` of 256, ``sample(256)``, ``update`` of 256 random present items and
    ``remove`` of 256 random present items followed by ``insert`` of 256 (steady-state churn: the
    size stays put; random removal is what ``delete()``, ``max_times_sampled`` and the other
    role's evictions do). A ``selector_growth`` line per kind compares the cost at 1M with that at 1k
@@ -35,9 +35,9 @@ import psutil
 
 import shmreplay
 from shmreplay.config import SelectorSpec, TableSpec
-from shmreplay.layout import Chan
-from shmreplay.selectors import _SELECTORS
-from shmreplay.selectors.base import Selector
+from shmreplay.engine.layout import Chan
+from shmreplay.engine.selectors import _SELECTORS
+from shmreplay.engine.selectors.base import Selector
 from shmreplay.testing import DaemonProcess, table_toml
 
 from .run import WINDOWS, emit, emit_reference

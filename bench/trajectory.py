@@ -32,8 +32,8 @@ import numpy as np
 
 import shmreplay
 from bench.run import emit, emit_reference, spread, windowed_rate
+from shmreplay.client.trajectory import TrajectoryWriter
 from shmreplay.testing import DaemonProcess, table_toml
-from shmreplay.trajectory import TrajectoryWriter
 
 CTX = mp.get_context("spawn")
 

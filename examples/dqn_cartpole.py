@@ -28,7 +28,7 @@ Architecture (every box is a process; tables live in /dev/shm)::
   epsilons (ε_i = 0.4^(1 + 7·i/(N−1))) through a numpy copy of the Q-network (a 4→128→128→2
   MLP costs ~12 µs per step in numpy, several times more in torch, and torch would add
   ~200 MB and seconds of import to each actor), and write one n-step transition per step with
-  :class:`shmreplay.adders.NStepTransitionAdder`. The time limit at 500 steps is
+  :class:`shmreplay.NStepTransitionAdder`. The time limit at 500 steps is
   ``done=True, discount=1`` (bootstrapped from s'), a fallen pole ``discount=0``.
 - The learner samples prioritized batches (priority exponent α in tables.toml), weighs each
   item by ``(table_size · probability)^-β / max`` (β annealed to 1), takes one Adam step on the
@@ -203,7 +203,7 @@ class ShmSink:
 
     def __init__(self, name: str, cfg: Config) -> None:
         import shmreplay
-        from shmreplay.adders import NStepTransitionAdder
+        from shmreplay import NStepTransitionAdder
 
         self._timeout = shmreplay.RateLimiterTimeout
         self.client = shmreplay.attach(name, timeout=30)
@@ -234,7 +234,7 @@ class NStepBuffer:
     """The adder's n-step transitions, computed the same way, for the Queue transport."""
 
     def __init__(self, n: int, gamma: float) -> None:
-        from shmreplay.adders import nstep_returns
+        from shmreplay.client.adders import nstep_returns
 
         self.n, self.gamma = n, gamma
         self._returns = nstep_returns
@@ -614,7 +614,7 @@ def _stats_view(buf, actors: int) -> np.ndarray:
 
 def tables_toml(name: str, cfg: Config, rate_limited: bool) -> str:
     """The instance's tables: n-step transitions, and the learner's newest weights."""
-    from shmreplay.adders import NStepTransitionAdder
+    from shmreplay import NStepTransitionAdder
 
     if rate_limited:
         spi = cfg.samples_per_insert
@@ -674,7 +674,7 @@ def start_server(name: str, toml_text: str):
 
 
 def shm_leftovers(name: str) -> list[str]:
-    from shmreplay.instance import shm_objects
+    from shmreplay.engine.instance import shm_objects
 
     return shm_objects(name)
 

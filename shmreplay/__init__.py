@@ -11,6 +11,8 @@ Start a daemon with ``shmreplay serve --tables tables.toml``, then in any local 
 """
 
 from .client import Client, ReservedSlot, Table, attach
+from .client.adders import NStepTransitionAdder
+from .client.trajectory import TrajectoryWriter
 from .config import (
     Config,
     FieldSpec,
@@ -20,6 +22,8 @@ from .config import (
     TableSpec,
     load_config,
 )
+from .daemon.server import Server, ServerStartError
+from .engine.table import Sample, SampleInfo, TableInfo
 from .errors import (
     CheckpointError,
     ClientClosedError,
@@ -41,9 +45,6 @@ from .errors import (
     TableNotFoundError,
     TooManyOpenFiles,
 )
-from .server import Server, ServerStartError
-from .table import Sample, SampleInfo, TableInfo
-from .trajectory import TrajectoryWriter
 
 __version__ = "0.1.0"
 
@@ -54,6 +55,7 @@ __all__ = [
     "Table",
     "ReservedSlot",
     "TrajectoryWriter",
+    "NStepTransitionAdder",
     "Sample",
     "SampleInfo",
     "TableInfo",

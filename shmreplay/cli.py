@@ -80,6 +80,14 @@ def main() -> None:
     is_flag=True,
     help="Restore only the newest items of a checkpoint larger than a table's max_size.",
 )
+@click.option(
+    "--owner-pid",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="PID",
+    help="Stop as on SIGTERM once process PID has exited (shmreplay.Server passes its own "
+    "process, so that a killed program leaves no daemon behind).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages too.")
 def serve(
     tables_path: str,
@@ -87,6 +95,7 @@ def serve(
     fresh: bool,
     restore_path: str | None,
     truncate: bool,
+    owner_pid: int | None,
     verbose: bool,
 ) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT.
@@ -98,12 +107,16 @@ def serve(
     held. Logs go to stderr.
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT)
-    from .daemon import serve as run_daemon
+    from .daemon.lifecycle import serve as run_daemon
 
     config = load_config(tables_path)
     if name is not None:
         config = replace(config, server=replace(config.server, name=name))
-    sys.exit(run_daemon(config, fresh=fresh, restore=restore_path, truncate=truncate))
+    sys.exit(
+        run_daemon(
+            config, fresh=fresh, restore=restore_path, truncate=truncate, owner_pid=owner_pid
+        )
+    )
 
 
 @main.command()
@@ -148,7 +161,7 @@ def info(name: str, as_json: bool, watch: float | None, timeout: float) -> None:
 
 
 def _print_info(data: dict, before: dict | None, dt: float, as_json: bool) -> None:
-    from .shm import format_bytes
+    from .engine.shm import format_bytes
 
     def rate(tname: str, key: str) -> float | None:
         if before is None or tname not in before["tables"] or dt <= 0:
@@ -197,7 +210,7 @@ _TIMEOUT_HELP = (
 def checkpoint(name: str, timeout: float | None) -> None:
     """Write a checkpoint of every table now (into [server] checkpoint_dir) and wait for it,
     showing its progress."""
-    from .shm import format_bytes
+    from .engine.shm import format_bytes
 
     with _ProgressBar("checkpoint") as bar:
         report = _request(name, "checkpoint", timeout=timeout, progress=bar.update)["checkpoint"]
@@ -236,8 +249,8 @@ def _connect(name: str, timeout: float | None):
     """A control connection to the daemon of ``name`` whose peer is checked against its
     record, and that record."""
     from .control import DEFAULT_TIMEOUT_S, ControlClient
+    from .engine.instance import InstanceRecord, check_peer
     from .errors import DaemonNotRunning
-    from .instance import InstanceRecord, check_peer
 
     rec = InstanceRecord.read(name)
     if rec is None or not rec.alive():
@@ -349,8 +362,8 @@ def stop(name: str, timeout: float | None) -> None:
     of its final checkpoint (with [server] checkpoint_dir)."""
     import time
 
+    from .engine.instance import process_alive
     from .errors import DaemonBusy
-    from .instance import process_alive
 
     deadline = None if timeout is None else time.monotonic() + timeout
     ctl, rec = _connect(name, timeout)  # rec: the record whose daemon the socket's peer is
@@ -378,9 +391,9 @@ def stop(name: str, timeout: float | None) -> None:
 @click.argument("tables_path", type=click.Path(dir_okay=False))
 def validate(tables_path: str) -> None:
     """Check a tables.toml and print the shared memory each table needs."""
-    from .daemon import check_fits
-    from .layout import compute_layout
-    from .shm import format_bytes, shm_free_bytes
+    from .daemon.lifecycle import check_fits
+    from .engine.layout import compute_layout
+    from .engine.shm import format_bytes, shm_free_bytes
 
     config = load_config(tables_path)
     total = 0
@@ -415,7 +428,7 @@ def gc(name: str | None, yes: bool) -> None:
     """
     import os
 
-    from .instance import find_leftovers, instances_in_sight
+    from .engine.instance import find_leftovers, instances_in_sight
 
     names = [name] if name else instances_in_sight()
     found = [find_leftovers(inst) for inst in names]

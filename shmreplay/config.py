@@ -42,9 +42,9 @@ DTYPES = (
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 MAX_TABLE_NAME = 64
 # An instance's longest object name is its semaphores' "sem.shmreplay.<instance>.<table>.sample"
-# (see shmreplay.instance), and a file name holds at most NAME_MAX (255) bytes on Linux. Names
-# have no '.', so the '.' after the instance name ends it: no instance's objects start with
-# another's prefix ("exp" and "exp.v2" cannot both exist).
+# (see shmreplay.engine.instance), and a file name holds at most NAME_MAX (255) bytes on
+# Linux. Names have no '.', so the '.' after the instance name ends it: no instance's objects
+# start with another's prefix ("exp" and "exp.v2" cannot both exist).
 NAME_MAX = 255
 MAX_INSTANCE_NAME = NAME_MAX - len("sem.shmreplay.") - len(".") - MAX_TABLE_NAME - len(".sample")
 
@@ -648,19 +648,7 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
                 f"{source}: table {t.name!r} is defined twice; table names must be unique"
             )
         seen.add(t.name)
-    _check_implemented(source, tables)
     return Config(server, tables)
-
-
-def _check_implemented(source: str, tables: tuple[TableSpec, ...]) -> None:
-    from .selectors import selector_class  # selectors import this module
-
-    for t in tables:
-        for role, sel in (("sampler", t.sampler), ("remover", t.remover)):
-            try:
-                selector_class(sel.kind)
-            except ConfigError as e:
-                raise _Where(source, t.name).error(f"{role}.kind", str(e)) from None
 
 
 def load_config(path: str | Path) -> Config:

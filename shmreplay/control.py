@@ -80,7 +80,7 @@ class ControlClient:
     sock: socket.socket | None = None
 
     def __init__(self, path: str, timeout: float = DEFAULT_TIMEOUT_S) -> None:
-        from .instance import access_denied, is_out_of_descriptors, out_of_descriptors
+        from .engine.ownership import access_denied, is_out_of_descriptors, out_of_descriptors
 
         self.path = path
         self.timeout = timeout

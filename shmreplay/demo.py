@@ -65,7 +65,7 @@ def _learner(name: str, batch_size: int, stop) -> None:
 
 def run_demo(duration: float = 10.0, actors: int = 2, batch_size: int = 256) -> int:
     import shmreplay
-    from shmreplay.instance import shm_objects
+    from shmreplay.engine.instance import shm_objects
 
     name = f"demo-{os.getpid()}"
     ctx = mp.get_context("spawn")

@@ -10,7 +10,7 @@ import tempfile
 import psutil
 import pytest
 
-from shmreplay.instance import shm_objects
+from shmreplay.engine.instance import shm_objects
 from shmreplay.testing import DaemonProcess
 
 
@@ -58,7 +58,7 @@ def _no_leaks():
             pass
     left = [e for e in shm_objects() if stem in e]
     if left:
-        from shmreplay.instance import remove_shm_objects
+        from shmreplay.engine.instance import remove_shm_objects
 
         for inst in {e.removeprefix("sem.").split(".")[1] for e in left}:
             remove_shm_objects(inst)

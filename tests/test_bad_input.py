@@ -105,7 +105,7 @@ def test_attach_without_daemon_says_how_to_start_one():
 
 def test_client_of_another_format_version_is_refused(daemon_factory, monkeypatch):
     d = daemon_factory(table_toml())
-    import shmreplay.layout as layout
+    import shmreplay.engine.layout as layout
 
     monkeypatch.setattr(layout, "FORMAT_VERSION", layout.FORMAT_VERSION + 1)
     with pytest.raises(shmreplay.FormatVersionError, match="format version"):

@@ -19,17 +19,17 @@ import numpy as np
 import pytest
 
 import shmreplay
-from shmreplay import checkpoint as cp
-from shmreplay.checkpoint import (
+from shmreplay.config import FieldSpec, SelectorSpec, TableSpec
+from shmreplay.daemon import checkpoint as cp
+from shmreplay.daemon.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     read_checkpoint,
     restore_table,
     write_checkpoint,
 )
-from shmreplay.config import FieldSpec, SelectorSpec, TableSpec
-from shmreplay.layout import Ctrl, SlotState
-from shmreplay.table import TableCore
+from shmreplay.engine.layout import Ctrl, SlotState
+from shmreplay.engine.table import TableCore
 from shmreplay.testing import (
     STAMPED_SIGNATURE,
     local_table,

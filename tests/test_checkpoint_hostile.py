@@ -28,11 +28,11 @@ import numpy as np
 import pytest
 
 import shmreplay
-from shmreplay import checkpoint as cp
-from shmreplay.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
 from shmreplay.config import FieldSpec, SelectorSpec, TableSpec
-from shmreplay.instance import remove_shm_objects
-from shmreplay.layout import SlotState
+from shmreplay.daemon import checkpoint as cp
+from shmreplay.daemon.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
+from shmreplay.engine.instance import remove_shm_objects
+from shmreplay.engine.layout import SlotState
 from shmreplay.testing import (
     STAMPED_SIGNATURE,
     local_table,

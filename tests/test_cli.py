@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 
-from shmreplay.instance import shm_objects
+from shmreplay.engine.instance import shm_objects
 from shmreplay.testing import table_toml
 
 

@@ -576,7 +576,7 @@ def test_checkpoint_returns_its_path(servers, tmp_path):
 
 
 def test_server_port_names_the_instance_and_stop_leaves_nothing(servers):
-    from shmreplay.instance import shm_objects
+    from shmreplay.engine.instance import shm_objects
 
     server = servers(tables=[_table()], port=45678)
     assert server.port == 45678 and server.instance_name.endswith("-reverb-45678")

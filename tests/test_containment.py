@@ -20,6 +20,9 @@ import numpy as np
 import pytest
 
 import shmreplay
+from shmreplay.engine.instance import remove_shm_objects, segment_name
+from shmreplay.engine.layout import LEASE_CAPACITY, PUBLISH_CAPACITY, Chan, Ctrl, SlotState
+from shmreplay.engine.shm import SHM_DIR
 from shmreplay.errors import (
     CheckpointError,
     ClientCutOff,
@@ -28,9 +31,6 @@ from shmreplay.errors import (
     ShmReplayError,
     TableQuarantined,
 )
-from shmreplay.instance import remove_shm_objects, segment_name
-from shmreplay.layout import LEASE_CAPACITY, PUBLISH_CAPACITY, Chan, Ctrl, SlotState
-from shmreplay.shm import SHM_DIR
 from shmreplay.testing import (
     STAMPED_SIGNATURE,
     DaemonProcess,

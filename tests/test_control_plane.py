@@ -1,6 +1,6 @@
 """A control plane no client can stall: real daemons, real peers that misbehave.
 
-Policy under test (see shmreplay/control_server.py): every connection is served at once and
+Policy under test (see shmreplay/daemon/control_server.py): every connection is served at once and
 without blocking; a peer that never reads, sends slowly or holds a table lock costs only itself;
 a reply answers the request whose id it carries; long operations report progress and take a
 timeout; a restoring daemon says so; attach honours its timeout and says why it gave up.
@@ -27,8 +27,8 @@ from test_hostile_input import connect as raw  # a bare control connection
 import shmreplay
 from shmreplay.control import ControlClient
 from shmreplay.control import encode as frame  # a request frame
+from shmreplay.engine.instance import InstanceRecord
 from shmreplay.errors import DaemonBusy, DaemonNotRunning
-from shmreplay.instance import InstanceRecord
 from shmreplay.testing import lock_holder, table_toml, unique_name
 
 CTX = mp.get_context("spawn")
@@ -153,7 +153,7 @@ def test_a_checkpoint_waits_a_bounded_time_for_a_stopped_lock_holder(daemon_fact
     did a stop's final checkpoint). Now it gives up after checkpoint.LOCK_TIMEOUT_S, naming the
     holder; the previous checkpoint stays the latest, and once the holder is gone a checkpoint
     succeeds."""
-    from shmreplay.checkpoint import LOCK_TIMEOUT_S
+    from shmreplay.daemon.checkpoint import LOCK_TIMEOUT_S
 
     d = daemon_factory(f'[server]\ncheckpoint_dir = "{tmp_path}"\n' + table_toml())
     assert cli("checkpoint", "--name", d.name).returncode == 0
@@ -413,9 +413,9 @@ def test_big_tables_statistics_scans_are_reused_by_the_daemon():
     """TableCore.info(max_age=...) (what the daemon's info and metrics call) reuses a recent
     scan of a big table's priorities and episodes instead of scanning every slot per call;
     info() without max_age (Table.info) always scans."""
-    from shmreplay import table as table_mod
     from shmreplay.config import load_config
-    from shmreplay.layout import Ctrl, SlotState
+    from shmreplay.engine import table as table_mod
+    from shmreplay.engine.layout import Ctrl, SlotState
     from shmreplay.testing import local_table
 
     def spec(max_size: int):

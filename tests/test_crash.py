@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import shmreplay
-from shmreplay.layout import SlotState
+from shmreplay.engine.layout import SlotState
 from shmreplay.testing import (
     STAMPED_SIGNATURE,
     half_writer,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import shmreplay
-from shmreplay.instance import remove_shm_objects
+from shmreplay.engine.instance import remove_shm_objects
 from shmreplay.testing import STAMPED_SIGNATURE, stamped_row, table_toml, verify_stamped
 
 

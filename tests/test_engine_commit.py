@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from shmreplay.engine import _native
-from shmreplay.layout import LEASE_CAPACITY, LINE, PUBLISH_CAPACITY, Chan, Ctrl, SlotState
+from shmreplay.engine.layout import LEASE_CAPACITY, LINE, PUBLISH_CAPACITY, Chan, Ctrl, SlotState
 from tests.reference.commit import CommitModel
 
 MAX_PRIORITY = 1e6
@@ -153,7 +153,7 @@ def run_sequence(seed: int, num_slots: int, clients: int, steps: int) -> None:
                 assert np.array_equal(eng.out_prios[:k], kprios)
             assert eng.round.finish() == model.finish()
         elif op < 0.97:
-            # A cut-off channel is reclaimed and given to a new client (Daemon._free_channel,
+            # A cut-off channel is reclaimed and given to a new client (Clients._free_channel,
             # _register): its slots freed, its lines and the daemon's copies zeroed.
             for c in np.flatnonzero(~ea["active"]):
                 for a in (ea, ma):
@@ -351,7 +351,7 @@ def test_items_trickling_in_are_committed_within_a_nap_without_flush(daemon_fact
     import time
 
     import shmreplay
-    from shmreplay.daemon import ACTIVE_SLEEP_S
+    from shmreplay.daemon.commit_loop import ACTIVE_SLEEP_S
     from shmreplay.testing import table_toml
 
     d = daemon_factory("\n" + table_toml(max_size=10_000))
@@ -382,7 +382,7 @@ EXPONENT = 0.6
 def selector_pair(kind: str, num_slots: int):
     """(engine selector, its arrays, reference selector over a copy, the copy's arrays)."""
     from shmreplay.config import SelectorSpec
-    from shmreplay.selectors import selector_class
+    from shmreplay.engine.selectors import selector_class
     from tests.reference import ordered_selectors as ro
     from tests.reference import random_selectors as rr
 
@@ -554,7 +554,7 @@ def test_a_failed_count_check_changes_nothing(kind):
 FULL_CRASH_SCRIPT = textwrap.dedent(
     """
     import numpy as np
-    from shmreplay.layout import Ctrl, SlotState
+    from shmreplay.engine.layout import Ctrl, SlotState
     from tests.test_engine_commit import Full, KINDS
     rng = np.random.default_rng(SEED)
     for sampler in KINDS:
@@ -602,7 +602,7 @@ def test_garbage_in_the_selectors_never_crashes_the_full_commit(seed):
 def test_commit_round_drains_commits_and_finishes_in_one_call():
     """commit_round on a free lock does what drain + commit_all + finish do; on a held lock
     (or refusals) it stops after the drain, as drain() returns."""
-    from shmreplay.mutex import MUTEX_NBYTES, RobustMutex
+    from shmreplay.engine.mutex import MUTEX_NBYTES, RobustMutex
 
     f = Full(64, "uniform", "fifo", 40, 2)
     g = Full(64, "uniform", "fifo", 40, 2)
@@ -677,8 +677,8 @@ class LoopRig:
 
         import posix_ipc
 
-        from shmreplay.layout import Param
-        from shmreplay.mutex import MUTEX_NBYTES, RobustMutex
+        from shmreplay.engine.layout import Param
+        from shmreplay.engine.mutex import MUTEX_NBYTES, RobustMutex
 
         self.f = Full(num_slots, "uniform", "fifo", max_size, seed)
         if clients != 2:
@@ -692,7 +692,7 @@ class LoopRig:
         self.params = np.zeros((Param.COUNT, LINE), np.float64)
         self.params_b = self.params[:, 0]  # the model reads the same lines
         from shmreplay.config import RateLimiterSpec
-        from shmreplay.ratelimit import RateLimiter
+        from shmreplay.engine.ratelimit import RateLimiter
 
         RateLimiter.initialize(RateLimiterSpec.min_size(1), self.params_b)
         self.sems = []
@@ -739,7 +739,7 @@ def random_limiter(rng, params: np.ndarray, ctrl_a: np.ndarray, ctrl_b: np.ndarr
     import warnings
 
     from shmreplay.config import RateLimiterSpec
-    from shmreplay.ratelimit import RateLimiter
+    from shmreplay.engine.ratelimit import RateLimiter
 
     kind = rng.integers(4)
     with warnings.catch_warnings():

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from shmreplay.config import SelectorSpec
-from shmreplay.selectors import selector_class
-from shmreplay.selectors.base import CorruptStructure
+from shmreplay.engine.selectors import selector_class
+from shmreplay.engine.selectors.base import CorruptStructure
 from tests.reference import ordered_selectors as model
 
 KINDS = ("fifo", "lifo", "min_heap", "max_heap")
@@ -256,8 +256,8 @@ GARBAGE_SCRIPT = textwrap.dedent(
     """
     import numpy as np
     from shmreplay.config import SelectorSpec
-    from shmreplay.selectors import selector_class
-    from shmreplay.selectors.base import CorruptStructure
+    from shmreplay.engine.selectors import selector_class
+    from shmreplay.engine.selectors.base import CorruptStructure
 
     rng = np.random.default_rng(5)
     outcomes = {"ok": 0, "corrupt": 0}

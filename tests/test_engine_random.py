@@ -14,10 +14,10 @@ import pytest
 
 from shmreplay.config import SelectorSpec
 from shmreplay.engine import _native
-from shmreplay.selectors.base import CorruptStructure, DenseSet
-from shmreplay.selectors.prioritized import Prioritized, priority_limit, weight_limit
-from shmreplay.selectors.uniform import Uniform
-from shmreplay.sumtree import SumTree, last_wins, sumtree_capacity
+from shmreplay.engine.selectors.base import CorruptStructure, DenseSet
+from shmreplay.engine.selectors.prioritized import Prioritized, priority_limit, weight_limit
+from shmreplay.engine.selectors.uniform import Uniform
+from shmreplay.engine.sumtree import SumTree, last_wins, sumtree_capacity
 from tests.reference.random_selectors import (
     DenseModel,
     PrioritizedModel,
@@ -358,9 +358,9 @@ GARBAGE_SCRIPT = textwrap.dedent(
     """
     import numpy as np
     from shmreplay.config import SelectorSpec
-    from shmreplay.selectors.base import CorruptStructure
-    from shmreplay.selectors.prioritized import Prioritized
-    from shmreplay.selectors.uniform import Uniform
+    from shmreplay.engine.selectors.base import CorruptStructure
+    from shmreplay.engine.selectors.prioritized import Prioritized
+    from shmreplay.engine.selectors.uniform import Uniform
 
     rng = np.random.default_rng(0)
     N = 37

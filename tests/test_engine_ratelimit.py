@@ -16,8 +16,8 @@ import pytest
 
 from shmreplay.config import RateLimiterSpec
 from shmreplay.engine import _native
-from shmreplay.layout import LINE, Ctrl, Param
-from shmreplay.ratelimit import RateLimiter
+from shmreplay.engine.layout import LINE, Ctrl, Param
+from shmreplay.engine.ratelimit import RateLimiter
 from tests.reference import ratelimit as ref
 
 

@@ -14,8 +14,8 @@ import pytest
 from shmreplay.engine._native import SampleCore
 
 import shmreplay
-import shmreplay.table
-from shmreplay.layout import LINE, Ctrl
+import shmreplay.engine.table
+from shmreplay.engine.layout import LINE, Ctrl
 from tests.reference import sample as ref
 
 CTRL_ROWS = 16
@@ -214,7 +214,7 @@ def test_a_generation_moved_before_the_copy_is_drawn_again(daemon_factory, monke
                 seen.append(int(slots[0]))
                 c.gen[slots[0]] += 2  # what a writer's seqlock does to a recycled slot
 
-        gather = shmreplay.table.TableCore._gather
+        gather = shmreplay.engine.table.TableCore._gather
 
         def spy(self, sel, out, positions, intact):
             n = gather(self, sel, out, positions, intact)
@@ -222,10 +222,10 @@ def test_a_generation_moved_before_the_copy_is_drawn_again(daemon_factory, monke
             return n
 
         before = int(core.ctrl[Ctrl.TOTAL_SAMPLED])
-        monkeypatch.setattr(shmreplay.table.TableCore, "_gather", spy)
-        monkeypatch.setattr(shmreplay.table, "before_copy_hook", move_gen)
+        monkeypatch.setattr(shmreplay.engine.table.TableCore, "_gather", spy)
+        monkeypatch.setattr(shmreplay.engine.table, "before_copy_hook", move_gen)
         s = t.sample(8, timeout=5)
-        monkeypatch.setattr(shmreplay.table, "before_copy_hook", None)
+        monkeypatch.setattr(shmreplay.engine.table, "before_copy_hook", None)
     assert len(s) == 8 and len(seen) == 1
     slots, intact, n = reports[0]
     # Every draw of the moved slot (uniform draws repeat items) is reported, and only those.
@@ -239,7 +239,7 @@ HOSTILE = textwrap.dedent(
     """
     import numpy as np
     from shmreplay.engine._native import SampleCore
-    from shmreplay.layout import LINE, Ctrl
+    from shmreplay.engine.layout import LINE, Ctrl
 
     rng = np.random.default_rng(0)
     n = 64

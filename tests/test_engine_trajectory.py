@@ -92,7 +92,7 @@ def test_history_indexing_in_c_matches_the_python_path(seed: int) -> None:
     selection (or the error) that the Python path ``_select_slow`` gives."""
     import gc
 
-    from shmreplay.trajectory import TrajectoryColumn, TrajectoryWriter
+    from shmreplay.client.trajectory import TrajectoryColumn, TrajectoryWriter
 
     rng = np.random.default_rng(seed)
     w = TrajectoryWriter(None, int(rng.integers(1, 40)))  # no client: nothing is sent
@@ -124,7 +124,7 @@ def test_history_indexing_in_c_matches_the_python_path(seed: int) -> None:
 
 
 def test_selection_fields_are_read_only_and_construction_checks_types() -> None:
-    from shmreplay.trajectory import TrajectoryColumn
+    from shmreplay.client.trajectory import TrajectoryColumn
 
     sel = TrajectoryColumn(object(), 5, 3)
     assert (sel._start, sel._length, sel._indices, sel._kind) == (5, 3, None, 0)
@@ -151,8 +151,8 @@ def test_random_sequences_send_the_model_items(daemon_factory, seed: int) -> Non
     """Every item the writer sends (its rows, priority and episode steps) is the one a plain
     list-of-steps model makes from the same calls; refused items are refused by both."""
     import shmreplay
+    from shmreplay.client.trajectory import TrajectoryWriter
     from shmreplay.testing import table_toml
-    from shmreplay.trajectory import TrajectoryWriter
 
     d = daemon_factory(table_toml(name="seq", max_size=20000, signature=SEQ4))
     rng = np.random.default_rng(seed)
@@ -231,8 +231,8 @@ def test_append_in_c_writes_all_or_nothing_and_defers_other_values() -> None:
     """traj_append copies a step only when every value is the field's own dtype and shape; any
     other value (Python numbers, casts, strided or byte-swapped arrays, a new field) goes
     through the Python path, with its checks and errors, and a refused step writes nothing."""
+    from shmreplay.client.trajectory import TrajectoryWriter
     from shmreplay.errors import InvalidArgumentError
-    from shmreplay.trajectory import TrajectoryWriter
 
     w = TrajectoryWriter(None, 4)  # no client: nothing is sent
     w.append({"x": np.float32(1.5), "v": np.arange(3, dtype=np.int64), "b": np.bool_(True)})

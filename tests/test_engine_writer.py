@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from shmreplay.engine import _native
+from shmreplay.engine.layout import LEASE_CAPACITY, LINE, PUBLISH_CAPACITY, Chan, Ctrl, Sleep
 from shmreplay.errors import SegmentError
-from shmreplay.layout import LEASE_CAPACITY, LINE, PUBLISH_CAPACITY, Chan, Ctrl, Sleep
 from tests.reference.writer import RefWriter
 
 DAEMON_PID = 4242
@@ -430,7 +430,7 @@ def test_a_refilled_lease_ring_does_not_post_the_napping_daemon():
     """The cached lease tail is refreshed only when the ring runs empty; the wake rule re-reads
     LEASE_TAIL before calling the lease low, so a writer whose ring the daemon keeps full never
     posts a napping daemon (before: the last LEASE_LOW_WATER items of each cached window did)."""
-    from shmreplay.layout import LEASE_LOW_WATER
+    from shmreplay.engine.layout import LEASE_LOW_WATER
 
     num_slots = 4 * LEASE_CAPACITY
     a, b = make_arrays(num_slots), make_arrays(num_slots)

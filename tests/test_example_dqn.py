@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shmreplay.instance import remove_shm_objects, shm_objects
+from shmreplay.engine.instance import remove_shm_objects, shm_objects
 
 INSTALL = "pip install -e '.[examples]'"
 pytest.importorskip("torch", reason=f"the DQN example's learner needs torch: {INSTALL}")

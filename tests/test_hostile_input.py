@@ -13,7 +13,7 @@ import pytest
 
 import shmreplay
 from shmreplay.control import MAX_FRAME, recv
-from shmreplay.instance import InstanceRecord
+from shmreplay.engine.instance import InstanceRecord
 from shmreplay.testing import table_toml
 
 

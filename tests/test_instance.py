@@ -6,8 +6,8 @@ import os
 
 import pytest
 
+from shmreplay.engine.instance import runtime_dir
 from shmreplay.errors import PermissionDenied
-from shmreplay.instance import runtime_dir
 
 NOBODY = 65534
 

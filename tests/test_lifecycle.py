@@ -12,7 +12,7 @@ import sys
 import pytest
 
 import shmreplay
-from shmreplay.instance import InstanceRecord, shm_objects, socket_path
+from shmreplay.engine.instance import InstanceRecord, shm_objects, socket_path
 from shmreplay.testing import (
     STAMPED_SIGNATURE,
     DaemonProcess,

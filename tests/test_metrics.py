@@ -21,9 +21,9 @@ import psutil
 import pytest
 
 import shmreplay
-from shmreplay import metrics
+from shmreplay.daemon import metrics
+from shmreplay.daemon.metrics import CONTENT_TYPE, MetricsServer, render
 from shmreplay.errors import ShmReplayError
-from shmreplay.metrics import CONTENT_TYPE, MetricsServer, render
 from shmreplay.testing import table_toml
 
 # -- a parser for the text format ------------------------------------------------------------

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 import shmreplay
-import shmreplay.table
-from shmreplay.table import SLOT_MASK
+import shmreplay.engine.table
+from shmreplay.engine.table import SLOT_MASK
 from shmreplay.testing import STAMPED_SIGNATURE, chi_square, verify_stamped
 
 # chi2.ppf(0.9999, dof)
@@ -93,7 +93,7 @@ def eviction_counts(t, priorities: list[float], trials: int) -> np.ndarray:
         info = t.info()
         assert info.current_size == k - 1
         core = t.core  # no public "list the items": read the committed per-slot metadata
-        present = core.data["uid"][core.state == shmreplay.table.SlotState.READY]
+        present = core.data["uid"][core.state == shmreplay.engine.table.SlotState.READY]
         gone = sorted(set(range(k)) - set(present.tolist()))
         assert len(gone) == 1, gone
         evicted[gone[0]] += 1
@@ -217,7 +217,7 @@ COPY_PATHS = {
 
 @pytest.mark.parametrize("path", list(COPY_PATHS))
 def test_a_row_recycled_between_draw_and_copy_is_drawn_again(daemon_factory, monkeypatch, path):
-    """``shmreplay.table.before_copy_hook`` runs in the sample path after the table lock is
+    """``shmreplay.engine.table.before_copy_hook`` runs in the sample path after the table lock is
     released and before the rows are copied. Here it has another process delete the first
     drawn item and write new items until one reuses its slot, so the copy reads a foreign row:
     the generation check must notice, draw again, and return only rows whose data belongs to
@@ -257,9 +257,9 @@ def test_a_row_recycled_between_draw_and_copy_is_drawn_again(daemon_factory, mon
 
         with shmreplay.attach(d.name, seed=11) as client:
             t = client.table("t")
-            monkeypatch.setattr(shmreplay.table, "before_copy_hook", recycle_first)
+            monkeypatch.setattr(shmreplay.engine.table, "before_copy_hook", recycle_first)
             s = t.sample(batch, **kw)
-            monkeypatch.setattr(shmreplay.table, "before_copy_hook", None)
+            monkeypatch.setattr(shmreplay.engine.table, "before_copy_hook", None)
         proc.stdin.close()
         assert proc.wait(timeout=30) == 0
     finally:

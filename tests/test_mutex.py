@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import shmreplay
-from shmreplay.mutex import MUTEX_NBYTES, RobustMutex
+from shmreplay.engine.mutex import MUTEX_NBYTES, RobustMutex
 
 # Forked children inherit the anonymous MAP_SHARED mapping at the same address.
 CTX = multiprocessing.get_context("fork")

@@ -38,8 +38,7 @@ import pytest
 
 import shmreplay
 from shmreplay.config import MAX_INSTANCE_NAME, MAX_TABLE_NAME, NAME_MAX, parse_config
-from shmreplay.errors import ConfigError, InvalidArgumentError, PermissionDenied
-from shmreplay.instance import (
+from shmreplay.engine.instance import (
     InstanceRecord,
     event_name,
     record_path,
@@ -47,8 +46,9 @@ from shmreplay.instance import (
     shm_objects,
     start_stamp,
 )
-from shmreplay.layout import Ctrl
-from shmreplay.shm import Segment
+from shmreplay.engine.layout import Ctrl
+from shmreplay.engine.shm import Segment
+from shmreplay.errors import ConfigError, InvalidArgumentError, PermissionDenied
 from shmreplay.testing import (
     STAMPED_SIGNATURE,
     DaemonProcess,
@@ -525,7 +525,7 @@ def test_a_runtime_directory_another_user_made_first_is_refused():
 def _in_process_daemon(name: str, rt: str) -> Callable[[], object]:
     """Start and clean up a daemon in this process (as uid 65534, in a forked child: the
     interpreter is closed to that user) with runtime directory ``rt``."""
-    from shmreplay.daemon import Daemon
+    from shmreplay.daemon.lifecycle import Daemon
 
     def run() -> object:
         os.environ["SHMREPLAY_RUNTIME_DIR"] = rt

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from shmreplay import notify
-from shmreplay.instance import InstanceRecord, shm_objects
-from shmreplay.notify import Notifier, watchdog_interval
+from shmreplay.daemon import notify
+from shmreplay.daemon.notify import Notifier, watchdog_interval
+from shmreplay.engine.instance import InstanceRecord, shm_objects
 from shmreplay.testing import table_toml
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "shmreplay@.service"

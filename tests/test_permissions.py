@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import shmreplay
-from shmreplay.instance import InstanceRecord, event_name, segment_name
+from shmreplay.engine.instance import InstanceRecord, event_name, segment_name
 from shmreplay.testing import (
     STAMPED_SIGNATURE,
     as_user,
@@ -165,8 +165,8 @@ def test_another_user_can_neither_attach_nor_read_checkpoints(daemon_factory, op
     the runtime directory (0700), and, were its mode wrong, the control socket (0600), a
     segment (0600), a semaphore (0600) — each naming the object, its owner and [server] group.
     Checkpoints cannot be listed (0700) nor, were their directories opened, read (0600)."""
-    from shmreplay.client import _open_event
-    from shmreplay.shm import Segment
+    from shmreplay.client.client import _open_event
+    from shmreplay.engine.shm import Segment
 
     top = open_parent / "ckpt"
     d = daemon_factory(tables(top))
@@ -215,7 +215,7 @@ def test_a_member_of_server_group_can_attach_sample_and_read_checkpoints(
     """A user whose supplementary groups include [server] group attaches, inserts, samples
     (rows verified) and reads checkpoints; a user outside the group is still refused, and told
     which group to join."""
-    from shmreplay.shm import Segment
+    from shmreplay.engine.shm import Segment
 
     user, group = group_member
     top = open_parent / "ckpt"

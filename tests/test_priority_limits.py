@@ -19,8 +19,8 @@ import pytest
 
 import shmreplay
 from shmreplay.config import FieldSpec, SelectorSpec, TableSpec
+from shmreplay.engine.selectors.prioritized import priority_limit
 from shmreplay.errors import InvalidArgumentError
-from shmreplay.selectors.prioritized import priority_limit
 from shmreplay.testing import local_table, table_toml
 
 SIG = '\n[table.signature]\nx = { dtype = "int64" }\n'

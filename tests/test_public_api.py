@@ -11,6 +11,7 @@ def test_all_is_pinned():
             "Table",
             "ReservedSlot",
             "TrajectoryWriter",
+            "NStepTransitionAdder",
             "Sample",
             "SampleInfo",
             "TableInfo",

@@ -26,7 +26,7 @@ import psutil
 import pytest
 
 import shmreplay
-from shmreplay.instance import InstanceRecord
+from shmreplay.engine.instance import InstanceRecord
 from shmreplay.testing import (
     STAMPED_SIGNATURE,
     stamped_batch,
@@ -43,7 +43,7 @@ TABLE = table_toml(max_size=1000, signature=STAMPED_SIGNATURE)
 
 def _fill_dev_shm(path: str = "/dev/shm/filler") -> int:
     """Grow a file in /dev/shm until nothing is left; returns the bytes still free."""
-    from shmreplay.shm import shm_free_bytes
+    from shmreplay.engine.shm import shm_free_bytes
 
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
@@ -60,7 +60,7 @@ def _fill_dev_shm(path: str = "/dev/shm/filler") -> int:
 
 def _full_dev_shm_scenario(checkpoint_dir: str) -> dict:
     """Run inside the namespace (see test_a_full_dev_shm...); returns what happened."""
-    from shmreplay.instance import remove_shm_objects
+    from shmreplay.engine.instance import remove_shm_objects
     from shmreplay.testing import DaemonProcess
 
     toml = f'[server]\ncheckpoint_dir = "{checkpoint_dir}"\n' + TABLE
@@ -267,7 +267,7 @@ def test_a_daemon_out_of_descriptors_serves_its_clients_refuses_new_ones_and_rec
     (closing them) and logs that once; a new attach gets that error at once; the attached
     client inserts, samples and asks for info as before. When the idle connections close it
     accepts again."""
-    from shmreplay.daemon import FD_RESERVE
+    from shmreplay.daemon.clients import FD_RESERVE
 
     d = daemon_factory(TABLE)
     with shmreplay.attach(d.name) as client:

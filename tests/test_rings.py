@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shmreplay.rings import ring_get, ring_put
+from shmreplay.engine.rings import ring_get, ring_put
 
 
 @pytest.mark.parametrize("start", [0, 3, 7, 8, 13, 1_000_003])

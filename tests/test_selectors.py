@@ -8,8 +8,8 @@ import pytest
 
 import shmreplay
 from shmreplay.config import SelectorSpec
-from shmreplay.selectors import selector_class
-from shmreplay.selectors.base import Selector
+from shmreplay.engine.selectors import selector_class
+from shmreplay.engine.selectors.base import Selector
 from shmreplay.testing import STAMPED_SIGNATURE, stamped_row, table_toml
 
 RNG = np.random.default_rng(0)  # deterministic selectors ignore it

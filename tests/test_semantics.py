@@ -7,7 +7,7 @@ import pytest
 from semantic_cases import CASES  # tests/ is on sys.path (rootdir-relative imports)
 
 import shmreplay
-from shmreplay.layout import SlotState
+from shmreplay.engine.layout import SlotState
 from shmreplay.testing import STAMPED_SIGNATURE, stamped_row, verify_stamped
 
 BLOCK_S = 0.2  # how long a call must stay blocked to count as held back

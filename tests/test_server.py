@@ -21,8 +21,8 @@ from shmreplay.config import (
     parse_config,
     to_toml,
 )
-from shmreplay.instance import InstanceRecord, process_alive, shm_objects
-from shmreplay.server import ServerStartError
+from shmreplay.daemon.server import ServerStartError
+from shmreplay.engine.instance import InstanceRecord, process_alive, shm_objects
 from shmreplay.testing import table_toml, unique_name
 
 SIGNATURE = (
@@ -234,7 +234,8 @@ with shmreplay.Server(table_toml(), name=sys.argv[1]) as server:
     os.killpg(0, signal.SIGINT)  # what a Ctrl-C in the terminal does to the foreground group
     signal.sigtimedwait([signal.SIGCHLD], 1.0)
     print("daemon running:", server.running(), flush=True)
-print("stopped; left in /dev/shm:", len(shmreplay.instance.shm_objects(sys.argv[1])), flush=True)
+left = shmreplay.engine.instance.shm_objects(sys.argv[1])
+print("stopped; left in /dev/shm:", len(left), flush=True)
 """
 
 
@@ -258,3 +259,79 @@ def test_a_ctrl_c_reaches_the_program_not_its_daemon():
         "daemon running: True",
         "stopped; left in /dev/shm: 0",
     ], out.stdout + out.stderr
+
+
+_OWNER_SCRIPT = """
+import sys, time
+import shmreplay
+from shmreplay.testing import table_toml
+s = shmreplay.Server(table_toml(), sys.argv[1], stop_with_owner=sys.argv[2] == "1")
+with shmreplay.attach(sys.argv[1]) as c:
+    c.table("replay").insert({"obs": [1.0] * 8, "action": 1, "reward": 0.5, "done": False})
+    c.table("replay").flush()
+print(s.pid, flush=True)
+time.sleep(600)  # killed by the test
+"""
+
+
+def _start_owner(name: str, stop_with_owner: bool):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _OWNER_SCRIPT, name, "1" if stop_with_owner else "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    if not line:
+        proc.kill()
+        raise AssertionError(proc.communicate(timeout=30)[1])
+    return proc, int(line)
+
+
+def _wait_gone(pid: int, seconds: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not process_alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_program_killed_by_sigkill_leaves_no_daemon_behind():
+    """Server's daemon watches the process that started it: kill -9 of the program (no atexit,
+    no finally) stops the daemon cleanly within a second, removing its shared memory."""
+    name = unique_name()
+    proc, daemon_pid = _start_owner(name, stop_with_owner=True)
+    try:
+        assert process_alive(daemon_pid) and shm_objects(name) != []
+        proc.kill()
+        proc.wait(timeout=30)
+        assert _wait_gone(daemon_pid, 10.0), "the daemon outlived the program that started it"
+        assert shm_objects(name) == []
+        assert InstanceRecord.read(name) is None
+    finally:
+        proc.kill()
+        if process_alive(daemon_pid):
+            os.kill(daemon_pid, signal.SIGTERM)
+            _wait_gone(daemon_pid, 15.0)
+
+
+def test_stop_with_owner_false_lets_the_daemon_outlive_its_program():
+    name = unique_name()
+    proc, daemon_pid = _start_owner(name, stop_with_owner=False)
+    try:
+        proc.kill()
+        proc.wait(timeout=30)
+        assert not _wait_gone(daemon_pid, 1.0), "the daemon stopped with its program"
+        with shmreplay.attach(name) as c:  # its table is still served, with its item
+            assert c.table("replay").info().current_size == 1
+    finally:
+        proc.kill()
+        os.kill(daemon_pid, signal.SIGTERM)
+        assert _wait_gone(daemon_pid, 15.0)
+    assert shm_objects(name) == []

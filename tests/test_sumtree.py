@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from shmreplay.sumtree import SumTree, sumtree_capacity
+from shmreplay.engine.sumtree import SumTree, sumtree_capacity
 
 LAST_BELOW_ONE = float(np.nextafter(1.0, 0.0))
 

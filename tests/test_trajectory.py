@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 
 import shmreplay
-from shmreplay.adders import NStepTransitionAdder, nstep_returns
+from shmreplay.client.adders import NStepTransitionAdder, nstep_returns
+from shmreplay.client.trajectory import DIRECT_MIN_BYTES, TrajectoryWriter
 from shmreplay.testing import table_toml
-from shmreplay.testing_trajectory import (
+from shmreplay.testing.trajectory import (
     SEQ_LEN,
     sequence_learner,
     sequence_signature,
     sequence_writer,
 )
-from shmreplay.trajectory import DIRECT_MIN_BYTES, TrajectoryWriter
 
 CTX = mp.get_context("spawn")
 FIFO = dict(sampler='{ kind = "fifo" }', remover='{ kind = "fifo" }', extra="max_times_sampled = 1")

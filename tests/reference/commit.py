@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from shmreplay.layout import LEASE_CAPACITY, PUBLISH_CAPACITY, Chan, Ctrl, SlotState
-from shmreplay.rings import ring_get, ring_put
+from shmreplay.engine.layout import LEASE_CAPACITY, PUBLISH_CAPACITY, Chan, Ctrl, SlotState
+from shmreplay.engine.rings import ring_get, ring_put
 
 SLOT_MASK = np.uint64(0xFFFFFFFF)
 TAG_SHIFT = np.uint64(32)

@@ -1,5 +1,5 @@
 """The reference model of the ordered selectors: Fifo and Lifo's insertion-order ring and the
-Min/MaxHeap tournament tree, in numpy (the code shmreplay.selectors ran before the C engine).
+Min/MaxHeap tournament tree, in numpy (the code shmreplay.engine.selectors ran before the C engine).
 
 Same shared arrays, same results: tests/test_engine_ordered.py drives both with the same
 operations and compares every array and every first(n) exactly. Where the model's results
@@ -15,9 +15,9 @@ from typing import ClassVar
 import numpy as np
 
 from shmreplay.config import SelectorSpec
-from shmreplay.rings import ring_get, ring_put
-from shmreplay.selectors.base import ArraySpecs, Deterministic
-from shmreplay.sumtree import last_wins, sumtree_capacity
+from shmreplay.engine.rings import ring_get, ring_put
+from shmreplay.engine.selectors.base import ArraySpecs, Deterministic
+from shmreplay.engine.sumtree import last_wins, sumtree_capacity
 
 HOLE = -1
 _HEAD, _TAIL = 0, 1

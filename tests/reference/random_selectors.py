@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from shmreplay.selectors.base import CorruptStructure
+from shmreplay.engine.selectors.base import CorruptStructure
 
 from .sumtree import SumTreeModel
 

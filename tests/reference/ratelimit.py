@@ -1,6 +1,6 @@
 """Reference model of Reverb's rate limiter (shmreplay/engine/csrc/ratelimit.c).
 
-The Python arithmetic shmreplay.ratelimit.RateLimiter ran before it moved to C, on the same
+The Python arithmetic shmreplay.engine.ratelimit.RateLimiter ran before it moved to C, on the same
 shared parameter lines (float64) and control lines (int64): tests/test_engine_ratelimit.py
 drives random counters and parameters through both and compares the answers exactly.
 
@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from shmreplay.layout import Ctrl, Param
+from shmreplay.engine.layout import Ctrl, Param
 
 
 def _floor(x: float) -> int | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shmreplay.sumtree import sumtree_capacity
+from shmreplay.engine.sumtree import sumtree_capacity
 
 
 def last_wins(index: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -18,7 +18,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from shmreplay.layout import LEASE_CAPACITY, LEASE_LOW_WATER, PUBLISH_CAPACITY, Chan, Ctrl, Sleep
+from shmreplay.engine.layout import (
+    LEASE_CAPACITY,
+    LEASE_LOW_WATER,
+    PUBLISH_CAPACITY,
+    Chan,
+    Ctrl,
+    Sleep,
+)
 
 
 class Corrupt(Exception):

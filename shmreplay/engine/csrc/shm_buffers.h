@@ -55,13 +55,13 @@ static inline int shm_get_array(PyObject *obj, Py_buffer *view, char kind, int w
     return 0;
 }
 
-/* shmreplay.selectors.base.CorruptStructure (looked up once per binding file, borrowed), or NULL
+/* shmreplay.engine.selectors.base.CorruptStructure (looked up once per binding file, borrowed), or NULL
  * with an exception set: what a selector binding raises when its shared arrays contradict
  * themselves, so that the table rebuilds them. */
 static inline PyObject *shm_corrupt_structure(void) {
     static PyObject *cls = NULL;
     if (cls == NULL) {
-        PyObject *mod = PyImport_ImportModule("shmreplay.selectors.base");
+        PyObject *mod = PyImport_ImportModule("shmreplay.engine.selectors.base");
         if (mod == NULL)
             return NULL;
         cls = PyObject_GetAttrString(mod, "CorruptStructure");

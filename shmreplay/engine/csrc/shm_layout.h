@@ -1,5 +1,5 @@
 /* The fixed part of a table segment's layout: ring capacities and the index of every control
- * word. This header is the one definition: shmreplay/layout.py takes these values from the
+ * word. This header is the one definition: shmreplay/engine/layout.py takes these values from the
  * compiled module (module.c exports each one), so C and Python cannot drift apart. The arrays'
  * offsets are computed once, in layout.compute_layout, and C receives them as the buffers of the
  * arrays it works on.

@@ -1,6 +1,6 @@
 /* A float64 sum-tree over an array in shared memory: batched set, get and weighted draws.
  *
- * Layout (the one shmreplay.sumtree documents, unchanged): tree[1] is the root, node i has
+ * Layout (the one shmreplay.engine.sumtree documents, unchanged): tree[1] is the root, node i has
  * children 2i and 2i+1, leaf j lives at tree[capacity + j], capacity being the next power of two
  * >= num_leaves; tree[0] and the padding leaves beyond num_leaves are 0. Parents are always
  * recomputed from their children (never adjusted by a delta), so a node is exactly the float sum
