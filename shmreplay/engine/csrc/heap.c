@@ -16,6 +16,10 @@
 /* Batches up to this long keep their scratch arrays on the stack (the selectors' usual 256). */
 #define STACK_BATCH 512
 
+/* For the functions that only prefetch: inlined before gcc's interprocedural passes, which
+ * otherwise find them free of side effects and delete their calls (gcc 12 at -O2). */
+#define PREFETCHER static inline __attribute__((always_inline))
+
 /* A clock beyond this is corrupt: it keeps clock + batch from overflowing. */
 #define MAX_CLOCK ((int64_t)1 << 62)
 
@@ -94,7 +98,7 @@ static inline int winner16(const shm_heap_node *row, int *nan) {
  * winner's record (lowest key, then lowest touch, then the first child); when a child's key is
  * NaN (corruption), the first NaN key with the first child's touch and slot, as numpy's min and
  * argmin give, so that the NaN reaches the root and first() reports it. */
-static void recompute(shm_heap *h, int l, int64_t i) {
+static shm_heap_node recompute(shm_heap *h, int l, int64_t i) {
     const shm_heap_node *row = h->node + h->offset[l - 1] + (i << h->bits[l]);
     shm_heap_node *node = h->node + h->offset[l] + i;
     int arity = 1 << h->bits[l];
@@ -107,19 +111,19 @@ static void recompute(shm_heap *h, int l, int64_t i) {
         for (int j = 1; j < arity; j++)
             w = pick(row, w, j);
     }
-    if (!nan) {
-        *node = row[w];
-        return;
-    }
-    for (int j = 0; j < arity; j++) {
-        double key = row[j].key; /* read once: the value tested is the value stored */
-        if (isnan(key)) {
-            shm_heap_node first = row[0];
-            *node = (shm_heap_node){key, first.touch, first.slot};
-            return;
+    shm_heap_node won = row[w];
+    if (nan) {
+        won = row[0]; /* NaN no more (another process wrote meanwhile): any child will do */
+        for (int j = 0; j < arity; j++) {
+            double key = row[j].key; /* read once: the value tested is the value stored */
+            if (isnan(key)) {
+                won.key = key;
+                break;
+            }
         }
     }
-    *node = row[0]; /* NaN no more (another process wrote meanwhile): any child will do */
+    *node = won;
+    return won;
 }
 
 static void recompute_from(shm_heap *h, int first_level) {
@@ -139,7 +143,7 @@ static inline int lower(const shm_heap_node *a, const shm_heap_node *b) {
     return a->key < b->key || (a->key == b->key && a->touch < b->touch);
 }
 
-/* Node i of level l now holds its current record instead of was: bring its ancestors up to
+/* Node i of level l now holds now instead of was: bring its ancestors up to
  * date, level by level, as long as they change. Each parent is a copy of its children's winner
  * (a consistent tree, which is a function of its leaves), so a parent is settled by its own
  * record most of the time, without reading the row of children:
@@ -150,9 +154,8 @@ static inline int lower(const shm_heap_node *a, const shm_heap_node *b) {
  * The outcome is the tree that recomputing every ancestor gives (the model's way); a tree
  * garbled by another process is repaired where a row is recomputed, and first() reports what
  * it meets (a NaN propagates up through recomputed rows as before). */
-static void propagate(shm_heap *h, int l, int64_t i, shm_heap_node was) {
+static void propagate(shm_heap *h, int l, int64_t i, shm_heap_node was, shm_heap_node now) {
     for (; l + 1 < h->num_levels; l++) {
-        shm_heap_node now = h->node[h->offset[l] + i];
         if (same_record(&now, &was))
             return;
         int64_t p = i >> h->bits[l + 1];
@@ -163,7 +166,7 @@ static void propagate(shm_heap *h, int l, int64_t i, shm_heap_node was) {
         } else if (lower(&before, &now) && !(before.key == was.key && before.touch == was.touch)) {
             return;
         } else {
-            recompute(h, l + 1, p);
+            now = recompute(h, l + 1, p);
         }
         was = before;
         i = p;
@@ -173,7 +176,7 @@ static void propagate(shm_heap *h, int l, int64_t i, shm_heap_node was) {
 /* Start loading what changing leaf s reads and writes first: the leaf and its parent (a record
  * may straddle two lines). At a million slots both are cache misses, and asking for them a few
  * items ahead overlaps them. */
-static inline void prefetch_path(const shm_heap *h, int64_t s) {
+PREFETCHER void prefetch_path(const shm_heap *h, int64_t s) {
     const char *leaf = (const char *)(h->node + s);
     __builtin_prefetch(leaf, 1, 3);
     __builtin_prefetch(leaf + sizeof(shm_heap_node) - 1, 1, 3);
@@ -181,6 +184,27 @@ static inline void prefetch_path(const shm_heap *h, int64_t s) {
         const char *parent = (const char *)(h->node + h->offset[1] + (s >> h->bits[1]));
         __builtin_prefetch(parent, 1, 3);
         __builtin_prefetch(parent + sizeof(shm_heap_node) - 1, 1, 3);
+    }
+}
+
+/* Start loading the row of children of node i of level l (to be read a few rows or items later). */
+PREFETCHER void prefetch_row(const shm_heap *h, int l, int64_t i) {
+    const char *row = (const char *)(h->node + h->offset[l - 1] + (i << h->bits[l]));
+    size_t bytes = sizeof(shm_heap_node) << h->bits[l];
+    for (size_t b = 0; b < bytes; b += 64)
+        __builtin_prefetch(row + b, 0, 3);
+    __builtin_prefetch(row + bytes - 1, 0, 3); /* the last line of a row not aligned to lines */
+}
+
+/* Start loading the row of leaf s's siblings when the parent names s as its winner: removing
+ * or worsening the winner makes its walk read that row (once in 16 items at random). Asked for
+ * after the parent (prefetch_path) has had time to arrive; a guess (an earlier item of the batch
+ * may change the parent), which only the prefetch depends on. */
+PREFETCHER void prefetch_row_if_winner(const shm_heap *h, int64_t s) {
+    if (h->num_levels > 1) {
+        int64_t p = s >> h->bits[1];
+        if (h->node[h->offset[1] + p].slot == s)
+            prefetch_row(h, 1, p);
     }
 }
 
@@ -195,19 +219,22 @@ static void change_leaves(shm_heap *h, const int64_t *slots, const double *prior
     for (int64_t i = 0; i < k; i++) {
         if (i + PREFETCH_AHEAD < k)
             prefetch_path(h, slots[i + PREFETCH_AHEAD]);
+        if (what != INSERT && i + PREFETCH_AHEAD / 2 < k)
+            prefetch_row_if_winner(h, slots[i + PREFETCH_AHEAD / 2]);
         int64_t s = slots[i];
         shm_heap_node *leaf = h->node + s;
-        shm_heap_node was = *leaf;
+        shm_heap_node was = *leaf, now = was;
         if (what == REMOVE) {
-            leaf->key = INFINITY;
-            leaf->slot = SHM_HEAP_EMPTY;
+            now.key = INFINITY;
+            now.slot = SHM_HEAP_EMPTY;
         } else {
-            leaf->key = h->sign * priorities[i];
-            leaf->touch = t0 + 1 + i;
+            now.key = h->sign * priorities[i];
+            now.touch = t0 + 1 + i;
             if (what == INSERT)
-                leaf->slot = s;
+                now.slot = s;
         }
-        propagate(h, 0, s, was);
+        *leaf = now; /* then compared from the register: no load of what was just stored */
+        propagate(h, 0, s, was, now);
     }
 }
 
@@ -326,15 +353,6 @@ int shm_heap_rebuild(shm_heap *h, const int64_t *slots, const double *priorities
 }
 
 /* ---- first(n): a pruned descent with a bounded heap ------------------------------------------ */
-
-/* Start loading the row of children of node i of level l (first() reads a few rows ahead). */
-static inline void prefetch_row(const shm_heap *h, int l, int64_t i) {
-    const char *row = (const char *)(h->node + h->offset[l - 1] + (i << h->bits[l]));
-    size_t bytes = sizeof(shm_heap_node) << h->bits[l];
-    for (size_t b = 0; b < bytes; b += 64)
-        __builtin_prefetch(row + b, 0, 3);
-    __builtin_prefetch(row + bytes - 1, 0, 3); /* the last line of a row not aligned to lines */
-}
 
 typedef struct {
     double key;
