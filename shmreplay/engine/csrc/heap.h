@@ -23,8 +23,6 @@
 #define SHM_HEAP_EMPTY (-1)
 #define SHM_HEAP_ARITY_BITS 4
 #define SHM_HEAP_MAX_LEVELS 20 /* 2^63 leaves need 17 */
-/* A level no wider than this many times the batch is recomputed whole (heap.py's rule). */
-#define SHM_HEAP_WHOLE_LEVEL_FACTOR 2
 
 /* A node as numpy sees it: row i of an int64 array of shape (nodes, 3), column 0 read as
  * float64 (heap.py's ``nodes``). */
