@@ -9,8 +9,9 @@
 #include "shm_atomics.h"
 #include "sumtree.h" /* shm_last_wins */
 
-/* How many rows ahead of the one it computes a batch loop asks the memory for: enough misses
- * in flight to overlap them (a row is six lines), few enough that the queues do not drop them. */
+/* How many items (first(): rows) ahead of the one it works on a batch loop asks the memory for:
+ * enough misses in flight to overlap them, few enough that they arrive just in time (measured at
+ * a million slots: 4 to 32 differ by less than the machine's noise). */
 #define PREFETCH_AHEAD 8
 
 /* Batches up to this long keep their scratch arrays on the stack (the selectors' usual 256). */
@@ -143,10 +144,10 @@ static inline int lower(const shm_heap_node *a, const shm_heap_node *b) {
     return a->key < b->key || (a->key == b->key && a->touch < b->touch);
 }
 
-/* Node i of level l now holds now instead of was: bring its ancestors up to
- * date, level by level, as long as they change. Each parent is a copy of its children's winner
- * (a consistent tree, which is a function of its leaves), so a parent is settled by its own
- * record most of the time, without reading the row of children:
+/* Node i of level l now holds now instead of was: bring its ancestors up to date, level by
+ * level, as long as they change. Each parent is a copy of its children's winner (a consistent
+ * tree, which is a function of its leaves), so a parent is settled by its own record most of the
+ * time, without reading the row of children:
  * - the node now beats the parent's record: it is the winner, the parent becomes its copy;
  * - the node now loses to it and the parent's winner was another child (its record differs
  *   from was): the winner and the parent stay, and so does everything above;
@@ -187,7 +188,7 @@ PREFETCHER void prefetch_path(const shm_heap *h, int64_t s) {
     }
 }
 
-/* Start loading the row of children of node i of level l (to be read a few rows or items later). */
+/* Start loading the row of children of node i of level l, read a few rows or items later. */
 PREFETCHER void prefetch_row(const shm_heap *h, int l, int64_t i) {
     const char *row = (const char *)(h->node + h->offset[l - 1] + (i << h->bits[l]));
     size_t bytes = sizeof(shm_heap_node) << h->bits[l];
