@@ -152,6 +152,44 @@ def test_many_small_batches_compact_the_ring_and_keep_the_order(kind):
 
 
 @pytest.mark.parametrize("kind", ["min_heap", "max_heap"])
+@pytest.mark.parametrize("num_slots", [17, 4096])
+def test_heap_walks_in_a_full_tree_match_the_model(kind, num_slots):
+    """A full tree, few distinct priorities and both zeros (-0.0 and 0.0 tie, but their bits
+    differ, and an inner node copies its winner's bits): updates, removals and inserts one at a
+    time and in batches, so that the engine's walks stop, replace a parent or recompute a row,
+    each compared with the model's recomputation of every ancestor."""
+    rng = np.random.default_rng(11)
+    engine, reference = pair(kind, num_slots)
+    values = np.array([-0.0, 0.0, 1.0, -1.0, 2.5])
+    present = rng.permutation(num_slots)
+    both(engine, reference, "insert", present, rng.choice(values, num_slots))
+    assert_same_arrays(engine, reference, "fill")
+    for step in range(300):
+        if len(present) < num_slots // 2:  # refill
+            free = np.setdiff1d(np.arange(num_slots), present)
+            both(engine, reference, "insert", free, rng.choice(values, len(free)))
+            present = np.arange(num_slots)
+        k = 1 if step % 2 else int(rng.integers(2, 40))
+        slots = rng.choice(present, k)  # repeats: the last one wins
+        op = step % 3
+        if op == 0:
+            both(engine, reference, "update", slots, rng.choice(values, k))
+        else:
+            gone = np.unique(slots)
+            both(engine, reference, "remove", gone)
+            if op == 2:
+                both(engine, reference, "insert", gone, rng.choice(values, len(gone)))
+            else:
+                present = np.setdiff1d(present, gone)
+                both(engine, reference, "insert", gone[:1], rng.choice(values, 1))
+                present = np.union1d(present, gone[:1])
+        assert_same_arrays(engine, reference, f"{kind} step {step}")
+        if step % 25 == 0:
+            got, want = both(engine, reference, "victims", 50, None)
+            assert np.array_equal(got, want), step
+
+
+@pytest.mark.parametrize("kind", ["min_heap", "max_heap"])
 def test_a_million_slots_heap_matches_the_model(kind):
     rng = np.random.default_rng(1)
     num_slots = 1 << 20
@@ -217,6 +255,17 @@ def test_ring_garbage_gives_corrupt_structure():
     lifo.order[4] = -7
     with pytest.raises(CorruptStructure):
         lifo.victims(1, None)
+
+
+def test_ring_compaction_that_cannot_make_room_is_corrupt():
+    """Live entries repeated (garbage) fill the ring: the compaction an insert needs cannot make
+    room for it, and the insert changes nothing instead of overwriting live entries."""
+    fifo, _ = pair("fifo", 4)  # a ring of 8 entries
+    fifo.order[:] = 2
+    fifo.ends[0], fifo.ends[1] = 0, 8
+    with pytest.raises(CorruptStructure):
+        fifo.insert(np.array([3]), np.zeros(1))
+    assert fifo.order.tolist() == [2] * 8 and fifo.ends.tolist() == [0, 8]
 
 
 def test_heap_garbage_gives_corrupt_structure():

@@ -40,7 +40,7 @@ from .selectors import selector_class
 
 MAGIC = b"SHMRPLY\0"
 # Bump when anything in this file, the control-line indices or a selector's arrays change.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 ALIGN = 64  # a cache line: counters on their own line never tear and never false-share
 PAGE = 4096
 PAYLOAD_OFFSET = 128

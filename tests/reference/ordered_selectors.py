@@ -5,6 +5,10 @@ Same shared arrays, same results: tests/test_engine_ordered.py drives both with 
 operations and compares every array and every first(n) exactly. Where the model's results
 depend on ties, the engine matches it when the present items' touches are distinct (always,
 unless the arrays were corrupted).
+
+The heap's model recomputes every ancestor of a changed leaf, level by level; the engine walks
+up from each leaf only while the path changes (heap.c's propagate). Both leave the same tree:
+a consistent tree (every inner node the winner of its children) is a function of its leaves.
 """
 
 from __future__ import annotations
@@ -150,9 +154,14 @@ def level_widths(num_slots: int) -> list[int]:
     return widths
 
 
+# A node record's words: the key's float64 bits, the touch, the slot (heap.h's shm_heap_node).
+NODE_WORDS = 3
+
+
 @dataclass(frozen=True)
 class _Level:
-    """Views of one level of the tree (its nodes) and, for inner levels, of the one below."""
+    """Views of one level of the tree (its nodes' key, touch and slot columns) and, for inner
+    levels, of the one below."""
 
     key: np.ndarray
     touch: np.ndarray
@@ -172,9 +181,10 @@ class _Level:
             keys = below.key.reshape(-1, 1 << bits)[nodes]
             touches = below.touch.reshape(-1, 1 << bits)[nodes]
             first_child = nodes << bits
-        best = keys.min(axis=1)
+        best = keys.min(axis=1)  # NaN if a child's key is (corruption): it goes up to the root
         won = first_child + np.where(keys != best[:, None], _NO_TOUCH, touches).argmin(axis=1)
-        self.key[nodes] = best
+        # A copy of the winner's record (its key's bits too: -0.0 and 0.0 tie), NaN aside.
+        self.key[nodes] = np.where(np.isnan(best), best, below.key.take(won))
         self.touch[nodes] = below.touch.take(won)
         self.slot[nodes] = below.slot.take(won)
 
@@ -189,7 +199,9 @@ class Heap(Deterministic):
 
     def __init__(self, arrays: dict[str, np.ndarray], spec: SelectorSpec, num_slots: int) -> None:
         super().__init__(arrays, spec, num_slots)
-        self.key, self.touch, self.slot = arrays["key"], arrays["touch"], arrays["slot"]
+        self.nodes = arrays["nodes"]
+        self.key = self.nodes.view(np.float64)[:, 0]
+        self.touch, self.slot = self.nodes[:, 1], self.nodes[:, 2]
         self._clock = arrays["clock"][:1]  # the last touch handed out (0 = none since clear)
         levels: list[_Level] = []
         start = 0
@@ -206,9 +218,7 @@ class Heap(Deterministic):
     def array_specs(cls, num_slots: int) -> ArraySpecs:
         nodes = sum(level_widths(num_slots))
         return [
-            ("key", "float64", (nodes,)),
-            ("touch", "int64", (nodes,)),
-            ("slot", "int64", (nodes,)),
+            ("nodes", "int64", (nodes, NODE_WORDS)),
             ("clock", "int64", (8,)),
         ]
 

@@ -225,57 +225,44 @@ static PyTypeObject OrderRingType = {
 typedef struct {
     PyObject_HEAD
     shm_heap h;
-    Py_buffer key, touch, slot, clock;
+    Py_buffer nodes, clock;
     int have; /* buffers held */
     int ready;
 } HeapObject;
 
 static void Heap_dealloc(HeapObject *self) {
     if (self->have) {
-        PyBuffer_Release(&self->key);
-        PyBuffer_Release(&self->touch);
-        PyBuffer_Release(&self->slot);
+        PyBuffer_Release(&self->nodes);
         PyBuffer_Release(&self->clock);
     }
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static int Heap_init(HeapObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"key", "touch", "slot", "clock", "num_slots", "sign", NULL};
-    PyObject *key, *touch, *slot, *clock;
+    static char *kwlist[] = {"nodes", "clock", "num_slots", "sign", NULL};
+    PyObject *nodes, *clock;
     Py_ssize_t num_slots;
     double sign;
     if (self->have) {
         PyErr_SetString(PyExc_RuntimeError, "Heap is initialised once");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOnd", kwlist, &key, &touch, &slot, &clock,
-                                     &num_slots, &sign))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOnd", kwlist, &nodes, &clock, &num_slots,
+                                     &sign))
         return -1;
-    if (shm_get_array(key, &self->key, 'd', 1, "key") < 0)
+    if (shm_get_array(nodes, &self->nodes, 'i', 1, "nodes") < 0)
         return -1;
-    if (shm_get_array(touch, &self->touch, 'i', 1, "touch") < 0) {
-        PyBuffer_Release(&self->key);
-        return -1;
-    }
-    if (shm_get_array(slot, &self->slot, 'i', 1, "slot") < 0) {
-        PyBuffer_Release(&self->key);
-        PyBuffer_Release(&self->touch);
-        return -1;
-    }
     if (shm_get_array(clock, &self->clock, 'i', 1, "clock") < 0) {
-        PyBuffer_Release(&self->key);
-        PyBuffer_Release(&self->touch);
-        PyBuffer_Release(&self->slot);
+        PyBuffer_Release(&self->nodes);
         return -1;
     }
     self->have = 1;
-    Py_ssize_t nodes = shm_buffer_len(&self->key);
-    if (shm_buffer_len(&self->touch) != nodes || shm_buffer_len(&self->slot) != nodes ||
-        shm_buffer_len(&self->clock) < 1 ||
-        shm_heap_init(&self->h, self->key.buf, self->touch.buf, self->slot.buf, nodes,
-                      self->clock.buf, num_slots, sign) != SHM_ORDER_OK) {
-        PyErr_SetString(PyExc_ValueError, "Heap: arrays do not fit a tree over num_slots slots");
+    Py_ssize_t words = shm_buffer_len(&self->nodes);
+    if (words % 3 != 0 || shm_buffer_len(&self->clock) < 1 ||
+        shm_heap_init(&self->h, self->nodes.buf, words / 3, self->clock.buf, num_slots, sign) !=
+            SHM_ORDER_OK) {
+        PyErr_SetString(PyExc_ValueError, "Heap: nodes must be int64[shm_heap_nodes(num_slots), "
+                                          "3] and clock int64[>= 1]");
         return -1;
     }
     self->ready = 1;
@@ -426,8 +413,9 @@ static PyMethodDef Heap_methods[] = {
 
 static PyTypeObject HeapType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmreplay.engine._native.Heap",
-    .tp_doc = "Heap(key, touch, slot, clock, num_slots, sign): the tournament tree of "
-              "MinHeap (sign 1) and MaxHeap (sign -1) over shared arrays.",
+    .tp_doc = "Heap(nodes, clock, num_slots, sign): the tournament tree of MinHeap (sign 1) "
+              "and MaxHeap (sign -1) over shared arrays (nodes: int64[n, 3] records of key "
+              "(float64 bits), touch, slot).",
     .tp_basicsize = sizeof(HeapObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = PyType_GenericNew,

@@ -6,12 +6,25 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* How many rows ahead of the one it computes a batch loop asks the memory for: enough misses
- * in flight to overlap them, few enough that the queues do not drop them. */
-#define PREFETCH_AHEAD 16
+#include "shm_atomics.h"
+#include "sumtree.h" /* shm_last_wins */
+
+/* How many items (first(): rows) ahead of the one it works on a batch loop asks the memory for:
+ * enough misses in flight to overlap them, few enough that they arrive just in time (measured at
+ * a million slots: 4 to 32 differ by less than the machine's noise). */
+#define PREFETCH_AHEAD 8
+
+/* Batches up to this long keep their scratch arrays on the stack (the selectors' usual 256). */
+#define STACK_BATCH 512
+
+/* For the functions that only prefetch: inlined before gcc's interprocedural passes, which
+ * otherwise find them free of side effects and delete their calls (gcc 12 at -O2). */
+#define PREFETCHER static inline __attribute__((always_inline))
 
 /* A clock beyond this is corrupt: it keeps clock + batch from overflowing. */
 #define MAX_CLOCK ((int64_t)1 << 62)
+
+#define ARITY (1 << SHM_HEAP_ARITY_BITS)
 
 int64_t shm_heap_nodes(int64_t num_slots) {
     int64_t width = 1, nodes = 0;
@@ -25,14 +38,12 @@ int64_t shm_heap_nodes(int64_t num_slots) {
     }
 }
 
-int shm_heap_init(shm_heap *h, double *key, int64_t *touch, int64_t *slot, int64_t nodes,
-                  int64_t *clock, int64_t num_slots, double sign) {
+int shm_heap_init(shm_heap *h, shm_heap_node *node, int64_t nodes, int64_t *clock,
+                  int64_t num_slots, double sign) {
     if (num_slots < 1 || num_slots > ((int64_t)1 << 60) || nodes != shm_heap_nodes(num_slots))
         return SHM_ORDER_EINVAL;
     memset(h, 0, sizeof *h);
-    h->key = key;
-    h->touch = touch;
-    h->slot = slot;
+    h->node = node;
     h->clock = clock;
     h->sign = sign;
     h->num_slots = num_slots;
@@ -56,100 +67,64 @@ int shm_heap_init(shm_heap *h, double *key, int64_t *touch, int64_t *slot, int64
     }
 }
 
-/* Node i of inner level l from its children, as heap.py's _Level.recompute: the key is the
- * lowest child key (NaN if a child's is: corruption, as numpy's min), the winner the first
- * child holding it with the lowest touch (the first child when the key is NaN, as numpy's
- * argmin). Touches are read only for children holding the best key: at a million slots the
- * touch row is one more cache miss, and ties are rare. (The model differs only for a touch of
- * INT64_MAX, which it uses as a marker.) */
-static inline void recompute(shm_heap *h, int l, int64_t i) {
-    int64_t first = h->offset[l - 1] + (i << h->bits[l]);
+/* ---- recomputing inner nodes ----------------------------------------------------------------- */
+
+/* b if row[b] beats row[a] ((key, touch) strictly lower), else a: the first of equals wins.
+ * Written without branches (a select), since random keys would mispredict half of them. */
+static inline int pick(const shm_heap_node *row, int a, int b) {
+    double ka = row[a].key, kb = row[b].key;
+    int64_t ta = row[a].touch, tb = row[b].touch;
+    int b_wins = (kb < ka) | ((kb == ka) & (tb < ta));
+    return b_wins ? b : a;
+}
+
+/* The winner of a full row of 16: a tournament of pairs (15 branch-free picks in four rounds
+ * instead of a chain of 15), which keeps the first child on a tie since pick() does. *nan is
+ * set when a key of the row is NaN (the tournament then means nothing). */
+static inline int winner16(const shm_heap_node *row, int *nan) {
+    int un = 0;
+    for (int j = 0; j < ARITY; j += 2)
+        un |= isunordered(row[j].key, row[j + 1].key);
+    *nan = un;
+    int w0 = pick(row, 0, 1), w1 = pick(row, 2, 3), w2 = pick(row, 4, 5), w3 = pick(row, 6, 7);
+    int w4 = pick(row, 8, 9), w5 = pick(row, 10, 11), w6 = pick(row, 12, 13);
+    int w7 = pick(row, 14, 15);
+    w0 = pick(row, w0, w1), w2 = pick(row, w2, w3), w4 = pick(row, w4, w5);
+    w6 = pick(row, w6, w7);
+    w0 = pick(row, w0, w2), w4 = pick(row, w4, w6);
+    return pick(row, w0, w4);
+}
+
+/* Node i of inner level l from its children, as the model's _Level.recompute: a copy of the
+ * winner's record (lowest key, then lowest touch, then the first child); when a child's key is
+ * NaN (corruption), the first NaN key with the first child's touch and slot, as numpy's min and
+ * argmin give, so that the NaN reaches the root and first() reports it. */
+static shm_heap_node recompute(shm_heap *h, int l, int64_t i) {
+    const shm_heap_node *row = h->node + h->offset[l - 1] + (i << h->bits[l]);
+    shm_heap_node *node = h->node + h->offset[l] + i;
     int arity = 1 << h->bits[l];
-    const double *ck = h->key + first;
-    const int64_t *ct = h->touch + first;
-    double best = ck[0];
-    int nan = 0;
-    for (int j = 1; j < arity; j++) {
-        best = ck[j] < best ? ck[j] : best;
-        nan |= isnan(ck[j]);
-    }
-    int w = 0;
-    if (nan || isnan(ck[0])) {
+    int nan = 0, w = 0;
+    if (arity == ARITY) {
+        w = winner16(row, &nan);
+    } else {
         for (int j = 0; j < arity; j++)
-            if (isnan(ck[j])) {
-                best = ck[j];
+            nan |= isnan(row[j].key);
+        for (int j = 1; j < arity; j++)
+            w = pick(row, w, j);
+    }
+    shm_heap_node won = row[w];
+    if (nan) {
+        won = row[0]; /* NaN no more (another process wrote meanwhile): any child will do */
+        for (int j = 0; j < arity; j++) {
+            double key = row[j].key; /* read once: the value tested is the value stored */
+            if (isnan(key)) {
+                won.key = key;
                 break;
             }
-    } else {
-        int64_t wt = INT64_MAX;
-        w = -1;
-        for (int j = 0; j < arity; j++)
-            if (ck[j] == best && (w < 0 || ct[j] < wt)) {
-                wt = ct[j];
-                w = j;
-            }
-    }
-    int64_t node = h->offset[l] + i;
-    h->key[node] = best;
-    h->touch[node] = ct[w];
-    h->slot[node] = h->slot[first + w];
-}
-
-/* Start loading node i's row of children and its own entries: a batch of scattered rows is
- * mostly cache misses at a million slots, and issuing them all first overlaps them. */
-static inline void prefetch_row(const shm_heap *h, int l, int64_t i) {
-    int64_t first = h->offset[l - 1] + (i << h->bits[l]);
-    __builtin_prefetch(h->key + first, 0, 1);
-    if (h->bits[l] == SHM_HEAP_ARITY_BITS) /* 16 keys: two cache lines */
-        __builtin_prefetch(h->key + first + 8, 0, 1);
-    __builtin_prefetch(h->key + h->offset[l] + i, 1, 1);
-    __builtin_prefetch(h->touch + h->offset[l] + i, 1, 1);
-    __builtin_prefetch(h->slot + h->offset[l] + i, 1, 1);
-}
-
-/* recompute() for distinct nodes[0..m) of level l, in three passes over the batch so that
- * their cache misses overlap: the key rows (prefetched by the caller), then the touch and slot
- * of each winner candidate, then the winners. win[] is scratch for m entries. */
-static void recompute_batch(shm_heap *h, int l, const int64_t *nodes, int64_t m, int *win) {
-    int arity = 1 << h->bits[l];
-    for (int64_t n = 0; n < m && n < PREFETCH_AHEAD; n++)
-        prefetch_row(h, l, nodes[n]);
-    for (int64_t n = 0; n < m; n++) {
-        if (n + PREFETCH_AHEAD < m)
-            prefetch_row(h, l, nodes[n + PREFETCH_AHEAD]);
-        int64_t first = h->offset[l - 1] + (nodes[n] << h->bits[l]);
-        const double *ck = h->key + first;
-        double best = ck[0];
-        int nan = isnan(ck[0]);
-        for (int j = 1; j < arity; j++) {
-            best = ck[j] < best ? ck[j] : best;
-            nan |= isnan(ck[j]);
-        }
-        int w = -1, ties = 0;
-        for (int j = 0; j < arity; j++)
-            if (ck[j] == best) {
-                ties++;
-                if (w < 0)
-                    w = j;
-            }
-        /* -1: recompute() decides (a NaN, or a tie that touches break). */
-        win[n] = nan || ties != 1 ? -1 : w;
-        if (win[n] >= 0) {
-            __builtin_prefetch(h->touch + first + w, 0, 1);
-            __builtin_prefetch(h->slot + first + w, 0, 1);
         }
     }
-    for (int64_t n = 0; n < m; n++) {
-        if (win[n] < 0) {
-            recompute(h, l, nodes[n]);
-            continue;
-        }
-        int64_t first = h->offset[l - 1] + (nodes[n] << h->bits[l]) + win[n];
-        int64_t node = h->offset[l] + nodes[n];
-        h->key[node] = h->key[first];
-        h->touch[node] = h->touch[first];
-        h->slot[node] = h->slot[first];
-    }
+    *node = won;
+    return won;
 }
 
 static void recompute_from(shm_heap *h, int first_level) {
@@ -158,87 +133,113 @@ static void recompute_from(shm_heap *h, int first_level) {
             recompute(h, l, i);
 }
 
-/* A set of int64 >= 0 for deduplication (open addressing, -1 = free). */
-typedef struct {
-    int64_t *cells;
-    int64_t mask;
-    int shift;
-} idset;
+/* ---- changing leaves: the path above each, as far as it changes ------------------------------ */
 
-static int idset_init(idset *s, int64_t n) {
-    int64_t cap = 16;
-    int logcap = 4;
-    while (cap < 2 * n) {
-        cap <<= 1;
-        logcap++;
-    }
-    s->cells = malloc((size_t)cap * sizeof *s->cells);
-    if (s->cells == NULL)
-        return SHM_ORDER_ENOMEM;
-    s->mask = cap - 1;
-    s->shift = 64 - logcap;
-    memset(s->cells, 0xff, (size_t)cap * sizeof *s->cells);
-    return SHM_ORDER_OK;
+static inline int same_record(const shm_heap_node *a, const shm_heap_node *b) {
+    return memcmp(a, b, sizeof *a) == 0; /* the bits: a key going from -0.0 to 0.0 changed */
 }
 
-static void idset_reset(idset *s) {
-    memset(s->cells, 0xff, (size_t)(s->mask + 1) * sizeof *s->cells);
+/* (key, touch) of a strictly lower than b's; false when either key is NaN. */
+static inline int lower(const shm_heap_node *a, const shm_heap_node *b) {
+    return a->key < b->key || (a->key == b->key && a->touch < b->touch);
 }
 
-/* 1 if x was added, 0 if it was there. */
-static inline int idset_add(idset *s, int64_t x) {
-    int64_t i = (int64_t)(((uint64_t)x * 0x9E3779B97F4A7C15ull) >> s->shift);
-    while (s->cells[i] != -1) {
-        if (s->cells[i] == x)
-            return 0;
-        i = (i + 1) & s->mask;
-    }
-    s->cells[i] = x;
-    return 1;
-}
-
-/* Recompute the ancestors of leaves[0..k), each once per level; a level no wider than
- * SHM_HEAP_WHOLE_LEVEL_FACTOR * k is recomputed whole, with every level above it (heap.py's
- * rule, with the same k, so that both give the same arrays). */
-static int refresh(shm_heap *h, const int64_t *leaves, int64_t k) {
-    if (k == 0 || h->num_levels == 1)
-        return SHM_ORDER_OK;
-    if (h->width[1] <= SHM_HEAP_WHOLE_LEVEL_FACTOR * k) {
-        recompute_from(h, 1);
-        return SHM_ORDER_OK;
-    }
-    int64_t *nodes = malloc((size_t)k * sizeof *nodes);
-    int *win = malloc((size_t)k * sizeof *win);
-    idset seen;
-    if (nodes == NULL || win == NULL || idset_init(&seen, k) != SHM_ORDER_OK) {
-        free(nodes);
-        free(win);
-        return SHM_ORDER_ENOMEM;
-    }
-    const int64_t *below = leaves;
-    int64_t m = k;
-    for (int l = 1; l < h->num_levels; l++) {
-        if (h->width[l] <= SHM_HEAP_WHOLE_LEVEL_FACTOR * k) {
-            recompute_from(h, l);
-            break;
+/* Node i of level l now holds now instead of was: bring its ancestors up to date, level by
+ * level, as long as they change. Each parent is a copy of its children's winner (a consistent
+ * tree, which is a function of its leaves), so a parent is settled by its own record most of the
+ * time, without reading the row of children:
+ * - the node now beats the parent's record: it is the winner, the parent becomes its copy;
+ * - the node now loses to it and the parent's winner was another child (its record differs
+ *   from was): the winner and the parent stay, and so does everything above;
+ * - otherwise (the node was the winner and got worse, a tie, a NaN): the row is recomputed.
+ * The outcome is the tree that recomputing every ancestor gives (the model's way); a tree
+ * garbled by another process is repaired where a row is recomputed, and first() reports what
+ * it meets (a NaN propagates up through recomputed rows as before). */
+static void propagate(shm_heap *h, int l, int64_t i, shm_heap_node was, shm_heap_node now) {
+    for (; l + 1 < h->num_levels; l++) {
+        if (same_record(&now, &was))
+            return;
+        int64_t p = i >> h->bits[l + 1];
+        shm_heap_node *parent = h->node + h->offset[l + 1] + p;
+        shm_heap_node before = *parent;
+        if (lower(&now, &before)) {
+            *parent = now;
+        } else if (lower(&before, &now) && !(before.key == was.key && before.touch == was.touch)) {
+            return;
+        } else {
+            now = recompute(h, l + 1, p);
         }
-        int64_t distinct = 0;
-        for (int64_t j = 0; j < m; j++) {
-            int64_t parent = below[j] >> h->bits[l];
-            if (idset_add(&seen, parent)) {
-                nodes[distinct++] = parent; /* in place: j >= distinct, read before written */
-            }
-        }
-        recompute_batch(h, l, nodes, distinct, win);
-        idset_reset(&seen);
-        below = nodes;
-        m = distinct;
+        was = before;
+        i = p;
     }
-    free(nodes);
-    free(win);
-    free(seen.cells);
-    return SHM_ORDER_OK;
 }
+
+/* Start loading what changing leaf s reads and writes first: the leaf and its parent (a record
+ * may straddle two lines). At a million slots both are cache misses, and asking for them a few
+ * items ahead overlaps them. */
+PREFETCHER void prefetch_path(const shm_heap *h, int64_t s) {
+    const char *leaf = (const char *)(h->node + s);
+    __builtin_prefetch(leaf, 1, 3);
+    __builtin_prefetch(leaf + sizeof(shm_heap_node) - 1, 1, 3);
+    if (h->num_levels > 1) {
+        const char *parent = (const char *)(h->node + h->offset[1] + (s >> h->bits[1]));
+        __builtin_prefetch(parent, 1, 3);
+        __builtin_prefetch(parent + sizeof(shm_heap_node) - 1, 1, 3);
+    }
+}
+
+/* Start loading the row of children of node i of level l, read a few rows or items later. */
+PREFETCHER void prefetch_row(const shm_heap *h, int l, int64_t i) {
+    const char *row = (const char *)(h->node + h->offset[l - 1] + (i << h->bits[l]));
+    size_t bytes = sizeof(shm_heap_node) << h->bits[l];
+    for (size_t b = 0; b < bytes; b += 64)
+        __builtin_prefetch(row + b, 0, 3);
+    __builtin_prefetch(row + bytes - 1, 0, 3); /* the last line of a row not aligned to lines */
+}
+
+/* Start loading the row of leaf s's siblings when the parent names s as its winner: removing
+ * or worsening the winner makes its walk read that row (once in 16 items at random). Asked for
+ * after the parent (prefetch_path) has had time to arrive; a guess (an earlier item of the batch
+ * may change the parent), which only the prefetch depends on. */
+PREFETCHER void prefetch_row_if_winner(const shm_heap *h, int64_t s) {
+    if (h->num_levels > 1) {
+        int64_t p = s >> h->bits[1];
+        if (h->node[h->offset[1] + p].slot == s)
+            prefetch_row(h, 1, p);
+    }
+}
+
+enum change { INSERT, UPDATE, REMOVE };
+
+/* Write the leaves of slots[0..k) one by one (INSERT: key, touch t0 + 1 + i and slot; UPDATE:
+ * key and touch; REMOVE: key +inf and slot -1), each followed by its path. */
+static void change_leaves(shm_heap *h, const int64_t *slots, const double *priorities, int64_t k,
+                          int64_t t0, enum change what) {
+    for (int64_t i = 0; i < k && i < PREFETCH_AHEAD; i++)
+        prefetch_path(h, slots[i]);
+    for (int64_t i = 0; i < k; i++) {
+        if (i + PREFETCH_AHEAD < k)
+            prefetch_path(h, slots[i + PREFETCH_AHEAD]);
+        if (what != INSERT && i + PREFETCH_AHEAD / 2 < k)
+            prefetch_row_if_winner(h, slots[i + PREFETCH_AHEAD / 2]);
+        int64_t s = slots[i];
+        shm_heap_node *leaf = h->node + s;
+        shm_heap_node was = *leaf, now = was;
+        if (what == REMOVE) {
+            now.key = INFINITY;
+            now.slot = SHM_HEAP_EMPTY;
+        } else {
+            now.key = h->sign * priorities[i];
+            now.touch = t0 + 1 + i;
+            if (what == INSERT)
+                now.slot = s;
+        }
+        *leaf = now; /* then compared from the register: no load of what was just stored */
+        propagate(h, 0, s, was, now);
+    }
+}
+
+/* ---- insert, update, remove ------------------------------------------------------------------ */
 
 static int check_slots(const shm_heap *h, const int64_t *slots, int64_t k) {
     for (int64_t i = 0; i < k; i++)
@@ -247,30 +248,19 @@ static int check_slots(const shm_heap *h, const int64_t *slots, int64_t k) {
     return SHM_ORDER_OK;
 }
 
-/* Keys and fresh touches for slots, in batch order; ECORRUPT for an absurd clock. */
+/* Keys and fresh touches for slots (and their slot numbers for INSERT), in batch order, with
+ * their paths; ECORRUPT for an absurd clock. */
 static int set_keys(shm_heap *h, const int64_t *slots, const double *priorities, int64_t k,
-                    int set_slot) {
-    int64_t t0 = h->clock[0];
+                    enum change what) {
+    int64_t t0 = shm_load_relaxed(h->clock);
     if (t0 < 0 || t0 > MAX_CLOCK - k)
         return SHM_ORDER_ECORRUPT;
-    for (int64_t i = 0; i < k; i++) {
-        __builtin_prefetch(h->key + slots[i], 1, 1);
-        __builtin_prefetch(h->touch + slots[i], 1, 1);
-        if (set_slot)
-            __builtin_prefetch(h->slot + slots[i], 1, 1);
-    }
-    for (int64_t i = 0; i < k; i++) {
-        int64_t s = slots[i];
-        h->key[s] = h->sign * priorities[i];
-        h->touch[s] = t0 + 1 + i;
-        if (set_slot)
-            h->slot[s] = s;
-    }
+    change_leaves(h, slots, priorities, k, t0, what);
     /* The touches before the clock: a process dying in between leaves touches above the clock,
      * which rebuild recognises as unknown. The fence keeps the compiler from storing the clock
      * first; the table mutex (acquired by whoever repairs) orders both for the next holder. */
     atomic_signal_fence(memory_order_release);
-    h->clock[0] = t0 + k;
+    shm_store_relaxed(h->clock, t0 + k);
     return SHM_ORDER_OK;
 }
 
@@ -279,8 +269,7 @@ int shm_heap_insert(shm_heap *h, const int64_t *slots, const double *priorities,
         return SHM_ORDER_EINVAL;
     if (k == 0)
         return SHM_ORDER_OK;
-    int rc = set_keys(h, slots, priorities, k, 1);
-    return rc != SHM_ORDER_OK ? rc : refresh(h, slots, k);
+    return set_keys(h, slots, priorities, k, INSERT);
 }
 
 int shm_heap_update(shm_heap *h, const int64_t *slots, const double *priorities, int64_t k) {
@@ -288,86 +277,83 @@ int shm_heap_update(shm_heap *h, const int64_t *slots, const double *priorities,
         return SHM_ORDER_EINVAL;
     if (k == 0)
         return SHM_ORDER_OK;
-    /* last_wins: keep the last occurrence of each slot, in call order. */
-    int64_t *kept = malloc((size_t)k * sizeof *kept);
-    double *prios = malloc((size_t)k * sizeof *prios);
-    char *keep = malloc((size_t)k);
-    idset seen = {0};
-    if (kept == NULL || prios == NULL || keep == NULL || idset_init(&seen, k) != SHM_ORDER_OK) {
+    /* The last occurrence of each slot, in call order. */
+    int64_t stack_kept[STACK_BATCH];
+    double stack_prios[STACK_BATCH];
+    uint8_t stack_keep[STACK_BATCH];
+    int64_t *kept = stack_kept;
+    double *prios = stack_prios;
+    uint8_t *keep = stack_keep;
+    if (k > STACK_BATCH) {
+        kept = malloc((size_t)k * sizeof *kept);
+        prios = malloc((size_t)k * sizeof *prios);
+        keep = malloc((size_t)k);
+        if (kept == NULL || prios == NULL || keep == NULL) {
+            free(kept);
+            free(prios);
+            free(keep);
+            return SHM_ORDER_ENOMEM;
+        }
+    }
+    int rc = SHM_ORDER_ENOMEM;
+    if (shm_last_wins(slots, k, keep) >= 0) {
+        int64_t m = 0;
+        for (int64_t i = 0; i < k; i++)
+            if (keep[i]) {
+                kept[m] = slots[i];
+                prios[m++] = priorities[i];
+            }
+        rc = set_keys(h, kept, prios, m, UPDATE);
+    }
+    if (kept != stack_kept) {
         free(kept);
         free(prios);
         free(keep);
-        return SHM_ORDER_ENOMEM;
     }
-    for (int64_t i = k - 1; i >= 0; i--)
-        keep[i] = (char)idset_add(&seen, slots[i]);
-    int64_t m = 0;
-    for (int64_t i = 0; i < k; i++)
-        if (keep[i]) {
-            kept[m] = slots[i];
-            prios[m++] = priorities[i];
-        }
-    int rc = set_keys(h, kept, prios, m, 0);
-    if (rc == SHM_ORDER_OK)
-        rc = refresh(h, kept, m);
-    free(kept);
-    free(prios);
-    free(keep);
-    free(seen.cells);
     return rc;
 }
 
 int shm_heap_remove(shm_heap *h, const int64_t *slots, int64_t k) {
     if (k < 0 || check_slots(h, slots, k) != SHM_ORDER_OK)
         return SHM_ORDER_EINVAL;
-    for (int64_t i = 0; i < k; i++) {
-        __builtin_prefetch(h->key + slots[i], 1, 1);
-        __builtin_prefetch(h->slot + slots[i], 1, 1);
-    }
-    for (int64_t i = 0; i < k; i++) {
-        h->key[slots[i]] = INFINITY;
-        h->slot[slots[i]] = SHM_HEAP_EMPTY;
-    }
-    return refresh(h, slots, k);
+    change_leaves(h, slots, NULL, k, 0, REMOVE);
+    return SHM_ORDER_OK;
 }
 
 void shm_heap_clear(shm_heap *h) {
     int64_t nodes = h->offset[h->num_levels - 1] + 1;
-    for (int64_t i = 0; i < nodes; i++) {
-        h->key[i] = INFINITY;
-        h->slot[i] = SHM_HEAP_EMPTY;
-    }
     /* Touches 0, so that stale touches cannot pass for plausible ones later. */
-    memset(h->touch, 0, (size_t)nodes * sizeof *h->touch);
-    h->clock[0] = 0;
+    for (int64_t i = 0; i < nodes; i++)
+        h->node[i] = (shm_heap_node){INFINITY, 0, SHM_HEAP_EMPTY};
+    shm_store_relaxed(h->clock, 0);
 }
 
 int shm_heap_rebuild(shm_heap *h, const int64_t *slots, const double *priorities, int64_t k) {
     if (k < 0 || check_slots(h, slots, k) != SHM_ORDER_OK)
         return SHM_ORDER_EINVAL;
-    int64_t clock = h->clock[0];
+    int64_t clock = shm_load_relaxed(h->clock);
     if (clock < 0 || clock > MAX_CLOCK - k)
         clock = 0; /* corrupt: every touch counts as unknown */
     int64_t next = clock;
     for (int64_t i = 0; i < k; i++) {
-        int64_t t = h->touch[slots[i]];
+        int64_t t = h->node[slots[i]].touch;
         if (t < 1 || t > clock)
-            h->touch[slots[i]] = ++next;
+            h->node[slots[i]].touch = ++next;
     }
-    h->clock[0] = next;
+    shm_store_relaxed(h->clock, next);
     for (int64_t i = 0; i < h->width[0]; i++) {
-        h->key[i] = INFINITY;
-        h->slot[i] = SHM_HEAP_EMPTY;
+        h->node[i].key = INFINITY;
+        h->node[i].slot = SHM_HEAP_EMPTY;
     }
     for (int64_t i = 0; i < k; i++) {
-        h->key[slots[i]] = h->sign * priorities[i];
-        h->slot[slots[i]] = slots[i];
+        h->node[slots[i]].key = h->sign * priorities[i];
+        h->node[slots[i]].slot = slots[i];
     }
     recompute_from(h, 1);
     return SHM_ORDER_OK;
 }
 
-/* ---- first(n): a pruned descent with a bounded heap ----------------------------------------- */
+/* ---- first(n): a pruned descent with a bounded heap ------------------------------------------ */
 
 typedef struct {
     double key;
@@ -510,12 +496,13 @@ int shm_heap_first(const shm_heap *h, int64_t n, int64_t *out, int64_t *got) {
     int64_t root = h->offset[top];
     if (n == 0)
         return SHM_ORDER_OK;
-    if (isnan(h->key[root]))
+    double root_key = h->node[root].key; /* read once: the value tested is the value used */
+    if (isnan(root_key))
         return SHM_ORDER_ECORRUPT;
-    if (!(h->key[root] < INFINITY))
+    if (!(root_key < INFINITY))
         return SHM_ORDER_OK; /* empty */
     if (n == 1) {            /* the root's winner (heap.py returns its slot) */
-        int64_t s = h->slot[root];
+        int64_t s = shm_load_relaxed(&h->node[root].slot);
         if (s < 0 || s >= h->num_slots)
             return SHM_ORDER_ECORRUPT;
         out[0] = s;
@@ -538,7 +525,7 @@ int shm_heap_first(const shm_heap *h, int64_t n, int64_t *out, int64_t *got) {
     }
     int rc = SHM_ORDER_OK;
     int64_t m = 1;
-    kept[0] = (entry){h->key[root], h->touch[root], 0};
+    kept[0] = (entry){root_key, h->node[root].touch, 0};
     for (int l = top; l > 0 && rc == SHM_ORDER_OK; l--) {
         int64_t nc = 0, base = h->offset[l - 1];
         int arity = 1 << h->bits[l];
@@ -549,22 +536,19 @@ int shm_heap_first(const shm_heap *h, int64_t n, int64_t *out, int64_t *got) {
                 if (worse(&kept[j], &t))
                     t = kept[j];
         for (int64_t j = 0; j < m && rc == SHM_ORDER_OK; j++) {
-            if (j + PREFETCH_AHEAD < m) {
-                const double *row = h->key + base + (kept[j + PREFETCH_AHEAD].idx << h->bits[l]);
-                __builtin_prefetch(row, 0, 1);
-                if (arity > 8)
-                    __builtin_prefetch(row + 8, 0, 1);
-            }
+            if (j + PREFETCH_AHEAD < m)
+                prefetch_row(h, l, kept[j + PREFETCH_AHEAD].idx);
             int64_t first = kept[j].idx << h->bits[l];
+            const shm_heap_node *row = h->node + base + first;
             for (int c = 0; c < arity; c++) {
-                double key = h->key[base + first + c];
+                double key = row[c].key;
                 if (isnan(key)) {
                     rc = SHM_ORDER_ECORRUPT;
                     break;
                 }
                 if (!(key < INFINITY) || (bounded && key > t.key))
                     continue; /* an empty subtree, or one beyond T: its touch is not read */
-                entry e = {key, h->touch[base + first + c], first + c};
+                entry e = {key, row[c].touch, first + c};
                 if (bounded && key == t.key && e.touch > t.touch)
                     continue; /* (idx is another level's: not compared) */
                 if (nc == room) {
@@ -593,7 +577,7 @@ int shm_heap_first(const shm_heap *h, int64_t n, int64_t *out, int64_t *got) {
         intro_sort(kept, m, depth_limit(m));
         for (int64_t j = 0; j < m; j++) {
             int64_t s = kept[j].idx;
-            if (s >= h->num_slots || h->slot[s] != s) {
+            if (s >= h->num_slots || shm_load_relaxed(&h->node[s].slot) != s) {
                 rc = SHM_ORDER_ECORRUPT;
                 break;
             }

@@ -36,11 +36,12 @@ typedef struct {
 } shm_order;
 
 /* Append slots[0..k) in order (compacting first when they would not fit). EINVAL for a slot
- * outside [0, num_slots) or k > len, ECORRUPT (nothing changed) for bad ends or entries. */
+ * outside [0, num_slots) or k > len, ECORRUPT (nothing changed) for bad ends or entries, or for
+ * more live entries than leave room for k. */
 int shm_order_insert(shm_order *o, const int64_t *slots, int64_t k);
 
 /* Punch the holes of present, distinct slots. ECORRUPT (nothing changed) when pos/order say a
- * slot is not where it should be. */
+ * slot is not where it should be; ENOMEM when a batch longer than 512 finds no scratch memory. */
 int shm_order_remove(shm_order *o, const int64_t *slots, int64_t k);
 
 /* The first n live entries from the head (Fifo: oldest first) into out; *got receives their

@@ -3,24 +3,31 @@ updated; reported probability 1.
 
 Items are ordered by ``(key, touch)``, lowest first: key is the priority (MinHeap) or minus it
 (MaxHeap), touch the number a selector-wide clock handed the item when it was last inserted or
-updated. A 16-ary tournament tree finds the lowest. Its levels lie end to end in three arrays,
-``key``, ``touch`` and ``slot``, leaves first, root last: leaf s is slot s (its key, +inf while
-the slot holds no item; its touch; s itself, or -1), and an inner node holds a copy of the
-(key, touch, slot) of the winner among its children, ``16i .. 16i+15`` on the level below (the
-level under the root may have fewer). Priorities are finite (the client refuses others), so a
-key of +inf means an empty subtree, and the root is the best item.
+updated. A 16-ary tournament tree finds the lowest. Its levels lie end to end in one array of
+node records, ``nodes`` (int64, one row of three words per node: the key's float64 bits, the
+touch, the slot; ``key``, ``touch`` and ``slot`` are views of its columns), leaves first, root
+last: leaf s is slot s (its key, +inf while the slot holds no item; its touch; s itself, or -1),
+and an inner node holds a copy of the record of the winner among its children, ``16i .. 16i+15``
+on the level below (the level under the root may have fewer). Priorities are finite (the client
+refuses others), so a key of +inf means an empty subtree, and the root is the best item.
 
-Copying the winner's key and touch into its parent, rather than looking them up by slot, makes
-a node's children one contiguous row: recomputing a node reads two rows instead of gathering
-from random slots, which is what costs at a million items.
+A node's key, touch and slot share a cache line (or two adjacent ones), and copying the winner's
+record into its parent, rather than looking it up by slot, makes a node's children one
+contiguous row of 384 bytes: at a million items every line touched is a cache miss, and this is
+what keeps their number low.
 
-The tree runs in C (csrc/heap.c, over the same shared arrays); the numpy version it is tested
+The tree runs in C (csrc/heap.c, over the same shared array); the numpy version it is tested
 against, array for array, is tests/reference/ordered_selectors.py. Costs for a batch of k over C
 leaves (C the next power of two ≥ the slots; L = log16 C levels, 5 for a million slots):
 
-- insert, update, remove: write k leaves, then recompute their ancestors level by level, each
-  distinct ancestor once, one row of 16 children per node: O(16·k·L). A level no wider than
-  ``WHOLE_LEVEL_FACTOR``·k is recomputed whole (with the levels above), which costs no more.
+- insert, update, remove: write each leaf, then walk up from it while the path changes. A
+  parent is a copy of its children's winner, so its own record settles it most of the time:
+  the new leaf beats it (the parent becomes the leaf's copy, and the walk goes on), or loses to
+  it while the winner is another child (nothing above changes: the walk stops). Only when the
+  winner itself got worse (or on a tie) is the row of 16 children read again. A random insert,
+  update or removal in a full tree reads the leaf and its parent, and a row about once in 16:
+  O(k) expected, O(16·k·L) at worst. The tree that results is the one that recomputing every
+  ancestor gives (what the model does), since a consistent tree is a function of its leaves.
 - the best item: the root, O(1); ``sample(n)`` without max_times_sampled repeats it.
 - the n best, best first (``victims(n)``, ``sample(n)`` with max_times_sampled): a pruned
   descent from the root. A node's winner beats every item below it, so the n best items lie
@@ -46,10 +53,10 @@ from ..sumtree import sumtree_capacity
 from .base import ArraySpecs, Deterministic
 
 EMPTY = -1
+# A node record's words: the key's float64 bits, the touch, the slot (heap.h's shm_heap_node).
+NODE_WORDS = 3
 # Each level is 2**ARITY_BITS times narrower than the one below it (heap.h has the same).
 ARITY_BITS = 4
-# A level no wider than this many times the batch is recomputed whole (heap.h has the same).
-WHOLE_LEVEL_FACTOR = 2
 # A clock beyond this is corrupt (it could overflow): check() reports it, rebuild() resets it.
 MAX_CLOCK = 1 << 62
 
@@ -72,20 +79,19 @@ class Heap(Deterministic):
 
     def __init__(self, arrays: dict[str, np.ndarray], spec: SelectorSpec, num_slots: int) -> None:
         super().__init__(arrays, spec, num_slots)
-        self.key, self.touch, self.slot = arrays["key"], arrays["touch"], arrays["slot"]
+        self.nodes = arrays["nodes"]
+        # Views of the records' columns, indexed by node (leaf s is node s).
+        self.key = self.nodes.view(np.float64)[:, 0]
+        self.touch, self.slot = self.nodes[:, 1], self.nodes[:, 2]
         self._clock = arrays["clock"][:1]  # the last touch handed out (0 = none since clear)
         self.capacity = sumtree_capacity(num_slots)
-        self._tree = _NativeHeap(
-            self.key, self.touch, self.slot, arrays["clock"], num_slots, self.sign
-        )
+        self._tree = _NativeHeap(self.nodes, arrays["clock"], num_slots, self.sign)
 
     @classmethod
     def array_specs(cls, num_slots: int) -> ArraySpecs:
         nodes = sum(level_widths(num_slots))
         return [
-            ("key", "float64", (nodes,)),
-            ("touch", "int64", (nodes,)),
-            ("slot", "int64", (nodes,)),
+            ("nodes", "int64", (nodes, NODE_WORDS)),
             ("clock", "int64", (8,)),
         ]
 
