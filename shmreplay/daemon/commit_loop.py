@@ -48,6 +48,8 @@ class ServedTable:
     outstanding: np.ndarray  # per channel: slots leased and not yet committed
     # Slots a dead daemon's clients held, and when to free them (see TableCore.adopt).
     quarantine: tuple[float, np.ndarray] | None = None
+    # The Python refill's (CommitLoop._refill) rotation and starved flag; the loop in C keeps
+    # its own (csrc/commit.c, shm_loop_table) by the same rules.
     rotation: int = 0  # which wanting writer is served first next time
     # The rate limiter left nothing to lease to the writers that wait. Only a sample (or a
     # delete, reset or limiter change) can change that, and each of those posts the daemon:
