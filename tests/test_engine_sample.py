@@ -240,6 +240,7 @@ HOSTILE = textwrap.dedent(
     import numpy as np
     from shmreplay.engine._native import SampleCore
     from shmreplay.layout import LINE, Ctrl
+    from shmreplay.selectors.base import CorruptStructure
 
     rng = np.random.default_rng(0)
     n = 64
@@ -267,7 +268,7 @@ HOSTILE = textwrap.dedent(
         before = (times.copy(), ctrl.copy())
         try:
             core.select(slots, rng.random(k), *outs, np.empty(k, np.int64), n, True)
-        except ValueError as exc:
+        except CorruptStructure as exc:
             assert "corrupt" in str(exc)
         else:
             raise AssertionError("a slot outside the table was accepted")
@@ -275,7 +276,7 @@ HOSTILE = textwrap.dedent(
         intact = np.empty(k, np.bool_)
         try:
             core.gather(slots, gen[:k % n].repeat(k), (np.empty((k, 4)),), None, intact)
-        except ValueError:
+        except CorruptStructure:
             pass
         else:
             raise AssertionError("gather accepted a slot outside the table")
@@ -299,7 +300,7 @@ HOSTILE = textwrap.dedent(
     assert core.present(keys, np.empty(len(keys), np.int64)) == 8
     try:
         core.removed(np.array([0, n]), 1)
-    except ValueError:
+    except CorruptStructure:
         pass
     else:
         raise AssertionError("removed accepted a slot outside the table")
@@ -312,7 +313,7 @@ HOSTILE = textwrap.dedent(
         assert core.release(np.arange(4), 1) == 4
     try:
         core.release(np.array([-1]), 1)
-    except ValueError:
+    except CorruptStructure:
         pass
     else:
         raise AssertionError("release accepted a slot outside the table")
@@ -323,7 +324,8 @@ HOSTILE = textwrap.dedent(
 
 def test_hostile_shared_arrays_give_errors_not_crashes():
     """Garbage in every shared array the sample path reads, and slot indices outside the table:
-    ValueError (the table turns a bad draw into CorruptStructure and rebuilds), never a crash;
+    CorruptStructure (the table rebuilds its structures; a position outside the caller's output
+    is a ValueError), never a crash;
     run in a subprocess so that a segfault fails this test instead of killing pytest."""
     r = subprocess.run([sys.executable, "-c", HOSTILE], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
@@ -382,9 +384,11 @@ def test_rows_rewritten_during_the_copy_are_never_reported_intact():
 
 
 def test_a_draw_outside_the_table_rebuilds_the_selectors_and_draws_again(daemon_factory):
-    """A sampler whose (corrupt) structures yield a slot outside the table: the bookkeeping
-    refuses it before writing anything (CorruptStructure), the table rebuilds its selectors
-    from the per-slot metadata (REPAIRS grows) and draws again."""
+    """A sampler whose (corrupt) structures yield a slot outside the table, on the Python path
+    (a draw made in Python: the bookkeeping refuses it before writing anything) and on the
+    one-call path (the engine's draw refuses the dense set's entries and hands over to the
+    Python path, whose draw raises): CorruptStructure, the table rebuilds its selectors from
+    the per-slot metadata (REPAIRS grows) and draws again; only the second draw is counted."""
     d = daemon_factory(
         '[[table]]\nname = "t"\nmax_size = 20\nsampler = { kind = "uniform" }\n'
         'remover = { kind = "fifo" }\n[table.signature]\nuid = { dtype = "int64" }\n'
@@ -395,6 +399,8 @@ def test_a_draw_outside_the_table_rebuilds_the_selectors_and_draws_again(daemon_
             t.insert({"uid": i})
         t.flush()
         core = t.core
+        # The Python path: a deterministic sampler's, or a draw the one-call path hands over.
+        core.__dict__["_one_call"] = False
         draw = core.sampler.sample
         calls = []
 
@@ -414,3 +420,11 @@ def test_a_draw_outside_the_table_rebuilds_the_selectors_and_draws_again(daemon_
         assert int(core.ctrl[Ctrl.REPAIRS]) == repairs + 1
         # Only the second draw was counted.
         assert int((core.times_sampled - times_before).sum()) == 4
+        # The one-call path: every entry of the sampler's dense set points outside the table.
+        del core.sampler.sample, core.__dict__["_one_call"]
+        core.sampler.items.live[:20] = core.num_slots + 5
+        times_before = core.times_sampled.copy()
+        s = t.sample(4, timeout=5)
+        assert len(s) == 4 and int(core.ctrl[Ctrl.REPAIRS]) == repairs + 2
+        assert int((core.times_sampled - times_before).sum()) == 4
+        assert set(core.sampler.items.live[:20]) == set(range(20))
