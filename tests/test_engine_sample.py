@@ -428,3 +428,74 @@ def test_a_draw_outside_the_table_rebuilds_the_selectors_and_draws_again(daemon_
         assert len(s) == 4 and int(core.ctrl[Ctrl.REPAIRS]) == repairs + 2
         assert int((core.times_sampled - times_before).sum()) == 4
         assert set(core.sampler.items.live[:20]) == set(range(20))
+
+
+PRIORITIZED = '{ kind = "prioritized", priority_exponent = 0.6 }'
+UNIFORM = '{ kind = "uniform" }'
+TWIN_TABLES = "".join(
+    f'[[table]]\nname = "{name}"\nmax_size = 64\nmax_times_sampled = {mts}\n'
+    f'sampler = {sampler}\nremover = {{ kind = "fifo" }}\n'
+    'rate_limiter = { kind = "custom", samples_per_insert = 2.0, min_size_to_sample = 4, '
+    "min_diff = -2.0, max_diff = 1e9 }\n"
+    '[table.signature]\nuid = { dtype = "int64" }\nobs = { shape = [3], dtype = "float32" }\n'
+    for twin, mts, sampler in (("a", 3, PRIORITIZED), ("b", 0, PRIORITIZED), ("c", 2, UNIFORM))
+    for name in (f"one_{twin}", f"py_{twin}")
+)
+
+
+@pytest.mark.parametrize("suffix", ["a", "b", "c"])
+def test_the_one_call_path_samples_as_the_python_path(daemon_factory, suffix):
+    """Twin tables filled alike, sampled with the same seed, one through SampleCore.sample (one
+    call) and one through the Python steps (_select, _gather): the same rows, the same info,
+    the same per-slot metadata, counters and selector arrays after every batch; with
+    max_times_sampled (a, c: exhausted items removed and released, draws dropped) and without
+    (b), Prioritized (a, b) and Uniform (c), until a rate limiter lets only part of a batch
+    through."""
+    d = daemon_factory(TWIN_TABLES)
+    with shmreplay.attach(d.name) as client:
+        one, py = client.table(f"one_{suffix}"), client.table(f"py_{suffix}")
+        rng = np.random.default_rng(4)
+        rows = {"uid": np.arange(48), "obs": rng.random((48, 3)).astype(np.float32)}
+        prios = rng.random(48) + 0.1
+        for t in (one, py):
+            t.insert_batch(rows, priorities=prios)
+            t.flush()
+            t.core.rng = np.random.default_rng(11)
+        py.core.__dict__["_one_call"] = False
+        assert one.core._one_call
+        deleted = 0
+        # The limiter allows 98 samples (the last batch gets 2 of its 15, after the timeout);
+        # c's 48 items can be sampled twice each while 4 are left (min_size_to_sample): its
+        # last batch times out on both paths.
+        short = 0
+        for n in (1, 5, 16, 2, 33, 7, 3, 9, 20, 15):
+            got = []
+            for t in (one, py):
+                try:
+                    got.append(t.sample(n, timeout=0.2, partial=True))
+                except shmreplay.RateLimiterTimeout:
+                    got.append(None)
+            if got == [None, None]:
+                assert suffix == "c" and n == 15
+                continue
+            a, b = got
+            assert len(a) == len(b) > 0
+            short += len(a) < n
+            for f in ("uid", "obs"):
+                assert np.array_equal(a.data[f], b.data[f])
+            for f in ("key", "probability", "priority", "times_sampled", "table_size"):
+                x, y = getattr(a.info, f), getattr(b.info, f)
+                assert x.dtype == y.dtype and np.array_equal(x, y), f
+            arrays = [t.core.segment.arrays for t in (one, py)]
+            for name, arr in arrays[0].items():
+                if name.startswith(("meta.", "sampler.", "remover.", "free")):
+                    assert np.array_equal(arr, arrays[1][name]), name
+            counters = [
+                Ctrl.SIZE, Ctrl.SAMPLES, Ctrl.DELETES, Ctrl.TOTAL_SAMPLED,
+                Ctrl.UNIQUE_SAMPLED, Ctrl.FREE_HEAD, Ctrl.FREE_TAIL,
+            ]  # fmt: skip
+            assert [int(one.core.ctrl[c]) for c in counters] == [
+                int(py.core.ctrl[c]) for c in counters
+            ]
+            deleted = int(one.core.ctrl[Ctrl.DELETES])
+        assert (deleted > 0) == (suffix != "b") and short > 0
