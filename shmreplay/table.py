@@ -727,7 +727,7 @@ class TableCore:
         deadline = None if timeout is None else time.monotonic() + timeout
         locked = False
         while True:
-            status, taken, n_exhausted, n_intact, wake = engine.sample(
+            status, taken, n_exhausted, n_intact, wake, freed = engine.sample(
                 n, channel, outs, key, probability, priority, times_sampled, table_size, locked
             )
             locked = False
@@ -755,12 +755,22 @@ class TableCore:
             else:  # SLOW: nothing done; a partial allowance, a structure to repair
                 return self._sample_python(n, out, channel, timeout, partial, deadline)
         info = SampleInfo(key, probability, priority, times_sampled, table_size)
-        if status == SampleCore.SAMPLED and n_exhausted == 0 and taken == n_intact == n:
-            if wake:
-                self.events.daemon.post(1)  # samples made room for blocked writers
+        if status == SampleCore.SAMPLED and freed >= 0 and taken == n_intact == n:
+            if (wake or freed) and self.events is not None:
+                # Samples made room for blocked writers, or freed slots for their leases.
+                self.events.daemon.post(1)
             return Sample(out, info)
         return self._sample_rest(
-            n, status, taken, n_exhausted, wake, out, info, channel, timeout, partial, deadline
+            n,
+            status,
+            (taken, n_exhausted, freed),
+            wake,
+            out,
+            info,
+            channel,
+            timeout,
+            partial,
+            deadline,
         )
 
     @functools.cached_property  # fixed for the table's life
@@ -775,8 +785,7 @@ class TableCore:
         self,
         n: int,
         status: int,
-        taken: int,
-        n_exhausted: int,
+        counts: tuple[int, int, int],
         wake: bool,
         out: dict[str, np.ndarray],
         info: SampleInfo,
@@ -787,7 +796,9 @@ class TableCore:
     ) -> Sample:
         """After SampleCore.sample booked a selection it could not finish alone: items it
         exhausted to release (or, UNREMOVED, still to remove from the selectors, lock held),
-        draws dropped by max_times_sampled, rows recycled during the copy."""
+        draws dropped by max_times_sampled, rows recycled during the copy. ``counts``: its
+        taken, n_exhausted and freed."""
+        taken, n_exhausted, freed = counts
         slots, gen = np.empty(taken, np.int64), np.empty(taken, np.int64)
         releasing, intact = np.empty(n_exhausted, np.int64), np.empty(taken, np.bool_)
         self._engine.last_selection(slots, gen, releasing, intact)
@@ -809,10 +820,17 @@ class TableCore:
             self._wake_blocked_writers()
             # Not copied yet: _deliver copies, checks and releases.
             return self._sample_slowly(n, sel, None, out, channel, timeout, partial, deadline)
-        if wake:
+        if freed == SampleCore.RELEASE_OWNER_DIED:  # we hold the lock: repair, then release
+            self.mutex.recover_from_dead_owner()  # a failed repair unlocks and raises
+            try:
+                freed = self._engine.release(releasing, channel)
+            finally:
+                self.mutex.release()
+        elif freed == SampleCore.RELEASE_PENDING:
+            self._release(releasing, channel)  # posts the daemon if it freed any
+            freed = 0
+        if (wake or freed) and self.events is not None:
             self.events.daemon.post(1)
-        if n_exhausted:
-            self._release(releasing, channel)
         if taken == n and intact.all():
             return Sample(out, info)
         return self._sample_slowly(n, sel, intact, out, channel, timeout, partial, deadline)

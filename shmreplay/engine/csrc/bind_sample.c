@@ -38,6 +38,10 @@ typedef struct {
     uint64_t (*next_raw)(void *st);
 } numpy_bitgen;
 
+/* sample()'s freed when it did not release the exhausted items (SampleCore.RELEASE_*). */
+#define RELEASE_PENDING (-1)    /* the lock was busy: the caller releases them */
+#define RELEASE_OWNER_DIED (-2) /* we hold the lock, its owner died: recover, release, unlock */
+
 /* What sample() returns first (SampleCore.SAMPLED ...): shm_sample_locked's values, then: */
 enum {
     SAMPLE_BUSY = SHM_SAMPLE_UNREMOVED + 1, /* the lock is held by another: nothing done */
@@ -601,7 +605,7 @@ static int take_lock(pthread_mutex_t *m) {
 #define SAMPLE_OUTPUTS 5
 
 /* sample(n, channel, outs, key, probability, priority, times_sampled, table_size, locked)
- *   -> (status, taken, n_exhausted, n_intact, wake_writers) */
+ *   -> (status, taken, n_exhausted, n_intact, wake_writers, freed) */
 static PyObject *core_sample(SampleCore *self, PyObject *const *args, Py_ssize_t nargs) {
     SHM_CHECK_NARGS("sample", 9);
     if (!self->configured || self->rng.next_double == NULL) {
@@ -622,7 +626,7 @@ static PyObject *core_sample(SampleCore *self, PyObject *const *args, Py_ssize_t
         return NULL;
     }
     if (self->in_use) /* another thread's call: the Python path allocates its own */
-        return Py_BuildValue("(iiiii)", SHM_SAMPLE_SLOW, 0, 0, 0, 0);
+        return Py_BuildValue("(iiiiii)", SHM_SAMPLE_SLOW, 0, 0, 0, 0, 0);
     static const Py_ssize_t isz[SAMPLE_OUTPUTS] = {8, 8, 8, 4, 8};
     static const int wr[SAMPLE_OUTPUTS] = {1, 1, 1, 1, 1};
     static const char *const what[SAMPLE_OUTPUTS] = {"key", "probability", "priority",
@@ -663,11 +667,11 @@ static PyObject *core_sample(SampleCore *self, PyObject *const *args, Py_ssize_t
     Py_DECREF(got);
     if (have_rng <= 0) {
         if (have_rng == 0)
-            result = Py_BuildValue("(iiiii)", SHM_SAMPLE_SLOW, 0, 0, 0, 0);
+            result = Py_BuildValue("(iiiiii)", SHM_SAMPLE_SLOW, 0, 0, 0, 0, 0);
         goto done;
     }
     int status = locked ? 0 : take_lock(self->mutex);
-    int64_t taken = 0, nex = 0, good = 0;
+    int64_t taken = 0, nex = 0, good = 0, freed = 0;
     int wake = 0;
     if (status == 0) {
         shm_sample_scratch sc = {self->u, self->drawn, self->drawn_prob};
@@ -703,8 +707,19 @@ static PyObject *core_sample(SampleCore *self, PyObject *const *args, Py_ssize_t
             rc = shm_sample_gather(fields, self->nfields, self->t.gen, self->t.num_slots,
                                    self->kept, NULL, taken, self->gen_snap, self->intact, &good);
         }
+        /* The items this draw exhausted are copied: back to the free ring (the lock again,
+         * briefly). A busy lock, or one whose owner died, leaves it to the caller. */
+        if (nex > 0 && rc == SHM_SAMPLE_OK) {
+            int lr = take_lock(self->mutex);
+            if (lr == 0) {
+                shm_sample_release(&self->t, self->exhausted, nex, (int32_t)channel, &freed);
+                pthread_mutex_unlock(self->mutex);
+            } else {
+                freed = lr == SAMPLE_OWNER_DIED ? RELEASE_OWNER_DIED : RELEASE_PENDING;
+            }
+        }
         /* A selection the caller completes stays ours until it called last_selection(). */
-        self->in_use = !(taken == n && good == n && nex == 0);
+        self->in_use = !(taken == n && good == n && freed >= 0);
         if (rc != SHM_SAMPLE_OK) { /* cannot happen: the bookkeeping checked every slot */
             self->in_use = 0;
             set_error(rc, "sample copy");
@@ -713,8 +728,8 @@ static PyObject *core_sample(SampleCore *self, PyObject *const *args, Py_ssize_t
     } else if (status == SHM_SAMPLE_UNREMOVED) {
         self->in_use = 1; /* until last_selection() */
     }
-    result = Py_BuildValue("(iLLLi)", status, (long long)taken, (long long)nex,
-                           (long long)good, wake);
+    result = Py_BuildValue("(iLLLiL)", status, (long long)taken, (long long)nex,
+                           (long long)good, wake, (long long)freed);
 done:
     release(out, nout);
     release(v, SAMPLE_OUTPUTS);
@@ -762,9 +777,12 @@ static PyMethodDef core_methods[] = {
      "set_rng(bit_generator) -> None: the numpy BitGenerator sample() draws from."},
     {"sample", (PyCFunction)(void (*)(void))core_sample, METH_FASTCALL,
      "sample(n, channel, outs, key, probability, priority, times_sampled, table_size, locked) "
-     "-> (status, taken, n_exhausted, n_intact, wake_writers): take the table lock (unless "
-     "locked: the caller holds it), check the limiter, draw n, book them, remove exhausted "
-     "items, unlock, copy the kept rows to outs[..][:taken] and check their generations. "
+     "-> (status, taken, n_exhausted, n_intact, wake_writers, freed): take the table lock "
+     "(unless locked: the caller holds it), check the limiter, draw n, book them, remove "
+     "exhausted items, unlock, copy the kept rows to outs[..][:taken] and check their "
+     "generations, then release the exhausted items (freed: how many went back to the free "
+     "ring; RELEASE_PENDING: the lock was busy, the caller releases them; "
+     "RELEASE_OWNER_DIED: the lock is held, inherited from a dead owner). "
      "status: SAMPLED (the info arrays' first taken entries filled), BLOCKED (wait flags set), "
      "SLOW (nothing done: use the Python path), UNREMOVED (booked; the lock is still held and "
      "the exhausted items are still in the selectors), BUSY (the lock is held elsewhere: "
@@ -817,7 +835,9 @@ int shm_bind_sample(PyObject *module) {
                     {"SLOW", SHM_SAMPLE_SLOW},
                     {"UNREMOVED", SHM_SAMPLE_UNREMOVED},
                     {"BUSY", SAMPLE_BUSY},
-                    {"OWNER_DIED", SAMPLE_OWNER_DIED}};
+                    {"OWNER_DIED", SAMPLE_OWNER_DIED},
+                    {"RELEASE_PENDING", RELEASE_PENDING},
+                    {"RELEASE_OWNER_DIED", RELEASE_OWNER_DIED}};
     for (size_t i = 0; i < sizeof statuses / sizeof statuses[0]; i++) {
         PyObject *v = PyLong_FromLong(statuses[i].value);
         if (v == NULL || PyDict_SetItemString(SampleCoreType.tp_dict, statuses[i].name, v) < 0) {
