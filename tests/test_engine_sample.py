@@ -499,3 +499,45 @@ def test_the_one_call_path_samples_as_the_python_path(daemon_factory, suffix):
             ]
             deleted = int(one.core.ctrl[Ctrl.DELETES])
         assert (deleted > 0) == (suffix != "b") and short > 0
+
+
+def test_threads_sampling_one_handle_share_the_one_call_path_safely(daemon_factory):
+    """Two threads sample through one Table handle, with copies large enough that the GIL is
+    released during them: a call that finds the scratch in use takes the Python path (about a
+    third of the calls did when this was written). Every row matches its key's item and
+    TOTAL_SAMPLED counts every draw once."""
+    import threading
+
+    d = daemon_factory(
+        '[[table]]\nname = "t"\nmax_size = 64\n'
+        'sampler = { kind = "prioritized", priority_exponent = 1.0 }\n'
+        'remover = { kind = "fifo" }\n[table.signature]\n'
+        'uid = { dtype = "int64" }\nblob = { shape = [8192], dtype = "int64" }\n'
+    )
+    with shmreplay.attach(d.name) as client:
+        t = client.table("t")
+        uids = np.arange(64)
+        t.insert_batch({"uid": uids, "blob": np.repeat(uids, 8192).reshape(64, 8192)})
+        t.flush()
+        slot_uid = {}
+        before = int(t.core.ctrl[Ctrl.TOTAL_SAMPLED])
+        errors, counts = [], [0, 0]
+
+        def run(i):
+            try:
+                for _ in range(150):
+                    s = t.sample(8, timeout=5)
+                    assert (s.data["blob"] == s.data["uid"][:, None]).all()
+                    for k, u in zip(s.info.key.tolist(), s.data["uid"].tolist(), strict=True):
+                        assert slot_uid.setdefault(k, u) == u
+                    counts[i] += len(s)
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert not errors, errors
+        assert int(t.core.ctrl[Ctrl.TOTAL_SAMPLED]) - before == sum(counts) == 2 * 150 * 8

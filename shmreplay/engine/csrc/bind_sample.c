@@ -602,6 +602,21 @@ static int take_lock(pthread_mutex_t *m) {
     return SAMPLE_BUSY; /* EBUSY, or an error RobustMutex.acquire reports */
 }
 
+/* take_lock, the GIL released while it spins and yields (a holder keeps the lock for
+ * microseconds, but the yields may hand the CPU away for longer): the process's other threads
+ * run meanwhile. One trylock first, with the GIL: the common case costs no release. */
+static int take_lock_nogil(pthread_mutex_t *m) {
+    int rc = pthread_mutex_trylock(m);
+    if (rc == 0)
+        return 0;
+    if (rc == EOWNERDEAD)
+        return SAMPLE_OWNER_DIED;
+    Py_BEGIN_ALLOW_THREADS;
+    rc = take_lock(m);
+    Py_END_ALLOW_THREADS;
+    return rc;
+}
+
 #define SAMPLE_OUTPUTS 5
 
 /* sample(n, channel, outs, key, probability, priority, times_sampled, table_size, locked)
@@ -670,7 +685,9 @@ static PyObject *core_sample(SampleCore *self, PyObject *const *args, Py_ssize_t
             result = Py_BuildValue("(iiiiii)", SHM_SAMPLE_SLOW, 0, 0, 0, 0, 0);
         goto done;
     }
-    int status = locked ? 0 : take_lock(self->mutex);
+    /* From here the scratch is ours, also while the GIL is released (lock wait, copy). */
+    self->in_use = 1;
+    int status = locked ? 0 : take_lock_nogil(self->mutex);
     int64_t taken = 0, nex = 0, good = 0, freed = 0;
     int wake = 0;
     if (status == 0) {
@@ -688,6 +705,7 @@ static PyObject *core_sample(SampleCore *self, PyObject *const *args, Py_ssize_t
         /* Cannot happen (we hold it); the table lock is already released unless UNREMOVED. */
         if (status == SHM_SAMPLE_UNREMOVED)
             pthread_mutex_unlock(self->mutex);
+        self->in_use = 0;
         goto done;
     }
     Py_DECREF(r);
@@ -697,7 +715,6 @@ static PyObject *core_sample(SampleCore *self, PyObject *const *args, Py_ssize_t
         wake = shm_sample_wakes_writers(&self->lim, &self->waiters);
         /* The copy, outside the lock; its seqlock check says which rows are intact. */
         int rc;
-        self->in_use = 1;
         if (bytes >= GIL_RELEASE_BYTES) {
             Py_BEGIN_ALLOW_THREADS;
             rc = shm_sample_gather(fields, self->nfields, self->t.gen, self->t.num_slots,
@@ -710,7 +727,7 @@ static PyObject *core_sample(SampleCore *self, PyObject *const *args, Py_ssize_t
         /* The items this draw exhausted are copied: back to the free ring (the lock again,
          * briefly). A busy lock, or one whose owner died, leaves it to the caller. */
         if (nex > 0 && rc == SHM_SAMPLE_OK) {
-            int lr = take_lock(self->mutex);
+            int lr = take_lock_nogil(self->mutex);
             if (lr == 0) {
                 shm_sample_release(&self->t, self->exhausted, nex, (int32_t)channel, &freed);
                 pthread_mutex_unlock(self->mutex);
@@ -725,8 +742,8 @@ static PyObject *core_sample(SampleCore *self, PyObject *const *args, Py_ssize_t
             set_error(rc, "sample copy");
             goto done;
         }
-    } else if (status == SHM_SAMPLE_UNREMOVED) {
-        self->in_use = 1; /* until last_selection() */
+    } else {
+        self->in_use = status == SHM_SAMPLE_UNREMOVED; /* then until last_selection() */
     }
     result = Py_BuildValue("(iLLLiL)", status, (long long)taken, (long long)nex,
                            (long long)good, wake, (long long)freed);
