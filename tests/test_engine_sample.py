@@ -15,7 +15,7 @@ from shmreplay.engine._native import SampleCore
 
 import shmreplay
 import shmreplay.table
-from shmreplay.layout import LINE, Ctrl
+from shmreplay.layout import LINE, Ctrl, Param
 from tests.reference import sample as ref
 
 CTRL_ROWS = 16
@@ -240,7 +240,9 @@ HOSTILE = textwrap.dedent(
     import numpy as np
     from shmreplay.engine._native import SampleCore
     from shmreplay.layout import LINE, Ctrl
-    from shmreplay.selectors.base import CorruptStructure
+
+    def corrupt(exc):  # the selectors' CorruptStructure, wherever its module lives
+        return type(exc).__name__ == "CorruptStructure"
 
     rng = np.random.default_rng(0)
     n = 64
@@ -268,16 +270,16 @@ HOSTILE = textwrap.dedent(
         before = (times.copy(), ctrl.copy())
         try:
             core.select(slots, rng.random(k), *outs, np.empty(k, np.int64), n, True)
-        except CorruptStructure as exc:
-            assert "corrupt" in str(exc)
+        except Exception as exc:
+            assert corrupt(exc) and "corrupt" in str(exc), exc
         else:
             raise AssertionError("a slot outside the table was accepted")
         assert np.array_equal(times, before[0]) and np.array_equal(ctrl, before[1])
         intact = np.empty(k, np.bool_)
         try:
             core.gather(slots, gen[:k % n].repeat(k), (np.empty((k, 4)),), None, intact)
-        except CorruptStructure:
-            pass
+        except Exception as exc:
+            assert corrupt(exc), exc
         else:
             raise AssertionError("gather accepted a slot outside the table")
     # Garbage counts and times: any values, no crash; the draws stay in range.
@@ -300,8 +302,8 @@ HOSTILE = textwrap.dedent(
     assert core.present(keys, np.empty(len(keys), np.int64)) == 8
     try:
         core.removed(np.array([0, n]), 1)
-    except CorruptStructure:
-        pass
+    except Exception as exc:
+        assert corrupt(exc), exc
     else:
         raise AssertionError("removed accepted a slot outside the table")
     # A free ring's tail of any value: the pushes stay inside the ring.
@@ -313,8 +315,8 @@ HOSTILE = textwrap.dedent(
         assert core.release(np.arange(4), 1) == 4
     try:
         core.release(np.array([-1]), 1)
-    except CorruptStructure:
-        pass
+    except Exception as exc:
+        assert corrupt(exc), exc
     else:
         raise AssertionError("release accepted a slot outside the table")
     print("ok")
@@ -541,3 +543,53 @@ def test_threads_sampling_one_handle_share_the_one_call_path_safely(daemon_facto
             th.join()
         assert not errors, errors
         assert int(t.core.ctrl[Ctrl.TOTAL_SAMPLED]) - before == sum(counts) == 2 * 150 * 8
+
+
+def test_the_engine_allowance_is_the_rate_limiter_s(daemon_factory):
+    """shm_sample_allowance (what the one-call path checks) against RateLimiter.sample_allowance
+    over random and hostile counters and parameters (NaN, infinities, counters near the int64
+    limits): the same count, or -1 (the one-call path then hands over to the Python path) exactly
+    where Python raises or inserts - deletes overflows an int64. The table lock is held
+    throughout; everything is restored."""
+    d = daemon_factory(
+        '[[table]]\nname = "t"\nmax_size = 16\nsampler = { kind = "uniform" }\n'
+        'remover = { kind = "fifo" }\n[table.signature]\nuid = { dtype = "int64" }\n'
+    )
+    with shmreplay.attach(d.name) as client:
+        core = client.table("t").core
+        engine, lim = core._engine, core.limiter
+        rng = np.random.default_rng(7)
+        floats = [0.0, 1.0, 2.5, -3.0, 1e18, -1e300, np.inf, -np.inf, np.nan, 1e-9, 7.0]
+        ints = [0, 1, 5, 1000, -7, 2**62, 2**63 - 1, -(2**63)]
+        words = (Ctrl.INSERTS, Ctrl.DELETES, Ctrl.SAMPLES)
+        params = (Param.SAMPLES_PER_INSERT, Param.MIN_SIZE_TO_SAMPLE, Param.MIN_DIFF)
+        with core.mutex:
+            saved = [int(core.ctrl[w]) for w in words], [float(core.params[p]) for p in params]
+            try:
+                for _ in range(3000):
+                    for w in words:
+                        core.ctrl[w] = (
+                            rng.choice(ints) if rng.random() < 0.5 else rng.integers(-50, 5000)
+                        )
+                    for p in params:
+                        core.params[p] = (
+                            rng.choice(floats) if rng.random() < 0.5 else (rng.random() * 20 - 5)
+                        )
+                    n = int(rng.integers(1, 600))
+                    try:
+                        with np.errstate(all="ignore"):  # hostile values overflow in numpy
+                            want = lim.sample_allowance(n)
+                    except (ValueError, OverflowError):
+                        want = -1
+                    if not -(2**63) <= int(core.ctrl[words[0]]) - int(core.ctrl[words[1]]) < 2**63:
+                        want = -1  # inserts - deletes overflows int64: C leaves it to Python
+                    assert engine.allowance(n) == want, (
+                        [int(core.ctrl[w]) for w in words],
+                        [float(core.params[p]) for p in params],
+                        n,
+                    )
+            finally:
+                for w, v in zip(words, saved[0], strict=True):
+                    core.ctrl[w] = v
+                for p, v in zip(params, saved[1], strict=True):
+                    core.params[p] = v

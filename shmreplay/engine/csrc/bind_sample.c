@@ -753,6 +753,19 @@ done:
     return result;
 }
 
+/* allowance(n) -> int: shm_sample_allowance over the table's counters and parameters (as
+ * sample() computes it; -1: the Python path decides). For the differential tests. */
+static PyObject *core_allowance(SampleCore *self, PyObject *arg) {
+    if (!self->configured) {
+        PyErr_SetString(PyExc_RuntimeError, "allowance: configure() first");
+        return NULL;
+    }
+    long long n = PyLong_AsLongLong(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    return PyLong_FromLongLong(shm_sample_allowance(&self->lim, n));
+}
+
 /* last_selection(slots, gen, exhausted, intact) -> None: the last sample()'s kept draws, their
  * generations, the items it exhausted and which rows its copy found intact (for the Python
  * path that completes a short or torn batch). A sample() that returns anything but a whole
@@ -805,6 +818,9 @@ static PyMethodDef core_methods[] = {
      "the exhausted items are still in the selectors), BUSY (the lock is held elsewhere: "
      "nothing done), OWNER_DIED (the lock is held, inherited from a dead owner: nothing "
      "done)."},
+    {"allowance", (PyCFunction)core_allowance, METH_O,
+     "allowance(n) -> int: how many of n samples the limiter allows now (-1: not a number "
+     "Python would compute; the Python path decides)."},
     {"last_selection", (PyCFunction)(void (*)(void))core_last_selection, METH_FASTCALL,
      "last_selection(slots, gen, exhausted, intact) -> None: the last sample()'s selection."},
     {"release", (PyCFunction)(void (*)(void))core_release, METH_FASTCALL,
