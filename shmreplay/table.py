@@ -744,14 +744,8 @@ class TableCore:
                 self.mutex.recover_from_dead_owner()  # repairs; we keep the lock
                 locked = True
             elif status == SampleCore.BLOCKED:
-                # Registered as waiting (under the lock); wait here and call again, so that a
-                # woken sampler takes the short path (wake-to-sample latency).
-                wait = None if deadline is None else deadline - time.monotonic()
-                if wait is not None and wait <= 0:
-                    self.chan[channel, Chan.WAIT_SAMPLE] = 0
-                    raise RateLimiterTimeout(self._blocked_message("sample", n, 0, timeout))
-                self.events.sample.wait(0.5 if wait is None else wait)
-                self.check_open()
+                # Wait here and call again, so that a woken sampler takes the short path.
+                self._wait_unblocked(n, channel, deadline, timeout)
             else:  # SLOW: nothing done; a partial allowance, a structure to repair
                 return self._sample_python(n, out, channel, timeout, partial, deadline)
         info = SampleInfo(key, probability, priority, times_sampled, table_size)
@@ -848,11 +842,12 @@ class TableCore:
         samplers, and what the one-call path hands over."""
         if deadline is None and timeout is not None:
             deadline = time.monotonic() + timeout
-        wait = None if deadline is None else deadline - time.monotonic()
         while True:
             # A holder that is stopped, not dead, keeps the lock: waiting for it honours the
             # timeout and names its pid (LockTimeout).
-            self.mutex.acquire(_lock_wait(wait))
+            self.mutex.acquire(
+                _lock_wait(None if deadline is None else deadline - time.monotonic())
+            )
             try:
                 self.chan[channel, Chan.WAIT_SAMPLE] = 0
                 sel = self._select(n, channel, count_samples=True)
@@ -865,12 +860,7 @@ class TableCore:
                 break
             # Blocked with nothing taken: wait here and draw again, so that a woken sampler
             # takes the short path below (the wake-to-sample latency is mostly Python run cold).
-            wait = None if deadline is None else deadline - time.monotonic()
-            if wait is not None and wait <= 0:
-                self.chan[channel, Chan.WAIT_SAMPLE] = 0
-                raise RateLimiterTimeout(self._blocked_message("sample", n, 0, timeout))
-            self.events.sample.wait(0.5 if wait is None else wait)
-            self.check_open()
+            self._wait_unblocked(n, channel, deadline, timeout)
         self._wake_blocked_writers()
         if len(sel.slots) == n:
             # The common case: one draw, copied intact. Its arrays become the sample info.
@@ -892,6 +882,18 @@ class TableCore:
         else:
             intact = None
         return self._sample_slowly(n, sel, intact, out, channel, timeout, partial, deadline)
+
+    def _wait_unblocked(
+        self, n: int, channel: int, deadline: float | None, timeout: float | None
+    ) -> None:
+        """Blocked with nothing taken, registered as waiting (WAIT_SAMPLE, under the lock): wait
+        for the sample event until ``deadline``; RateLimiterTimeout once it has passed."""
+        wait = None if deadline is None else deadline - time.monotonic()
+        if wait is not None and wait <= 0:
+            self.chan[channel, Chan.WAIT_SAMPLE] = 0
+            raise RateLimiterTimeout(self._blocked_message("sample", n, 0, timeout))
+        self.events.sample.wait(0.5 if wait is None else wait)
+        self.check_open()
 
     def _sample_slowly(
         self,
