@@ -77,14 +77,6 @@ def compare(params: np.ndarray, ctrl: np.ndarray, lim, n: int, pending: int) -> 
     assert lim.blocks_inserts() == ref.blocks_inserts(params)
 
 
-def test_param_indices_match_the_layout() -> None:
-    assert _native.PARAM_SAMPLES_PER_INSERT == Param.SAMPLES_PER_INSERT
-    assert _native.PARAM_MIN_SIZE_TO_SAMPLE == Param.MIN_SIZE_TO_SAMPLE
-    assert _native.PARAM_MIN_DIFF == Param.MIN_DIFF
-    assert _native.PARAM_MAX_DIFF == Param.MAX_DIFF
-    assert _native.PARAM_KIND == Param.KIND
-
-
 @pytest.mark.parametrize("seed", range(4))
 def test_every_kind_matches(seed: int) -> None:
     rng = np.random.default_rng(seed)

@@ -15,7 +15,8 @@ from shmreplay.engine._native import SampleCore
 
 import shmreplay
 import shmreplay.engine.table
-from shmreplay.engine.layout import LINE, Ctrl
+from shmreplay.engine.layout import LINE, Ctrl, Param
+from tests.reference import ratelimit as ref_limiter
 from tests.reference import sample as ref
 
 CTRL_ROWS = 16
@@ -241,6 +242,9 @@ HOSTILE = textwrap.dedent(
     from shmreplay.engine._native import SampleCore
     from shmreplay.engine.layout import LINE, Ctrl
 
+    def corrupt(exc):  # the selectors' CorruptStructure, wherever its module lives
+        return type(exc).__name__ == "CorruptStructure"
+
     rng = np.random.default_rng(0)
     n = 64
     times = rng.integers(-2**31, 2**31, n).astype(np.int32)
@@ -267,16 +271,16 @@ HOSTILE = textwrap.dedent(
         before = (times.copy(), ctrl.copy())
         try:
             core.select(slots, rng.random(k), *outs, np.empty(k, np.int64), n, True)
-        except ValueError as exc:
-            assert "corrupt" in str(exc)
+        except Exception as exc:
+            assert corrupt(exc) and "corrupt" in str(exc), exc
         else:
             raise AssertionError("a slot outside the table was accepted")
         assert np.array_equal(times, before[0]) and np.array_equal(ctrl, before[1])
         intact = np.empty(k, np.bool_)
         try:
             core.gather(slots, gen[:k % n].repeat(k), (np.empty((k, 4)),), None, intact)
-        except ValueError:
-            pass
+        except Exception as exc:
+            assert corrupt(exc), exc
         else:
             raise AssertionError("gather accepted a slot outside the table")
     # Garbage counts and times: any values, no crash; the draws stay in range.
@@ -299,8 +303,8 @@ HOSTILE = textwrap.dedent(
     assert core.present(keys, np.empty(len(keys), np.int64)) == 8
     try:
         core.removed(np.array([0, n]), 1)
-    except ValueError:
-        pass
+    except Exception as exc:
+        assert corrupt(exc), exc
     else:
         raise AssertionError("removed accepted a slot outside the table")
     # A free ring's tail of any value: the pushes stay inside the ring.
@@ -312,8 +316,8 @@ HOSTILE = textwrap.dedent(
         assert core.release(np.arange(4), 1) == 4
     try:
         core.release(np.array([-1]), 1)
-    except ValueError:
-        pass
+    except Exception as exc:
+        assert corrupt(exc), exc
     else:
         raise AssertionError("release accepted a slot outside the table")
     print("ok")
@@ -323,7 +327,8 @@ HOSTILE = textwrap.dedent(
 
 def test_hostile_shared_arrays_give_errors_not_crashes():
     """Garbage in every shared array the sample path reads, and slot indices outside the table:
-    ValueError (the table turns a bad draw into CorruptStructure and rebuilds), never a crash;
+    CorruptStructure (the table rebuilds its structures; a position outside the caller's output
+    is a ValueError), never a crash;
     run in a subprocess so that a segfault fails this test instead of killing pytest."""
     r = subprocess.run([sys.executable, "-c", HOSTILE], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
@@ -382,9 +387,11 @@ def test_rows_rewritten_during_the_copy_are_never_reported_intact():
 
 
 def test_a_draw_outside_the_table_rebuilds_the_selectors_and_draws_again(daemon_factory):
-    """A sampler whose (corrupt) structures yield a slot outside the table: the bookkeeping
-    refuses it before writing anything (CorruptStructure), the table rebuilds its selectors
-    from the per-slot metadata (REPAIRS grows) and draws again."""
+    """A sampler whose (corrupt) structures yield a slot outside the table, on the Python path
+    (a draw made in Python: the bookkeeping refuses it before writing anything) and on the
+    one-call path (the engine's draw refuses the dense set's entries and hands over to the
+    Python path, whose draw raises): CorruptStructure, the table rebuilds its selectors from
+    the per-slot metadata (REPAIRS grows) and draws again; only the second draw is counted."""
     d = daemon_factory(
         '[[table]]\nname = "t"\nmax_size = 20\nsampler = { kind = "uniform" }\n'
         'remover = { kind = "fifo" }\n[table.signature]\nuid = { dtype = "int64" }\n'
@@ -395,6 +402,8 @@ def test_a_draw_outside_the_table_rebuilds_the_selectors_and_draws_again(daemon_
             t.insert({"uid": i})
         t.flush()
         core = t.core
+        # The Python path: a deterministic sampler's, or a draw the one-call path hands over.
+        core.__dict__["_one_call"] = False
         draw = core.sampler.sample
         calls = []
 
@@ -414,3 +423,170 @@ def test_a_draw_outside_the_table_rebuilds_the_selectors_and_draws_again(daemon_
         assert int(core.ctrl[Ctrl.REPAIRS]) == repairs + 1
         # Only the second draw was counted.
         assert int((core.times_sampled - times_before).sum()) == 4
+        # The one-call path: every entry of the sampler's dense set points outside the table.
+        del core.sampler.sample, core.__dict__["_one_call"]
+        core.sampler.items.live[:20] = core.num_slots + 5
+        times_before = core.times_sampled.copy()
+        s = t.sample(4, timeout=5)
+        assert len(s) == 4 and int(core.ctrl[Ctrl.REPAIRS]) == repairs + 2
+        assert int((core.times_sampled - times_before).sum()) == 4
+        assert set(core.sampler.items.live[:20]) == set(range(20))
+
+
+PRIORITIZED = '{ kind = "prioritized", priority_exponent = 0.6 }'
+UNIFORM = '{ kind = "uniform" }'
+TWIN_TABLES = "".join(
+    f'[[table]]\nname = "{name}"\nmax_size = 64\nmax_times_sampled = {mts}\n'
+    f'sampler = {sampler}\nremover = {{ kind = "fifo" }}\n'
+    'rate_limiter = { kind = "custom", samples_per_insert = 2.0, min_size_to_sample = 4, '
+    "min_diff = -2.0, max_diff = 1e9 }\n"
+    '[table.signature]\nuid = { dtype = "int64" }\nobs = { shape = [3], dtype = "float32" }\n'
+    for twin, mts, sampler in (("a", 3, PRIORITIZED), ("b", 0, PRIORITIZED), ("c", 2, UNIFORM))
+    for name in (f"one_{twin}", f"py_{twin}")
+)
+
+
+@pytest.mark.parametrize("suffix", ["a", "b", "c"])
+def test_the_one_call_path_samples_as_the_python_path(daemon_factory, suffix):
+    """Twin tables filled alike, sampled with the same seed, one through SampleCore.sample (one
+    call) and one through the Python steps (_select, _gather): the same rows, the same info,
+    the same per-slot metadata, counters and selector arrays after every batch; with
+    max_times_sampled (a, c: exhausted items removed and released, draws dropped) and without
+    (b), Prioritized (a, b) and Uniform (c), until a rate limiter lets only part of a batch
+    through."""
+    d = daemon_factory(TWIN_TABLES)
+    with shmreplay.attach(d.name) as client:
+        one, py = client.table(f"one_{suffix}"), client.table(f"py_{suffix}")
+        rng = np.random.default_rng(4)
+        rows = {"uid": np.arange(48), "obs": rng.random((48, 3)).astype(np.float32)}
+        prios = rng.random(48) + 0.1
+        for t in (one, py):
+            t.insert_batch(rows, priorities=prios)
+            t.flush()
+            t.core.rng = np.random.default_rng(11)
+        py.core.__dict__["_one_call"] = False
+        assert one.core._one_call
+        deleted = 0
+        # The limiter allows 98 samples (the last batch gets 2 of its 15, after the timeout);
+        # c's 48 items can be sampled twice each while 4 are left (min_size_to_sample): its
+        # last batch times out on both paths.
+        short = 0
+        for n in (1, 5, 16, 2, 33, 7, 3, 9, 20, 15):
+            got = []
+            for t in (one, py):
+                try:
+                    got.append(t.sample(n, timeout=0.2, partial=True))
+                except shmreplay.RateLimiterTimeout:
+                    got.append(None)
+            if got == [None, None]:
+                assert suffix == "c" and n == 15
+                continue
+            a, b = got
+            assert len(a) == len(b) > 0
+            short += len(a) < n
+            for f in ("uid", "obs"):
+                assert np.array_equal(a.data[f], b.data[f])
+            for f in ("key", "probability", "priority", "times_sampled", "table_size"):
+                x, y = getattr(a.info, f), getattr(b.info, f)
+                assert x.dtype == y.dtype and np.array_equal(x, y), f
+            arrays = [t.core.segment.arrays for t in (one, py)]
+            for name, arr in arrays[0].items():
+                if name.startswith(("meta.", "sampler.", "remover.", "free")):
+                    assert np.array_equal(arr, arrays[1][name]), name
+            counters = [
+                Ctrl.SIZE, Ctrl.SAMPLES, Ctrl.DELETES, Ctrl.TOTAL_SAMPLED,
+                Ctrl.UNIQUE_SAMPLED, Ctrl.FREE_HEAD, Ctrl.FREE_TAIL,
+            ]  # fmt: skip
+            assert [int(one.core.ctrl[c]) for c in counters] == [
+                int(py.core.ctrl[c]) for c in counters
+            ]
+            deleted = int(one.core.ctrl[Ctrl.DELETES])
+        assert (deleted > 0) == (suffix != "b") and short > 0
+
+
+def test_threads_sampling_one_handle_share_the_one_call_path_safely(daemon_factory):
+    """Two threads sample through one Table handle, with copies large enough that the GIL is
+    released during them: a call that finds the scratch in use takes the Python path (about a
+    third of the calls did when this was written). Every row matches its key's item and
+    TOTAL_SAMPLED counts every draw once."""
+    import threading
+
+    d = daemon_factory(
+        '[[table]]\nname = "t"\nmax_size = 64\n'
+        'sampler = { kind = "prioritized", priority_exponent = 1.0 }\n'
+        'remover = { kind = "fifo" }\n[table.signature]\n'
+        'uid = { dtype = "int64" }\nblob = { shape = [8192], dtype = "int64" }\n'
+    )
+    with shmreplay.attach(d.name) as client:
+        t = client.table("t")
+        uids = np.arange(64)
+        t.insert_batch({"uid": uids, "blob": np.repeat(uids, 8192).reshape(64, 8192)})
+        t.flush()
+        slot_uid = {}
+        before = int(t.core.ctrl[Ctrl.TOTAL_SAMPLED])
+        errors, counts = [], [0, 0]
+
+        def run(i):
+            try:
+                for _ in range(150):
+                    s = t.sample(8, timeout=5)
+                    assert (s.data["blob"] == s.data["uid"][:, None]).all()
+                    for k, u in zip(s.info.key.tolist(), s.data["uid"].tolist(), strict=True):
+                        assert slot_uid.setdefault(k, u) == u
+                    counts[i] += len(s)
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert not errors, errors
+        assert int(t.core.ctrl[Ctrl.TOTAL_SAMPLED]) - before == sum(counts) == 2 * 150 * 8
+
+
+def test_the_engine_allowance_is_the_rate_limiter_s(daemon_factory):
+    """The limiter check of the one-call path, read from the table's own counters and parameter
+    lines, against the limiter's reference model over random and hostile values (NaN,
+    infinities, counters near the int64 limits): the same count, or SHM_ECORRUPT (-2: the
+    one-call path then hands over to the Python path) exactly where the model finds no number.
+    The table lock is held throughout; everything is restored."""
+    d = daemon_factory(
+        '[[table]]\nname = "t"\nmax_size = 16\nsampler = { kind = "uniform" }\n'
+        'remover = { kind = "fifo" }\n[table.signature]\nuid = { dtype = "int64" }\n'
+    )
+    with shmreplay.attach(d.name) as client:
+        core = client.table("t").core
+        engine = core._engine
+        rng = np.random.default_rng(7)
+        floats = [0.0, 1.0, 2.5, -3.0, 1e18, -1e300, np.inf, -np.inf, np.nan, 1e-9, 7.0]
+        ints = [0, 1, 5, 1000, -7, 2**62, 2**63 - 1, -(2**63)]
+        words = (Ctrl.INSERTS, Ctrl.DELETES, Ctrl.SAMPLES)
+        params = (Param.SAMPLES_PER_INSERT, Param.MIN_SIZE_TO_SAMPLE, Param.MIN_DIFF)
+        with core.mutex:
+            saved = [int(core.ctrl[w]) for w in words], [float(core.params[p]) for p in params]
+            try:
+                for _ in range(3000):
+                    for w in words:
+                        core.ctrl[w] = (
+                            rng.choice(ints) if rng.random() < 0.5 else rng.integers(-50, 5000)
+                        )
+                    for p in params:
+                        core.params[p] = (
+                            rng.choice(floats) if rng.random() < 0.5 else (rng.random() * 20 - 5)
+                        )
+                    n = int(rng.integers(1, 600))
+                    want = ref_limiter.sample_allowance(core.params, core.ctrl, n)
+                    if want is None:
+                        want = -2  # SHM_ECORRUPT
+                    assert engine.allowance(n) == want, (
+                        [int(core.ctrl[w]) for w in words],
+                        [float(core.params[p]) for p in params],
+                        n,
+                    )
+            finally:
+                for w, v in zip(words, saved[0], strict=True):
+                    core.ctrl[w] = v
+                for p, v in zip(params, saved[1], strict=True):
+                    core.params[p] = v

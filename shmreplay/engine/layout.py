@@ -120,12 +120,12 @@ class TableState:
 class Param:
     """Indices of the float64 parameter lines (the rate limiter's, changeable at run time)."""
 
-    SAMPLES_PER_INSERT = 0
-    MIN_SIZE_TO_SAMPLE = 1
-    MIN_DIFF = 2
-    MAX_DIFF = 3
-    KIND = 4  # index in config.RATE_LIMITER_KINDS (a reconfiguration may change it)
-    COUNT = 8
+    SAMPLES_PER_INSERT = _native.PARAM_SAMPLES_PER_INSERT
+    MIN_SIZE_TO_SAMPLE = _native.PARAM_MIN_SIZE_TO_SAMPLE
+    MIN_DIFF = _native.PARAM_MIN_DIFF
+    MAX_DIFF = _native.PARAM_MAX_DIFF
+    KIND = _native.PARAM_KIND  # index in config.RATE_LIMITER_KINDS (reconfiguration changes it)
+    COUNT = _native.PARAM_COUNT
 
 
 class Chan:

@@ -553,7 +553,7 @@ class TableCore:
     @functools.cached_property  # built on first use, over the segment's arrays
     def _engine(self) -> SampleCore:
         """The compiled sample path over this table's shared arrays (csrc/sample.c)."""
-        return SampleCore(
+        engine = SampleCore(
             self.times_sampled,
             self.key,
             self.priority,
@@ -571,6 +571,15 @@ class TableCore:
             self.spec.max_times_sampled,
             list(self.data.values()),
         )
+        a = self.segment.arrays
+        engine.configure(
+            self.sampler._c_selector(),
+            self.remover._c_selector(),
+            a["mutex"],
+            a["params"],
+            a["chan.ctrl"],
+        )
+        return engine
 
     def _select(self, n: int, channel: int, count_samples: bool) -> _Selection | None:
         """Choose up to ``n`` items and do their bookkeeping; mutex held. None if blocked."""
@@ -644,7 +653,7 @@ class TableCore:
                 size,
                 count_samples,
             )
-        except ValueError as exc:
+        except CorruptStructure as exc:
             raise CorruptStructure(f"its sampler drew a slot outside the table ({exc})") from None
         selection = _Selection(
             kept, kept_probability, key, priority, times, gen, table_size, exhausted[:n_exhausted]
@@ -686,6 +695,11 @@ class TableCore:
 
         Rows are gathered after the mutex is released; a row whose slot was recycled meanwhile
         (its generation changed) is drawn again, so no torn or foreign row is ever returned.
+
+        With a random sampler (uniform, prioritized) the whole sample is one call into the
+        engine (SampleCore.sample: lock, limiter, draw, bookkeeping, max_times_sampled removal,
+        unlock, copy, generation check); what it cannot finish alone (a busy lock, a short or
+        torn batch, a structure to repair, blocking) continues here.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
             raise InvalidArgumentError(f"batch_size must be an int, got {batch_size!r}")
@@ -697,12 +711,139 @@ class TableCore:
         out = self._output_buffers(n, out)
         if self._carry:
             return self._sample_slowly(n, None, None, out, channel, timeout, partial)
+        if not self._one_call or before_copy_hook is not None:
+            return self._sample_python(n, out, channel, timeout, partial)
+        engine = self._engine
+        if self.rng is not self._engine_rng:  # a client seeds its own (Client(seed=...))
+            engine.set_rng(self.rng.bit_generator)
+            self._engine_rng = self.rng
+        outs = tuple([out[name] for name in self.data])
+        key, probability, priority = np.empty(n, np.uint64), np.empty(n), np.empty(n)
+        times_sampled, table_size = np.empty(n, np.int32), np.empty(n, np.int64)
         deadline = None if timeout is None else time.monotonic() + timeout
-        wait = timeout
+        locked = False
+        while True:
+            status, taken, n_exhausted, n_intact, wake, freed = engine.sample(
+                n, channel, outs, key, probability, priority, times_sampled, table_size, locked
+            )
+            locked = False
+            if status == SampleCore.SAMPLED or status == SampleCore.UNREMOVED:
+                break
+            if status == SampleCore.BUSY:
+                # A holder that is stopped, not dead, keeps the lock: waiting for it honours
+                # the timeout and names its pid (LockTimeout).
+                self.mutex.acquire(
+                    _lock_wait(None if deadline is None else deadline - time.monotonic())
+                )
+                locked = True
+            elif status == SampleCore.OWNER_DIED:
+                self.mutex.recover_from_dead_owner()  # repairs; we keep the lock
+                locked = True
+            elif status == SampleCore.BLOCKED:
+                # Wait here and call again, so that a woken sampler takes the short path.
+                self._wait_unblocked(n, channel, deadline, timeout)
+            else:  # SLOW: nothing done; a partial allowance, a structure to repair
+                return self._sample_python(n, out, channel, timeout, partial, deadline)
+        info = SampleInfo(key, probability, priority, times_sampled, table_size)
+        if status == SampleCore.SAMPLED and freed >= 0 and taken == n_intact == n:
+            if (wake or freed) and self.events is not None:
+                # Samples made room for blocked writers, or freed slots for their leases.
+                self.events.daemon.post(1)
+            return Sample(out, info)
+        return self._sample_rest(
+            n,
+            status,
+            (taken, n_exhausted, freed),
+            wake,
+            out,
+            info,
+            channel,
+            timeout,
+            partial,
+            deadline,
+        )
+
+    @functools.cached_property  # fixed for the table's life
+    def _one_call(self) -> bool:
+        """Whether the engine draws for this table's sampler (the random kinds); the
+        deterministic ones draw in Python (Deterministic.sample)."""
+        return self.spec.sampler.kind in ("uniform", "prioritized")
+
+    _engine_rng: np.random.Generator | None = None  # the rng the engine draws from
+
+    def _sample_rest(
+        self,
+        n: int,
+        status: int,
+        counts: tuple[int, int, int],
+        wake: bool,
+        out: dict[str, np.ndarray],
+        info: SampleInfo,
+        channel: int,
+        timeout: float | None,
+        partial: bool,
+        deadline: float | None,
+    ) -> Sample:
+        """After SampleCore.sample booked a selection it could not finish alone: items it
+        exhausted to release (or, UNREMOVED, still to remove from the selectors, lock held),
+        draws dropped by max_times_sampled, rows recycled during the copy. ``counts``: its
+        taken, n_exhausted and freed."""
+        taken, n_exhausted, freed = counts
+        slots, gen = np.empty(taken, np.int64), np.empty(taken, np.int64)
+        releasing, intact = np.empty(n_exhausted, np.int64), np.empty(taken, np.bool_)
+        self._engine.last_selection(slots, gen, releasing, intact)
+        sel = _Selection(
+            slots,
+            info.probability[:taken],
+            info.key[:taken],
+            info.priority[:taken],
+            info.times_sampled[:taken],
+            gen,
+            info.table_size[:taken],
+            releasing,
+        )
+        if status == SampleCore.UNREMOVED:
+            try:  # a selector refused the removal: repair, remove (TableCore._remove)
+                self._remove(releasing, releasing_owner=channel)
+            finally:
+                self.mutex.release()
+            self._wake_blocked_writers()
+            # Not copied yet: _deliver copies, checks and releases.
+            return self._sample_slowly(n, sel, None, out, channel, timeout, partial, deadline)
+        if freed == SampleCore.RELEASE_OWNER_DIED:  # we hold the lock: repair, then release
+            self.mutex.recover_from_dead_owner()  # a failed repair unlocks and raises
+            try:
+                freed = self._engine.release(releasing, channel)
+            finally:
+                self.mutex.release()
+        elif freed == SampleCore.RELEASE_PENDING:
+            self._release(releasing, channel)  # posts the daemon if it freed any
+            freed = 0
+        if (wake or freed) and self.events is not None:
+            self.events.daemon.post(1)
+        if taken == n and intact.all():
+            return Sample(out, info)
+        return self._sample_slowly(n, sel, intact, out, channel, timeout, partial, deadline)
+
+    def _sample_python(
+        self,
+        n: int,
+        out: dict[str, np.ndarray],
+        channel: int,
+        timeout: float | None,
+        partial: bool,
+        deadline: float | None = None,
+    ) -> Sample:
+        """The sample path in Python steps (the lock, _select, _gather): deterministic
+        samplers, and what the one-call path hands over."""
+        if deadline is None and timeout is not None:
+            deadline = time.monotonic() + timeout
         while True:
             # A holder that is stopped, not dead, keeps the lock: waiting for it honours the
             # timeout and names its pid (LockTimeout).
-            self.mutex.acquire(_lock_wait(wait))
+            self.mutex.acquire(
+                _lock_wait(None if deadline is None else deadline - time.monotonic())
+            )
             try:
                 self.chan[channel, Chan.WAIT_SAMPLE] = 0
                 sel = self._select(n, channel, count_samples=True)
@@ -715,12 +856,7 @@ class TableCore:
                 break
             # Blocked with nothing taken: wait here and draw again, so that a woken sampler
             # takes the short path below (the wake-to-sample latency is mostly Python run cold).
-            wait = None if deadline is None else deadline - time.monotonic()
-            if wait is not None and wait <= 0:
-                self.chan[channel, Chan.WAIT_SAMPLE] = 0
-                raise RateLimiterTimeout(self._blocked_message("sample", n, 0, timeout))
-            self.events.sample.wait(0.5 if wait is None else wait)
-            self.check_open()
+            self._wait_unblocked(n, channel, deadline, timeout)
         self._wake_blocked_writers()
         if len(sel.slots) == n:
             # The common case: one draw, copied intact. Its arrays become the sample info.
@@ -742,6 +878,18 @@ class TableCore:
         else:
             intact = None
         return self._sample_slowly(n, sel, intact, out, channel, timeout, partial, deadline)
+
+    def _wait_unblocked(
+        self, n: int, channel: int, deadline: float | None, timeout: float | None
+    ) -> None:
+        """Blocked with nothing taken, registered as waiting (WAIT_SAMPLE, under the lock): wait
+        for the sample event until ``deadline``; RateLimiterTimeout once it has passed."""
+        wait = None if deadline is None else deadline - time.monotonic()
+        if wait is not None and wait <= 0:
+            self.chan[channel, Chan.WAIT_SAMPLE] = 0
+            raise RateLimiterTimeout(self._blocked_message("sample", n, 0, timeout))
+        self.events.sample.wait(0.5 if wait is None else wait)
+        self.check_open()
 
     def _sample_slowly(
         self,

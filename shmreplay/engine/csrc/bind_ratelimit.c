@@ -154,18 +154,5 @@ static PyTypeObject LimiterType = {
 int shm_bind_ratelimit(PyObject *module) {
     if (PyModule_AddType(module, &LimiterType) < 0)
         return -1;
-    static const struct {
-        const char *name;
-        int value;
-    } params[] = {
-        {"PARAM_SAMPLES_PER_INSERT", SHM_PARAM_SAMPLES_PER_INSERT},
-        {"PARAM_MIN_SIZE_TO_SAMPLE", SHM_PARAM_MIN_SIZE_TO_SAMPLE},
-        {"PARAM_MIN_DIFF", SHM_PARAM_MIN_DIFF},
-        {"PARAM_MAX_DIFF", SHM_PARAM_MAX_DIFF},
-        {"PARAM_KIND", SHM_PARAM_KIND},
-    };
-    for (size_t i = 0; i < sizeof params / sizeof params[0]; i++)
-        if (PyModule_AddIntConstant(module, params[i].name, params[i].value) < 0)
-            return -1;
     return 0;
 }

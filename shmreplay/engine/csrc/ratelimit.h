@@ -11,14 +11,7 @@
 
 #include <stdint.h>
 
-/* Indices of the float64 parameter lines (layout.Param). */
-enum {
-    SHM_PARAM_SAMPLES_PER_INSERT = 0,
-    SHM_PARAM_MIN_SIZE_TO_SAMPLE = 1,
-    SHM_PARAM_MIN_DIFF = 2,
-    SHM_PARAM_MAX_DIFF = 3,
-    SHM_PARAM_KIND = 4,
-};
+#include "shm_layout.h" /* SHM_PARAM_*: where each parameter lies */
 
 /* Where a table's limiter reads: params[i * pstride] (float64) and ctrl[w * cstride] (int64,
  * the Ctrl words INSERTS, SAMPLES, DELETES); both borrowed, shared. */

@@ -1,9 +1,11 @@
 /* The learner's sample path and mutations (see sample.h for each function's contract). */
 #include "sample.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "random_selectors.h"
 #include "shm_atomics.h"
 
 /* -- a small open-addressing map from a 64-bit word to an entry, private to one call --------- */
@@ -71,7 +73,10 @@ static entry *map_find(const map *m, uint64_t word) {
  * a random slot, four cache misses in a large table; prefetching keeps them in flight. */
 #define SELECT_AHEAD 8
 
-static inline void prefetch_meta(const shm_sample_table *t, int64_t s) {
+/* always_inline: gcc deletes calls of a prefetch-only static inline function as free of side
+ * effects (seen with gcc 12 at -O2). */
+static inline __attribute__((always_inline)) void prefetch_meta(const shm_sample_table *t,
+                                                                 int64_t s) {
     __builtin_prefetch(&t->times_sampled[s]);
     __builtin_prefetch(&t->key[s]);
     __builtin_prefetch(&t->priority[s]);
@@ -252,7 +257,7 @@ int shm_sample_update(const shm_sample_table *t, const uint64_t *keys, const dou
         int64_t s;
         if (!present(t, keys[i], &s))
             continue;
-        t->priority_w[s] = priorities[i];
+        t->priority[s] = priorities[i];
         slots_out[found] = s;
         priorities_out[found] = priorities[i];
         found++;
@@ -295,9 +300,9 @@ int shm_sample_removed(const shm_sample_table *t, const int64_t *slots, int64_t 
         int64_t s = slots[i];
         if (releasing_owner >= 0) {
             t->owner[s] = releasing_owner;
-            t->state_w[s] = SHM_SLOT_RELEASING;
+            t->state[s] = SHM_SLOT_RELEASING;
         } else {
-            t->state_w[s] = SHM_SLOT_FREE;
+            t->state[s] = SHM_SLOT_FREE;
         }
         sampled += t->times_sampled[s] != 0;
     }
@@ -323,9 +328,9 @@ int shm_sample_release(const shm_sample_table *t, const int64_t *slots, int64_t 
     int64_t m = 0;
     for (int64_t i = 0; i < n; i++) {
         int64_t s = slots[i];
-        if (t->state_w[s] != SHM_SLOT_RELEASING || t->owner[s] != channel)
+        if (t->state[s] != SHM_SLOT_RELEASING || t->owner[s] != channel)
             continue; /* not ours any more (a repair or a reset took it back) */
-        t->state_w[s] = SHM_SLOT_FREE;
+        t->state[s] = SHM_SLOT_FREE;
         t->owner[s] = -1;
         t->free[pos] = s;
         pos = pos + 1 == size ? 0 : pos + 1;
@@ -335,4 +340,90 @@ int shm_sample_release(const shm_sample_table *t, const int64_t *slots, int64_t 
     *t->free_tail = (int64_t)((uint64_t)tail + (uint64_t)m);
     *freed = m;
     return SHM_SAMPLE_OK;
+}
+
+
+/* -- the whole draw under the lock ---------------------------------------------------------- */
+
+int shm_sample_draw(const shm_selector *s, const shm_uniforms *rng, double *u, int64_t n,
+                    int64_t *slots, double *prob) {
+    const shm_dense *items;
+    if (s->kind == SHM_SEL_PRIORITIZED)
+        items = &((const shm_prioritized *)s->impl)->items;
+    else if (s->kind == SHM_SEL_UNIFORM)
+        items = s->impl;
+    else
+        return SHM_SAMPLE_EDRAW;
+    int64_t count = shm_dense_count(items);
+    if (count < 0)
+        return SHM_SAMPLE_EDRAW;
+    if (count == 0)
+        return SHM_SAMPLE_EEMPTY;
+    for (int64_t i = 0; i < n; i++)
+        u[i] = rng->next_double(rng->state);
+    if (s->kind == SHM_SEL_PRIORITIZED) {
+        if (shm_prioritized_sample(s->impl, u, n, slots, prob) != SHM_OK)
+            return SHM_SAMPLE_EDRAW;
+        return SHM_SAMPLE_OK;
+    }
+    if (shm_dense_draw(items, u, n, slots) != SHM_OK)
+        return SHM_SAMPLE_EDRAW;
+    const double p = 1.0 / (double)count;
+    for (int64_t i = 0; i < n; i++)
+        prob[i] = p;
+    return SHM_SAMPLE_OK;
+}
+
+static int64_t *chan_word(const shm_sample_waiters *w, int64_t c, int word) {
+    return w->chan + (c * SHM_CHAN_COUNT + word) * SHM_LINE;
+}
+
+int shm_sample_locked(const shm_sample_table *t, const shm_limiter *lim,
+                      const shm_sample_waiters *w, const shm_selector *sampler,
+                      const shm_selector *remover, const shm_uniforms *rng, int64_t n,
+                      int64_t channel, const shm_sample_scratch *sc, const shm_selection *sel,
+                      int64_t *taken, int64_t *n_exhausted) {
+    *taken = 0;
+    *n_exhausted = 0;
+    /* WAIT_SAMPLE and SAMPLER_WAITING: hints this channel's sampler writes under the mutex;
+     * the daemon reads them after a seq_cst fence (commit.c), so relaxed stores. */
+    shm_store_relaxed(chan_word(w, channel, SHM_CHAN_WAIT_SAMPLE), 0);
+    const int64_t size = *t->size;
+    const int64_t allowed = shm_sample_allowance(lim, n);
+    if (allowed < 0 || (allowed > 0 && allowed < n && size > 0))
+        return SHM_SAMPLE_SLOW; /* the Python path takes what the limiter allows */
+    int rc = SHM_SAMPLE_EEMPTY;
+    if (allowed > 0 && size > 0)
+        rc = shm_sample_draw(sampler, rng, sc->u, n, sc->drawn, sc->drawn_prob);
+    if (rc == SHM_SAMPLE_EEMPTY) {
+        /* Registered before the caller unlocks: the daemon's next commit wakes us. */
+        shm_store_relaxed(chan_word(w, channel, SHM_CHAN_WAIT_SAMPLE), 1);
+        shm_store_relaxed(w->sampler_waiting, 1);
+        return SHM_SAMPLE_BLOCKED;
+    }
+    if (rc != SHM_SAMPLE_OK)
+        return SHM_SAMPLE_SLOW;
+    rc = shm_sample_select(t, size, 1, sc->drawn, sc->drawn_prob, n, sel, taken, n_exhausted);
+    if (rc != SHM_SAMPLE_OK)
+        return SHM_SAMPLE_SLOW; /* nothing written: the Python path draws again, repairs */
+    const int64_t ex = *n_exhausted;
+    if (ex == 0)
+        return SHM_SAMPLED;
+    /* max_times_sampled: the exhausted items leave both selectors, then the table, their
+     * slots RELEASING for this channel until its copy is done (TableCore._remove). */
+    if (shm_selector_remove(sampler, sel->exhausted, ex) != SHM_OK ||
+        shm_selector_remove(remover, sel->exhausted, ex) != SHM_OK)
+        return SHM_SAMPLE_UNREMOVED;
+    if (shm_sample_removed(t, sel->exhausted, ex, (int32_t)channel) != SHM_SAMPLE_OK)
+        return SHM_SAMPLE_UNREMOVED;
+    return SHM_SAMPLED;
+}
+
+int shm_sample_wakes_writers(const shm_limiter *lim, const shm_sample_waiters *w) {
+    if (!shm_limiter_blocks_inserts(lim))
+        return 0;
+    for (int64_t c = 0; c < w->max_clients; c++)
+        if (shm_load_relaxed(chan_word(w, c, SHM_CHAN_WAIT_INSERT)) != 0)
+            return 1;
+    return 0;
 }

@@ -11,28 +11,30 @@
 
 #include <stdint.h>
 
+#include "ratelimit.h"
+#include "selector.h"
 #include "shm_layout.h"
 
 #define SHM_SAMPLE_OK 0
 #define SHM_SAMPLE_ECORRUPT (-1) /* a slot index outside 0..num_slots-1 */
 #define SHM_SAMPLE_ENOMEM (-2)   /* scratch for a large batch could not be allocated */
 #define SHM_SAMPLE_EINVAL (-3)   /* a caller's position outside its output */
+#define SHM_SAMPLE_EDRAW (-4)    /* the sampler cannot draw here (see shm_sample_draw) */
+#define SHM_SAMPLE_EEMPTY (-5)   /* the sampler holds no item */
 
 
 /* The per-slot arrays and counters a selection reads and writes (views of the segment). */
 typedef struct {
     int32_t *times_sampled;  /* meta.times_sampled */
     const uint64_t *key;     /* meta.key */
-    const double *priority;  /* meta.priority */
+    double *priority;        /* meta.priority (written by update_priorities) */
     const int64_t *gen;      /* meta.gen: the writer's seqlock word */
-    const uint8_t *state;    /* meta.state */
-    double *priority_w;      /* meta.priority, written by update_priorities */
+    uint8_t *state;          /* meta.state (written by removals and releases) */
     int64_t *samples;        /* &ctrl[Ctrl.SAMPLES, 0]: the rate limiter's count */
     int64_t *total_sampled;  /* &ctrl[Ctrl.TOTAL_SAMPLED, 0] */
     int64_t *unique_sampled; /* &ctrl[Ctrl.UNIQUE_SAMPLED, 0] */
     int64_t *size;           /* &ctrl[Ctrl.SIZE, 0] */
     int64_t *deletes;        /* &ctrl[Ctrl.DELETES, 0]: the rate limiter's count */
-    uint8_t *state_w;        /* meta.state, written by removals */
     int32_t *owner;          /* meta.owner */
     int64_t *free;           /* the free ring: num_slots entries, positions taken % num_slots */
     int64_t *free_tail;      /* &ctrl[Ctrl.FREE_TAIL, 0] */
@@ -118,5 +120,64 @@ int shm_sample_removed(const shm_sample_table *t, const int64_t *slots, int64_t 
  * *freed. Every slot is checked first: SHM_SAMPLE_ECORRUPT changes nothing. */
 int shm_sample_release(const shm_sample_table *t, const int64_t *slots, int64_t n,
                        int32_t channel, int64_t *freed);
+
+/* -- the whole draw under the lock (shm_sample_locked) ----------------------------------------- */
+
+/* The limiter check is ratelimit.h's shm_sample_allowance over the table's counters and
+ * parameter lines (read on every call: set_rate_limiter changes them at run time). */
+
+/* A source of uniform doubles in [0, 1): numpy's bitgen_t (its next_double), so that a draw
+ * here takes the very numbers rng.random(n) would. */
+typedef struct {
+    void *state;
+    double (*next_double)(void *state);
+} shm_uniforms;
+
+/* The sampler's draw of n items with replacement, as the Python selectors draw them: for a
+ * Prioritized or Uniform selector, SHM_SAMPLE_EEMPTY when its set is empty (no uniform taken),
+ * else n uniforms into u (as rng.random(n)), then shm_prioritized_sample, or shm_dense_draw
+ * with probability 1/count. SHM_SAMPLE_EDRAW for the other kinds (the deterministic ones draw
+ * in Python) and for a structure that contradicts itself (the Python path repairs it). */
+int shm_sample_draw(const shm_selector *s, const shm_uniforms *rng, double *u, int64_t n,
+                    int64_t *slots, double *prob);
+
+/* A channel's control lines (chan.ctrl: max_clients x SHM_CHAN_COUNT lines). */
+typedef struct {
+    int64_t *chan;
+    int64_t max_clients;
+    int64_t *sampler_waiting; /* &ctrl[Ctrl.SAMPLER_WAITING, 0] */
+} shm_sample_waiters;
+
+/* Scratch of one call, n entries each (the caller's, reused across calls). */
+typedef struct {
+    double *u;          /* the uniforms */
+    int64_t *drawn;     /* the sampler's draws */
+    double *drawn_prob; /* and their probabilities */
+} shm_sample_scratch;
+
+/* What shm_sample_locked did. */
+enum {
+    SHM_SAMPLED = 0,        /* n draws made and booked: *taken kept (<= n), *n_exhausted */
+    SHM_SAMPLE_BLOCKED,     /* the limiter or an empty table: WAIT_SAMPLE and SAMPLER_WAITING set */
+    SHM_SAMPLE_SLOW,        /* nothing booked: a partial allowance, a deterministic sampler, a
+                             * structure to repair: the caller takes the Python path */
+    SHM_SAMPLE_UNREMOVED,   /* booked, but the exhausted items are still in the selectors (one
+                             * refused to remove them): the caller removes them (and repairs) */
+};
+
+/* The sample path's work under the table mutex (held by the caller), for ``channel`` (range
+ * checked by the caller): WAIT_SAMPLE = 0; the limiter's allowance for n; the sampler's draw
+ * (shm_sample_draw); the bookkeeping (shm_sample_select, counted); the items that reached
+ * max_times_sampled removed from the sampler and the remover and made RELEASING for the channel
+ * (shm_sample_removed). Returns one of the values above. */
+int shm_sample_locked(const shm_sample_table *t, const shm_limiter *lim,
+                      const shm_sample_waiters *w, const shm_selector *sampler,
+                      const shm_selector *remover, const shm_uniforms *rng, int64_t n,
+                      int64_t channel, const shm_sample_scratch *sc, const shm_selection *sel,
+                      int64_t *taken, int64_t *n_exhausted);
+
+/* Whether samples may have unblocked writers: the limiter can block inserts (max_diff is not
+ * +inf) and a channel's WAIT_INSERT is set (TableCore._wake_blocked_writers). */
+int shm_sample_wakes_writers(const shm_limiter *lim, const shm_sample_waiters *w);
 
 #endif

@@ -68,4 +68,14 @@ enum { SHM_SLEEP_AWAKE = 0, SHM_SLEEP_NAP = 1, SHM_SLEEP_IDLE = 2 };
 /* ctrl[SHM_CTRL_TABLE_STATE] (layout.TableState). */
 enum { SHM_TABLE_OK = 0, SHM_TABLE_QUARANTINED = 1 };
 
+/* The rate limiter's float64 parameter lines (layout.Param), changeable at run time. */
+enum {
+    SHM_PARAM_SAMPLES_PER_INSERT = 0,
+    SHM_PARAM_MIN_SIZE_TO_SAMPLE = 1,
+    SHM_PARAM_MIN_DIFF = 2,
+    SHM_PARAM_MAX_DIFF = 3,
+    SHM_PARAM_KIND = 4, /* index in config.RATE_LIMITER_KINDS */
+    SHM_PARAM_COUNT = 8,
+};
+
 #endif
