@@ -6,7 +6,9 @@
  */
 #include "shm_bind.h"
 
+#include <float.h>
 #include <limits.h>
+#include <math.h>
 #include <stddef.h>
 #include <string.h>
 #include <structmember.h>
@@ -399,18 +401,26 @@ fail:
  * TrajRing(ring, scalar_type) keeps the buffer of a column's ring (numpy [rows, *step_shape],
  * C-contiguous, this process's memory) for its lifetime. traj_append(step, rings, i) writes
  * every value of ``step`` into row i % rows of its field's ring when each is exactly what the
- * Python path would copy as it is: the field's numpy scalar type (0-d fields) or an ndarray of
- * the ring's format and step shape. Otherwise (a new field, a Python number, a value to cast or
- * check) it writes nothing and returns False: the Python path does it all. */
+ * Python path would copy as it is: the field's numpy scalar type (0-d fields), an ndarray of
+ * the ring's format and step shape, or a Python number that a 0-d ring of float32, float64,
+ * int64 or bool holds exactly as numpy would store it (the ``fast`` types of the Python path:
+ * a bool anywhere, an int in an int64 ring, an int or a float in a float ring; an int only
+ * where the float holds it exactly, a float32 only in range: numpy's own rounding and
+ * warnings stay with the Python path). Otherwise (a new field, a value to cast or check) it
+ * writes nothing and returns False: the Python path does it all. */
 
 #define MAX_APPEND_FIELDS 32
 #define MAX_RING_DIMS 32
+
+/* Which Python numbers a ring takes in C (0-d rings of these dtypes only). */
+enum { PY_NONE, PY_F32, PY_F64, PY_I64, PY_BOOL };
 
 typedef struct {
     PyObject_HEAD Py_buffer view; /* the ring: ndim >= 1, shape[0] = rows */
     PyObject *scalar_type;        /* the numpy scalar type of a 0-d field, else None */
     Py_ssize_t rows;
     Py_ssize_t step_bytes;
+    int pykind; /* PY_*: the ring's dtype, for Python numbers */
 } TrajRingObject;
 
 static PyObject *ndarray_type; /* numpy.ndarray, looked up at the first TrajRing */
@@ -453,6 +463,21 @@ static int trajring_init(TrajRingObject *self, PyObject *args, PyObject *kwds) {
     self->rows = self->view.shape[0];
     self->step_bytes = self->view.len / self->rows;
     self->scalar_type = Py_NewRef(scalar_type);
+    self->pykind = PY_NONE;
+    const char *fmt = self->view.format;
+    if (*fmt == '@' || *fmt == '=')
+        fmt++;
+    if (self->view.ndim == 1 && fmt[0] != '\0' && fmt[1] == '\0') {
+        Py_ssize_t size = self->step_bytes;
+        if (fmt[0] == 'f' && size == 4)
+            self->pykind = PY_F32;
+        else if (fmt[0] == 'd' && size == 8)
+            self->pykind = PY_F64;
+        else if ((fmt[0] == 'l' || fmt[0] == 'q') && size == 8)
+            self->pykind = PY_I64;
+        else if (fmt[0] == '?' && size == 1)
+            self->pykind = PY_BOOL;
+    }
     return 0;
 }
 
@@ -465,6 +490,65 @@ static PyTypeObject TrajRingType = {
     .tp_init = (initproc)trajring_init,
     .tp_new = PyType_GenericNew,
 };
+
+/* A Python number's bytes in ``r``'s dtype, into *num: 1 if ``value`` is one that the ring
+ * holds exactly as numpy would store it (see above), else 0. */
+static int python_number(TrajRingObject *r, PyObject *value, uint64_t *num) {
+    double d;
+    long long v;
+    int overflow;
+    if (r->pykind == PY_NONE)
+        return 0;
+    if (PyBool_Check(value)) {
+        v = value == Py_True;
+        d = (double)v;
+    } else if (PyLong_CheckExact(value)) {
+        if (r->pykind == PY_BOOL)
+            return 0;
+        v = PyLong_AsLongLongAndOverflow(value, &overflow);
+        if (overflow || (v == -1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            return 0;
+        }
+        /* beyond 2^24 (2^53) a float32 (float64) may round: numpy does that, not this */
+        long long exact = r->pykind == PY_F32 ? (1LL << 24) : (1LL << 53);
+        if (r->pykind != PY_I64 && (v > exact || v < -exact))
+            return 0;
+        d = (double)v;
+    } else if (PyFloat_CheckExact(value)) {
+        if (r->pykind == PY_BOOL || r->pykind == PY_I64)
+            return 0;
+        d = PyFloat_AS_DOUBLE(value);
+        /* a finite float beyond float32's range: numpy's overflow warning, in Python */
+        if (r->pykind == PY_F32 && isfinite(d) && fabs(d) > FLT_MAX)
+            return 0;
+        v = 0;
+    } else {
+        return 0;
+    }
+    *num = 0;
+    switch (r->pykind) {
+    case PY_F32: {
+        float f = (float)d;
+        memcpy(num, &f, sizeof f);
+        break;
+    }
+    case PY_F64:
+        memcpy(num, &d, sizeof d);
+        break;
+    case PY_I64: {
+        int64_t q = v;
+        memcpy(num, &q, sizeof q);
+        break;
+    }
+    default: {
+        uint8_t b = v != 0;
+        memcpy(num, &b, sizeof b);
+        break;
+    }
+    }
+    return 1;
+}
 
 /* Whether ``value`` goes into ``r`` as it is; fills ``view`` (to release) if so. */
 static int ring_accepts(TrajRingObject *r, PyObject *value, Py_buffer *view) {
@@ -515,6 +599,7 @@ static PyObject *traj_append(PyObject *self, PyObject *const *args, Py_ssize_t n
         Py_RETURN_FALSE;
     TrajRingObject *dst[MAX_APPEND_FIELDS];
     Py_buffer views[MAX_APPEND_FIELDS];
+    uint64_t numbers[MAX_APPEND_FIELDS]; /* Python numbers in their ring's dtype */
     Py_ssize_t got = 0, pos = 0;
     PyObject *name, *value;
     /* Check every value first: nothing is written unless all go in as they are. */
@@ -525,22 +610,179 @@ static PyObject *traj_append(PyObject *self, PyObject *const *args, Py_ssize_t n
                 PyErr_Clear(); /* an unhashable name: the Python path says what is wrong */
             goto slow;
         }
-        if (!ring_accepts((TrajRingObject *)r, value, &views[got]))
+        TrajRingObject *ring = (TrajRingObject *)r;
+        views[got].obj = NULL;
+        if (!python_number(ring, value, &numbers[got]) &&
+            !ring_accepts(ring, value, &views[got]))
             goto slow;
-        dst[got++] = (TrajRingObject *)r;
+        dst[got++] = ring;
     }
     for (Py_ssize_t k = 0; k < got; k++) {
         TrajRingObject *r = dst[k];
-        memcpy((char *)r->view.buf + (size_t)(i % r->rows) * (size_t)r->step_bytes,
-               views[k].buf, (size_t)r->step_bytes);
-        PyBuffer_Release(&views[k]);
+        const void *src = views[k].obj != NULL ? views[k].buf : (const void *)&numbers[k];
+        memcpy((char *)r->view.buf + (size_t)(i % r->rows) * (size_t)r->step_bytes, src,
+               (size_t)r->step_bytes);
+        if (views[k].obj != NULL)
+            PyBuffer_Release(&views[k]);
     }
     Py_RETURN_TRUE;
 slow:
-    for (Py_ssize_t k = 0; k < got; k++)
-        PyBuffer_Release(&views[k]);
+    for (Py_ssize_t k = 0; k < got; k++) {
+        if (views[k].obj != NULL)
+            PyBuffer_Release(&views[k]);
+    }
     Py_RETURN_FALSE;
 }
+
+/* ---- NStepWindow: the n-step adder's window of rewards and discounts -------------------------
+ *
+ * NStepWindow(n, gamma) keeps the newest n (reward, discount) pairs in a ring. ``full()`` is the
+ * return and bootstrap discount of the full window (shm_nstep_window), ``push(r, d)`` adds a
+ * step (dropping the oldest of a full window), ``rewards()``/``discounts()`` list the window,
+ * oldest first (for an episode's end), ``clear()`` empties it. One call per step in place of a
+ * Python loop over the window. */
+
+typedef struct {
+    PyObject_HEAD double *rewards; /* rings of cap steps, the oldest at head */
+    double *discounts;
+    int64_t cap, head, len;
+    double gamma;
+} NStepWindowObject;
+
+static void nstep_dealloc(NStepWindowObject *self) {
+    PyMem_Free(self->rewards);
+    PyMem_Free(self->discounts);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int nstep_init(NStepWindowObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"n", "gamma", NULL};
+    long long n;
+    double gamma;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Ld", kwlist, &n, &gamma))
+        return -1;
+    if (self->rewards != NULL) {
+        PyErr_SetString(PyExc_TypeError, "NStepWindow is initialised once");
+        return -1;
+    }
+    if (n < 1 || (unsigned long long)n > PY_SSIZE_T_MAX / sizeof(double)) {
+        PyErr_Format(PyExc_ValueError, "NStepWindow: n must be >= 1, got %lld", n);
+        return -1;
+    }
+    self->rewards = PyMem_Malloc((size_t)n * sizeof(double));
+    self->discounts = PyMem_Malloc((size_t)n * sizeof(double));
+    if (self->rewards == NULL || self->discounts == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->cap = n;
+    self->head = self->len = 0;
+    self->gamma = gamma;
+    return 0;
+}
+
+static int nstep_ready(NStepWindowObject *self) {
+    if (self->rewards != NULL)
+        return 1;
+    PyErr_SetString(PyExc_TypeError, "NStepWindow not initialised");
+    return 0;
+}
+
+static PyObject *nstep_full(NStepWindowObject *self, PyObject *unused) {
+    (void)unused;
+    if (!nstep_ready(self))
+        return NULL;
+    double weight;
+    double ret = shm_nstep_window(self->rewards, self->discounts, self->cap, self->head, self->len,
+                                  self->gamma, &weight);
+    return Py_BuildValue("(dd)", ret, weight);
+}
+
+static PyObject *nstep_push(NStepWindowObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "push(reward, discount)");
+        return NULL;
+    }
+    if (!nstep_ready(self))
+        return NULL;
+    double r = PyFloat_AsDouble(args[0]), d = PyFloat_AsDouble(args[1]);
+    if ((r == -1.0 || d == -1.0) && PyErr_Occurred())
+        return NULL;
+    if (self->len == self->cap) { /* full: the new step replaces the oldest */
+        self->rewards[self->head] = r;
+        self->discounts[self->head] = d;
+        self->head = (self->head + 1) % self->cap;
+    } else {
+        int64_t at = (self->head + self->len) % self->cap;
+        self->rewards[at] = r;
+        self->discounts[at] = d;
+        self->len++;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *nstep_list(NStepWindowObject *self, const double *values) {
+    PyObject *out = PyList_New((Py_ssize_t)self->len);
+    if (out == NULL)
+        return NULL;
+    for (int64_t k = 0; k < self->len; k++) {
+        PyObject *v = PyFloat_FromDouble(values[(self->head + k) % self->cap]);
+        if (v == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, (Py_ssize_t)k, v);
+    }
+    return out;
+}
+
+static PyObject *nstep_rewards(NStepWindowObject *self, PyObject *unused) {
+    (void)unused;
+    return nstep_ready(self) ? nstep_list(self, self->rewards) : NULL;
+}
+
+static PyObject *nstep_discounts(NStepWindowObject *self, PyObject *unused) {
+    (void)unused;
+    return nstep_ready(self) ? nstep_list(self, self->discounts) : NULL;
+}
+
+static PyObject *nstep_clear(NStepWindowObject *self, PyObject *unused) {
+    (void)unused;
+    self->head = self->len = 0;
+    Py_RETURN_NONE;
+}
+
+static Py_ssize_t nstep_length(NStepWindowObject *self) {
+    return (Py_ssize_t)self->len;
+}
+
+static PyMethodDef nstep_methods[] = {
+    {"full", (PyCFunction)nstep_full, METH_NOARGS,
+     "(R, D) of the window: sum_k w_k r_k and w_len, w_{k+1} = w_k * gamma * d_k."},
+    {"push", (PyCFunction)(void (*)(void))nstep_push, METH_FASTCALL,
+     "push(reward, discount): add the newest step (a full window drops its oldest)."},
+    {"rewards", (PyCFunction)nstep_rewards, METH_NOARGS, "The window's rewards, oldest first."},
+    {"discounts", (PyCFunction)nstep_discounts, METH_NOARGS,
+     "The window's discounts, oldest first."},
+    {"clear", (PyCFunction)nstep_clear, METH_NOARGS, "Empty the window."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PySequenceMethods nstep_sequence = {
+    .sq_length = (lenfunc)nstep_length,
+};
+
+static PyTypeObject NStepWindowType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmreplay.engine._native.NStepWindow",
+    .tp_basicsize = sizeof(NStepWindowObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "NStepWindow(n, gamma): the n-step adder's newest n rewards and discounts.",
+    .tp_dealloc = (destructor)nstep_dealloc,
+    .tp_init = (initproc)nstep_init,
+    .tp_new = PyType_GenericNew,
+    .tp_methods = nstep_methods,
+    .tp_as_sequence = &nstep_sequence,
+};
 
 static PyMethodDef traj_methods[] = {
     {"traj_gather", (PyCFunction)(void (*)(void))traj_gather, METH_FASTCALL,
@@ -564,11 +806,12 @@ int shm_bind_trajectory(PyObject *module) {
         str_complete_since == NULL)
         return -1;
     if (PyType_Ready(&TrajSelType) < 0 || PyType_Ready(&TrajHistoryType) < 0 ||
-        PyType_Ready(&TrajRingType) < 0)
+        PyType_Ready(&TrajRingType) < 0 || PyType_Ready(&NStepWindowType) < 0)
         return -1;
     if (PyModule_AddType(module, &TrajSelType) < 0 ||
         PyModule_AddType(module, &TrajHistoryType) < 0 ||
-        PyModule_AddType(module, &TrajRingType) < 0)
+        PyModule_AddType(module, &TrajRingType) < 0 ||
+        PyModule_AddType(module, &NStepWindowType) < 0)
         return -1;
     return PyModule_AddFunctions(module, traj_methods);
 }
