@@ -1,8 +1,10 @@
-"""The compiled batch gather of the trajectory writer against its reference model
-(tests/reference/trajectory.py), and the writer's batched items against a plain numpy model of
-the history (what each item must hold, its priority and its episode steps)."""
+"""The compiled batch gather of the trajectory writer and the n-step adder's window against their
+reference models (tests/reference/trajectory.py), and the writer's batched items against a plain
+numpy model of the history (what each item must hold, its priority and its episode steps)."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -244,7 +246,10 @@ def test_append_in_c_writes_all_or_nothing_and_defers_other_values() -> None:
     assert x[1] == 2.5 and v[1].tolist() == [4, 5, 6] and not b[1]
     before = [r.copy() for r in (x, v, b)]
     for step in (
-        {"x": 2.5},  # a Python float: the Python path checks it
+        {"x": 2**24 + 1},  # a Python int that float32 rounds: numpy does it
+        {"x": 1e39},  # a Python float beyond float32's range: numpy warns
+        {"v": 3},  # a Python int into an array field
+        {"b": 1},  # a Python int into a bool field: checked in Python
         {"x": np.float64(2.5)},  # another dtype: cast by numpy
         {"v": np.arange(6, dtype=np.int64)[::2]},  # strided
         {"v": np.arange(3, dtype=">i8")},  # byte-swapped
@@ -263,3 +268,68 @@ def test_append_in_c_writes_all_or_nothing_and_defers_other_values() -> None:
     with pytest.raises(InvalidArgumentError):
         w.append({"x": np.float32(9), "v": np.zeros(4, np.int64), "b": np.bool_(True)})
     assert w._total == total and w.history["x"][-1].numpy() == 4.5
+
+
+PY_NUMBERS = [
+    True, False, 0, 1, -5, 2**24, -(2**24), 2**24 + 1, 2**53, 2**53 + 1, 2**63 - 1, -(2**63),
+    2**63, 1.5, -0.0, 0.1, 1e300, -1e-300, 1e-45, math.nan, math.inf, -math.inf, 3.4e38, 1e39,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64, np.bool_, np.int32])
+def test_append_in_c_stores_python_numbers_as_numpy_does(dtype) -> None:
+    """A Python number goes into a 0-d ring in C only where the writer's Python path would
+    store it as it is (its ``fast`` types: a bool anywhere, an int into int64 or a float field,
+    a float into a float field) and numpy stores it exactly and silently; the bytes are then
+    numpy's. Every other number is left to the Python path (nothing written)."""
+    import warnings
+
+    fast = {bool} | ({int, float} if dtype in (np.float32, np.float64) else set())
+    fast |= {int} if dtype is np.int64 else set()
+    for value in PY_NUMBERS:
+        ring = np.full(3, 7, dtype)
+        rings = {"f": _native.TrajRing(ring, np.dtype(dtype).type)}
+        before = ring.tobytes()
+        took = _native.traj_append({"f": value}, rings, 4)
+        if not took:
+            assert ring.tobytes() == before, value
+            continue
+        assert type(value) in fast, value
+        want = np.full(3, 7, dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            want[1] = value  # numpy would neither warn nor raise
+        assert ring.tobytes() == want.tobytes(), value
+    took = {
+        type(v)
+        for v in (True, 1, 1.5)
+        if _native.traj_append({"f": v}, {"f": _native.TrajRing(np.zeros(2, dtype), None)}, 0)
+    }
+    assert took == (fast if dtype is not np.int32 else set())
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_nstep_window_matches_reference(seed: int) -> None:
+    """NStepWindow keeps the newest n (reward, discount) pairs; its sum has the reference's
+    bits (the forward order the adder always used), through pushes past n and clears."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 12))
+    gamma = float(rng.choice([0.99, 0.9, 1.0, 0.0, rng.random()]))
+    win = _native.NStepWindow(n, gamma)
+    rs: list[float] = []
+    ds: list[float] = []
+    for _ in range(300):
+        if rng.random() < 0.03:
+            win.clear()
+            rs, ds = [], []
+        r = float(rng.standard_normal() * 10.0 ** rng.integers(-3, 4))
+        d = float(rng.choice([0.0, 0.5, 1.0, rng.random()]))
+        win.push(r, d)
+        rs, ds = (rs + [r])[-n:], (ds + [d])[-n:]
+        assert len(win) == len(rs)
+        assert win.rewards() == rs and win.discounts() == ds
+        assert win.full() == ref.nstep_window(rs, ds, gamma)
+    with pytest.raises(ValueError):
+        _native.NStepWindow(0, 0.9)
+    with pytest.raises(TypeError):
+        win.push("1", 1.0)

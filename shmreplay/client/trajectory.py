@@ -641,16 +641,18 @@ class TrajectoryWriter:
                 or time.monotonic() - self._first_pending_time >= self.max_latency
             ):
                 self._send_all()  # before row i overwrites a step a pending item refers to
-            open_fields.clear()
-            # The common step (known fields, values of their own dtype and shape) is copied by
-            # one C call; it writes nothing when a value needs the checks below.
+            # The common step (known fields, values of their own dtype and shape, or Python
+            # numbers the field holds as they are) is copied by one C call; it writes nothing
+            # when a value needs the checks below. A closed step's fields are only needed to
+            # note the missing ones (_open_fields matters while a step is open).
             if not partial_step and _native.traj_append(step, self._rings, i):
                 self._total = i + 1
-                open_fields.update(step)
-                self._step_open = False
-                if len(open_fields) != len(self._columns):
+                if len(step) != len(self._columns):
+                    open_fields.clear()
+                    open_fields.update(step)
                     self._close_missing(i)
                 return
+            open_fields.clear()
         cols = self._columns
         for name, value in step.items():
             col = cols.get(name)
@@ -901,14 +903,13 @@ class TrajectoryWriter:
                 ts.staging = [np.empty((ts.cap, *f.shape), f.np_dtype) for f in ts.fields]
             data = {}
             by_field = zip(*ts.items, strict=True)  # the items' selections, field by field
-            plan = None
             for j, sels in enumerate(by_field):
                 out = ts.staging[j][:n]
                 if ts.mixed[j]:
                     for i, sel in enumerate(sels):
                         sel._copy_into(out[i])
                 else:
-                    plan = _gather(sels, out, plan)
+                    _gather(sels, out)
                 data[ts.names[j]] = out
             # As arrays: the table's compiled batch insert takes them (a list goes through
             # the checked Python path).
@@ -1021,19 +1022,16 @@ class TrajectoryWriter:
         )
 
 
-def _gather(sels: Sequence[TrajectoryColumn], out: np.ndarray, plan: tuple | None) -> tuple:
+def _gather(sels: Sequence[TrajectoryColumn], out: np.ndarray) -> None:
     """Copy selections of one layout (one column, length and kind; one per item) into
     ``out[i]``: one compiled call (``_native.traj_gather``: ring row = step % rows, at most two
-    slice copies per item). ``plan`` is the previous field's (starts, ...): fields selected at
-    the same steps (the usual case) share the list of starts."""
+    slice copies per item)."""
     first = sels[0]
     col = first._col
     starts = [s._start for s in sels]
-    if plan is not None and plan[0] == starts:
-        starts = plan[0]
     if col.ring.dtype == out.dtype:
         _native.traj_gather(col.ring, col.rows, starts, first._length, out)
-        return (starts,)
+        return
     # A dtype that casts to the field's: numpy gathers and converts.
     r0 = np.fromiter(starts, np.int64, len(starts)) % col.rows
     if first._kind == 1:
@@ -1041,4 +1039,3 @@ def _gather(sels: Sequence[TrajectoryColumn], out: np.ndarray, plan: tuple | Non
     else:
         # windows[r] = the ring rows of the steps r, r + 1, ..., wrapping round the ring
         out[...] = col.ring[np.take(col.writer._windows(col.rows, first._length), r0, axis=0)]
-    return (starts,)
