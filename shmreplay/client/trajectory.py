@@ -449,6 +449,7 @@ class _TableState:
         self.fields: tuple[FieldSpec, ...] = tuple(table.spec.signature)
         self.names = tuple(f.name for f in self.fields)
         self.name_set = set(self.names)
+        self.max_priority = table.core.max_priority  # fixed for the table's life
         row_bytes = table.spec.row_bytes
         self.direct = row_bytes >= DIRECT_MIN_BYTES
         self.cap = max(1, min(MAX_BATCH_ITEMS, STAGING_BYTES // max(1, row_bytes)))
@@ -734,9 +735,8 @@ class TrajectoryWriter:
         ts = self._tables.get(table)
         if ts is None:
             ts = self._tables[table] = _TableState(self.client.table(table))
-        core = ts.table.core
-        if type(priority) is not float or not 0.0 <= priority <= core.max_priority:
-            priority = check_priority(priority, core.max_priority, table)
+        if type(priority) is not float or not 0.0 <= priority <= ts.max_priority:
+            priority = check_priority(priority, ts.max_priority, table)
         if type(trajectory) is not dict and not isinstance(trajectory, Mapping):
             raise InvalidArgumentError(
                 "trajectory must be a mapping of table field to history selection, e.g. "
