@@ -333,3 +333,38 @@ def test_nstep_window_matches_reference(seed: int) -> None:
         _native.NStepWindow(0, 0.9)
     with pytest.raises(TypeError):
         win.push("1", 1.0)
+
+
+def test_gather_takes_the_selections_themselves() -> None:
+    """A tuple of selections (the writer's pending items of one field) gathers as the list of
+    their first steps does; anything else in the tuple is refused before a byte is copied."""
+    from shmreplay.client.trajectory import TrajectoryColumn
+
+    rng = np.random.default_rng(3)
+    rows, length = 13, 4
+    ring = rng.standard_normal((rows, 2)).astype(np.float32)
+    starts = [int(s) for s in rng.integers(0, 1000, size=50)]
+    sels = tuple(TrajectoryColumn(None, s, length) for s in starts)
+    got = np.zeros((50, length, 2), np.float32)
+    want = np.zeros_like(got)
+    _native.traj_gather(ring, rows, sels, length, got)
+    ref.gather(ring, rows, starts, length, want)
+    assert np.array_equal(got, want)
+    out = np.zeros((2, length, 2), np.float32)
+    with pytest.raises(TypeError):
+        _native.traj_gather(ring, rows, (sels[0], 5), length, out)
+    assert not out.any()
+
+
+def test_batch_meta_fills_priorities_and_episodes() -> None:
+    prios = [1.0, 0.0, 2.5]
+    eps = [(7 << 32 | 1, 0, 3), (7 << 32 | 1, 1, 4), (2**62, -1, 2**40)]
+    p, e = np.full(3, -1.0), np.full((3, 3), -1, np.int64)
+    _native.traj_batch_meta(prios, eps, p, e)
+    assert p.tolist() == prios and e.tolist() == [list(t) for t in eps]
+    with pytest.raises(ValueError):
+        _native.traj_batch_meta(prios, eps, p[:2], e)  # outputs sized for another batch
+    with pytest.raises(TypeError):
+        _native.traj_batch_meta(prios, [(1, 2)] * 3, p, e)  # not (id, first, last)
+    with pytest.raises(TypeError):
+        _native.traj_batch_meta(prios, eps[:2], p, e)  # lists of different lengths

@@ -468,6 +468,7 @@ class _TableState:
         self.priorities: list[float] = []
         self.episodes: list[tuple[int, int, int]] = []  # (episode id, first step, last step)
         self.staging: list[np.ndarray] | None = None
+        self.meta: tuple[np.ndarray, np.ndarray] | None = None  # a batch's priorities, episodes
         self.unconfirmed = 0  # items sent since the table was last flushed
 
     def accept(self, j: int, sel: TrajectoryColumn, validate: bool) -> None:
@@ -901,6 +902,8 @@ class TrajectoryWriter:
         try:
             if ts.staging is None:
                 ts.staging = [np.empty((ts.cap, *f.shape), f.np_dtype) for f in ts.fields]
+            if ts.meta is None:
+                ts.meta = (np.empty(ts.cap, np.float64), np.empty((ts.cap, 3), np.int64))
             data = {}
             by_field = zip(*ts.items, strict=True)  # the items' selections, field by field
             for j, sels in enumerate(by_field):
@@ -913,9 +916,9 @@ class TrajectoryWriter:
                 data[ts.names[j]] = out
             # As arrays: the table's compiled batch insert takes them (a list goes through
             # the checked Python path).
-            ts.table.insert_batch(
-                data, np.array(ts.priorities, np.float64), episodes=np.array(ts.episodes, np.int64)
-            )
+            priorities, episodes = ts.meta[0][:n], ts.meta[1][:n]
+            _native.traj_batch_meta(ts.priorities, ts.episodes, priorities, episodes)
+            ts.table.insert_batch(data, priorities, episodes=episodes)
             ts.unconfirmed += n
         finally:
             # Also on an error: the items cannot be sent twice. With no timeout a send fails
@@ -1028,12 +1031,11 @@ def _gather(sels: Sequence[TrajectoryColumn], out: np.ndarray) -> None:
     slice copies per item)."""
     first = sels[0]
     col = first._col
-    starts = [s._start for s in sels]
     if col.ring.dtype == out.dtype:
-        _native.traj_gather(col.ring, col.rows, starts, first._length, out)
+        _native.traj_gather(col.ring, col.rows, tuple(sels), first._length, out)
         return
     # A dtype that casts to the field's: numpy gathers and converts.
-    r0 = np.fromiter(starts, np.int64, len(starts)) % col.rows
+    r0 = np.fromiter([s._start for s in sels], np.int64, len(sels)) % col.rows
     if first._kind == 1:
         out[...] = col.ring[r0]
     else:

@@ -1,8 +1,12 @@
-/* Bindings of the trajectory concern: the batch gather of TrajectoryWriter._send_table.
+/* Bindings of the trajectory concern: selections and histories (the C bases of the writer's
+ * TrajectoryColumn and ColumnHistory), the batch gather and batch metadata of
+ * TrajectoryWriter._send_table, create_item's field check, append's copy into the history
+ * rings, and the n-step adder's window.
  *
  * gather(ring, rows, starts, length, out) copies item i's ``length`` steps from ``starts[i]``
  * out of a column's history ring into out[i]: one call per field per batch, in place of the
- * numpy index arithmetic and take. ``starts`` is the list of Python ints the writer keeps.
+ * numpy index arithmetic and take. ``starts`` is a list of Python ints, or the tuple of the
+ * items' selections of one field (the writer's pending items, read here without a list).
  */
 #include "shm_bind.h"
 
@@ -15,92 +19,6 @@
 
 #include "shm_status.h"
 #include "trajectory.h"
-
-/* A batch has at most MAX_BATCH_ITEMS (128) items: their starts fit on the stack. */
-#define STACK_STARTS 256
-/* Copies of at least this many bytes release the GIL (below it, releasing costs more). */
-#define NOGIL_BYTES (64 << 10)
-
-static PyObject *traj_gather(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "gather(ring, rows, starts, length, out)");
-        return NULL;
-    }
-    long long rows = PyLong_AsLongLong(args[1]);
-    long long length = PyLong_AsLongLong(args[3]);
-    if ((rows == -1 || length == -1) && PyErr_Occurred())
-        return NULL;
-    PyObject *starts_obj = args[2];
-    if (!PyList_CheckExact(starts_obj)) {
-        PyErr_SetString(PyExc_TypeError, "gather: starts must be a list of ints");
-        return NULL;
-    }
-    Py_ssize_t n = PyList_GET_SIZE(starts_obj);
-    if (rows < 1 || length < 1 || length > rows) {
-        PyErr_Format(PyExc_ValueError, "gather: need 1 <= length (%lld) <= rows (%lld)", length,
-                     rows);
-        return NULL;
-    }
-    int64_t stack[STACK_STARTS];
-    int64_t *starts = stack;
-    if (n > STACK_STARTS) {
-        starts = PyMem_Malloc((size_t)n * sizeof *starts);
-        if (starts == NULL)
-            return PyErr_NoMemory();
-    }
-    PyObject *result = NULL;
-    Py_buffer ring = {0}, out = {0};
-    for (Py_ssize_t i = 0; i < n; i++) {
-        long long s = PyLong_AsLongLong(PyList_GET_ITEM(starts_obj, i));
-        if (s == -1 && PyErr_Occurred())
-            goto done;
-        starts[i] = s;
-    }
-    if (PyObject_GetBuffer(args[0], &ring, PyBUF_C_CONTIGUOUS) < 0) {
-        PyErr_SetString(PyExc_TypeError, "gather: ring must be a C-contiguous array");
-        goto done;
-    }
-    if (PyObject_GetBuffer(args[4], &out, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
-        PyErr_SetString(PyExc_TypeError, "gather: out must be a C-contiguous writable array");
-        PyBuffer_Release(&ring);
-        ring.obj = NULL;
-        goto done;
-    }
-    if (ring.len % rows != 0) {
-        PyErr_Format(PyExc_ValueError, "gather: a ring of %zd bytes is not %lld rows", ring.len,
-                     rows);
-        goto done;
-    }
-    size_t step_bytes = (size_t)(ring.len / rows);
-    size_t need = (size_t)n * (size_t)length * step_bytes;
-    if ((size_t)out.len != need) {
-        PyErr_Format(PyExc_ValueError, "gather: out has %zd bytes, %zu needed", out.len, need);
-        goto done;
-    }
-    int rc;
-    if (need >= NOGIL_BYTES) {
-        Py_BEGIN_ALLOW_THREADS;
-        rc = shm_traj_gather(ring.buf, rows, step_bytes, starts, n, length, out.buf);
-        Py_END_ALLOW_THREADS;
-    } else {
-        rc = shm_traj_gather(ring.buf, rows, step_bytes, starts, n, length, out.buf);
-    }
-    if (rc != SHM_OK) {
-        PyErr_SetString(PyExc_ValueError, "gather: a start step is negative");
-        goto done;
-    }
-    result = Py_NewRef(Py_None);
-done:
-    if (ring.obj != NULL)
-        PyBuffer_Release(&ring);
-    if (out.obj != NULL)
-        PyBuffer_Release(&out);
-    if (starts != stack)
-        PyMem_Free(starts);
-    return result;
-}
-
 
 /* ---- selections: TrajSel, the C base of trajectory.TrajectoryColumn -------------------------
  *
@@ -188,6 +106,106 @@ static PyTypeObject TrajSelType = {
     .tp_new = PyType_GenericNew,
     .tp_members = trajsel_members,
 };
+
+/* ---- the batch gather --------------------------------------------------------------------- */
+
+/* A batch has at most MAX_BATCH_ITEMS (128) items: their starts fit on the stack. */
+#define STACK_STARTS 256
+/* Copies of at least this many bytes release the GIL (below it, releasing costs more). */
+#define NOGIL_BYTES (64 << 10)
+
+static PyObject *traj_gather(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "gather(ring, rows, starts, length, out)");
+        return NULL;
+    }
+    long long rows = PyLong_AsLongLong(args[1]);
+    long long length = PyLong_AsLongLong(args[3]);
+    if ((rows == -1 || length == -1) && PyErr_Occurred())
+        return NULL;
+    PyObject *starts_obj = args[2];
+    /* a list of start steps, or a tuple of selections (their first steps) */
+    int from_sels = PyTuple_CheckExact(starts_obj);
+    if (!from_sels && !PyList_CheckExact(starts_obj)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "gather: starts must be a list of ints or a tuple of selections");
+        return NULL;
+    }
+    Py_ssize_t n = Py_SIZE(starts_obj);
+    if (rows < 1 || length < 1 || length > rows) {
+        PyErr_Format(PyExc_ValueError, "gather: need 1 <= length (%lld) <= rows (%lld)", length,
+                     rows);
+        return NULL;
+    }
+    int64_t stack[STACK_STARTS];
+    int64_t *starts = stack;
+    if (n > STACK_STARTS) {
+        starts = PyMem_Malloc((size_t)n * sizeof *starts);
+        if (starts == NULL)
+            return PyErr_NoMemory();
+    }
+    PyObject *result = NULL;
+    Py_buffer ring = {0}, out = {0};
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (from_sels) {
+            PyObject *sel = PyTuple_GET_ITEM(starts_obj, i);
+            if (!PyObject_TypeCheck(sel, &TrajSelType)) {
+                PyErr_SetString(PyExc_TypeError, "gather: starts holds a non-selection");
+                goto done;
+            }
+            starts[i] = ((TrajSelObject *)sel)->start;
+            continue;
+        }
+        long long s = PyLong_AsLongLong(PyList_GET_ITEM(starts_obj, i));
+        if (s == -1 && PyErr_Occurred())
+            goto done;
+        starts[i] = s;
+    }
+    if (PyObject_GetBuffer(args[0], &ring, PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_SetString(PyExc_TypeError, "gather: ring must be a C-contiguous array");
+        goto done;
+    }
+    if (PyObject_GetBuffer(args[4], &out, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
+        PyErr_SetString(PyExc_TypeError, "gather: out must be a C-contiguous writable array");
+        PyBuffer_Release(&ring);
+        ring.obj = NULL;
+        goto done;
+    }
+    if (ring.len % rows != 0) {
+        PyErr_Format(PyExc_ValueError, "gather: a ring of %zd bytes is not %lld rows", ring.len,
+                     rows);
+        goto done;
+    }
+    size_t step_bytes = (size_t)(ring.len / rows);
+    size_t need = (size_t)n * (size_t)length * step_bytes;
+    if ((size_t)out.len != need) {
+        PyErr_Format(PyExc_ValueError, "gather: out has %zd bytes, %zu needed", out.len, need);
+        goto done;
+    }
+    int rc;
+    if (need >= NOGIL_BYTES) {
+        Py_BEGIN_ALLOW_THREADS;
+        rc = shm_traj_gather(ring.buf, rows, step_bytes, starts, n, length, out.buf);
+        Py_END_ALLOW_THREADS;
+    } else {
+        rc = shm_traj_gather(ring.buf, rows, step_bytes, starts, n, length, out.buf);
+    }
+    if (rc != SHM_OK) {
+        PyErr_SetString(PyExc_ValueError, "gather: a start step is negative");
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    if (ring.obj != NULL)
+        PyBuffer_Release(&ring);
+    if (out.obj != NULL)
+        PyBuffer_Release(&out);
+    if (starts != stack)
+        PyMem_Free(starts);
+    return result;
+}
+
 
 /* ---- TrajHistory: the C base of trajectory.ColumnHistory -------------------------------------
  *
@@ -784,10 +802,68 @@ static PyTypeObject NStepWindowType = {
     .tp_as_sequence = &nstep_sequence,
 };
 
+/* traj_batch_meta(priorities, episodes, prio_out, ep_out): a batch's priorities (a list of
+ * floats) into prio_out (float64 [n]) and its episodes (a list of (id, first, last) int
+ * tuples) into ep_out (int64 [n, 3]), for insert_batch: numpy takes ~50 us to read 128 tuples. */
+static PyObject *traj_batch_meta(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "traj_batch_meta(priorities, episodes, prio_out, ep_out)");
+        return NULL;
+    }
+    PyObject *prios = args[0], *eps = args[1];
+    if (!PyList_CheckExact(prios) || !PyList_CheckExact(eps) ||
+        PyList_GET_SIZE(prios) != PyList_GET_SIZE(eps)) {
+        PyErr_SetString(PyExc_TypeError, "traj_batch_meta: two lists of the same length");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(prios);
+    Py_buffer pv = {0}, ev = {0};
+    PyObject *result = NULL;
+    if (PyObject_GetBuffer(args[2], &pv, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[3], &ev, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
+        goto done;
+    if (pv.len != n * (Py_ssize_t)sizeof(double) || ev.len != n * 3 * (Py_ssize_t)sizeof(int64_t)) {
+        PyErr_SetString(PyExc_ValueError, "traj_batch_meta: outputs of n and n x 3 items needed");
+        goto done;
+    }
+    double *p = pv.buf;
+    int64_t *e = ev.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        double v = PyFloat_AsDouble(PyList_GET_ITEM(prios, i));
+        if (v == -1.0 && PyErr_Occurred())
+            goto done;
+        p[i] = v;
+        PyObject *t = PyList_GET_ITEM(eps, i);
+        if (!PyTuple_CheckExact(t) || PyTuple_GET_SIZE(t) != 3) {
+            PyErr_SetString(PyExc_TypeError, "traj_batch_meta: an episode is not a 3-tuple");
+            goto done;
+        }
+        for (int k = 0; k < 3; k++) {
+            long long x = PyLong_AsLongLong(PyTuple_GET_ITEM(t, k));
+            if (x == -1 && PyErr_Occurred())
+                goto done;
+            e[3 * i + k] = x;
+        }
+    }
+    result = Py_NewRef(Py_None);
+done:
+    if (pv.obj != NULL)
+        PyBuffer_Release(&pv);
+    if (ev.obj != NULL)
+        PyBuffer_Release(&ev);
+    return result;
+}
+
 static PyMethodDef traj_methods[] = {
     {"traj_gather", (PyCFunction)(void (*)(void))traj_gather, METH_FASTCALL,
      "traj_gather(ring, rows, starts, length, out): item i's length steps from starts[i] "
-     "(ring row = step % rows, wrapping) copied into out[i]; out holds exactly the items."},
+     "(ring row = step % rows, wrapping) copied into out[i]; out holds exactly the items. "
+     "starts: a list of ints, or a tuple of selections (their first steps)."},
+    {"traj_batch_meta", (PyCFunction)(void (*)(void))traj_batch_meta, METH_FASTCALL,
+     "traj_batch_meta(priorities, episodes, prio_out, ep_out): a batch's priorities and "
+     "(id, first, last) episodes into float64 [n] and int64 [n, 3] arrays."},
     {"traj_fields", (PyCFunction)(void (*)(void))traj_fields, METH_FASTCALL,
      "traj_fields(trajectory, names, vcol, vlen, vkind, oldest, sel_type): (selections, first "
      "step, last step) of an item made like the previous one, else None (check in Python)."},
