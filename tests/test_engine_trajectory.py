@@ -72,7 +72,7 @@ def test_gather_refuses_bad_types() -> None:
     ring = np.zeros((4, 2), np.float32)
     out = np.zeros((1, 1, 2), np.float32)
     with pytest.raises(TypeError):
-        _native.traj_gather(ring, 4, (0,), 1, out)  # starts must be a list
+        _native.traj_gather(ring, 4, np.zeros(1, np.int64), 1, out)  # a list or a tuple
     with pytest.raises(TypeError):
         _native.traj_gather(ring, 4, ["0"], 1, out)
     with pytest.raises(TypeError):
@@ -188,6 +188,7 @@ def test_random_sequences_send_the_model_items(daemon_factory, seed: int) -> Non
                     "action": np.int64(rng.integers(-(2**40), 2**40)),
                     "r": np.float32(rng.standard_normal()),
                 }
+                s["r2"] = -s["r"]
                 w.append(s)
                 steps.append(s)
                 continue
@@ -203,7 +204,9 @@ def test_random_sequences_send_the_model_items(daemon_factory, seed: int) -> Non
             prio = float(rng.choice([0.0, 1.0, rng.random() * 5]))
             h = w.history
             sl = slice(-4, None) if a is None else slice(a, a + 4)
-            traj = {"obs": h["obs"][sl], "action": h["action"][sl], "last": h["r"][last]}
+            # "last" mostly from r, sometimes from r2: a new layout while items are pending
+            lf = "r" if rng.random() < 0.8 else "r2"
+            traj = {"obs": h["obs"][sl], "action": h["action"][sl], "last": h[lf][last]}
             first = len(steps) - 4 if a is None else hist_start + (a if a >= 0 else n + a)
             lstep = len(steps) + last
             oldest = max(hist_start, len(steps) - K)
@@ -216,7 +219,7 @@ def test_random_sequences_send_the_model_items(daemon_factory, seed: int) -> Non
             item = {
                 "obs": np.stack([steps[t]["obs"] for t in range(first, first + 4)]),
                 "action": np.array([steps[t]["action"] for t in range(first, first + 4)]),
-                "last": np.array(steps[lstep]["r"]),
+                "last": np.array(steps[lstep][lf]),
             }
             lo, hi = min(first, lstep), max(first + 3, lstep)
             want.append((item, prio, (w.episode_id, lo - ep_start, hi - ep_start)))
@@ -336,15 +339,16 @@ def test_nstep_window_matches_reference(seed: int) -> None:
 
 
 def test_gather_takes_the_selections_themselves() -> None:
-    """A tuple of selections (the writer's pending items of one field) gathers as the list of
-    their first steps does; anything else in the tuple is refused before a byte is copied."""
+    """A tuple of start steps and selections (one field's entries of the writer's pending
+    items) gathers as the list of their first steps does; anything else in the tuple is refused
+    before a byte is copied."""
     from shmreplay.client.trajectory import TrajectoryColumn
 
     rng = np.random.default_rng(3)
     rows, length = 13, 4
     ring = rng.standard_normal((rows, 2)).astype(np.float32)
     starts = [int(s) for s in rng.integers(0, 1000, size=50)]
-    sels = tuple(TrajectoryColumn(None, s, length) for s in starts)
+    sels = tuple(TrajectoryColumn(None, s, length) if i % 3 else s for i, s in enumerate(starts))
     got = np.zeros((50, length, 2), np.float32)
     want = np.zeros_like(got)
     _native.traj_gather(ring, rows, sels, length, got)
@@ -352,7 +356,7 @@ def test_gather_takes_the_selections_themselves() -> None:
     assert np.array_equal(got, want)
     out = np.zeros((2, length, 2), np.float32)
     with pytest.raises(TypeError):
-        _native.traj_gather(ring, rows, (sels[0], 5), length, out)
+        _native.traj_gather(ring, rows, (sels[1], 5.0), length, out)
     assert not out.any()
 
 

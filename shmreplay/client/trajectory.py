@@ -464,7 +464,10 @@ class _TableState:
         self.vrange = [False] * n  # Python ints into a narrower int field: check each item
         self.any_range = False
         self.accepted: dict[tuple, bool] = {}
-        self.items: list[list[TrajectoryColumn]] = []  # pending items, a selection per field
+        # Pending items: each a tuple of start steps, one per field (compact: the item was made
+        # with the accepted layout of every field, which holds for as long as it is pending:
+        # accept() expands them first), or a list of selections, one per field.
+        self.items: list[tuple[int, ...] | list[TrajectoryColumn]] = []
         self.priorities: list[float] = []
         self.episodes: list[tuple[int, int, int]] = []  # (episode id, first step, last step)
         self.staging: list[np.ndarray] | None = None
@@ -479,11 +482,22 @@ class _TableState:
         if range_check is None:
             range_check = self._check(self.fields[j], sel) if validate else False
             self.accepted[key] = range_check
+        if self.items:
+            self.items = [self.selections(item) for item in self.items]  # in the old layouts
         self.vcol[j], self.vlen[j], self.vkind[j] = sel._col, sel._length, sel._kind
         if self.items or sel._kind == 2:
             self.mixed[j] = True
         self.vrange[j] = range_check
         self.any_range = any(self.vrange)
+
+    def selections(self, item: tuple[int, ...] | list[TrajectoryColumn]) -> list[TrajectoryColumn]:
+        """A pending item's selections (a compact item's, in the accepted layouts)."""
+        if type(item) is not tuple:
+            return item
+        return [
+            TrajectoryColumn(col, start, length, None, kind == 1)
+            for col, start, length, kind in zip(self.vcol, item, self.vlen, self.vkind, strict=True)
+        ]
 
     def _check(self, f: FieldSpec, sel: TrajectoryColumn) -> bool:
         col = sel._col
@@ -760,7 +774,9 @@ class TrajectoryWriter:
             )
         )
         if fast is not None:
-            sels, lo, hi = fast
+            item, lo, hi = fast  # the start steps: pending, the item is kept as them
+            if ts.any_range or ts.direct:
+                item = sels = [trajectory[name] for name in ts.names]
         else:
             vcol, vlen, vkind = ts.vcol, ts.vlen, ts.vkind
             sels = []
@@ -791,6 +807,7 @@ class TrajectoryWriter:
                 if last > hi:
                     hi = last
                 sels.append(sel)
+            item = sels
         if ts.any_range:
             ts.range_check(sels)
         start = self._episode_start  # steps are counted from the episode's first
@@ -803,7 +820,7 @@ class TrajectoryWriter:
         if not self._pending_n:
             self._first_pending_time = now
             self._first_pending_step = self._total
-        ts.items.append(sels)
+        ts.items.append(item)
         ts.priorities.append(priority)
         ts.episodes.append(episode)
         self._pending_n += 1
@@ -905,14 +922,18 @@ class TrajectoryWriter:
             if ts.meta is None:
                 ts.meta = (np.empty(ts.cap, np.float64), np.empty((ts.cap, 3), np.int64))
             data = {}
-            by_field = zip(*ts.items, strict=True)  # the items' selections, field by field
-            for j, sels in enumerate(by_field):
+            # The items' entries (start steps, selections), field by field. A field's entries
+            # share its accepted layout unless it is mixed (then start steps are expanded).
+            by_field = zip(*ts.items, strict=True)
+            for j, entries in enumerate(by_field):
                 out = ts.staging[j][:n]
                 if ts.mixed[j]:
-                    for i, sel in enumerate(sels):
-                        sel._copy_into(out[i])
+                    for i, sel in enumerate(entries):
+                        if type(sel) is int:
+                            sel = ts.selections(ts.items[i])[j]
+                        sel._copy_into(out[i, ...])  # a view, also of a scalar field
                 else:
-                    _gather(sels, out)
+                    _gather(ts.vcol[j], ts.vlen[j], ts.vkind[j], entries, out)
                 data[ts.names[j]] = out
             # As arrays: the table's compiled batch insert takes them (a list goes through
             # the checked Python path).
@@ -972,7 +993,8 @@ class TrajectoryWriter:
         while ts.priorities:
             remaining = max(0.0, deadline - time.monotonic())
             try:
-                self._write_direct(ts, ts.items[0], ts.priorities[0], remaining, ts.episodes[0])
+                item = ts.selections(ts.items[0])
+                self._write_direct(ts, item, ts.priorities[0], remaining, ts.episodes[0])
             except RateLimiterTimeout as exc:
                 raise RateLimiterTimeout(
                     f"{exc}; {len(ts.priorities)} item(s) of this writer are still pending "
@@ -1025,19 +1047,20 @@ class TrajectoryWriter:
         )
 
 
-def _gather(sels: Sequence[TrajectoryColumn], out: np.ndarray) -> None:
-    """Copy selections of one layout (one column, length and kind; one per item) into
-    ``out[i]``: one compiled call (``_native.traj_gather``: ring row = step % rows, at most two
-    slice copies per item)."""
-    first = sels[0]
-    col = first._col
+def _gather(
+    col: _Column, length: int, kind: int, entries: Sequence[int | TrajectoryColumn], out: np.ndarray
+) -> None:
+    """Copy items of one layout (``col``, ``length``, ``kind``; one entry per item, its start
+    step or its selection) into ``out[i]``: one compiled call (``_native.traj_gather``: ring
+    row = step % rows, at most two slice copies per item)."""
     if col.ring.dtype == out.dtype:
-        _native.traj_gather(col.ring, col.rows, tuple(sels), first._length, out)
+        _native.traj_gather(col.ring, col.rows, tuple(entries), length, out)
         return
     # A dtype that casts to the field's: numpy gathers and converts.
-    r0 = np.fromiter([s._start for s in sels], np.int64, len(sels)) % col.rows
-    if first._kind == 1:
+    starts = [e if type(e) is int else e._start for e in entries]
+    r0 = np.fromiter(starts, np.int64, len(starts)) % col.rows
+    if kind == 1:
         out[...] = col.ring[r0]
     else:
         # windows[r] = the ring rows of the steps r, r + 1, ..., wrapping round the ring
-        out[...] = col.ring[np.take(col.writer._windows(col.rows, first._length), r0, axis=0)]
+        out[...] = col.ring[np.take(col.writer._windows(col.rows, length), r0, axis=0)]

@@ -5,8 +5,9 @@
  *
  * gather(ring, rows, starts, length, out) copies item i's ``length`` steps from ``starts[i]``
  * out of a column's history ring into out[i]: one call per field per batch, in place of the
- * numpy index arithmetic and take. ``starts`` is a list of Python ints, or the tuple of the
- * items' selections of one field (the writer's pending items, read here without a list).
+ * numpy index arithmetic and take. ``starts`` is a list of Python ints, or the tuple of one
+ * field's entries of the writer's pending items: start steps (compact items) and selections,
+ * read here without a list.
  */
 #include "shm_bind.h"
 
@@ -125,11 +126,11 @@ static PyObject *traj_gather(PyObject *self, PyObject *const *args, Py_ssize_t n
     if ((rows == -1 || length == -1) && PyErr_Occurred())
         return NULL;
     PyObject *starts_obj = args[2];
-    /* a list of start steps, or a tuple of selections (their first steps) */
+    /* a list of start steps, or a tuple of start steps and selections (their first steps) */
     int from_sels = PyTuple_CheckExact(starts_obj);
     if (!from_sels && !PyList_CheckExact(starts_obj)) {
         PyErr_SetString(PyExc_TypeError,
-                        "gather: starts must be a list of ints or a tuple of selections");
+                        "gather: starts must be a list of ints or a tuple of ints and selections");
         return NULL;
     }
     Py_ssize_t n = Py_SIZE(starts_obj);
@@ -148,16 +149,16 @@ static PyObject *traj_gather(PyObject *self, PyObject *const *args, Py_ssize_t n
     PyObject *result = NULL;
     Py_buffer ring = {0}, out = {0};
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (from_sels) {
-            PyObject *sel = PyTuple_GET_ITEM(starts_obj, i);
-            if (!PyObject_TypeCheck(sel, &TrajSelType)) {
-                PyErr_SetString(PyExc_TypeError, "gather: starts holds a non-selection");
-                goto done;
-            }
-            starts[i] = ((TrajSelObject *)sel)->start;
+        PyObject *item = from_sels ? PyTuple_GET_ITEM(starts_obj, i) : PyList_GET_ITEM(starts_obj, i);
+        if (from_sels && PyObject_TypeCheck(item, &TrajSelType)) {
+            starts[i] = ((TrajSelObject *)item)->start;
             continue;
         }
-        long long s = PyLong_AsLongLong(PyList_GET_ITEM(starts_obj, i));
+        if (!PyLong_Check(item)) {
+            PyErr_SetString(PyExc_TypeError, "gather: a start is neither an int nor a selection");
+            goto done;
+        }
+        long long s = PyLong_AsLongLong(item);
         if (s == -1 && PyErr_Occurred())
             goto done;
         starts[i] = s;
@@ -333,13 +334,14 @@ static PyTypeObject TrajHistoryType = {
 
 /* ---- create_item's field loop ------------------------------------------------------------
  *
- * traj_fields(trajectory, names, vcol, vlen, vkind, oldest, sel_type) -> (sels, lo, hi) | None
+ * traj_fields(trajectory, names, vcol, vlen, vkind, oldest, sel_type) -> (starts, lo, hi) | None
  *
  * The common item, checked in C: ``trajectory`` a dict, each names[j] a selection of exactly
  * ``sel_type`` with the layout last accepted for field j (column vcol[j], length vlen[j], kind
  * vkind[j], not by index), starting at or after ``oldest`` and after its column's last step
- * without a value (``complete_since``). Returns the selections in field order and the item's
- * first and last steps. None: not that case (a missing field, a new layout, a step that may not
+ * without a value (``complete_since``). Returns the selections' first steps in field order (a
+ * tuple of ints: the item in the writer's compact form, the layout being the accepted one)
+ * and the item's first and last steps. None: not that case (a missing field, a new layout, a step that may not
  * be kept or set); the caller's Python loop then checks it all and raises what it finds. The
  * caller makes sure no step is open (the open step's fields need the Python checks). */
 static PyObject *str_complete_since;
@@ -364,7 +366,7 @@ static PyObject *traj_fields(PyObject *self, PyObject *const *args, Py_ssize_t n
     if (n < 1 || !PyType_Check(sel_type) || !PyType_IsSubtype(sel_type, &TrajSelType) ||
         PyList_GET_SIZE(vcol) != n || PyList_GET_SIZE(vlen) != n || PyList_GET_SIZE(vkind) != n)
         Py_RETURN_NONE;
-    PyObject *sels = PyList_New(n);
+    PyObject *sels = PyTuple_New(n); /* the start steps */
     if (sels == NULL)
         return NULL;
     long long lo = LLONG_MAX, hi = -1;
@@ -403,7 +405,10 @@ static PyObject *traj_fields(PyObject *self, PyObject *const *args, Py_ssize_t n
             lo = s->start;
         if (last > hi)
             hi = last;
-        PyList_SET_ITEM(sels, j, Py_NewRef(sel));
+        PyObject *start = PyLong_FromLongLong(s->start);
+        if (start == NULL)
+            goto fail;
+        PyTuple_SET_ITEM(sels, j, start);
     }
     return Py_BuildValue("(NLL)", sels, lo, hi);
 slow:
@@ -860,12 +865,12 @@ static PyMethodDef traj_methods[] = {
     {"traj_gather", (PyCFunction)(void (*)(void))traj_gather, METH_FASTCALL,
      "traj_gather(ring, rows, starts, length, out): item i's length steps from starts[i] "
      "(ring row = step % rows, wrapping) copied into out[i]; out holds exactly the items. "
-     "starts: a list of ints, or a tuple of selections (their first steps)."},
+     "starts: a list of ints, or a tuple of ints and selections (their first steps)."},
     {"traj_batch_meta", (PyCFunction)(void (*)(void))traj_batch_meta, METH_FASTCALL,
      "traj_batch_meta(priorities, episodes, prio_out, ep_out): a batch's priorities and "
      "(id, first, last) episodes into float64 [n] and int64 [n, 3] arrays."},
     {"traj_fields", (PyCFunction)(void (*)(void))traj_fields, METH_FASTCALL,
-     "traj_fields(trajectory, names, vcol, vlen, vkind, oldest, sel_type): (selections, first "
+     "traj_fields(trajectory, names, vcol, vlen, vkind, oldest, sel_type): (start steps, first "
      "step, last step) of an item made like the previous one, else None (check in Python)."},
     {"traj_append", (PyCFunction)(void (*)(void))traj_append, METH_FASTCALL,
      "traj_append(step, rings, i): True if every value of step (dict) was copied into row "
