@@ -149,7 +149,8 @@ static PyObject *traj_gather(PyObject *self, PyObject *const *args, Py_ssize_t n
     PyObject *result = NULL;
     Py_buffer ring = {0}, out = {0};
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = from_sels ? PyTuple_GET_ITEM(starts_obj, i) : PyList_GET_ITEM(starts_obj, i);
+        PyObject *item =
+            from_sels ? PyTuple_GET_ITEM(starts_obj, i) : PyList_GET_ITEM(starts_obj, i);
         if (from_sels && PyObject_TypeCheck(item, &TrajSelType)) {
             starts[i] = ((TrajSelObject *)item)->start;
             continue;
@@ -334,7 +335,8 @@ static PyTypeObject TrajHistoryType = {
 
 /* ---- create_item's field loop ------------------------------------------------------------
  *
- * traj_fields(trajectory, names, vcol, vlen, vkind, oldest, sel_type) -> (starts, lo, hi) | None
+ * traj_fields(trajectory, names, vcol, vlen, vkind, oldest, sel_type)
+ *     -> (starts, lo, hi) | None
  *
  * The common item, checked in C: ``trajectory`` a dict, each names[j] a selection of exactly
  * ``sel_type`` with the layout last accepted for field j (column vcol[j], length vlen[j], kind
