@@ -343,9 +343,10 @@ static PyTypeObject TrajHistoryType = {
  * vkind[j], not by index), starting at or after ``oldest`` and after its column's last step
  * without a value (``complete_since``). Returns the selections' first steps in field order (a
  * tuple of ints: the item in the writer's compact form, the layout being the accepted one)
- * and the item's first and last steps. None: not that case (a missing field, a new layout, a step that may not
- * be kept or set); the caller's Python loop then checks it all and raises what it finds. The
- * caller makes sure no step is open (the open step's fields need the Python checks). */
+ * and the item's first and last steps. None: not that case (a missing field, a new layout, a
+ * step that may not be kept or set); the caller's Python loop then checks it all and raises
+ * what it finds. The caller makes sure no step is open (the open step's fields need the
+ * Python checks). */
 static PyObject *str_complete_since;
 
 static PyObject *traj_fields(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
