@@ -17,6 +17,11 @@ slot (headroom included) instead of max_size.
 ``paths`` measures the ways a writer can put a 32-step item into a table (Table.insert, reserve()
 with slice copies, batched insert_batch), which decided the writer's DIRECT_MIN_BYTES.
 
+``adder``: one process, ``NStepTransitionAdder.add`` at full speed (n = 3, CartPole-sized steps:
+obs float32[4], a Python int action and float reward, episodes of 100 steps) into a prioritized
+table, no sampler: the adder's own cost per environment step, which bounds the example's
+``--compare-queue`` adder figure (4 actors there share 2 cores with the learner and the daemon).
+
 Prints one JSON line per figure. Rates are medians of windows (see bench.run.windowed_rate);
 ``alone`` is the appender with no sampler running, ``with_sampler`` both at once (on a 2-core
 machine they share the cores with the daemon).
@@ -32,6 +37,7 @@ import numpy as np
 
 import shmreplay
 from bench.run import emit, emit_reference, spread, windowed_rate
+from shmreplay import NStepTransitionAdder
 from shmreplay.client.trajectory import TrajectoryWriter
 from shmreplay.testing import DaemonProcess, table_toml
 
@@ -296,13 +302,51 @@ def _copy_paths(name, obs_shape, obs_dtype, max_size, seconds, memcpy) -> None:
         emit(record)
 
 
+def adder_rate(seconds: float, memcpy: float) -> None:
+    """adds/s of one NStepTransitionAdder (see the module docstring)."""
+    episode = 100
+    sig = NStepTransitionAdder.signature_toml((4,), "float32", (), "int64")
+    toml = "\n" + table_toml(
+        name="replay",
+        max_size=100_000,
+        signature=sig,
+        sampler='{ kind = "prioritized", priority_exponent = 0.6 }',
+    )
+    rng = np.random.default_rng(0)
+    obs = [rng.standard_normal(4).astype(np.float32) for _ in range(episode + 1)]
+    with DaemonProcess(toml) as d, shmreplay.attach(d.name) as c:
+        adder = NStepTransitionAdder(c, "replay", n=3, discount=0.99)
+
+        def step() -> int:
+            for t in range(episode):
+                end = t == episode - 1
+                adder.add(obs[t], t & 1, 1.0, done=end, discount=1.0, next_observation=obs[t + 1])
+            return episode
+
+        for _ in range(200):  # warm: the writer's rings, the table's first slots and leases
+            step()
+        adder.flush()
+        r = windowed_rate(step, seconds, adder.flush)
+        adder.close()
+    emit(
+        {
+            "workload": "adder",
+            "n": 3,
+            "adds_per_s": round(r["median"]),
+            "us_per_add": round(1e6 / r["median"], 2),
+            "low_high": spread(r),
+            "memcpy_GB_per_s": round(memcpy, 2),
+        }
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.trajectory",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("workloads", nargs="*", default=["paths", "W5", "W5b", "R2D2"])
+    parser.add_argument("workloads", nargs="*", default=["paths", "adder", "W5", "W5b", "R2D2"])
     parser.add_argument("--quick", action="store_true", help="short runs (smoke test)")
     args = parser.parse_args()
     seconds = 1.0 if args.quick else 5.0
@@ -311,6 +355,8 @@ def main() -> None:
     for w in args.workloads:
         if w == "paths":
             copy_paths(seconds / 2, memcpy)
+        elif w == "adder":
+            adder_rate(seconds, memcpy)
         elif w == "W5":
             run(
                 "W5", (8,), "float32", 32, 1, 256, 100_000, seconds, memcpy,
@@ -326,7 +372,7 @@ def main() -> None:
                 "R2D2", *atari, 80, 40, 32, 200 if args.quick else 600, seconds, memcpy, {}
             )  # fmt: skip
         else:
-            parser.error(f"unknown workload {w!r}; choose among paths W5 W5b R2D2")
+            parser.error(f"unknown workload {w!r}; choose among paths adder W5 W5b R2D2")
 
 
 if __name__ == "__main__":

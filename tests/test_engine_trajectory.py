@@ -1,8 +1,10 @@
-"""The compiled batch gather of the trajectory writer against its reference model
-(tests/reference/trajectory.py), and the writer's batched items against a plain numpy model of
-the history (what each item must hold, its priority and its episode steps)."""
+"""The compiled batch gather of the trajectory writer and the n-step adder's window against their
+reference models (tests/reference/trajectory.py), and the writer's batched items against a plain
+numpy model of the history (what each item must hold, its priority and its episode steps)."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -70,7 +72,7 @@ def test_gather_refuses_bad_types() -> None:
     ring = np.zeros((4, 2), np.float32)
     out = np.zeros((1, 1, 2), np.float32)
     with pytest.raises(TypeError):
-        _native.traj_gather(ring, 4, (0,), 1, out)  # starts must be a list
+        _native.traj_gather(ring, 4, np.zeros(1, np.int64), 1, out)  # a list or a tuple
     with pytest.raises(TypeError):
         _native.traj_gather(ring, 4, ["0"], 1, out)
     with pytest.raises(TypeError):
@@ -186,6 +188,7 @@ def test_random_sequences_send_the_model_items(daemon_factory, seed: int) -> Non
                     "action": np.int64(rng.integers(-(2**40), 2**40)),
                     "r": np.float32(rng.standard_normal()),
                 }
+                s["r2"] = -s["r"]
                 w.append(s)
                 steps.append(s)
                 continue
@@ -201,7 +204,9 @@ def test_random_sequences_send_the_model_items(daemon_factory, seed: int) -> Non
             prio = float(rng.choice([0.0, 1.0, rng.random() * 5]))
             h = w.history
             sl = slice(-4, None) if a is None else slice(a, a + 4)
-            traj = {"obs": h["obs"][sl], "action": h["action"][sl], "last": h["r"][last]}
+            # "last" mostly from r, sometimes from r2: a new layout while items are pending
+            lf = "r" if rng.random() < 0.8 else "r2"
+            traj = {"obs": h["obs"][sl], "action": h["action"][sl], "last": h[lf][last]}
             first = len(steps) - 4 if a is None else hist_start + (a if a >= 0 else n + a)
             lstep = len(steps) + last
             oldest = max(hist_start, len(steps) - K)
@@ -214,7 +219,7 @@ def test_random_sequences_send_the_model_items(daemon_factory, seed: int) -> Non
             item = {
                 "obs": np.stack([steps[t]["obs"] for t in range(first, first + 4)]),
                 "action": np.array([steps[t]["action"] for t in range(first, first + 4)]),
-                "last": np.array(steps[lstep]["r"]),
+                "last": np.array(steps[lstep][lf]),
             }
             lo, hi = min(first, lstep), max(first + 3, lstep)
             want.append((item, prio, (w.episode_id, lo - ep_start, hi - ep_start)))
@@ -244,7 +249,10 @@ def test_append_in_c_writes_all_or_nothing_and_defers_other_values() -> None:
     assert x[1] == 2.5 and v[1].tolist() == [4, 5, 6] and not b[1]
     before = [r.copy() for r in (x, v, b)]
     for step in (
-        {"x": 2.5},  # a Python float: the Python path checks it
+        {"x": 2**24 + 1},  # a Python int that float32 rounds: numpy does it
+        {"x": 1e39},  # a Python float beyond float32's range: numpy warns
+        {"v": 3},  # a Python int into an array field
+        {"b": 1},  # a Python int into a bool field: checked in Python
         {"x": np.float64(2.5)},  # another dtype: cast by numpy
         {"v": np.arange(6, dtype=np.int64)[::2]},  # strided
         {"v": np.arange(3, dtype=">i8")},  # byte-swapped
@@ -263,3 +271,104 @@ def test_append_in_c_writes_all_or_nothing_and_defers_other_values() -> None:
     with pytest.raises(InvalidArgumentError):
         w.append({"x": np.float32(9), "v": np.zeros(4, np.int64), "b": np.bool_(True)})
     assert w._total == total and w.history["x"][-1].numpy() == 4.5
+
+
+PY_NUMBERS = [
+    True, False, 0, 1, -5, 2**24, -(2**24), 2**24 + 1, 2**53, 2**53 + 1, 2**63 - 1, -(2**63),
+    2**63, 1.5, -0.0, 0.1, 1e300, -1e-300, 1e-45, math.nan, math.inf, -math.inf, 3.4e38, 1e39,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64, np.bool_, np.int32])
+def test_append_in_c_stores_python_numbers_as_numpy_does(dtype) -> None:
+    """A Python number goes into a 0-d ring in C only where the writer's Python path would
+    store it as it is (its ``fast`` types: a bool anywhere, an int into int64 or a float field,
+    a float into a float field) and numpy stores it exactly and silently; the bytes are then
+    numpy's. Every other number is left to the Python path (nothing written)."""
+    import warnings
+
+    fast = {bool} | ({int, float} if dtype in (np.float32, np.float64) else set())
+    fast |= {int} if dtype is np.int64 else set()
+    for value in PY_NUMBERS:
+        ring = np.full(3, 7, dtype)
+        rings = {"f": _native.TrajRing(ring, np.dtype(dtype).type)}
+        before = ring.tobytes()
+        took = _native.traj_append({"f": value}, rings, 4)
+        if not took:
+            assert ring.tobytes() == before, value
+            continue
+        assert type(value) in fast, value
+        want = np.full(3, 7, dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            want[1] = value  # numpy would neither warn nor raise
+        assert ring.tobytes() == want.tobytes(), value
+    took = {
+        type(v)
+        for v in (True, 1, 1.5)
+        if _native.traj_append({"f": v}, {"f": _native.TrajRing(np.zeros(2, dtype), None)}, 0)
+    }
+    assert took == (fast if dtype is not np.int32 else set())
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_nstep_window_matches_reference(seed: int) -> None:
+    """NStepWindow keeps the newest n (reward, discount) pairs; its sum has the reference's
+    bits (the forward order the adder always used), through pushes past n and clears."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 12))
+    gamma = float(rng.choice([0.99, 0.9, 1.0, 0.0, rng.random()]))
+    win = _native.NStepWindow(n, gamma)
+    rs: list[float] = []
+    ds: list[float] = []
+    for _ in range(300):
+        if rng.random() < 0.03:
+            win.clear()
+            rs, ds = [], []
+        r = float(rng.standard_normal() * 10.0 ** rng.integers(-3, 4))
+        d = float(rng.choice([0.0, 0.5, 1.0, rng.random()]))
+        win.push(r, d)
+        rs, ds = (rs + [r])[-n:], (ds + [d])[-n:]
+        assert len(win) == len(rs)
+        assert win.rewards() == rs and win.discounts() == ds
+        assert win.full() == ref.nstep_window(rs, ds, gamma)
+    with pytest.raises(ValueError):
+        _native.NStepWindow(0, 0.9)
+    with pytest.raises(TypeError):
+        win.push("1", 1.0)
+
+
+def test_gather_takes_the_selections_themselves() -> None:
+    """A tuple of start steps and selections (one field's entries of the writer's pending
+    items) gathers as the list of their first steps does; anything else in the tuple is refused
+    before a byte is copied."""
+    from shmreplay.client.trajectory import TrajectoryColumn
+
+    rng = np.random.default_rng(3)
+    rows, length = 13, 4
+    ring = rng.standard_normal((rows, 2)).astype(np.float32)
+    starts = [int(s) for s in rng.integers(0, 1000, size=50)]
+    sels = tuple(TrajectoryColumn(None, s, length) if i % 3 else s for i, s in enumerate(starts))
+    got = np.zeros((50, length, 2), np.float32)
+    want = np.zeros_like(got)
+    _native.traj_gather(ring, rows, sels, length, got)
+    ref.gather(ring, rows, starts, length, want)
+    assert np.array_equal(got, want)
+    out = np.zeros((2, length, 2), np.float32)
+    with pytest.raises(TypeError):
+        _native.traj_gather(ring, rows, (sels[1], 5.0), length, out)
+    assert not out.any()
+
+
+def test_batch_meta_fills_priorities_and_episodes() -> None:
+    prios = [1.0, 0.0, 2.5]
+    eps = [(7 << 32 | 1, 0, 3), (7 << 32 | 1, 1, 4), (2**62, -1, 2**40)]
+    p, e = np.full(3, -1.0), np.full((3, 3), -1, np.int64)
+    _native.traj_batch_meta(prios, eps, p, e)
+    assert p.tolist() == prios and e.tolist() == [list(t) for t in eps]
+    with pytest.raises(ValueError):
+        _native.traj_batch_meta(prios, eps, p[:2], e)  # outputs sized for another batch
+    with pytest.raises(TypeError):
+        _native.traj_batch_meta(prios, [(1, 2)] * 3, p, e)  # not (id, first, last)
+    with pytest.raises(TypeError):
+        _native.traj_batch_meta(prios, eps[:2], p, e)  # lists of different lengths

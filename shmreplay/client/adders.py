@@ -16,14 +16,14 @@
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..engine import _native
 from ..errors import InvalidArgumentError, SignatureError
-from .trajectory import TrajectoryWriter
+from .trajectory import ColumnHistory, TrajectoryWriter
 
 if TYPE_CHECKING:
     from .client import Client
@@ -149,8 +149,10 @@ class NStepTransitionAdder:
         # at its end, the shorter transitions add up to n-1 steps after the final observation.
         self._writer = TrajectoryWriter(client, num_keep_alive_refs=2 * self.n + 1)
         self._t = 0  # steps added in this episode
-        self._rewards: deque[float] = deque(maxlen=self.n)
-        self._discounts: deque[float] = deque(maxlen=self.n)
+        # The newest n rewards and discounts; its sum is one compiled call per step.
+        self._window = _native.NStepWindow(self.n, gamma)
+        # The histories an item is made of, once the writer has them (see _histories).
+        self._hist: tuple[ColumnHistory, ...] | None = None
 
     @staticmethod
     def signature_toml(
@@ -195,9 +197,12 @@ class NStepTransitionAdder:
         ``wait_at_episode_end=True``; :meth:`flush` does it on demand). At other steps
         ``next_observation`` may be given and is not used (the next call's observation is it).
         """
-        d = (0.0 if done else 1.0) if discount is None else float(discount)
-        if not 0.0 <= d <= 1.0:
-            raise InvalidArgumentError(f"discount must be in [0, 1], got {discount!r}")
+        if discount is None:
+            d = 0.0 if done else 1.0
+        else:
+            d = float(discount)
+            if not 0.0 <= d <= 1.0:
+                raise InvalidArgumentError(f"discount must be in [0, 1], got {discount!r}")
         r = float(reward)
         if not math.isfinite(r):
             raise InvalidArgumentError(f"reward must be finite, got {reward!r}")
@@ -205,48 +210,63 @@ class NStepTransitionAdder:
             raise InvalidArgumentError(
                 "add(..., done=True) needs next_observation: the episode's final observation"
             )
-        w = self._writer
         n = self.n
         if self._t >= n:
             # The window holds r_{t-n} .. r_{t-1}: the transition from s_{t-n} arrives here.
-            ret, disc = self._full_window()
+            ret, disc = self._window.full()
+            hist = self._hist
+            if hist is None:  # the first full window: the fields' first values set their dtypes
+                ret, disc = self._reward_type(ret), self._discount_type(disc)
+            w = self._writer
             w.append(
                 {
                     "observation": observation,
                     "action": action,
-                    "n_step_return": self._reward_type(ret),
-                    "n_step_discount": self._discount_type(disc),
+                    "n_step_return": ret,
+                    "n_step_discount": disc,
                 }
             )
-            self._create(-n - 1, -1)
+            if hist is None or self.priority_fn is not None:
+                self._create(hist or self._histories(), -n - 1, -1)
+            else:  # _create's common case, inline: one Python call less per step
+                obs, act, rets, discs = hist
+                first = -n - 1
+                w.create_item(
+                    self.table,
+                    1.0,
+                    {
+                        "observation": obs[first],
+                        "action": act[first],
+                        "reward": rets[-1],
+                        "discount": discs[-1],
+                        "next_observation": obs[-1],
+                    },
+                )
         else:
-            w.append({"observation": observation, "action": action})
-        self._rewards.append(r)
-        self._discounts.append(d)
+            self._writer.append({"observation": observation, "action": action})
+        self._window.push(r, d)
         self._t += 1
         if done:
             self._end(next_observation)
 
-    def _full_window(self) -> tuple[float, float]:
-        """R and D of a full window of n steps. Plain Python: for the few steps of a window it
-        is ~10x cheaper than numpy's per-call cost."""
-        gamma = self.discount
-        ret, weight = 0.0, 1.0  # weight of r_k: prod_{j<k} gamma * d_j
-        for r, d in zip(self._rewards, self._discounts, strict=True):
-            ret += weight * r
-            weight *= gamma * d
-        return ret, weight
+    def _histories(self) -> tuple[ColumnHistory, ...]:
+        """The writer's histories of observation, action, return and discount (they last as
+        long as the writer), kept once the return's exists: an item costs no dict lookups."""
+        h = self._writer.history
+        hist = (h["observation"], h["action"], h["n_step_return"], h["n_step_discount"])
+        self._hist = hist
+        return hist
 
-    def _create(self, first: int, last: int) -> None:
+    def _create(self, hist: tuple[ColumnHistory, ...], first: int, last: int) -> None:
         """The item from history step ``first`` (observation, action) to ``last`` (the arrival
         observation; reward and discount were appended with the newest step)."""
-        h = self._writer.history
+        obs, action, ret, disc = hist
         trajectory = {
-            "observation": h["observation"][first],
-            "action": h["action"][first],
-            "reward": h["n_step_return"][-1],
-            "discount": h["n_step_discount"][-1],
-            "next_observation": h["observation"][last],
+            "observation": obs[first],
+            "action": action[first],
+            "reward": ret[-1],
+            "discount": disc[-1],
+            "next_observation": obs[last],
         }
         priority = 1.0
         if self.priority_fn is not None:
@@ -257,36 +277,32 @@ class NStepTransitionAdder:
         """Write the episode's remaining transitions, all arriving at ``final_observation``."""
         w = self._writer
         big_t = self._t  # steps in the episode; history index T is the final observation
-        window = len(self._rewards)  # min(n, T) transitions still to write
+        window = len(self._window)  # min(n, T) transitions still to write
         rets, discs = nstep_returns(
-            np.fromiter(self._rewards, np.float64, window),
-            np.fromiter(self._discounts, np.float64, window),
+            np.array(self._window.rewards(), np.float64),
+            np.array(self._window.discounts(), np.float64),
             self.discount,
         )
+        rtype, dtype = self._reward_type, self._discount_type
         first = big_t - window
         w.append(
             {
                 "observation": final_observation,
-                "n_step_return": self._reward_type(rets[0]),
-                "n_step_discount": self._discount_type(discs[0]),
+                "n_step_return": rtype(rets[0]),
+                "n_step_discount": dtype(discs[0]),
             }
         )
-        self._create(first, big_t)
+        hist = self._hist or self._histories()
+        self._create(hist, first, big_t)
         for i in range(1, window):  # at most n-1 shorter transitions, once per episode
-            w.append(
-                {
-                    "n_step_return": self._reward_type(rets[i]),
-                    "n_step_discount": self._discount_type(discs[i]),
-                }
-            )
-            self._create(first + i, big_t)
+            w.append({"n_step_return": rtype(rets[i]), "n_step_discount": dtype(discs[i])})
+            self._create(hist, first + i, big_t)
         self._new_episode()
 
     def _new_episode(self) -> None:
         self._writer.end_episode(clear_buffers=True, flush=self.wait_at_episode_end)
         self._t = 0
-        self._rewards.clear()
-        self._discounts.clear()
+        self._window.clear()
 
     def reset(self) -> None:
         """Abandon the current episode: its transitions not written yet are dropped (there is

@@ -449,6 +449,7 @@ class _TableState:
         self.fields: tuple[FieldSpec, ...] = tuple(table.spec.signature)
         self.names = tuple(f.name for f in self.fields)
         self.name_set = set(self.names)
+        self.max_priority = table.core.max_priority  # fixed for the table's life
         row_bytes = table.spec.row_bytes
         self.direct = row_bytes >= DIRECT_MIN_BYTES
         self.cap = max(1, min(MAX_BATCH_ITEMS, STAGING_BYTES // max(1, row_bytes)))
@@ -463,10 +464,14 @@ class _TableState:
         self.vrange = [False] * n  # Python ints into a narrower int field: check each item
         self.any_range = False
         self.accepted: dict[tuple, bool] = {}
-        self.items: list[list[TrajectoryColumn]] = []  # pending items, a selection per field
+        # Pending items: each a tuple of start steps, one per field (compact: the item was made
+        # with the accepted layout of every field, which holds for as long as it is pending:
+        # accept() expands them first), or a list of selections, one per field.
+        self.items: list[tuple[int, ...] | list[TrajectoryColumn]] = []
         self.priorities: list[float] = []
         self.episodes: list[tuple[int, int, int]] = []  # (episode id, first step, last step)
         self.staging: list[np.ndarray] | None = None
+        self.meta: tuple[np.ndarray, np.ndarray] | None = None  # a batch's priorities, episodes
         self.unconfirmed = 0  # items sent since the table was last flushed
 
     def accept(self, j: int, sel: TrajectoryColumn, validate: bool) -> None:
@@ -477,11 +482,22 @@ class _TableState:
         if range_check is None:
             range_check = self._check(self.fields[j], sel) if validate else False
             self.accepted[key] = range_check
+        if self.items:
+            self.items = [self.selections(item) for item in self.items]  # in the old layouts
         self.vcol[j], self.vlen[j], self.vkind[j] = sel._col, sel._length, sel._kind
         if self.items or sel._kind == 2:
             self.mixed[j] = True
         self.vrange[j] = range_check
         self.any_range = any(self.vrange)
+
+    def selections(self, item: tuple[int, ...] | list[TrajectoryColumn]) -> list[TrajectoryColumn]:
+        """A pending item's selections (a compact item's, in the accepted layouts)."""
+        if type(item) is not tuple:
+            return item
+        return [
+            TrajectoryColumn(col, start, length, None, kind == 1)
+            for col, start, length, kind in zip(self.vcol, item, self.vlen, self.vkind, strict=True)
+        ]
 
     def _check(self, f: FieldSpec, sel: TrajectoryColumn) -> bool:
         col = sel._col
@@ -641,16 +657,18 @@ class TrajectoryWriter:
                 or time.monotonic() - self._first_pending_time >= self.max_latency
             ):
                 self._send_all()  # before row i overwrites a step a pending item refers to
-            open_fields.clear()
-            # The common step (known fields, values of their own dtype and shape) is copied by
-            # one C call; it writes nothing when a value needs the checks below.
+            # The common step (known fields, values of their own dtype and shape, or Python
+            # numbers the field holds as they are) is copied by one C call; it writes nothing
+            # when a value needs the checks below. A closed step's fields are only needed to
+            # note the missing ones (_open_fields matters while a step is open).
             if not partial_step and _native.traj_append(step, self._rings, i):
                 self._total = i + 1
-                open_fields.update(step)
-                self._step_open = False
-                if len(open_fields) != len(self._columns):
+                if len(step) != len(self._columns):
+                    open_fields.clear()
+                    open_fields.update(step)
                     self._close_missing(i)
                 return
+            open_fields.clear()
         cols = self._columns
         for name, value in step.items():
             col = cols.get(name)
@@ -732,9 +750,8 @@ class TrajectoryWriter:
         ts = self._tables.get(table)
         if ts is None:
             ts = self._tables[table] = _TableState(self.client.table(table))
-        core = ts.table.core
-        if type(priority) is not float or not 0.0 <= priority <= core.max_priority:
-            priority = check_priority(priority, core.max_priority, table)
+        if type(priority) is not float or not 0.0 <= priority <= ts.max_priority:
+            priority = check_priority(priority, ts.max_priority, table)
         if type(trajectory) is not dict and not isinstance(trajectory, Mapping):
             raise InvalidArgumentError(
                 "trajectory must be a mapping of table field to history selection, e.g. "
@@ -757,7 +774,9 @@ class TrajectoryWriter:
             )
         )
         if fast is not None:
-            sels, lo, hi = fast
+            item, lo, hi = fast  # the start steps: pending, the item is kept as them
+            if ts.any_range or ts.direct:
+                item = sels = [trajectory[name] for name in ts.names]
         else:
             vcol, vlen, vkind = ts.vcol, ts.vlen, ts.vkind
             sels = []
@@ -788,6 +807,7 @@ class TrajectoryWriter:
                 if last > hi:
                     hi = last
                 sels.append(sel)
+            item = sels
         if ts.any_range:
             ts.range_check(sels)
         start = self._episode_start  # steps are counted from the episode's first
@@ -800,7 +820,7 @@ class TrajectoryWriter:
         if not self._pending_n:
             self._first_pending_time = now
             self._first_pending_step = self._total
-        ts.items.append(sels)
+        ts.items.append(item)
         ts.priorities.append(priority)
         ts.episodes.append(episode)
         self._pending_n += 1
@@ -899,22 +919,27 @@ class TrajectoryWriter:
         try:
             if ts.staging is None:
                 ts.staging = [np.empty((ts.cap, *f.shape), f.np_dtype) for f in ts.fields]
+            if ts.meta is None:
+                ts.meta = (np.empty(ts.cap, np.float64), np.empty((ts.cap, 3), np.int64))
             data = {}
-            by_field = zip(*ts.items, strict=True)  # the items' selections, field by field
-            plan = None
-            for j, sels in enumerate(by_field):
+            # The items' entries (start steps, selections), field by field. A field's entries
+            # share its accepted layout unless it is mixed (then start steps are expanded).
+            by_field = zip(*ts.items, strict=True)
+            for j, entries in enumerate(by_field):
                 out = ts.staging[j][:n]
                 if ts.mixed[j]:
-                    for i, sel in enumerate(sels):
-                        sel._copy_into(out[i])
+                    for i, sel in enumerate(entries):
+                        if type(sel) is int:
+                            sel = ts.selections(ts.items[i])[j]
+                        sel._copy_into(out[i, ...])  # a view, also of a scalar field
                 else:
-                    plan = _gather(sels, out, plan)
+                    _gather(ts.vcol[j], ts.vlen[j], ts.vkind[j], entries, out)
                 data[ts.names[j]] = out
             # As arrays: the table's compiled batch insert takes them (a list goes through
             # the checked Python path).
-            ts.table.insert_batch(
-                data, np.array(ts.priorities, np.float64), episodes=np.array(ts.episodes, np.int64)
-            )
+            priorities, episodes = ts.meta[0][:n], ts.meta[1][:n]
+            _native.traj_batch_meta(ts.priorities, ts.episodes, priorities, episodes)
+            ts.table.insert_batch(data, priorities, episodes=episodes)
             ts.unconfirmed += n
         finally:
             # Also on an error: the items cannot be sent twice. With no timeout a send fails
@@ -968,7 +993,8 @@ class TrajectoryWriter:
         while ts.priorities:
             remaining = max(0.0, deadline - time.monotonic())
             try:
-                self._write_direct(ts, ts.items[0], ts.priorities[0], remaining, ts.episodes[0])
+                item = ts.selections(ts.items[0])
+                self._write_direct(ts, item, ts.priorities[0], remaining, ts.episodes[0])
             except RateLimiterTimeout as exc:
                 raise RateLimiterTimeout(
                     f"{exc}; {len(ts.priorities)} item(s) of this writer are still pending "
@@ -1021,24 +1047,20 @@ class TrajectoryWriter:
         )
 
 
-def _gather(sels: Sequence[TrajectoryColumn], out: np.ndarray, plan: tuple | None) -> tuple:
-    """Copy selections of one layout (one column, length and kind; one per item) into
-    ``out[i]``: one compiled call (``_native.traj_gather``: ring row = step % rows, at most two
-    slice copies per item). ``plan`` is the previous field's (starts, ...): fields selected at
-    the same steps (the usual case) share the list of starts."""
-    first = sels[0]
-    col = first._col
-    starts = [s._start for s in sels]
-    if plan is not None and plan[0] == starts:
-        starts = plan[0]
+def _gather(
+    col: _Column, length: int, kind: int, entries: Sequence[int | TrajectoryColumn], out: np.ndarray
+) -> None:
+    """Copy items of one layout (``col``, ``length``, ``kind``; one entry per item, its start
+    step or its selection) into ``out[i]``: one compiled call (``_native.traj_gather``: ring
+    row = step % rows, at most two slice copies per item)."""
     if col.ring.dtype == out.dtype:
-        _native.traj_gather(col.ring, col.rows, starts, first._length, out)
-        return (starts,)
+        _native.traj_gather(col.ring, col.rows, tuple(entries), length, out)
+        return
     # A dtype that casts to the field's: numpy gathers and converts.
+    starts = [e if type(e) is int else e._start for e in entries]
     r0 = np.fromiter(starts, np.int64, len(starts)) % col.rows
-    if first._kind == 1:
+    if kind == 1:
         out[...] = col.ring[r0]
     else:
         # windows[r] = the ring rows of the steps r, r + 1, ..., wrapping round the ring
-        out[...] = col.ring[np.take(col.writer._windows(col.rows, first._length), r0, axis=0)]
-    return (starts,)
+        out[...] = col.ring[np.take(col.writer._windows(col.rows, length), r0, axis=0)]

@@ -21,10 +21,6 @@ def sumtree_capacity(num_leaves: int) -> int:
     return 1 << max(0, int(num_leaves) - 1).bit_length()
 
 
-def sumtree_nbytes(num_leaves: int) -> int:
-    return 2 * sumtree_capacity(num_leaves) * 8
-
-
 def last_wins(index: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Drop all but the last of repeated indices, keeping those last occurrences in call order
     (the order one-at-a-time updates would touch them: heaps break ties by it). numpy does not
@@ -51,7 +47,6 @@ class SumTree:
             )
         self.tree = tree
         self.num_leaves = int(num_leaves)
-        self.depth = self.capacity.bit_length() - 1
         self._c = _native.SumTree(tree, self.num_leaves)
 
     @property

@@ -1,104 +1,25 @@
-/* Bindings of the trajectory concern: the batch gather of TrajectoryWriter._send_table.
+/* Bindings of the trajectory concern: selections and histories (the C bases of the writer's
+ * TrajectoryColumn and ColumnHistory), the batch gather and batch metadata of
+ * TrajectoryWriter._send_table, create_item's field check, append's copy into the history
+ * rings, and the n-step adder's window.
  *
  * gather(ring, rows, starts, length, out) copies item i's ``length`` steps from ``starts[i]``
  * out of a column's history ring into out[i]: one call per field per batch, in place of the
- * numpy index arithmetic and take. ``starts`` is the list of Python ints the writer keeps.
+ * numpy index arithmetic and take. ``starts`` is a list of Python ints, or the tuple of one
+ * field's entries of the writer's pending items: start steps (compact items) and selections,
+ * read here without a list.
  */
 #include "shm_bind.h"
 
+#include <float.h>
 #include <limits.h>
+#include <math.h>
 #include <stddef.h>
 #include <string.h>
 #include <structmember.h>
 
 #include "shm_status.h"
 #include "trajectory.h"
-
-/* A batch has at most MAX_BATCH_ITEMS (128) items: their starts fit on the stack. */
-#define STACK_STARTS 256
-/* Copies of at least this many bytes release the GIL (below it, releasing costs more). */
-#define NOGIL_BYTES (64 << 10)
-
-static PyObject *traj_gather(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "gather(ring, rows, starts, length, out)");
-        return NULL;
-    }
-    long long rows = PyLong_AsLongLong(args[1]);
-    long long length = PyLong_AsLongLong(args[3]);
-    if ((rows == -1 || length == -1) && PyErr_Occurred())
-        return NULL;
-    PyObject *starts_obj = args[2];
-    if (!PyList_CheckExact(starts_obj)) {
-        PyErr_SetString(PyExc_TypeError, "gather: starts must be a list of ints");
-        return NULL;
-    }
-    Py_ssize_t n = PyList_GET_SIZE(starts_obj);
-    if (rows < 1 || length < 1 || length > rows) {
-        PyErr_Format(PyExc_ValueError, "gather: need 1 <= length (%lld) <= rows (%lld)", length,
-                     rows);
-        return NULL;
-    }
-    int64_t stack[STACK_STARTS];
-    int64_t *starts = stack;
-    if (n > STACK_STARTS) {
-        starts = PyMem_Malloc((size_t)n * sizeof *starts);
-        if (starts == NULL)
-            return PyErr_NoMemory();
-    }
-    PyObject *result = NULL;
-    Py_buffer ring = {0}, out = {0};
-    for (Py_ssize_t i = 0; i < n; i++) {
-        long long s = PyLong_AsLongLong(PyList_GET_ITEM(starts_obj, i));
-        if (s == -1 && PyErr_Occurred())
-            goto done;
-        starts[i] = s;
-    }
-    if (PyObject_GetBuffer(args[0], &ring, PyBUF_C_CONTIGUOUS) < 0) {
-        PyErr_SetString(PyExc_TypeError, "gather: ring must be a C-contiguous array");
-        goto done;
-    }
-    if (PyObject_GetBuffer(args[4], &out, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
-        PyErr_SetString(PyExc_TypeError, "gather: out must be a C-contiguous writable array");
-        PyBuffer_Release(&ring);
-        ring.obj = NULL;
-        goto done;
-    }
-    if (ring.len % rows != 0) {
-        PyErr_Format(PyExc_ValueError, "gather: a ring of %zd bytes is not %lld rows", ring.len,
-                     rows);
-        goto done;
-    }
-    size_t step_bytes = (size_t)(ring.len / rows);
-    size_t need = (size_t)n * (size_t)length * step_bytes;
-    if ((size_t)out.len != need) {
-        PyErr_Format(PyExc_ValueError, "gather: out has %zd bytes, %zu needed", out.len, need);
-        goto done;
-    }
-    int rc;
-    if (need >= NOGIL_BYTES) {
-        Py_BEGIN_ALLOW_THREADS;
-        rc = shm_traj_gather(ring.buf, rows, step_bytes, starts, n, length, out.buf);
-        Py_END_ALLOW_THREADS;
-    } else {
-        rc = shm_traj_gather(ring.buf, rows, step_bytes, starts, n, length, out.buf);
-    }
-    if (rc != SHM_OK) {
-        PyErr_SetString(PyExc_ValueError, "gather: a start step is negative");
-        goto done;
-    }
-    result = Py_NewRef(Py_None);
-done:
-    if (ring.obj != NULL)
-        PyBuffer_Release(&ring);
-    if (out.obj != NULL)
-        PyBuffer_Release(&out);
-    if (starts != stack)
-        PyMem_Free(starts);
-    return result;
-}
-
 
 /* ---- selections: TrajSel, the C base of trajectory.TrajectoryColumn -------------------------
  *
@@ -186,6 +107,107 @@ static PyTypeObject TrajSelType = {
     .tp_new = PyType_GenericNew,
     .tp_members = trajsel_members,
 };
+
+/* ---- the batch gather --------------------------------------------------------------------- */
+
+/* A batch has at most MAX_BATCH_ITEMS (128) items: their starts fit on the stack. */
+#define STACK_STARTS 256
+/* Copies of at least this many bytes release the GIL (below it, releasing costs more). */
+#define NOGIL_BYTES (64 << 10)
+
+static PyObject *traj_gather(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "gather(ring, rows, starts, length, out)");
+        return NULL;
+    }
+    long long rows = PyLong_AsLongLong(args[1]);
+    long long length = PyLong_AsLongLong(args[3]);
+    if ((rows == -1 || length == -1) && PyErr_Occurred())
+        return NULL;
+    PyObject *starts_obj = args[2];
+    /* a list of start steps, or a tuple of start steps and selections (their first steps) */
+    int from_sels = PyTuple_CheckExact(starts_obj);
+    if (!from_sels && !PyList_CheckExact(starts_obj)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "gather: starts must be a list of ints or a tuple of ints and selections");
+        return NULL;
+    }
+    Py_ssize_t n = Py_SIZE(starts_obj);
+    if (rows < 1 || length < 1 || length > rows) {
+        PyErr_Format(PyExc_ValueError, "gather: need 1 <= length (%lld) <= rows (%lld)", length,
+                     rows);
+        return NULL;
+    }
+    int64_t stack[STACK_STARTS];
+    int64_t *starts = stack;
+    if (n > STACK_STARTS) {
+        starts = PyMem_Malloc((size_t)n * sizeof *starts);
+        if (starts == NULL)
+            return PyErr_NoMemory();
+    }
+    PyObject *result = NULL;
+    Py_buffer ring = {0}, out = {0};
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item =
+            from_sels ? PyTuple_GET_ITEM(starts_obj, i) : PyList_GET_ITEM(starts_obj, i);
+        if (from_sels && PyObject_TypeCheck(item, &TrajSelType)) {
+            starts[i] = ((TrajSelObject *)item)->start;
+            continue;
+        }
+        if (!PyLong_Check(item)) {
+            PyErr_SetString(PyExc_TypeError, "gather: a start is neither an int nor a selection");
+            goto done;
+        }
+        long long s = PyLong_AsLongLong(item);
+        if (s == -1 && PyErr_Occurred())
+            goto done;
+        starts[i] = s;
+    }
+    if (PyObject_GetBuffer(args[0], &ring, PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_SetString(PyExc_TypeError, "gather: ring must be a C-contiguous array");
+        goto done;
+    }
+    if (PyObject_GetBuffer(args[4], &out, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
+        PyErr_SetString(PyExc_TypeError, "gather: out must be a C-contiguous writable array");
+        PyBuffer_Release(&ring);
+        ring.obj = NULL;
+        goto done;
+    }
+    if (ring.len % rows != 0) {
+        PyErr_Format(PyExc_ValueError, "gather: a ring of %zd bytes is not %lld rows", ring.len,
+                     rows);
+        goto done;
+    }
+    size_t step_bytes = (size_t)(ring.len / rows);
+    size_t need = (size_t)n * (size_t)length * step_bytes;
+    if ((size_t)out.len != need) {
+        PyErr_Format(PyExc_ValueError, "gather: out has %zd bytes, %zu needed", out.len, need);
+        goto done;
+    }
+    int rc;
+    if (need >= NOGIL_BYTES) {
+        Py_BEGIN_ALLOW_THREADS;
+        rc = shm_traj_gather(ring.buf, rows, step_bytes, starts, n, length, out.buf);
+        Py_END_ALLOW_THREADS;
+    } else {
+        rc = shm_traj_gather(ring.buf, rows, step_bytes, starts, n, length, out.buf);
+    }
+    if (rc != SHM_OK) {
+        PyErr_SetString(PyExc_ValueError, "gather: a start step is negative");
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    if (ring.obj != NULL)
+        PyBuffer_Release(&ring);
+    if (out.obj != NULL)
+        PyBuffer_Release(&out);
+    if (starts != stack)
+        PyMem_Free(starts);
+    return result;
+}
+
 
 /* ---- TrajHistory: the C base of trajectory.ColumnHistory -------------------------------------
  *
@@ -313,15 +335,18 @@ static PyTypeObject TrajHistoryType = {
 
 /* ---- create_item's field loop ------------------------------------------------------------
  *
- * traj_fields(trajectory, names, vcol, vlen, vkind, oldest, sel_type) -> (sels, lo, hi) | None
+ * traj_fields(trajectory, names, vcol, vlen, vkind, oldest, sel_type)
+ *     -> (starts, lo, hi) | None
  *
  * The common item, checked in C: ``trajectory`` a dict, each names[j] a selection of exactly
  * ``sel_type`` with the layout last accepted for field j (column vcol[j], length vlen[j], kind
  * vkind[j], not by index), starting at or after ``oldest`` and after its column's last step
- * without a value (``complete_since``). Returns the selections in field order and the item's
- * first and last steps. None: not that case (a missing field, a new layout, a step that may not
- * be kept or set); the caller's Python loop then checks it all and raises what it finds. The
- * caller makes sure no step is open (the open step's fields need the Python checks). */
+ * without a value (``complete_since``). Returns the selections' first steps in field order (a
+ * tuple of ints: the item in the writer's compact form, the layout being the accepted one)
+ * and the item's first and last steps. None: not that case (a missing field, a new layout, a
+ * step that may not be kept or set); the caller's Python loop then checks it all and raises
+ * what it finds. The caller makes sure no step is open (the open step's fields need the
+ * Python checks). */
 static PyObject *str_complete_since;
 
 static PyObject *traj_fields(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -344,7 +369,7 @@ static PyObject *traj_fields(PyObject *self, PyObject *const *args, Py_ssize_t n
     if (n < 1 || !PyType_Check(sel_type) || !PyType_IsSubtype(sel_type, &TrajSelType) ||
         PyList_GET_SIZE(vcol) != n || PyList_GET_SIZE(vlen) != n || PyList_GET_SIZE(vkind) != n)
         Py_RETURN_NONE;
-    PyObject *sels = PyList_New(n);
+    PyObject *sels = PyTuple_New(n); /* the start steps */
     if (sels == NULL)
         return NULL;
     long long lo = LLONG_MAX, hi = -1;
@@ -383,7 +408,10 @@ static PyObject *traj_fields(PyObject *self, PyObject *const *args, Py_ssize_t n
             lo = s->start;
         if (last > hi)
             hi = last;
-        PyList_SET_ITEM(sels, j, Py_NewRef(sel));
+        PyObject *start = PyLong_FromLongLong(s->start);
+        if (start == NULL)
+            goto fail;
+        PyTuple_SET_ITEM(sels, j, start);
     }
     return Py_BuildValue("(NLL)", sels, lo, hi);
 slow:
@@ -399,18 +427,26 @@ fail:
  * TrajRing(ring, scalar_type) keeps the buffer of a column's ring (numpy [rows, *step_shape],
  * C-contiguous, this process's memory) for its lifetime. traj_append(step, rings, i) writes
  * every value of ``step`` into row i % rows of its field's ring when each is exactly what the
- * Python path would copy as it is: the field's numpy scalar type (0-d fields) or an ndarray of
- * the ring's format and step shape. Otherwise (a new field, a Python number, a value to cast or
- * check) it writes nothing and returns False: the Python path does it all. */
+ * Python path would copy as it is: the field's numpy scalar type (0-d fields), an ndarray of
+ * the ring's format and step shape, or a Python number that a 0-d ring of float32, float64,
+ * int64 or bool holds exactly as numpy would store it (the ``fast`` types of the Python path:
+ * a bool anywhere, an int in an int64 ring, an int or a float in a float ring; an int only
+ * where the float holds it exactly, a float32 only in range: numpy's own rounding and
+ * warnings stay with the Python path). Otherwise (a new field, a value to cast or check) it
+ * writes nothing and returns False: the Python path does it all. */
 
 #define MAX_APPEND_FIELDS 32
 #define MAX_RING_DIMS 32
+
+/* Which Python numbers a ring takes in C (0-d rings of these dtypes only). */
+enum { PY_NONE, PY_F32, PY_F64, PY_I64, PY_BOOL };
 
 typedef struct {
     PyObject_HEAD Py_buffer view; /* the ring: ndim >= 1, shape[0] = rows */
     PyObject *scalar_type;        /* the numpy scalar type of a 0-d field, else None */
     Py_ssize_t rows;
     Py_ssize_t step_bytes;
+    int pykind; /* PY_*: the ring's dtype, for Python numbers */
 } TrajRingObject;
 
 static PyObject *ndarray_type; /* numpy.ndarray, looked up at the first TrajRing */
@@ -453,6 +489,21 @@ static int trajring_init(TrajRingObject *self, PyObject *args, PyObject *kwds) {
     self->rows = self->view.shape[0];
     self->step_bytes = self->view.len / self->rows;
     self->scalar_type = Py_NewRef(scalar_type);
+    self->pykind = PY_NONE;
+    const char *fmt = self->view.format;
+    if (*fmt == '@' || *fmt == '=')
+        fmt++;
+    if (self->view.ndim == 1 && fmt[0] != '\0' && fmt[1] == '\0') {
+        Py_ssize_t size = self->step_bytes;
+        if (fmt[0] == 'f' && size == 4)
+            self->pykind = PY_F32;
+        else if (fmt[0] == 'd' && size == 8)
+            self->pykind = PY_F64;
+        else if ((fmt[0] == 'l' || fmt[0] == 'q') && size == 8)
+            self->pykind = PY_I64;
+        else if (fmt[0] == '?' && size == 1)
+            self->pykind = PY_BOOL;
+    }
     return 0;
 }
 
@@ -465,6 +516,65 @@ static PyTypeObject TrajRingType = {
     .tp_init = (initproc)trajring_init,
     .tp_new = PyType_GenericNew,
 };
+
+/* A Python number's bytes in ``r``'s dtype, into *num: 1 if ``value`` is one that the ring
+ * holds exactly as numpy would store it (see above), else 0. */
+static int python_number(TrajRingObject *r, PyObject *value, uint64_t *num) {
+    double d;
+    long long v;
+    int overflow;
+    if (r->pykind == PY_NONE)
+        return 0;
+    if (PyBool_Check(value)) {
+        v = value == Py_True;
+        d = (double)v;
+    } else if (PyLong_CheckExact(value)) {
+        if (r->pykind == PY_BOOL)
+            return 0;
+        v = PyLong_AsLongLongAndOverflow(value, &overflow);
+        if (overflow || (v == -1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            return 0;
+        }
+        /* beyond 2^24 (2^53) a float32 (float64) may round: numpy does that, not this */
+        long long exact = r->pykind == PY_F32 ? (1LL << 24) : (1LL << 53);
+        if (r->pykind != PY_I64 && (v > exact || v < -exact))
+            return 0;
+        d = (double)v;
+    } else if (PyFloat_CheckExact(value)) {
+        if (r->pykind == PY_BOOL || r->pykind == PY_I64)
+            return 0;
+        d = PyFloat_AS_DOUBLE(value);
+        /* a finite float beyond float32's range: numpy's overflow warning, in Python */
+        if (r->pykind == PY_F32 && isfinite(d) && fabs(d) > FLT_MAX)
+            return 0;
+        v = 0;
+    } else {
+        return 0;
+    }
+    *num = 0;
+    switch (r->pykind) {
+    case PY_F32: {
+        float f = (float)d;
+        memcpy(num, &f, sizeof f);
+        break;
+    }
+    case PY_F64:
+        memcpy(num, &d, sizeof d);
+        break;
+    case PY_I64: {
+        int64_t q = v;
+        memcpy(num, &q, sizeof q);
+        break;
+    }
+    default: {
+        uint8_t b = v != 0;
+        memcpy(num, &b, sizeof b);
+        break;
+    }
+    }
+    return 1;
+}
 
 /* Whether ``value`` goes into ``r`` as it is; fills ``view`` (to release) if so. */
 static int ring_accepts(TrajRingObject *r, PyObject *value, Py_buffer *view) {
@@ -515,6 +625,7 @@ static PyObject *traj_append(PyObject *self, PyObject *const *args, Py_ssize_t n
         Py_RETURN_FALSE;
     TrajRingObject *dst[MAX_APPEND_FIELDS];
     Py_buffer views[MAX_APPEND_FIELDS];
+    uint64_t numbers[MAX_APPEND_FIELDS]; /* Python numbers in their ring's dtype */
     Py_ssize_t got = 0, pos = 0;
     PyObject *name, *value;
     /* Check every value first: nothing is written unless all go in as they are. */
@@ -525,29 +636,244 @@ static PyObject *traj_append(PyObject *self, PyObject *const *args, Py_ssize_t n
                 PyErr_Clear(); /* an unhashable name: the Python path says what is wrong */
             goto slow;
         }
-        if (!ring_accepts((TrajRingObject *)r, value, &views[got]))
+        TrajRingObject *ring = (TrajRingObject *)r;
+        views[got].obj = NULL;
+        if (!python_number(ring, value, &numbers[got]) &&
+            !ring_accepts(ring, value, &views[got]))
             goto slow;
-        dst[got++] = (TrajRingObject *)r;
+        dst[got++] = ring;
     }
     for (Py_ssize_t k = 0; k < got; k++) {
         TrajRingObject *r = dst[k];
-        memcpy((char *)r->view.buf + (size_t)(i % r->rows) * (size_t)r->step_bytes,
-               views[k].buf, (size_t)r->step_bytes);
-        PyBuffer_Release(&views[k]);
+        const void *src = views[k].obj != NULL ? views[k].buf : (const void *)&numbers[k];
+        memcpy((char *)r->view.buf + (size_t)(i % r->rows) * (size_t)r->step_bytes, src,
+               (size_t)r->step_bytes);
+        if (views[k].obj != NULL)
+            PyBuffer_Release(&views[k]);
     }
     Py_RETURN_TRUE;
 slow:
-    for (Py_ssize_t k = 0; k < got; k++)
-        PyBuffer_Release(&views[k]);
+    for (Py_ssize_t k = 0; k < got; k++) {
+        if (views[k].obj != NULL)
+            PyBuffer_Release(&views[k]);
+    }
     Py_RETURN_FALSE;
+}
+
+/* ---- NStepWindow: the n-step adder's window of rewards and discounts -------------------------
+ *
+ * NStepWindow(n, gamma) keeps the newest n (reward, discount) pairs in a ring. ``full()`` is the
+ * return and bootstrap discount of the full window (shm_nstep_window), ``push(r, d)`` adds a
+ * step (dropping the oldest of a full window), ``rewards()``/``discounts()`` list the window,
+ * oldest first (for an episode's end), ``clear()`` empties it. One call per step in place of a
+ * Python loop over the window. */
+
+typedef struct {
+    PyObject_HEAD double *rewards; /* rings of cap steps, the oldest at head */
+    double *discounts;
+    int64_t cap, head, len;
+    double gamma;
+} NStepWindowObject;
+
+static void nstep_dealloc(NStepWindowObject *self) {
+    PyMem_Free(self->rewards);
+    PyMem_Free(self->discounts);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int nstep_init(NStepWindowObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"n", "gamma", NULL};
+    long long n;
+    double gamma;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Ld", kwlist, &n, &gamma))
+        return -1;
+    if (self->rewards != NULL) {
+        PyErr_SetString(PyExc_TypeError, "NStepWindow is initialised once");
+        return -1;
+    }
+    if (n < 1 || (unsigned long long)n > PY_SSIZE_T_MAX / sizeof(double)) {
+        PyErr_Format(PyExc_ValueError, "NStepWindow: n must be >= 1, got %lld", n);
+        return -1;
+    }
+    self->rewards = PyMem_Malloc((size_t)n * sizeof(double));
+    self->discounts = PyMem_Malloc((size_t)n * sizeof(double));
+    if (self->rewards == NULL || self->discounts == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->cap = n;
+    self->head = self->len = 0;
+    self->gamma = gamma;
+    return 0;
+}
+
+static int nstep_ready(NStepWindowObject *self) {
+    if (self->rewards != NULL)
+        return 1;
+    PyErr_SetString(PyExc_TypeError, "NStepWindow not initialised");
+    return 0;
+}
+
+static PyObject *nstep_full(NStepWindowObject *self, PyObject *unused) {
+    (void)unused;
+    if (!nstep_ready(self))
+        return NULL;
+    double weight;
+    double ret = shm_nstep_window(self->rewards, self->discounts, self->cap, self->head, self->len,
+                                  self->gamma, &weight);
+    return Py_BuildValue("(dd)", ret, weight);
+}
+
+static PyObject *nstep_push(NStepWindowObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "push(reward, discount)");
+        return NULL;
+    }
+    if (!nstep_ready(self))
+        return NULL;
+    double r = PyFloat_AsDouble(args[0]), d = PyFloat_AsDouble(args[1]);
+    if ((r == -1.0 || d == -1.0) && PyErr_Occurred())
+        return NULL;
+    if (self->len == self->cap) { /* full: the new step replaces the oldest */
+        self->rewards[self->head] = r;
+        self->discounts[self->head] = d;
+        self->head = (self->head + 1) % self->cap;
+    } else {
+        int64_t at = (self->head + self->len) % self->cap;
+        self->rewards[at] = r;
+        self->discounts[at] = d;
+        self->len++;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *nstep_list(NStepWindowObject *self, const double *values) {
+    PyObject *out = PyList_New((Py_ssize_t)self->len);
+    if (out == NULL)
+        return NULL;
+    for (int64_t k = 0; k < self->len; k++) {
+        PyObject *v = PyFloat_FromDouble(values[(self->head + k) % self->cap]);
+        if (v == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, (Py_ssize_t)k, v);
+    }
+    return out;
+}
+
+static PyObject *nstep_rewards(NStepWindowObject *self, PyObject *unused) {
+    (void)unused;
+    return nstep_ready(self) ? nstep_list(self, self->rewards) : NULL;
+}
+
+static PyObject *nstep_discounts(NStepWindowObject *self, PyObject *unused) {
+    (void)unused;
+    return nstep_ready(self) ? nstep_list(self, self->discounts) : NULL;
+}
+
+static PyObject *nstep_clear(NStepWindowObject *self, PyObject *unused) {
+    (void)unused;
+    self->head = self->len = 0;
+    Py_RETURN_NONE;
+}
+
+static Py_ssize_t nstep_length(NStepWindowObject *self) {
+    return (Py_ssize_t)self->len;
+}
+
+static PyMethodDef nstep_methods[] = {
+    {"full", (PyCFunction)nstep_full, METH_NOARGS,
+     "(R, D) of the window: sum_k w_k r_k and w_len, w_{k+1} = w_k * gamma * d_k."},
+    {"push", (PyCFunction)(void (*)(void))nstep_push, METH_FASTCALL,
+     "push(reward, discount): add the newest step (a full window drops its oldest)."},
+    {"rewards", (PyCFunction)nstep_rewards, METH_NOARGS, "The window's rewards, oldest first."},
+    {"discounts", (PyCFunction)nstep_discounts, METH_NOARGS,
+     "The window's discounts, oldest first."},
+    {"clear", (PyCFunction)nstep_clear, METH_NOARGS, "Empty the window."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PySequenceMethods nstep_sequence = {
+    .sq_length = (lenfunc)nstep_length,
+};
+
+static PyTypeObject NStepWindowType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmreplay.engine._native.NStepWindow",
+    .tp_basicsize = sizeof(NStepWindowObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "NStepWindow(n, gamma): the n-step adder's newest n rewards and discounts.",
+    .tp_dealloc = (destructor)nstep_dealloc,
+    .tp_init = (initproc)nstep_init,
+    .tp_new = PyType_GenericNew,
+    .tp_methods = nstep_methods,
+    .tp_as_sequence = &nstep_sequence,
+};
+
+/* traj_batch_meta(priorities, episodes, prio_out, ep_out): a batch's priorities (a list of
+ * floats) into prio_out (float64 [n]) and its episodes (a list of (id, first, last) int
+ * tuples) into ep_out (int64 [n, 3]), for insert_batch: numpy takes ~50 us to read 128 tuples. */
+static PyObject *traj_batch_meta(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "traj_batch_meta(priorities, episodes, prio_out, ep_out)");
+        return NULL;
+    }
+    PyObject *prios = args[0], *eps = args[1];
+    if (!PyList_CheckExact(prios) || !PyList_CheckExact(eps) ||
+        PyList_GET_SIZE(prios) != PyList_GET_SIZE(eps)) {
+        PyErr_SetString(PyExc_TypeError, "traj_batch_meta: two lists of the same length");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(prios);
+    Py_buffer pv = {0}, ev = {0};
+    PyObject *result = NULL;
+    if (PyObject_GetBuffer(args[2], &pv, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[3], &ev, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
+        goto done;
+    if (pv.len != n * (Py_ssize_t)sizeof(double) || ev.len != n * 3 * (Py_ssize_t)sizeof(int64_t)) {
+        PyErr_SetString(PyExc_ValueError, "traj_batch_meta: outputs of n and n x 3 items needed");
+        goto done;
+    }
+    double *p = pv.buf;
+    int64_t *e = ev.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        double v = PyFloat_AsDouble(PyList_GET_ITEM(prios, i));
+        if (v == -1.0 && PyErr_Occurred())
+            goto done;
+        p[i] = v;
+        PyObject *t = PyList_GET_ITEM(eps, i);
+        if (!PyTuple_CheckExact(t) || PyTuple_GET_SIZE(t) != 3) {
+            PyErr_SetString(PyExc_TypeError, "traj_batch_meta: an episode is not a 3-tuple");
+            goto done;
+        }
+        for (int k = 0; k < 3; k++) {
+            long long x = PyLong_AsLongLong(PyTuple_GET_ITEM(t, k));
+            if (x == -1 && PyErr_Occurred())
+                goto done;
+            e[3 * i + k] = x;
+        }
+    }
+    result = Py_NewRef(Py_None);
+done:
+    if (pv.obj != NULL)
+        PyBuffer_Release(&pv);
+    if (ev.obj != NULL)
+        PyBuffer_Release(&ev);
+    return result;
 }
 
 static PyMethodDef traj_methods[] = {
     {"traj_gather", (PyCFunction)(void (*)(void))traj_gather, METH_FASTCALL,
      "traj_gather(ring, rows, starts, length, out): item i's length steps from starts[i] "
-     "(ring row = step % rows, wrapping) copied into out[i]; out holds exactly the items."},
+     "(ring row = step % rows, wrapping) copied into out[i]; out holds exactly the items. "
+     "starts: a list of ints, or a tuple of ints and selections (their first steps)."},
+    {"traj_batch_meta", (PyCFunction)(void (*)(void))traj_batch_meta, METH_FASTCALL,
+     "traj_batch_meta(priorities, episodes, prio_out, ep_out): a batch's priorities and "
+     "(id, first, last) episodes into float64 [n] and int64 [n, 3] arrays."},
     {"traj_fields", (PyCFunction)(void (*)(void))traj_fields, METH_FASTCALL,
-     "traj_fields(trajectory, names, vcol, vlen, vkind, oldest, sel_type): (selections, first "
+     "traj_fields(trajectory, names, vcol, vlen, vkind, oldest, sel_type): (start steps, first "
      "step, last step) of an item made like the previous one, else None (check in Python)."},
     {"traj_append", (PyCFunction)(void (*)(void))traj_append, METH_FASTCALL,
      "traj_append(step, rings, i): True if every value of step (dict) was copied into row "
@@ -564,11 +890,12 @@ int shm_bind_trajectory(PyObject *module) {
         str_complete_since == NULL)
         return -1;
     if (PyType_Ready(&TrajSelType) < 0 || PyType_Ready(&TrajHistoryType) < 0 ||
-        PyType_Ready(&TrajRingType) < 0)
+        PyType_Ready(&TrajRingType) < 0 || PyType_Ready(&NStepWindowType) < 0)
         return -1;
     if (PyModule_AddType(module, &TrajSelType) < 0 ||
         PyModule_AddType(module, &TrajHistoryType) < 0 ||
-        PyModule_AddType(module, &TrajRingType) < 0)
+        PyModule_AddType(module, &TrajRingType) < 0 ||
+        PyModule_AddType(module, &NStepWindowType) < 0)
         return -1;
     return PyModule_AddFunctions(module, traj_methods);
 }

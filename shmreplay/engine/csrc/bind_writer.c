@@ -196,6 +196,56 @@ static int Writer_init(WriterObject *self, PyObject *args, PyObject *kwds) {
     return 0;
 }
 
+/* The per-call views of a row's or a batch's columns (their buffers, then the data pointers
+ * insert or the batch paths take): on the stack up to STACK_COLUMNS fields, allocated beyond
+ * (no per-call allocation for the tables one meets). */
+#define STACK_COLUMNS 16
+
+typedef struct {
+    Py_buffer *views;
+    const void **ptrs; /* for shm_writer_insert */
+    const char **srcs; /* for the batch paths */
+    int got;           /* views[0..got) are held */
+    Py_buffer stack_views[STACK_COLUMNS];
+    const void *stack_ptrs[STACK_COLUMNS];
+    const char *stack_srcs[STACK_COLUMNS];
+} ColumnViews;
+
+/* 0, or -1 with MemoryError set (nothing held). */
+static int views_open(ColumnViews *cv, int ncols) {
+    cv->got = 0;
+    cv->views = cv->stack_views;
+    cv->ptrs = cv->stack_ptrs;
+    cv->srcs = cv->stack_srcs;
+    if (ncols <= STACK_COLUMNS)
+        return 0;
+    cv->views = PyMem_Calloc((size_t)ncols, sizeof(Py_buffer));
+    cv->ptrs = PyMem_Calloc((size_t)ncols, sizeof(void *));
+    cv->srcs = PyMem_Calloc((size_t)ncols, sizeof(char *));
+    if (cv->views == NULL || cv->ptrs == NULL || cv->srcs == NULL) {
+        PyMem_Free(cv->views);
+        PyMem_Free(cv->ptrs);
+        PyMem_Free(cv->srcs);
+        cv->views = cv->stack_views;
+        cv->ptrs = cv->stack_ptrs;
+        cv->srcs = cv->stack_srcs;
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static void views_close(ColumnViews *cv) {
+    for (int i = 0; i < cv->got; i++)
+        PyBuffer_Release(&cv->views[i]);
+    cv->got = 0;
+    if (cv->views != cv->stack_views) {
+        PyMem_Free(cv->views);
+        PyMem_Free(cv->ptrs);
+        PyMem_Free(cv->srcs);
+    }
+}
+
 /* insert(row: list, priority: float, episode: int, first: int, last: int) -> int
  * The key, or CODE_EMPTY / CODE_FULL / CODE_BAD_VALUE with nothing taken or written. */
 static PyObject *Writer_insert(WriterObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -219,38 +269,26 @@ static PyObject *Writer_insert(WriterObject *self, PyObject *const *args, Py_ssi
         PyErr_SetString(PyExc_OverflowError, "insert: episode steps must fit in an int32");
         return NULL;
     }
-    enum { STACK = 16 };
-    Py_buffer stack_views[STACK];
-    const void *stack_ptrs[STACK];
-    Py_buffer *views = stack_views;
-    const void **ptrs = stack_ptrs;
-    if (w->ncols > STACK) {
-        views = PyMem_Malloc(sizeof(Py_buffer) * w->ncols);
-        ptrs = PyMem_Malloc(sizeof(void *) * w->ncols);
-        if (views == NULL || ptrs == NULL) {
-            PyMem_Free(views);
-            PyMem_Free(ptrs);
-            return PyErr_NoMemory();
-        }
-    }
-    int got = 0;
+    ColumnViews cv;
+    if (views_open(&cv, w->ncols) < 0)
+        return NULL;
     PyObject *result = NULL;
-    for (; got < w->ncols; got++) {
-        if (PyObject_GetBuffer(PyList_GET_ITEM(row, got), &views[got], PyBUF_C_CONTIGUOUS) <
-            0) {
+    for (; cv.got < w->ncols; cv.got++) {
+        Py_buffer *v = &cv.views[cv.got];
+        if (PyObject_GetBuffer(PyList_GET_ITEM(row, cv.got), v, PyBUF_C_CONTIGUOUS) < 0) {
             PyErr_Clear();
             result = PyLong_FromLong(CODE_BAD_VALUE);
             goto done;
         }
-        if ((size_t)views[got].len != w->cols[got].rowsize) {
-            got++;
+        if ((size_t)v->len != w->cols[cv.got].rowsize) {
+            cv.got++;
             result = PyLong_FromLong(CODE_BAD_VALUE);
             goto done;
         }
-        ptrs[got] = views[got].buf;
+        cv.ptrs[cv.got] = v->buf;
     }
     uint64_t key;
-    int rc = shm_writer_insert(w, ptrs, priority, (int64_t)eid, (int32_t)first, (int32_t)last,
+    int rc = shm_writer_insert(w, cv.ptrs, priority, (int64_t)eid, (int32_t)first, (int32_t)last,
                                &key, &self->wake);
     if (rc == SHM_WRITER_OK)
         result = PyLong_FromUnsignedLongLong(key);
@@ -261,12 +299,7 @@ static PyObject *Writer_insert(WriterObject *self, PyObject *const *args, Py_ssi
     else
         raise_corrupt("lease or publish ring");
 done:
-    for (int i = 0; i < got; i++)
-        PyBuffer_Release(&views[i]);
-    if (views != stack_views) {
-        PyMem_Free(views);
-        PyMem_Free(ptrs);
-    }
+    views_close(&cv);
     return result;
 }
 
@@ -291,24 +324,12 @@ static PyObject *Writer_insert_mapping(WriterObject *self, PyObject *const *args
     if (!(priority >= 0.0 && priority <= self->max_priority) ||
         !shm_writer_table_open(w, self->daemon_pid, (int64_t)getpid()))
         return PyLong_FromLong(CODE_CHECK);
-    enum { STACK = 16 };
-    Py_buffer stack_views[STACK];
-    const void *stack_ptrs[STACK];
-    Py_buffer *views = stack_views;
-    const void **ptrs = stack_ptrs;
-    if (w->ncols > STACK) {
-        views = PyMem_Malloc(sizeof(Py_buffer) * w->ncols);
-        ptrs = PyMem_Malloc(sizeof(void *) * w->ncols);
-        if (views == NULL || ptrs == NULL) {
-            PyMem_Free(views);
-            PyMem_Free(ptrs);
-            return PyErr_NoMemory();
-        }
-    }
-    int got = 0;
+    ColumnViews cv;
+    if (views_open(&cv, w->ncols) < 0)
+        return NULL;
     PyObject *result = NULL;
-    for (; got < w->ncols; got++) {
-        FieldCheck *fc = &self->fields[got];
+    for (; cv.got < w->ncols; cv.got++) {
+        FieldCheck *fc = &self->fields[cv.got];
         PyObject *v = PyDict_GetItemWithError(data, fc->name); /* borrowed */
         if (v == NULL) {
             PyErr_Clear(); /* a missing field, or an unhashable key compared: Python says */
@@ -317,24 +338,24 @@ static PyObject *Writer_insert_mapping(WriterObject *self, PyObject *const *args
         PyTypeObject *t = Py_TYPE(v);
         if ((PyObject *)t != self->array_type && (PyObject *)t != fc->scalar_type)
             goto done;
-        if (PyObject_GetBuffer(v, &views[got], PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+        Py_buffer *vb = &cv.views[cv.got];
+        if (PyObject_GetBuffer(v, vb, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
             PyErr_Clear();
             goto done;
         }
-        Py_buffer *vb = &views[got];
         int same = vb->ndim == fc->ndim && vb->format != NULL &&
                    strcmp(vb->format, fc->format) == 0 &&
-                   (size_t)vb->len == w->cols[got].rowsize;
+                   (size_t)vb->len == w->cols[cv.got].rowsize;
         for (int d = 0; same && d < fc->ndim; d++)
             same = vb->shape[d] == fc->shape[d];
         if (!same) {
-            got++;
+            cv.got++;
             goto done;
         }
-        ptrs[got] = vb->buf;
+        cv.ptrs[cv.got] = vb->buf;
     }
     uint64_t key;
-    int rc = shm_writer_insert(w, ptrs, priority, 0, 0, 0, &key, &self->wake);
+    int rc = shm_writer_insert(w, cv.ptrs, priority, 0, 0, 0, &key, &self->wake);
     if (rc == SHM_WRITER_OK) {
         result = PyLong_FromUnsignedLongLong(key);
         goto release;
@@ -347,12 +368,7 @@ static PyObject *Writer_insert_mapping(WriterObject *self, PyObject *const *args
 done:
     result = PyLong_FromLong(CODE_CHECK);
 release:
-    for (int i = 0; i < got; i++)
-        PyBuffer_Release(&views[i]);
-    if (views != stack_views) {
-        PyMem_Free(views);
-        PyMem_Free(ptrs);
-    }
+    views_close(&cv);
     return result;
 }
 
@@ -385,14 +401,12 @@ static PyObject *Writer_insert_batch_mapping(WriterObject *self, PyObject *const
     int64_t n = shm_buffer_len(&keys);
     Py_buffer prios = {0}, eps = {0};
     int have_prios = 0, have_eps = 0;
-    int got = 0;
     PyObject *result = NULL;
-    Py_buffer *views = PyMem_Calloc(w->ncols > 0 ? w->ncols : 1, sizeof(Py_buffer));
-    const char **srcs = PyMem_Calloc(w->ncols > 0 ? w->ncols : 1, sizeof(char *));
-    int64_t *scratch = PyMem_Malloc(sizeof(int64_t) * (SHM_PUBLISH_CAPACITY / 2));
-    if (views == NULL || srcs == NULL || scratch == NULL) {
-        PyErr_NoMemory();
-        goto release;
+    int64_t scratch[SHM_PUBLISH_CAPACITY / 2]; /* a chunk's slots (16 KB) */
+    ColumnViews cv;
+    if (views_open(&cv, w->ncols) < 0) {
+        PyBuffer_Release(&keys);
+        return NULL;
     }
     if (start < 0 || start > n) {
         PyErr_SetString(PyExc_ValueError, "insert_batch_mapping: start outside the batch");
@@ -438,8 +452,8 @@ static PyObject *Writer_insert_batch_mapping(WriterObject *self, PyObject *const
                 e[3 * j + 1] > e[3 * j + 2])
                 goto check;
     }
-    for (; got < w->ncols; got++) {
-        FieldCheck *fc = &self->fields[got];
+    for (; cv.got < w->ncols; cv.got++) {
+        FieldCheck *fc = &self->fields[cv.got];
         PyObject *v = PyDict_GetItemWithError(data, fc->name); /* borrowed */
         if (v == NULL) {
             PyErr_Clear();
@@ -447,21 +461,21 @@ static PyObject *Writer_insert_batch_mapping(WriterObject *self, PyObject *const
         }
         if ((PyObject *)Py_TYPE(v) != self->array_type)
             goto check;
-        if (PyObject_GetBuffer(v, &views[got], PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+        Py_buffer *vb = &cv.views[cv.got];
+        if (PyObject_GetBuffer(v, vb, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
             PyErr_Clear();
             goto check;
         }
-        Py_buffer *vb = &views[got];
         int same = vb->ndim == fc->ndim + 1 && vb->shape[0] == n && vb->format != NULL &&
                    strcmp(vb->format, fc->format) == 0 &&
-                   (size_t)vb->len == (size_t)n * w->cols[got].rowsize;
+                   (size_t)vb->len == (size_t)n * w->cols[cv.got].rowsize;
         for (int d = 0; same && d < fc->ndim; d++)
             same = vb->shape[d + 1] == fc->shape[d];
         if (!same) {
-            got++;
+            cv.got++;
             goto check;
         }
-        srcs[got] = vb->buf;
+        cv.srcs[cv.got] = vb->buf;
     }
     int64_t done;
     const double *parr = have_prios ? prios.buf : NULL;
@@ -470,12 +484,12 @@ static PyObject *Writer_insert_batch_mapping(WriterObject *self, PyObject *const
         bytes += (size_t)(n - start) * w->cols[i].rowsize;
     if (bytes >= 65536) { /* a copy this long outweighs dropping and taking the GIL */
         Py_BEGIN_ALLOW_THREADS;
-        done = shm_writer_insert_batch(w, srcs, n, start, parr, priority,
+        done = shm_writer_insert_batch(w, cv.srcs, n, start, parr, priority,
                                        have_eps ? eps.buf : NULL, keys.buf, &self->wake,
                                        scratch);
         Py_END_ALLOW_THREADS;
     } else {
-        done = shm_writer_insert_batch(w, srcs, n, start, parr, priority,
+        done = shm_writer_insert_batch(w, cv.srcs, n, start, parr, priority,
                                        have_eps ? eps.buf : NULL, keys.buf, &self->wake,
                                        scratch);
     }
@@ -487,16 +501,12 @@ static PyObject *Writer_insert_batch_mapping(WriterObject *self, PyObject *const
 check:
     result = PyLong_FromLong(CODE_CHECK);
 release:
-    for (int i = 0; i < got; i++)
-        PyBuffer_Release(&views[i]);
+    views_close(&cv);
     if (have_prios)
         PyBuffer_Release(&prios);
     if (have_eps)
         PyBuffer_Release(&eps);
     PyBuffer_Release(&keys);
-    PyMem_Free(views);
-    PyMem_Free(srcs);
-    PyMem_Free(scratch);
     return result;
 }
 
@@ -714,14 +724,10 @@ static PyObject *Writer_write_batch(WriterObject *self, PyObject *const *args,
     }
     Py_buffer fixed[4];
     int nfixed = 0;
-    Py_buffer *views = PyMem_Calloc(w->ncols > 0 ? w->ncols : 1, sizeof(Py_buffer));
-    const char **srcs = PyMem_Calloc(w->ncols > 0 ? w->ncols : 1, sizeof(char *));
-    int got = 0;
     PyObject *result = NULL;
-    if (views == NULL || srcs == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
+    ColumnViews cv;
+    if (views_open(&cv, w->ncols) < 0)
+        return NULL;
     if (shm_get_buffer(args[0], &fixed[0], 8, 0, "slots") < 0)
         goto done;
     nfixed++;
@@ -748,33 +754,30 @@ static PyObject *Writer_write_batch(WriterObject *self, PyObject *const *args,
         }
     }
     size_t total = 0;
-    for (; got < w->ncols; got++) {
-        if (PyObject_GetBuffer(PyList_GET_ITEM(columns, got), &views[got], PyBUF_C_CONTIGUOUS) <
-            0)
+    for (; cv.got < w->ncols; cv.got++) {
+        Py_buffer *v = &cv.views[cv.got];
+        if (PyObject_GetBuffer(PyList_GET_ITEM(columns, cv.got), v, PyBUF_C_CONTIGUOUS) < 0)
             goto done;
-        if ((size_t)views[got].len < (size_t)k * w->cols[got].rowsize) {
-            got++;
+        if ((size_t)v->len < (size_t)k * w->cols[cv.got].rowsize) {
+            cv.got++;
             PyErr_SetString(PyExc_ValueError, "write_batch: a column shorter than the batch");
             goto done;
         }
-        srcs[got] = views[got].buf;
-        total += (size_t)k * w->cols[got].rowsize;
+        cv.srcs[cv.got] = v->buf;
+        total += (size_t)k * w->cols[cv.got].rowsize;
     }
     if (total >= 65536) { /* a memcpy this long outweighs dropping and taking the GIL */
         Py_BEGIN_ALLOW_THREADS;
-        shm_writer_write_batch(w, slots, k, srcs, fixed[1].buf, fixed[2].buf, fixed[3].buf);
+        shm_writer_write_batch(w, slots, k, cv.srcs, fixed[1].buf, fixed[2].buf, fixed[3].buf);
         Py_END_ALLOW_THREADS;
     } else {
-        shm_writer_write_batch(w, slots, k, srcs, fixed[1].buf, fixed[2].buf, fixed[3].buf);
+        shm_writer_write_batch(w, slots, k, cv.srcs, fixed[1].buf, fixed[2].buf, fixed[3].buf);
     }
     result = Py_NewRef(Py_None);
 done:
-    for (int i = 0; i < got; i++)
-        PyBuffer_Release(&views[i]);
+    views_close(&cv);
     for (int i = 0; i < nfixed; i++)
         PyBuffer_Release(&fixed[i]);
-    PyMem_Free(views);
-    PyMem_Free(srcs);
     return result;
 }
 

@@ -1,4 +1,4 @@
-/* The trajectory writer's batch gather (trajectory.h). */
+/* The trajectory writer's batch gather and the n-step adder's window sum (trajectory.h). */
 #include "trajectory.h"
 
 #include <string.h>
@@ -25,4 +25,18 @@ int shm_traj_gather(const uint8_t *ring, int64_t rows, size_t step_bytes, const 
             memcpy(dst + (size_t)first * step_bytes, ring, (size_t)(length - first) * step_bytes);
     }
     return SHM_OK;
+}
+
+double shm_nstep_window(const double *rewards, const double *discounts, int64_t cap,
+                        int64_t head, int64_t len, double gamma, double *weight) {
+    /* Forward, as the adder always summed it: the same operations in the same order give the
+     * same bits. w_k (the weight of r_k) = prod_{j<k} gamma * d_j. */
+    double ret = 0.0, w = 1.0;
+    for (int64_t k = 0; k < len; k++) {
+        int64_t at = (head + k) % cap;
+        ret += w * rewards[at];
+        w *= gamma * discounts[at];
+    }
+    *weight = w;
+    return ret;
 }

@@ -159,29 +159,45 @@ int shm_writer_insert(shm_writer *w, const void *const *values, double priority,
     return SHM_WRITER_OK;
 }
 
-void shm_writer_write_batch(shm_writer *w, const int64_t *slots, int64_t k,
-                            const char *const *srcs, const double *priorities,
-                            const int64_t *episodes, uint64_t *keys_out) {
+/* Items [at, at + k) of a batch into slots[0..k) under the seqlock: generations odd, the rows,
+ * priorities (priorities[at + j], or ``priority`` for all when NULL), episodes (zeros when
+ * NULL), keys_out[at + j], generations even. The one row writer of both batch paths. */
+static void write_rows(shm_writer *w, const int64_t *slots, int64_t k, int64_t at,
+                       const char *const *srcs, const double *priorities, double priority,
+                       const int64_t *episodes, uint64_t *keys_out) {
     for (int64_t j = 0; j < k; j++) /* ours while leased: relaxed */
         shm_store_relaxed(&w->gen[slots[j]], shm_load_relaxed(&w->gen[slots[j]]) + 1);
     shm_fence_release(); /* every odd generation before any row store (seqlock) */
     for (int i = 0; i < w->ncols; i++) {
         size_t size = w->cols[i].rowsize;
         char *base = w->cols[i].base;
-        const char *src = srcs[i];
+        const char *src = srcs[i] + (size_t)at * size;
         for (int64_t j = 0; j < k; j++)
             memcpy(base + (size_t)slots[j] * size, src + (size_t)j * size, size);
     }
     for (int64_t j = 0; j < k; j++) {
         int64_t s = slots[j];
-        w->priority[s] = priorities[j];
-        w->episode[s] = episodes[3 * j];
-        w->steps[2 * s] = (int32_t)episodes[3 * j + 1];
-        w->steps[2 * s + 1] = (int32_t)episodes[3 * j + 2];
-        keys_out[j] = w->key[s];
+        w->priority[s] = priorities != NULL ? priorities[at + j] : priority;
+        if (episodes != NULL) {
+            const int64_t *e = episodes + 3 * (at + j);
+            w->episode[s] = e[0];
+            w->steps[2 * s] = (int32_t)e[1];
+            w->steps[2 * s + 1] = (int32_t)e[2];
+        } else {
+            w->episode[s] = 0;
+            w->steps[2 * s] = 0;
+            w->steps[2 * s + 1] = 0;
+        }
+        keys_out[at + j] = w->key[s];
     }
     for (int64_t j = 0; j < k; j++) /* even: complete, released after the rows */
         shm_store_release(&w->gen[slots[j]], shm_load_relaxed(&w->gen[slots[j]]) + 1);
+}
+
+void shm_writer_write_batch(shm_writer *w, const int64_t *slots, int64_t k,
+                            const char *const *srcs, const double *priorities,
+                            const int64_t *episodes, uint64_t *keys_out) {
+    write_rows(w, slots, k, 0, srcs, priorities, 0.0, episodes, keys_out);
 }
 
 int shm_writer_abandon(shm_writer *w, int64_t slot, int64_t g) {
@@ -225,34 +241,7 @@ int64_t shm_writer_insert_batch(shm_writer *w, const char *const *srcs, int64_t 
             return SHM_WRITER_CORRUPT;
         if (rc == SHM_WRITER_EMPTY)
             break;
-        /* The gather of write_batch, from item ``done`` on, with the batch's priorities. */
-        for (int64_t j = 0; j < k; j++)
-            shm_store_relaxed(&w->gen[scratch[j]], shm_load_relaxed(&w->gen[scratch[j]]) + 1);
-        shm_fence_release(); /* every odd generation before any row store (seqlock) */
-        for (int i = 0; i < w->ncols; i++) {
-            size_t size = w->cols[i].rowsize;
-            char *base = w->cols[i].base;
-            const char *src = srcs[i] + (size_t)done * size;
-            for (int64_t j = 0; j < k; j++)
-                memcpy(base + (size_t)scratch[j] * size, src + (size_t)j * size, size);
-        }
-        for (int64_t j = 0; j < k; j++) {
-            int64_t s = scratch[j];
-            w->priority[s] = priorities != NULL ? priorities[done + j] : priority;
-            if (episodes != NULL) {
-                const int64_t *e = episodes + 3 * (done + j);
-                w->episode[s] = e[0];
-                w->steps[2 * s] = (int32_t)e[1];
-                w->steps[2 * s + 1] = (int32_t)e[2];
-            } else {
-                w->episode[s] = 0;
-                w->steps[2 * s] = 0;
-                w->steps[2 * s + 1] = 0;
-            }
-            keys_out[done + j] = w->key[s];
-        }
-        for (int64_t j = 0; j < k; j++) /* even: complete, released after the rows */
-            shm_store_release(&w->gen[scratch[j]], shm_load_relaxed(&w->gen[scratch[j]]) + 1);
+        write_rows(w, scratch, k, done, srcs, priorities, priority, episodes, keys_out);
         shm_writer_publish(w, scratch, k);
         done += k;
         if (shm_writer_wake(w, 0)) {

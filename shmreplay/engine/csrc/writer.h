@@ -110,13 +110,13 @@ void shm_writer_write_batch(shm_writer *w, const int64_t *slots, int64_t k,
 
 /* Items [start, n) of a batch (column i's item j at srcs[i] + j * rowsize), chunk by chunk:
  * room in the publish ring for a chunk (up to half the ring), up to that many leased slots,
- * the seqlocked rows (write_batch), their publication, the wake rule. Priorities: item j's is
- * priorities[j], or ``priority`` for all when priorities is NULL; episodes: item j's (id,
- * first, last) at episodes[3j..3j+2] (steps already checked to fit int32), all 0 when NULL.
- * Keys go to keys_out[j]. Stops after a chunk whose wake rule says to post the daemon
- * (*wake = 1: the caller posts, then calls again), when no slot is leased or the ring has no
- * room (the caller waits), or at n. Returns the new start, or CORRUPT (nothing of the failing chunk taken).
- * ``scratch`` holds SHM_PUBLISH_CAPACITY / 2 slots. */
+ * the seqlocked rows (write_batch's row writer), their publication, the wake rule.
+ * Priorities: item j's is priorities[j], or ``priority`` for all when priorities is NULL;
+ * episodes: item j's (id, first, last) at episodes[3j..3j+2] (steps already checked to fit
+ * int32), all 0 when NULL. Keys go to keys_out[j]. Stops after a chunk whose wake rule says to
+ * post the daemon (*wake = 1: the caller posts, then calls again), when no slot is leased or
+ * the ring has no room (the caller waits), or at n. Returns the new start, or CORRUPT
+ * (nothing of the failing chunk taken). ``scratch`` holds SHM_PUBLISH_CAPACITY / 2 slots. */
 int64_t shm_writer_insert_batch(shm_writer *w, const char *const *srcs, int64_t n,
                                 int64_t start, const double *priorities, double priority,
                                 const int64_t *episodes, uint64_t *keys_out, int *wake,
