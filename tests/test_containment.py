@@ -395,6 +395,37 @@ def test_garbage_in_the_samplers_own_arrays_is_repaired_at_the_next_sample(daemo
     assert d.running()
 
 
+@pytest.mark.parametrize("tail", [-1, -(2**63), 2**63 - 1])
+def test_a_free_ring_tail_that_does_not_fit_is_rebuilt_and_loses_no_slot(daemon_factory, tail):
+    """FREE_TAIL is shared memory any client can write. Every push of the free ring (a delete
+    here, a sampler's release of items max_times_sampled exhausted) refuses a tail that does not
+    fit before it changes a slot, and the ring is rebuilt from the slots' states: the deleted
+    and exhausted slots come back, and the table keeps taking inserts up to max_size."""
+    d = daemon_factory(
+        table_toml(max_size=40, signature=STAMPED_SIGNATURE, extra="max_times_sampled = 1")
+    )
+    with shmreplay.attach(d.name) as client:
+        t = client.table("replay")
+        keys = t.insert_batch(stamped_batch(np.arange(40)))
+        t.flush(timeout=5)
+        repairs = t.info().repairs
+        core = t.core
+        core.ctrl[Ctrl.FREE_TAIL] = tail
+        t.delete(keys[:1])  # the delete's push (in Python) meets the corrupt tail
+        assert t.info().repairs > repairs
+        core.ctrl[Ctrl.FREE_TAIL] = tail
+        s = t.sample(5, timeout=5)  # five exhausted, released through a corrupt tail (C)
+        assert verify_stamped(s.data).all()
+        info = t.info()
+        assert info.repairs > repairs + 1 and info.current_size == 34
+        free = int(core.ctrl[Ctrl.FREE_TAIL]) - int(core.ctrl[Ctrl.FREE_HEAD])
+        assert int(core.ctrl[Ctrl.FREE_HEAD]) >= 0 and free >= 6
+        t.insert_batch(stamped_batch(np.arange(100, 106)))  # room for all six again
+        t.flush(timeout=5)
+        assert t.info().current_size == 40
+    assert d.running()
+
+
 def test_an_update_that_finds_a_selector_corrupt_repairs_it_and_keeps_the_update(
     daemon_factory,
 ):

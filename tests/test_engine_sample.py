@@ -307,13 +307,24 @@ HOSTILE = textwrap.dedent(
         assert corrupt(exc), exc
     else:
         raise AssertionError("removed accepted a slot outside the table")
-    # A free ring's tail of any value: the pushes stay inside the ring.
+    # A free ring's tail of any value: one that fits takes the push; one that does not
+    # (free_ring.h's rule) is refused before any slot changes, for the caller's repair.
     state[:32] = 3
-    for tail in (-2**63, -1, -65, 2**63 - 1, 12345):
+    for tail in (-2**63, -1, -65, 2**63 - 1, 2**63 - n, 12345, 2**63 - 1 - n):
         ctrl[Ctrl.FREE_TAIL, 0] = tail
         state[:4] = 3
         owner[:4] = 1
-        assert core.release(np.arange(4), 1) == 4
+        if 0 <= tail <= 2**63 - 1 - n:
+            assert core.release(np.arange(4), 1) == 4
+            assert ctrl[Ctrl.FREE_TAIL, 0] == tail + 4
+        else:
+            try:
+                core.release(np.arange(4), 1)
+            except Exception as exc:
+                assert corrupt(exc), exc
+            else:
+                raise AssertionError(f"release pushed at FREE_TAIL {tail}")
+            assert ctrl[Ctrl.FREE_TAIL, 0] == tail and (state[:4] == 3).all()
     try:
         core.release(np.array([-1]), 1)
     except Exception as exc:

@@ -56,6 +56,7 @@ TAG_SHIFT = np.uint64(32)
 MAX_REDRAW_ROUNDS = 100
 # Draw ranks and times_sampled are int32: no batch may hold more draws.
 MAX_BATCH_SIZE = 2**31 - 1
+INT64_MAX = 2**63 - 1
 SAMPLE_INFO_BYTES = 8 + 8 + 8 + 4 + 8  # key, probability, priority, times_sampled, table_size
 QUARANTINED = -2  # owner of slots a dead daemon's clients held, until they are freed
 
@@ -363,7 +364,13 @@ class TableCore:
     # -- free ring (mutex held) ------------------------------------------------------------------
 
     def _free_push(self, slots: np.ndarray) -> None:
+        """Push freed slots (their states set already) by csrc/free_ring.h's rule: a FREE_TAIL
+        that does not fit (negative, or so large the push would overflow) is not pushed at;
+        the ring is rebuilt from the slots' states instead, these slots included."""
         tail = int(self.ctrl[Ctrl.FREE_TAIL])
+        if not 0 <= tail <= INT64_MAX - self.num_slots:
+            self._repair_counts(f"the free ring's tail is {tail}")
+            return
         ring_put(self.free, tail, slots)
         self.ctrl[Ctrl.FREE_TAIL] = tail + len(slots)
 
@@ -678,7 +685,11 @@ class TableCore:
             return
         with self.mutex:
             # In C: those still RELEASING for us become FREE and go on the free ring.
-            freed = self._engine.release(slots, channel)
+            try:
+                freed = self._engine.release(slots, channel)
+            except CorruptStructure as exc:  # a FREE_TAIL that does not fit: nothing changed
+                self._repair_counts(f"releasing sampled slots: {exc}")
+                freed = self._engine.release(slots, channel)
         if self.events is not None and freed:
             self.events.daemon.post(1)  # free slots may unblock a writer waiting for a lease
 

@@ -714,7 +714,9 @@ static PyObject *core_sample(SampleCore *self, PyObject *const *args, Py_ssize_t
         if (nex > 0 && rc == SHM_SAMPLE_OK) {
             int lr = take_lock_nogil(self->mutex);
             if (lr == 0) {
-                shm_sample_release(&self->t, self->exhausted, nex, (int32_t)channel, &freed);
+                if (shm_sample_release(&self->t, self->exhausted, nex, (int32_t)channel,
+                                       &freed) != SHM_SAMPLE_OK)
+                    freed = RELEASE_PENDING; /* a corrupt free ring: the caller repairs it */
                 pthread_mutex_unlock(self->mutex);
             } else {
                 freed = lr == SAMPLE_OWNER_DIED ? RELEASE_OWNER_DIED : RELEASE_PENDING;

@@ -340,30 +340,8 @@ int64_t shm_round_lease(shm_round *r, int64_t c, int64_t n) {
 /* ---- The free ring -------------------------------------------------------------------- */
 
 /* FREE_TAIL (any value: shared memory) can take a push of up to num_slots without overflow. */
-static int free_tail_fits(int64_t num_slots, int64_t tail) {
-    return tail >= 0 && tail <= INT64_MAX - num_slots;
-}
-
 static int free_tail_valid(const shm_table *t, int64_t tail) {
-    return free_tail_fits(t->num_slots, tail);
-}
-
-int shm_free_push_ring(int64_t *free_ring, int64_t num_slots, int64_t *free_tail,
-                       const int64_t *slots, int64_t n) {
-    int64_t tail = *free_tail;
-    if (n < 0 || n > num_slots || !free_tail_fits(num_slots, tail))
-        return SHM_ECORRUPT;
-    if (n == 0)
-        return SHM_OK;
-    /* tail >= 0: the position is in range; one division, not one per slot. */
-    int64_t pos = tail % num_slots;
-    for (int64_t i = 0; i < n; i++) {
-        free_ring[pos] = slots[i];
-        pos = pos + 1 == num_slots ? 0 : pos + 1;
-    }
-    /* The entries first, the tail after: the lease (under the mutex) reads up to the tail. */
-    *free_tail = tail + n;
-    return SHM_OK;
+    return shm_free_tail_fits(t->num_slots, tail);
 }
 
 int shm_free_push(shm_table *t, const int64_t *slots, int64_t n) {

@@ -11,6 +11,7 @@
 #include <semaphore.h>
 #include <stdint.h>
 
+#include "free_ring.h" /* shm_free_push_ring: the one rule of every push */
 #include "ratelimit.h"
 #include "rng.h"
 #include "selector.h"
@@ -162,15 +163,6 @@ int64_t shm_commit_evict(shm_table *t, shm_commit_sel *cs, shm_full_error *e);
  * SHM_ENOMEM, or SHM_ECORRUPT with *e saying whether anything changed. */
 int64_t shm_commit_full(shm_table *t, shm_commit_sel *cs, int64_t *slots, double *prios,
                         int64_t n, shm_full_error *e);
-
-/* Push n slots (in 0..num_slots-1: the caller's check) on a free ring of num_slots entries at
- * *free_tail (the FREE_TAIL ctrl word), then store the tail + n: the one rule for every push of
- * the free ring (the eviction here; sample.c's release should call it too, with the slots it
- * frees gathered first). FREE_TAIL is read from shared memory: it must be in
- * 0..INT64_MAX - num_slots, else SHM_ECORRUPT and nothing is written (rebuild the ring), as
- * shm_lease_pop refuses a negative head. Mutex held. */
-int shm_free_push_ring(int64_t *free_ring, int64_t num_slots, int64_t *free_tail,
-                       const int64_t *slots, int64_t n);
 
 /* shm_free_push_ring on table t's ring. */
 int shm_free_push(shm_table *t, const int64_t *slots, int64_t n);

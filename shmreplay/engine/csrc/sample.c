@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "free_ring.h"
 #include "random_selectors.h"
 #include "shm_atomics.h"
 
@@ -319,25 +320,24 @@ int shm_sample_release(const shm_sample_table *t, const int64_t *slots, int64_t 
     for (int64_t i = 0; i < n; i++)
         if (slots[i] < 0 || slots[i] >= t->num_slots)
             return SHM_SAMPLE_ECORRUPT;
-    /* FREE_TAIL is read from shared memory: any value. Its position in the ring is taken as
-     * Python's % does (never negative), in unsigned arithmetic (no overflow). */
-    const uint64_t size = (uint64_t)t->num_slots;
-    const int64_t tail = *t->free_tail;
-    uint64_t pos = tail >= 0 ? (uint64_t)tail % size
-                             : (size - (uint64_t)(-(tail + 1)) % size - 1) % size;
-    int64_t m = 0;
+    /* free_ring.h's rule, checked before any state changes: a FREE_TAIL that does not fit is
+     * refused, and the caller's repair rebuilds the ring from the states. */
+    const int64_t size = t->num_slots, tail = *t->free_tail;
+    if (!shm_free_tail_fits(size, tail))
+        return SHM_SAMPLE_ECORRUPT;
+    int64_t pos = tail % size, m = 0;
     for (int64_t i = 0; i < n; i++) {
         int64_t s = slots[i];
         if (t->state[s] != SHM_SLOT_RELEASING || t->owner[s] != channel)
-            continue; /* not ours any more (a repair or a reset took it back) */
+            continue; /* not ours any more (a repair or a reset took it back), or listed twice */
         t->state[s] = SHM_SLOT_FREE;
         t->owner[s] = -1;
-        t->free[pos] = s;
+        t->free[pos] = s; /* as shm_free_push_ring writes, without a second pass */
         pos = pos + 1 == size ? 0 : pos + 1;
         m++;
     }
-    /* The ring's tail after its entries; both are read by the daemon under the mutex. */
-    *t->free_tail = (int64_t)((uint64_t)tail + (uint64_t)m);
+    /* The ring's tail after its entries (m <= size: each freed slot was RELEASING once). */
+    *t->free_tail = tail + m;
     *freed = m;
     return SHM_SAMPLE_OK;
 }

@@ -116,8 +116,8 @@ int shm_sample_removed(const shm_sample_table *t, const int64_t *slots, int64_t 
 
 /* After a sampler copied the items its draw exhausted (mutex held): those of slots[0..n-1]
  * still RELEASING for ``channel`` become FREE (owner -1) and are pushed on the free ring at
- * FREE_TAIL (position % num_slots, as rings.ring_put), which then grows by their number,
- * *freed. Every slot is checked first: SHM_SAMPLE_ECORRUPT changes nothing. */
+ * FREE_TAIL by free_ring.h's rule, which then grows by their number, *freed. Every slot and
+ * FREE_TAIL are checked first: SHM_SAMPLE_ECORRUPT changes nothing. */
 int shm_sample_release(const shm_sample_table *t, const int64_t *slots, int64_t n,
                        int32_t channel, int64_t *freed);
 
