@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from dataclasses import replace
 
@@ -123,7 +124,12 @@ def serve(
 @click.option(
     "--name", default="default", show_default=True, callback=_valid_name, help="Instance name."
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the full record as JSON.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the full record as strict JSON (an infinite or NaN number is null).",
+)
 @click.option(
     "--watch",
     type=float,
@@ -146,7 +152,7 @@ def info(name: str, as_json: bool, watch: float | None, timeout: float) -> None:
     data = _request(name, "info", timeout=timeout)
     data.pop("ok", None)
     if as_json and watch is None:
-        click.echo(json.dumps(data, indent=2, default=str))
+        click.echo(_strict_json(data, indent=2))
         return
     _print_info(data, None, 0.0, as_json)
     while watch is not None:
@@ -158,6 +164,23 @@ def info(name: str, as_json: bool, watch: float | None, timeout: float) -> None:
         data = _request(name, "info", timeout=timeout)
         data.pop("ok", None)
         _print_info(data, before, time.monotonic() - t0, as_json)
+
+
+def _finite(value):
+    """``value`` with every infinite or NaN float replaced by None (JSON's null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _strict_json(data: dict, indent: int | None = None) -> str:
+    """JSON that strict parsers accept (JavaScript's JSON.parse, monitoring agents): no
+    Infinity or NaN tokens; a limiter's unbounded ``min_diff`` is null."""
+    return json.dumps(_finite(data), indent=indent, default=str, allow_nan=False)
 
 
 def _print_info(data: dict, before: dict | None, dt: float, as_json: bool) -> None:
@@ -172,7 +195,7 @@ def _print_info(data: dict, before: dict | None, dt: float, as_json: bool) -> No
         for tname, t in data["tables"].items():
             t["inserts_per_s"] = rate(tname, "total_inserted")
             t["samples_per_s"] = rate(tname, "total_sampled")
-        click.echo(json.dumps(data, default=str))
+        click.echo(_strict_json(data))
         return
     click.echo(f"instance {data['name']!r}  pid {data['pid']}  clients {len(data['clients'])}")
     state = data.get("state", "serving")

@@ -40,12 +40,18 @@ def test_validate_prints_memory_and_rejects_mistakes(tmp_path):
     assert "prioritised" in r.stderr and "prioritized" in r.stderr and "Traceback" not in r.stderr
 
 
+def _refuse_constant(token: str):
+    raise AssertionError(f"{token} is not JSON (strict parsers refuse it)")
+
+
 def test_info_and_stop(daemon_factory):
     d = daemon_factory(table_toml())
     r = shmreplay_cli("info", "--name", d.name, "--json")
     assert r.returncode == 0, r.stderr
-    data = json.loads(r.stdout)
+    data = json.loads(r.stdout, parse_constant=_refuse_constant)  # strict: no Infinity, NaN
     assert data["tables"]["replay"]["max_size"] == 1000 and data["pid"] == d.proc.pid
+    # A min_size limiter's min_diff is -inf: strict JSON says null.
+    assert data["tables"]["replay"]["rate_limiter"]["min_diff"] is None, data["tables"]["replay"]
     r = shmreplay_cli("info", "--name", d.name)
     assert "replay: 0/1000 items" in r.stdout
     r = shmreplay_cli("stop", "--name", d.name)
@@ -107,11 +113,11 @@ def test_info_watch_shows_rates_and_reset_empties_a_table(daemon_factory):
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         try:
-            first = json.loads(watcher.stdout.readline())
+            first = json.loads(watcher.stdout.readline(), parse_constant=_refuse_constant)
             for _ in range(200):
                 t.insert(row)
             t.flush()
-            second = json.loads(watcher.stdout.readline())
+            second = json.loads(watcher.stdout.readline(), parse_constant=_refuse_constant)
         finally:
             watcher.send_signal(signal.SIGINT)
             watcher.wait(10)
