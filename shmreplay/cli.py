@@ -42,7 +42,7 @@ def _valid_name(ctx: click.Context, param: click.Parameter, value: str | None) -
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="shmreplay")
+@click.version_option(None, "-V", "--version", package_name="shmreplay")
 def main() -> None:
     """Experience replay for reinforcement learning over POSIX shared memory.
 

@@ -151,3 +151,11 @@ def test_commands_give_up_on_a_stopped_daemon_after_their_timeout(daemon_factory
     finally:
         os.kill(d.proc.pid, signal.SIGCONT)
     assert d.proc.wait(10) == 0  # the shutdown that timed out is carried out once resumed
+
+
+def test_the_version_is_printed_by_both_flags():
+    from importlib.metadata import version
+
+    for flag in ("--version", "-V"):
+        r = shmreplay_cli(flag)
+        assert r.returncode == 0 and version("shmreplay") in r.stdout, (flag, r.stdout, r.stderr)

@@ -335,3 +335,21 @@ def test_stop_with_owner_false_lets_the_daemon_outlive_its_program():
         os.kill(daemon_pid, signal.SIGTERM)
         assert _wait_gone(daemon_pid, 15.0)
     assert shm_objects(name) == []
+
+
+def test_the_files_server_name_is_the_instance_name_unless_one_is_given(tmp_path):
+    """Server("tables.toml") serves the file's [server] name, so that another script's
+    attach(name) finds it; name= overrides it; a file without one gets a unique name."""
+    own = unique_name()
+    path = tmp_path / "tables.toml"
+    path.write_text(f'[server]\nname = "{own}"\n' + table_toml())
+    with shmreplay.Server(str(path)) as server:
+        assert server.name == own
+        with shmreplay.attach(own) as c:
+            assert "replay" in c.tables
+    other = unique_name()
+    with shmreplay.Server(path.read_text(), other) as server:
+        assert server.name == other and InstanceRecord.read(own) is None
+    with shmreplay.Server(table_toml()) as server:
+        assert server.name.startswith("server-")
+    assert shm_objects(own) == [] and shm_objects(other) == []

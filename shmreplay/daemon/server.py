@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
@@ -78,8 +79,9 @@ class Server:
     """A ``shmreplay serve`` child process serving ``tables`` as instance ``name``.
 
     ``tables`` is a tables.toml text (a ``str`` holding a newline), the path of a tables.toml
-    file, or a sequence of :class:`~shmreplay.TableSpec`. ``name`` defaults to a name unique
-    to this process (``server-<pid>-<n>``); it overrides a ``[server] name`` in the file.
+    file, or a sequence of :class:`~shmreplay.TableSpec`. ``name`` overrides the file's
+    ``[server] name``; without either, the instance gets a name unique to this process
+    (``server-<pid>-<n>``).
     ``log`` is where the daemon's log goes: None (a private file, quoted in errors and
     returned by :meth:`log`), a path (appended to), or an open file or descriptor such as
     ``sys.stderr`` (inherited; errors then quote nothing). ``extra_args`` are added to the
@@ -94,6 +96,7 @@ class Server:
 
     # Class-level defaults, so that stop() and __del__ are safe on a half-built object.
     proc: subprocess.Popen | None = None
+    name = ""
     _tmp: str | None = None
     _log_file: IO[bytes] | None = None
     _log_path: str | None = None
@@ -110,10 +113,13 @@ class Server:
         stop_with_owner: bool = True,
     ) -> None:
         # Checked here, before anything starts: the daemon would refuse it after a second.
-        self.name = _default_name() if name is None else check_instance_name(name, "Server(name=)")
+        if name is not None:
+            self.name = check_instance_name(name, "Server(name=)")
         self._tmp = tempfile.mkdtemp(prefix="shmreplay-server-")
         try:
             path = self._tables_path(tables)
+            if name is None:  # the file's [server] name, if it has one, so attach() finds it
+                self.name = _file_name(path) or _default_name()
             stdout = self._open_log(log)
             self.proc = subprocess.Popen(
                 [
@@ -312,6 +318,17 @@ class Server:
     def __repr__(self) -> str:
         state = "running" if self.running() else "stopped"
         return f"<shmreplay.Server {self.name!r} pid {self.pid} {state}>"
+
+
+def _file_name(path: Path) -> str | None:
+    """The ``[server] name`` a tables.toml sets, or None (a file the daemon will refuse is
+    refused there, with its full report)."""
+    try:
+        with open(path, "rb") as f:
+            name = tomllib.load(f).get("server", {}).get("name")
+    except (OSError, tomllib.TOMLDecodeError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
 
 
 def _quote(tail: str, log_path: str | None) -> str:
