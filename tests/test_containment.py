@@ -21,7 +21,7 @@ import pytest
 
 import shmreplay
 from shmreplay.engine.instance import remove_shm_objects, segment_name
-from shmreplay.engine.layout import LEASE_CAPACITY, PUBLISH_CAPACITY, Chan, Ctrl, SlotState
+from shmreplay.engine.layout import LEASE_CAPACITY, PUBLISH_CAPACITY, Chan, Ctrl, Param, SlotState
 from shmreplay.engine.shm import SHM_DIR
 from shmreplay.errors import (
     CheckpointError,
@@ -515,3 +515,17 @@ def test_an_unexpected_error_keeps_every_table_and_writes_a_final_checkpoint(
         s = t.sample(3000, timeout=5)
         assert verify_stamped(s.data).all()
         assert set(s.data["uid"].tolist()) == set(range(300))
+
+
+@pytest.mark.parametrize("garbage", [-1.0, 99.0, float("nan"), float("inf"), 0.5])
+def test_garbage_in_the_limiters_kind_and_min_size_lines_still_reports(daemon_factory, garbage):
+    """The limiter's kind and min_size_to_sample are parameter lines any process of the group
+    can write: info() reports them as they are instead of indexing with them or raising."""
+    d = daemon_factory(table_toml())
+    with shmreplay.attach(d.name) as client:
+        core = client.table("replay").core
+        core.params[Param.KIND] = garbage
+        core.params[Param.MIN_SIZE_TO_SAMPLE] = garbage
+        info = core.limiter.info()
+        assert info.kind.startswith("corrupt"), info.kind
+    assert d.running()

@@ -12,6 +12,7 @@ process at once). With ``size = inserts − deletes``:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,7 +46,11 @@ class RateLimiter:
 
     @property
     def kind(self) -> str:
-        return RATE_LIMITER_KINDS[int(self.params[Param.KIND])]
+        # A parameter line any process of the group can write: checked before it indexes.
+        k = float(self.params[Param.KIND])
+        if k.is_integer() and 0 <= k < len(RATE_LIMITER_KINDS):
+            return RATE_LIMITER_KINDS[int(k)]
+        return f"corrupt ({k})"
 
     @staticmethod
     def initialize(spec: RateLimiterSpec, params: np.ndarray) -> None:
@@ -78,7 +83,7 @@ class RateLimiter:
         return RateLimiterInfo(
             kind=self.kind,
             samples_per_insert=float(p[Param.SAMPLES_PER_INSERT]),
-            min_size_to_sample=int(p[Param.MIN_SIZE_TO_SAMPLE]),
+            min_size_to_sample=_whole(p[Param.MIN_SIZE_TO_SAMPLE]),
             min_diff=float(p[Param.MIN_DIFF]),
             max_diff=float(p[Param.MAX_DIFF]),
             inserts=int(c[Ctrl.INSERTS]),
@@ -87,3 +92,9 @@ class RateLimiter:
             insert_blocked=self.insert_allowance(1) < 1,
             sample_blocked=self.sample_allowance(1) < 1,
         )
+
+
+def _whole(x: float) -> int | float:
+    """``x`` as an int for reports, or as it is when it is no finite number (shared memory)."""
+    x = float(x)
+    return int(x) if math.isfinite(x) else x
